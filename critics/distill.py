@@ -1,0 +1,282 @@
+"""Stage 2 of StitchVM: distil the reward model into the stitched value model (paper §3 Eq. 8, App. D.1).
+
+Concept (Eq. 8): L = E ‖V(z_t) − r(x0)‖², minimised by E[r(x0) | z_t]; z_t comes from forward-noising real
+images (off-policy). The loss actually used matches the image side only (the text tower is never run):
+
+    CLIP / HPSv2 ("embed_token"):  L = ‖ẽ_SVM − ẽ_RM‖² + λ_tok ‖h_SVM − h_RM‖²
+    Aesthetic    ("smooth_l1"):    L = SmoothL1(h_SVM, h_RM) + SmoothL1(ẽ_SVM, ẽ_RM) + SmoothL1(a_SVM, a_RM)
+
+Notation          code
+  ẽ               L2-normalised image embedding (B, E)
+  h               per-token outputs of r^{≥j}: final tokens after the final LayerNorm (B, N+1, D)
+  a               aesthetic score reward.score_from_image_embed(e) (B,)
+  SVM / RM        student StitchVM on z_t / teacher reward tower on the clean image x0
+
+Reductions: the embedding term sums over E and averages over the batch (‖·‖² of unit vectors, ∈ [0, 4]); the token
+term is a mean over batch, tokens and channels. A summed token norm over 257 × 1024 entries (ViT-L/14) would dwarf
+the embedding term and make the paper's λ_tok = 1 meaningless; the per-element mean keeps both O(1).
+
+Choices the paper leaves open:
+- The teacher sees the clean image x0, not D(E(x0)): the value should predict the reward of the data, and the VAE
+  round trip would teach the critic the VAE's artefacts. (The student sees z_t built from z0 = E(x0).)
+- Noise levels: logit-normal(0, 1) by default (a centre-biased law on (0, 1)), or uniform.
+- Learning rate: linear warm-up for `warmup_steps`, then constant (short 5-epoch finetune from a good init).
+- Stitch + tail are fully finetuned (AdamW, stitch at 5× lr); the DiT head and the teacher are frozen.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from critics.stitchvm import StitchVM, save_stitchvm
+from critics.tails import make_tail
+
+LOSSES = ("embed_token", "smooth_l1")
+SIGMA_LAWS = ("logit_normal", "uniform")
+# Teacher sanity check: the VisionTail re-implementation of the reward tower must agree with reward.image_embed.
+TEACHER_MIN_COSINE = 0.999
+
+
+@dataclass
+class DistillConfig:
+    """Stage-2 hyper-parameters (paper App. D.1 defaults)."""
+
+    lr: float = 1e-5
+    """AdamW learning rate of the tail (r^{≥j}, full finetune)."""
+    stitch_lr_mult: float = 5.0
+    """The stitch s_ψ trains at lr × stitch_lr_mult (paper: 5)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (paper: 0)."""
+    warmup_steps: int = 100
+    """Linear warm-up steps from lr/warmup_steps to lr; constant afterwards."""
+    batch_size: int = 128
+    """Images per optimiser step (paper: global batch 128). The data stream is re-chunked to this size."""
+    micro_batch_size: int | None = None
+    """Images per forward/backward (gradient accumulation); None = batch_size."""
+    epochs: int = 5
+    """Passes over `data_iter` (paper: 5 epochs on AVA + HPDv2 images)."""
+    max_steps: int | None = None
+    """Stop after this many optimiser steps (None: run all epochs)."""
+    lambda_tok: float = 1.0
+    """Weight λ_tok of the token term of the "embed_token" loss (paper: 1)."""
+    sigma_sampling: str = "logit_normal"
+    """Noise-level law of sigma: "logit_normal" (sigmoid of N(sigma_mean, sigma_std)) or "uniform" on [0, 1]."""
+    sigma_mean: float = 0.0
+    """Mean of the normal before the sigmoid (logit_normal)."""
+    sigma_std: float = 1.0
+    """Std of the normal before the sigmoid (logit_normal)."""
+    loss: str = "embed_token"
+    """"embed_token" (CLIP, DFN-CLIP, HPSv2) or "smooth_l1" (aesthetic; also matches the score)."""
+    grad_clip: float | None = None
+    """Max global grad norm of the trained parameters; None disables (the paper states no clipping)."""
+    log_every: int = 10
+    """Call `callback(step, stats)` every this many steps."""
+    ckpt_every: int = 0
+    """Save to `ckpt_dir` every this many steps (0: only at the end); ignored without ckpt_dir."""
+    ckpt_dir: str | None = None
+    """Directory for save_stitchvm checkpoints (overwritten atomically); None: no checkpoints."""
+    seed: int = 0
+    """Seed of the sigma / ε generator."""
+    check_teacher: bool = True
+    """On the first batch, check that the teacher tower reproduces reward.image_embed (cosine ≥ 0.999)."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}; got {self.loss!r}")
+        if self.sigma_sampling not in SIGMA_LAWS:
+            raise ValueError(f"sigma_sampling must be one of {SIGMA_LAWS}; got {self.sigma_sampling!r}")
+        if self.batch_size < 1 or (self.micro_batch_size is not None and self.micro_batch_size < 1):
+            raise ValueError("batch_size and micro_batch_size must be ≥ 1")
+        if self.lr <= 0 or self.stitch_lr_mult <= 0 or self.warmup_steps < 0:
+            raise ValueError("lr and stitch_lr_mult must be > 0 and warmup_steps ≥ 0")
+
+
+class DistillLoss(NamedTuple):
+    loss: Tensor  # scalar, embed_loss + λ_tok · token_loss
+    embed_loss: Tensor  # mean_B ‖ẽ_SVM − ẽ_RM‖²
+    token_loss: Tensor  # mean over B, tokens, channels of (h_SVM − h_RM)²
+
+
+class SmoothL1DistillLoss(NamedTuple):
+    loss: Tensor  # token_loss + embed_loss + score_loss
+    embed_loss: Tensor  # SmoothL1(ẽ_SVM, ẽ_RM), mean
+    token_loss: Tensor  # SmoothL1(h_SVM, h_RM), mean
+    score_loss: Tensor  # SmoothL1(a_SVM, a_RM), mean
+
+
+def stitchvm_distill_loss(student_emb: Tensor, student_tok: Tensor, teacher_emb: Tensor, teacher_tok: Tensor,
+                          lambda_tok: float = 1.0) -> DistillLoss:
+    """L = ‖ẽ_SVM − ẽ_RM‖² + λ_tok ‖h_SVM − h_RM‖² (App. D.1), reduced as in the module docstring.
+
+    Args:
+        student_emb, teacher_emb: (B, E) un-normalised image embeddings.
+        student_tok, teacher_tok: (B, T, D) per-token outputs.
+    """
+    embed = (F.normalize(student_emb, dim=-1) - F.normalize(teacher_emb, dim=-1)).pow(2).sum(-1).mean()
+    token = (student_tok - teacher_tok).pow(2).mean()
+    return DistillLoss(embed + lambda_tok * token, embed, token)
+
+
+def smooth_l1_distill_loss(student_emb: Tensor, student_tok: Tensor, student_score: Tensor, teacher_emb: Tensor,
+                           teacher_tok: Tensor, teacher_score: Tensor) -> SmoothL1DistillLoss:
+    """Aesthetic loss: Smooth-ℓ1 (β = 1, mean) on tokens, normalised embedding and score, all weights 1."""
+    token = F.smooth_l1_loss(student_tok, teacher_tok)
+    embed = F.smooth_l1_loss(F.normalize(student_emb, dim=-1), F.normalize(teacher_emb, dim=-1))
+    score = F.smooth_l1_loss(student_score, teacher_score)
+    return SmoothL1DistillLoss(token + embed + score, embed, token, score)
+
+
+def sample_sigmas(n: int, cfg: DistillConfig, generator: torch.Generator) -> Tensor:
+    """(n,) noise levels in (0, 1) from cfg.sigma_sampling, on the CPU (deterministic across devices)."""
+    if cfg.sigma_sampling == "uniform":
+        return torch.rand(n, generator=generator)
+    return torch.sigmoid(cfg.sigma_mean + cfg.sigma_std * torch.randn(n, generator=generator))
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """lr multiplier at optimiser step `step` (0-based): (step + 1) / warmup_steps during warm-up, then 1."""
+    return 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
+
+
+def rebatch(data_iter: Iterable, batch_size: int) -> Iterator[Tensor]:
+    """Re-chunk a stream of image batches (Tensor or a tuple/list whose first item is the Tensor) into batches of
+    exactly `batch_size` images; an incomplete last chunk is dropped."""
+    buf: list[Tensor] = []
+    held = 0
+    for item in data_iter:
+        images = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(images, Tensor) or images.dim() != 4:
+            raise TypeError("data_iter must yield image tensors (B, 3, H, W) in [0, 1] (or tuples starting with one)")
+        buf.append(images)
+        held += images.shape[0]
+        while held >= batch_size:
+            cat = torch.cat(buf)
+            yield cat[:batch_size]
+            buf, held = [cat[batch_size:]], held - batch_size
+
+
+def _check_teacher(teacher_emb: Tensor, reward_emb: Tensor) -> None:
+    cos = F.cosine_similarity(teacher_emb.float(), reward_emb.float(), dim=-1).min().item()
+    if cos < TEACHER_MIN_COSINE:
+        raise ValueError(f"the teacher tower disagrees with reward.image_embed (min cosine {cos:.4f}): the tail's "
+                         f"preprocessing differs from the reward's; pass the reward's preprocess to the tail "
+                         f"(or set check_teacher=False if intended)")
+
+
+def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Tensor], Tensor], data_iter: Iterable,
+            cfg: DistillConfig, callback: Callable[[int, dict], None] | None = None,
+            ckpt_meta: dict | None = None) -> dict[str, list[float]]:
+    """Train the stitch and the tail of `model` to match `teacher_reward` on forward-noised latents.
+
+    Args:
+        model: StitchVM at its stage-1 initialisation (trained in place).
+        teacher_reward: the reward whose `.vision` tower is the teacher (frozen here: requires_grad is cleared);
+            `score_from_image_embed` is used by the "smooth_l1" loss.
+        encode_fn: images (B, 3, H, W) in [0, 1] → normalised latents z0 (e.g. FlowPolicy.encode).
+        data_iter: re-iterable stream of image batches in [0, 1] (one pass per epoch).
+        callback: called as callback(step, stats) every cfg.log_every steps with the latest metrics.
+        ckpt_meta: identity fields passed to save_stitchvm.
+    Returns:
+        {"distill/loss": [...], "distill/embed_loss": [...], "distill/token_loss": [...], ("distill/score_loss"),
+         "distill/lr": [...], "distill/grad_norm": [...], "distill/sigma_mean": [...]}, one entry per step.
+    """
+    # ---- setup ----------------------------------------------------------------------------------------------
+    device = model.head.null_embeds.device
+    teacher_reward.requires_grad_(False)
+    teacher = make_tail(teacher_reward.vision, model.tail.preprocess)  # the original tower, not the trained copy
+    teacher.eval()
+    stitch_params = model.stitch_parameters()
+    tail_params = [p for _, p in model.tail_named_parameters()]
+    for p in stitch_params + tail_params:
+        p.requires_grad_(True)
+    trained = stitch_params + tail_params
+    head_ids = {id(p) for p in model.head.parameters()}
+    if head_ids & {id(p) for p in trained}:
+        raise RuntimeError("head parameters found among the trained ones")
+    if {id(p) for p in teacher_reward.parameters()} & {id(p) for p in trained}:
+        raise ValueError("the StitchVM tail shares parameters with the teacher reward: build it from a copy "
+                         "(build_stitchvm deep-copies reward.vision)")
+    optimizer = torch.optim.AdamW(
+        [{"params": stitch_params, "lr": cfg.lr * cfg.stitch_lr_mult}, {"params": tail_params, "lr": cfg.lr}],
+        lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_factor(step, cfg.warmup_steps))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    micro = cfg.micro_batch_size or cfg.batch_size
+    stats: dict[str, list[float]] = {k: [] for k in (
+        "distill/loss", "distill/embed_loss", "distill/token_loss", "distill/lr", "distill/grad_norm",
+        "distill/sigma_mean")}
+    if cfg.loss == "smooth_l1":
+        stats["distill/score_loss"] = []
+    model.train()
+    step = 0
+    bar = tqdm(total=cfg.max_steps, disable=not cfg.progress, desc="stitchvm distill")
+    for _epoch in range(cfg.epochs):
+        for images in rebatch(data_iter, cfg.batch_size):
+            if cfg.max_steps is not None and step >= cfg.max_steps:
+                break
+            step_stats: dict[str, float] = {}
+            for s in range(0, cfg.batch_size, micro):
+                x0 = images[s:s + micro].to(device)
+                w = x0.shape[0] / cfg.batch_size  # micro-batch share of the step's mean loss
+                # 1. teacher targets on the clean image x0
+                with torch.no_grad():
+                    t_out = teacher.encode(x0)
+                    if cfg.check_teacher and step == 0 and s == 0:
+                        _check_teacher(t_out.embed, teacher_reward.image_embed(x0))
+                    z0 = encode_fn(x0)  # (b, C, h, w)
+                # 2. student input: forward-noised latent z_t = (1 − σ) z0 + σ ε
+                sigma = sample_sigmas(x0.shape[0], cfg, generator).to(device, z0.dtype)
+                eps = torch.randn(z0.shape, generator=generator, dtype=z0.dtype).to(device)
+                z_t = (1 - sigma.view(-1, 1, 1, 1)) * z0 + sigma.view(-1, 1, 1, 1) * eps
+                s_out = model.features(z_t, sigma)
+                # 3. loss (App. D.1)
+                if cfg.loss == "embed_token":
+                    out = stitchvm_distill_loss(s_out.embed, s_out.tokens, t_out.embed, t_out.tokens, cfg.lambda_tok)
+                else:
+                    with torch.no_grad():
+                        t_score = teacher_reward.score_from_image_embed(t_out.embed)
+                    s_score = teacher_reward.score_from_image_embed(s_out.embed)
+                    out = smooth_l1_distill_loss(s_out.embed, s_out.tokens, s_score, t_out.embed, t_out.tokens,
+                                                 t_score)
+                if not torch.isfinite(out.loss):
+                    raise FloatingPointError(f"non-finite distillation loss at step {step}: {out}")
+                (out.loss * w).backward()
+                for name, value in out._asdict().items():
+                    step_stats[name] = step_stats.get(name, 0.0) + w * value.item()
+                step_stats["sigma_mean"] = step_stats.get("sigma_mean", 0.0) + w * sigma.mean().item()
+            # 4. optimise
+            max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(trained, max_norm).item()
+            step_stats["lr"] = scheduler.get_last_lr()[1]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            # 5. log / checkpoint
+            step_stats["grad_norm"] = grad_norm
+            for name, value in step_stats.items():
+                stats[f"distill/{name}"].append(value)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_stats['loss']:.4g}")
+            if callback is not None and step % cfg.log_every == 0:
+                callback(step, {k: v[-1] for k, v in stats.items()})
+            if cfg.ckpt_dir is not None and cfg.ckpt_every and step % cfg.ckpt_every == 0:
+                save_stitchvm(cfg.ckpt_dir, model, ckpt_meta)
+        if cfg.max_steps is not None and step >= cfg.max_steps:
+            break
+    bar.close()
+    model.eval()
+    if step == 0:
+        raise ValueError(f"no optimiser step taken: data_iter yielded fewer than batch_size = {cfg.batch_size} images")
+    if cfg.ckpt_dir is not None:
+        save_stitchvm(cfg.ckpt_dir, model, ckpt_meta)
+    return stats

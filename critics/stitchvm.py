@@ -1,0 +1,586 @@
+"""StitchVM: a value model stitched from a diffusion head and a pixel reward tail.
+
+Paper: "Stitched Value Model for Diffusion Alignment" (arXiv 2605.19804), Eq. 6 and App. C.1:
+
+    V_ω^{(i,j)}(z_t) = r_φ^{≥j}( s_ψ( u_θ^{≤i}(z_t) ) )                                    (Eq. 6)
+    s_ψ(h) = Up(F_ψ(h)) + G_ψ(Up(F_ψ(h)))                                                    (Eq. 57)
+
+Notation          code
+  u_θ^{≤i}        DiTHead: SD3 MMDiT patchify + timestep/null-text embedding + joint blocks 1..i (frozen, shared
+                  with the policy transformer, not copied)
+  s_ψ             Stitch: F_ψ = 1×1 conv initialised with the stage-1 fit (W*, b*), Up = fixed bilinear
+                  resampling of the DiT token grid to the reward patch grid, G_ψ = Conv1×1 ∘ SiLU ∘ Conv1×1 ∘ SiLU
+                  (bottleneck 1:8, last conv zero-initialised, so s_ψ = Up(F_ψ(h)) at initialisation)
+  r_φ^{≥j}        VisionTail (critics/tails.py) from block j on, a trainable copy of the reward's vision tower
+  V               StitchVM.value: reward score of the stitched image embedding (prompt-dependent rewards take the
+                  inner product with the untouched text tower's prompt embedding)
+
+Conventions: latents are normalised SD3 latents, sigma ∈ [0, 1] (1 = noise), DiT timestep = sigma · 1000, the head
+is conditioned on the null prompt "" (paper: fixed null-text conditioning).
+
+Files written by `save_stitchvm` (only the trained parts; the head is the backbone's own first i blocks):
+  stitch.safetensors, tail.safetensors (tail parameters used from block j on, + `class_token` for j > 1),
+  stitchvm.json (interface, shapes, backbone/reward identity and fingerprints, versions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections import OrderedDict
+from typing import Callable, Iterator, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.nn import functional as nnf  # `F` is the paper's F_ψ below
+
+from critics.tails import TailOutput, VisionTail, make_tail, tail_kind
+
+FORMAT_VERSION = 1
+STITCH_FILE = "stitch.safetensors"
+TAIL_FILE = "tail.safetensors"
+META_FILE = "stitchvm.json"
+CLASS_TOKEN_KEY = "class_token"
+# Relative tolerance when checking that the null conditioning at load time is the one the critic was trained with
+# (text encoders run in bf16 vs fp32 or on another device differ by ~1e-3).
+NULL_COND_RTOL = 2e-2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Up: fixed bilinear resampling between token grids
+# ---------------------------------------------------------------------------------------------------------------
+def resample_grid(x: Tensor, out_grid: Sequence[int]) -> Tensor:
+    """Up: bilinear resampling (B, D, h, w) → (B, D, *out_grid); identity when the grids match.
+
+    align_corners=False; antialiased when shrinking so that every DiT token contributes (plain bilinear at a 4×
+    reduction would read only a quarter of them). The map is linear with weights summing to one, hence
+    Up(W h + b) = W Up(h) + b, which lets stage 1 fit W* on already-resampled features.
+    """
+    out_grid = tuple(out_grid)
+    if tuple(x.shape[-2:]) == out_grid:
+        return x
+    shrinking = out_grid[0] < x.shape[-2] or out_grid[1] < x.shape[-1]
+    return nnf.interpolate(x, size=out_grid, mode="bilinear", align_corners=False, antialias=shrinking)
+
+
+def grid_to_tokens(x: Tensor) -> Tensor:
+    """(B, D, h, w) → (B, h·w, D), row-major (the order of both ViT and MMDiT patch tokens)."""
+    return x.flatten(2).transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# u_θ^{≤i}: the DiT head
+# ---------------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def peft_adapters_disabled(module: nn.Module) -> Iterator[None]:
+    """Run `module` on its base weights: a policy being LoRA-tuned must not move the critic's head.
+
+    Restores each adapter layer's enabled state and the requires_grad flags that peft's toggle rewrites.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers:
+        yield
+        return
+    was_disabled = [m.disable_adapters for m in layers]
+    grads = [(p, p.requires_grad) for m in layers for p in m.parameters()]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m, disabled in zip(layers, was_disabled):
+            m.enable_adapters(not disabled)
+        for p, flag in grads:
+            p.requires_grad_(flag)
+
+
+def _is_adapter_param(name: str) -> bool:
+    return "lora_" in name
+
+
+class DiTHead(nn.Module):
+    """u_θ^{≤i}: the first i joint blocks of an SD3Transformer2DModel, frozen, null-text conditioned.
+
+    The sub-modules are the transformer's own (shared, not copied); their base weights are set to
+    requires_grad=False and peft adapters, if any, are bypassed during the forward. Pass a deep copy of the
+    transformer if its base weights are to be trained elsewhere.
+
+    Args:
+        transformer: diffusers SD3Transformer2DModel.
+        i: number of joint blocks kept, 1 ≤ i ≤ num_layers.
+        null_embeds: (1, L, joint_attention_dim) prompt embeddings of "" from the policy's text encoder.
+        null_pooled: (1, pooled_projection_dim) pooled embedding of "".
+        latent_size: latent side the critic works at (default: transformer.config.sample_size).
+    """
+
+    def __init__(self, transformer: nn.Module, i: int, null_embeds: Tensor, null_pooled: Tensor,
+                 latent_size: int | None = None):
+        super().__init__()
+        cfg = transformer.config
+        self.num_layers = len(transformer.transformer_blocks)
+        if not 1 <= i <= self.num_layers:
+            raise ValueError(f"DiT head depth i must be in [1, {self.num_layers}] for this transformer; got {i}")
+        if null_embeds.dim() != 3 or null_embeds.shape[0] != 1 or null_embeds.shape[2] != cfg.joint_attention_dim:
+            raise ValueError(f"null_embeds must be (1, L, {cfg.joint_attention_dim}); got {tuple(null_embeds.shape)}")
+        if tuple(null_pooled.shape) != (1, cfg.pooled_projection_dim):
+            raise ValueError(f"null_pooled must be (1, {cfg.pooled_projection_dim}); got {tuple(null_pooled.shape)}")
+        self.i = i
+        self.patch_size = cfg.patch_size
+        self.latent_channels = cfg.in_channels
+        self.sample_size = cfg.sample_size
+        self.latent_size = latent_size if latent_size is not None else cfg.sample_size
+        if self.latent_size % self.patch_size:
+            raise ValueError(f"latent_size {self.latent_size} is not a multiple of the patch size {self.patch_size}")
+        self.width = cfg.num_attention_heads * cfg.attention_head_dim
+        self.grid = (self.latent_size // self.patch_size,) * 2
+        self.backbone_config = {k: cfg[k] for k in (
+            "sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim", "num_attention_heads",
+            "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim")}
+
+        self.pos_embed = transformer.pos_embed
+        self.time_text_embed = transformer.time_text_embed
+        self.context_embedder = transformer.context_embedder
+        self.transformer_blocks = nn.ModuleList(transformer.transformer_blocks[:i])  # same names as in the DiT
+        self.register_buffer("null_embeds", null_embeds.detach().clone())
+        self.register_buffer("null_pooled", null_pooled.detach().clone())
+        for name, p in self.named_parameters():
+            if not _is_adapter_param(name):
+                p.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "DiTHead":
+        """The head is frozen: it stays in eval mode whatever the enclosing module does."""
+        return self
+
+    def fingerprint(self) -> str:
+        """sha256 over the head's base parameters (names as in the transformer, values rounded to bf16).
+
+        Rounding to bf16 makes an fp32 and a bf16 copy of the same checkpoint agree; peft adapter tensors are
+        skipped and their `.base_layer` renaming undone, so a LoRA-wrapped policy keeps its fingerprint.
+        """
+        h = hashlib.sha256()
+        for name, p in self.named_parameters():
+            if _is_adapter_param(name) or name.startswith("null_"):
+                continue
+            t = p.detach().to("cpu", torch.bfloat16).contiguous()
+            h.update(name.replace(".base_layer", "").encode())
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.view(torch.int16).numpy().tobytes())
+        return h.hexdigest()
+
+    def _check_latents(self, z_t: Tensor) -> None:
+        if z_t.dim() != 4 or z_t.shape[1] != self.latent_channels:
+            raise ValueError(f"z_t must be (B, {self.latent_channels}, h, w); got {tuple(z_t.shape)}")
+
+    def forward_taps(self, z_t: Tensor, sigma: Tensor | float, taps: Sequence[int]) -> dict[int, Tensor]:
+        """One forward pass returning the image-stream output of every requested block.
+
+        Args:
+            z_t: (B, C, h, w) normalised noisy latents.
+            sigma: (B,) or scalar noise level in [0, 1].
+            taps: 1-based block indices ≤ i.
+        Returns:
+            {i': (B, D_dit, h/p, w/p)} token grids after block i'.
+        """
+        self._check_latents(z_t)
+        if not taps or min(taps) < 1 or max(taps) > self.i:
+            raise ValueError(f"taps must lie in [1, {self.i}] (head depth); got {list(taps)}")
+        B, _, h, w = z_t.shape
+        sigma = torch.as_tensor(sigma, device=z_t.device, dtype=z_t.dtype).expand(B)
+        timestep = sigma * 1000.0  # the SD3 transformer's timestep convention
+        out: dict[int, Tensor] = {}
+        with peft_adapters_disabled(self):
+            hidden = self.pos_embed(z_t).contiguous()  # (B, N, D_dit), pos-embed added
+            temb = self.time_text_embed(timestep, self.null_pooled.to(z_t.dtype).expand(B, -1))  # (B, D_dit)
+            context = self.context_embedder(self.null_embeds.to(z_t.dtype)).expand(B, -1, -1)  # (B, L, D_dit)
+            for k, block in enumerate(self.transformer_blocks[: max(taps)]):
+                # joint blocks return (encoder_hidden_states, hidden_states); the last block of the full model
+                # (context_pre_only) returns None for the text stream, which is never used after it
+                context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb)
+                if k + 1 in taps:
+                    out[k + 1] = self.features_from_block_outputs(hidden, h, w)
+        return out
+
+    def forward(self, z_t: Tensor, sigma: Tensor | float) -> Tensor:
+        """u_θ^{≤i}(z_t): (B, C, h, w) → (B, D_dit, h/p, w/p)."""
+        return self.forward_taps(z_t, sigma, [self.i])[self.i]
+
+    def features_from_block_outputs(self, hidden_states: Tensor, height: int, width: int) -> Tensor:
+        """Image-stream tokens (B, N, D_dit) of a latent of size (height, width) → grid (B, D_dit, h/p, w/p).
+
+        Lets a caller that already ran the null-text (unconditional CFG) branch of the same, un-adapted
+        transformer reuse its block-i hidden states instead of re-running the head.
+        """
+        gh, gw = height // self.patch_size, width // self.patch_size
+        B, N, D = hidden_states.shape
+        if N != gh * gw:
+            raise ValueError(f"{N} tokens do not form the {gh}×{gw} grid of a {height}×{width} latent")
+        return hidden_states.transpose(1, 2).reshape(B, D, gh, gw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# s_ψ: the stitching layer (Eq. 57)
+# ---------------------------------------------------------------------------------------------------------------
+class Stitch(nn.Module):
+    """s_ψ(h) = Up(F_ψ(h)) + G_ψ(Up(F_ψ(h))), flattened to patch tokens.
+
+    Args:
+        in_dim: DiT width D_dit.  out_dim: tail width D.
+        in_grid: DiT token grid (h/p, w/p).  out_grid: reward patch grid.
+        W: (out_dim, in_dim) stage-1 fit W* (None: default conv init, e.g. before loading weights).
+        b: (out_dim,) stage-1 intercept b*.
+        bottleneck_ratio: G_ψ's hidden width is out_dim // bottleneck_ratio (paper 1:8).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, in_grid: Sequence[int], out_grid: Sequence[int],
+                 W: Tensor | None = None, b: Tensor | None = None, bottleneck_ratio: int = 8):
+        super().__init__()
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.in_grid, self.out_grid = tuple(in_grid), tuple(out_grid)
+        self.bottleneck_ratio = bottleneck_ratio
+        hidden = max(1, out_dim // bottleneck_ratio)
+        self.F = nn.Conv2d(in_dim, out_dim, kernel_size=1)
+        # G_ψ = Conv1×1 ∘ SiLU ∘ Conv1×1 ∘ SiLU (composition: the SiLU on the right acts first)
+        self.G = nn.Sequential(nn.SiLU(), nn.Conv2d(out_dim, hidden, 1), nn.SiLU(), nn.Conv2d(hidden, out_dim, 1))
+        nn.init.zeros_(self.G[-1].weight)
+        nn.init.zeros_(self.G[-1].bias)  # G ≡ 0 at initialisation: s_ψ starts as the closed-form map
+        if W is not None:
+            if tuple(W.shape) != (out_dim, in_dim):
+                raise ValueError(f"W must be ({out_dim}, {in_dim}); got {tuple(W.shape)}")
+            with torch.no_grad():
+                self.F.weight.copy_(W.view(out_dim, in_dim, 1, 1))
+                self.F.bias.copy_(b if b is not None else torch.zeros(out_dim))
+
+    def forward(self, h: Tensor) -> Tensor:
+        """(B, D_dit, *in_grid) → tokens (B, N, D) on the reward patch grid."""
+        if tuple(h.shape[-2:]) != self.in_grid or h.shape[1] != self.in_dim:
+            raise ValueError(f"stitch built for (B, {self.in_dim}, {self.in_grid[0]}, {self.in_grid[1]}) "
+                             f"features; got {tuple(h.shape)} (latent size differs from the critic's?)")
+        up = resample_grid(self.F(h), self.out_grid)  # (B, D, gh, gw)
+        return grid_to_tokens(up + self.G(up))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scores: how an image embedding becomes a value
+# ---------------------------------------------------------------------------------------------------------------
+class PromptScore:
+    """Prompt-dependent reward (CLIP score, HPSv2): V = reward.score_from_embeds(e_img, reward.text_embed(p)).
+
+    The text tower is never run with gradients; its embeddings are cached per prompt string (LRU).
+    Not an nn.Module on purpose: the reward stays outside StitchVM's parameters and state_dict.
+    """
+
+    kind = "prompt"
+
+    def __init__(self, reward: nn.Module, cache_size: int = 4096):
+        self.reward = reward
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, Tensor] = OrderedDict()
+
+    @torch.no_grad()
+    def text_embeds(self, prompts: Sequence[str]) -> Tensor:
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        if missing:
+            for p, e in zip(missing, self.reward.text_embed(missing)):
+                self._cache[p] = e.detach()
+        for p in prompts:
+            self._cache.move_to_end(p)
+        out = torch.stack([self._cache[p] for p in prompts])
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return out
+
+    def __call__(self, image_embed: Tensor, prompts: Sequence[str] | None) -> Tensor:
+        if prompts is None or len(prompts) != image_embed.shape[0]:
+            raise ValueError(f"a prompt-dependent critic needs one prompt per sample ({image_embed.shape[0]}); "
+                             f"got {None if prompts is None else len(prompts)}")
+        txt = self.text_embeds(prompts).to(image_embed.device)
+        return self.reward.score_from_embeds(image_embed, txt)
+
+
+class ImageScore:
+    """Prompt-independent reward (aesthetic): V = reward.score_from_image_embed(e_img); prompts are ignored."""
+
+    kind = "image"
+
+    def __init__(self, reward: nn.Module):
+        self.reward = reward
+
+    def __call__(self, image_embed: Tensor, prompts: Sequence[str] | None) -> Tensor:
+        return self.reward.score_from_image_embed(image_embed)
+
+
+def make_score(reward: nn.Module, kind: str) -> PromptScore | ImageScore:
+    """kind: "prompt" (score_from_embeds with the text tower) or "image" (score_from_image_embed)."""
+    if kind == "prompt":
+        return PromptScore(reward)
+    if kind == "image":
+        return ImageScore(reward)
+    raise ValueError(f"score kind must be 'prompt' or 'image'; got {kind!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# V_ω^{(i,j)}
+# ---------------------------------------------------------------------------------------------------------------
+class StitchVM(nn.Module):
+    """V(z_t) = r^{≥j}(s(u^{≤i}(z_t))) (Eq. 6). Implements the Critic protocol (critics/base.py).
+
+    Args:
+        head: DiTHead (u^{≤i}).  stitch: Stitch (s_ψ).  tail: VisionTail (a trainable copy of the reward tower).
+        j: 1-based first tail block.  score: PromptScore | ImageScore.
+        class_token: (D,) class token entering block j, required for j > 1 (learned), None for j = 1.
+        meta: identity of the backbone / reward (free-form, stored in stitchvm.json).
+    """
+
+    def __init__(self, head: DiTHead, stitch: Stitch, tail: VisionTail, j: int,
+                 score: PromptScore | ImageScore, class_token: Tensor | None = None, meta: dict | None = None):
+        super().__init__()
+        tail._check_j(j)
+        if (stitch.in_dim, stitch.in_grid) != (head.width, head.grid):
+            raise ValueError(f"stitch expects ({stitch.in_dim}, {stitch.in_grid}) DiT features; head gives "
+                             f"({head.width}, {head.grid})")
+        if (stitch.out_dim, stitch.out_grid) != (tail.width, tail.grid):
+            raise ValueError(f"stitch produces ({stitch.out_dim}, {stitch.out_grid}) tokens; tail needs "
+                             f"({tail.width}, {tail.grid})")
+        if (j == 1) != (class_token is None):
+            raise ValueError("class_token is required for j > 1 and must be None for j = 1")
+        self.head, self.stitch, self.tail, self.j, self.score = head, stitch, tail, j, score
+        self.class_token = nn.Parameter(class_token.detach().clone()) if class_token is not None else None
+        self.meta = dict(meta or {})
+
+    @property
+    def i(self) -> int:
+        return self.head.i
+
+    @property
+    def latent_channels(self) -> int:
+        return self.head.latent_channels
+
+    @property
+    def latent_size(self) -> int:
+        return self.head.latent_size
+
+    def features(self, z_t: Tensor, sigma: Tensor | float) -> TailOutput:
+        """(B, C, h, w) → TailOutput(embed (B, E), tokens (B, N+1, D))."""
+        return self.features_from_head(self.head(z_t, sigma))
+
+    def features_from_head(self, h: Tensor) -> TailOutput:
+        """Stitch + tail on precomputed head features (B, D_dit, h/p, w/p) (see DiTHead.features_from_block_outputs)."""
+        return self.tail.forward_from(self.stitch(h), self.j, self.class_token)
+
+    def value(self, z_t: Tensor, sigma: Tensor | float, prompts: Sequence[str] | None = None) -> Tensor:
+        """V(z_t): (B,) float32, differentiable in z_t."""
+        return self.score(self.features(z_t, sigma).embed, prompts).float()
+
+    def forward(self, z_t: Tensor, sigma: Tensor | float, prompts: Sequence[str] | None = None) -> Tensor:
+        return self.value(z_t, sigma, prompts)
+
+    def stitch_parameters(self) -> list[nn.Parameter]:
+        return list(self.stitch.parameters())
+
+    def tail_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The trained tail part: parameters used from block j on, plus the class token state for j > 1."""
+        named = self.tail.suffix_named_parameters(self.j)
+        if self.class_token is not None:
+            named.append((CLASS_TOKEN_KEY, self.class_token))
+        return named
+
+
+def build_stitchvm(transformer: nn.Module, reward: nn.Module, i: int, j: int, W: Tensor, b: Tensor,
+                   null_embeds: Tensor, null_pooled: Tensor, score_kind: str, *, latent_size: int | None = None,
+                   probe_pixels: Tensor | None = None, preprocess: Callable[[Tensor], Tensor] | None = None,
+                   bottleneck_ratio: int = 8, meta: dict | None = None) -> StitchVM:
+    """Assemble a StitchVM at initialisation from a stage-1 fit.
+
+    The head shares the transformer's modules; the tail is a deep copy of `reward.vision` (trained in stage 2
+    while the original stays the frozen teacher).
+
+    Args:
+        W, b: stage-1 fit for (i, j), (D_tail, D_dit) and (D_tail,).
+        probe_pixels: normalised probe images (B, 3, H, W); required for j > 1 to initialise the class token.
+        score_kind: "prompt" | "image" (see make_score).
+    """
+    head = DiTHead(transformer, i, null_embeds, null_pooled, latent_size)
+    teacher_tail = make_tail(reward.vision, preprocess)
+    tail = make_tail(copy.deepcopy(reward.vision), preprocess)
+    class_token = None
+    if j > 1:
+        if probe_pixels is None:
+            raise ValueError(f"j = {j} > 1: pass probe_pixels to initialise the class token entering block j")
+        class_token = tail.mean_class_token(probe_pixels, j)
+    stitch = Stitch(head.width, tail.width, head.grid, tail.grid, W, b, bottleneck_ratio)
+    stitch.to(device=head.null_embeds.device)
+    meta = dict(meta or {})
+    meta["reward_fingerprint"] = vision_fingerprint(teacher_tail)
+    return StitchVM(head, stitch, tail, j, make_score(reward, score_kind), class_token, meta)
+
+
+def vision_fingerprint(tail: VisionTail) -> str:
+    """sha256 over a reward tower's parameters (bf16-rounded): identifies the teacher a critic was distilled from."""
+    h = hashlib.sha256()
+    for name, p in tail.vision.named_parameters():
+        t = p.detach().to("cpu", torch.bfloat16).contiguous()
+        h.update(name.encode())
+        h.update(t.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Save / load
+# ---------------------------------------------------------------------------------------------------------------
+def _versions() -> dict[str, str]:
+    out = {}
+    for dist in ("stitchvm", "torch", "diffusers", "transformers", "open_clip_torch", "safetensors"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def _null_norms(head: DiTHead) -> dict[str, float]:
+    return {"null_embeds_norm": float(head.null_embeds.float().norm()),
+            "null_pooled_norm": float(head.null_pooled.float().norm())}
+
+
+def save_stitchvm(path_dir: str | os.PathLike, model: StitchVM, meta: dict | None = None) -> None:
+    """Write stitch.safetensors, tail.safetensors and stitchvm.json to `path_dir`, atomically.
+
+    Args:
+        meta: identity fields to record, e.g. {"backbone": "stabilityai/stable-diffusion-3.5-medium",
+              "reward": "clip_vit_l14", "image_size": 512}; merged over `model.meta`.
+    """
+    path_dir = os.fspath(path_dir)
+    parent = os.path.dirname(os.path.abspath(path_dir))
+    os.makedirs(parent, exist_ok=True)
+    head, tail = model.head, model.tail
+    info = {**model.meta, **(meta or {})}
+    info.update({
+        "format_version": FORMAT_VERSION,
+        "i": model.i, "j": model.j,
+        "score_kind": model.score.kind,
+        "latent_channels": head.latent_channels, "latent_size": head.latent_size,
+        "dit_width": head.width, "dit_grid": list(head.grid), "dit_num_layers": head.num_layers,
+        "backbone_config": head.backbone_config,
+        "head_fingerprint": head.fingerprint(),
+        **_null_norms(head),
+        "tail_kind": tail_kind(tail), "tail_width": tail.width, "tail_grid": list(tail.grid),
+        "tail_num_blocks": tail.num_blocks, "tail_image_size": list(tail.image_size), "embed_dim": tail.embed_dim,
+        "bottleneck_ratio": model.stitch.bottleneck_ratio,
+        "versions": _versions(),
+    })
+    stitch_sd = {k: v.detach().cpu().contiguous() for k, v in model.stitch.state_dict().items()}
+    tail_sd = {k: v.detach().cpu().clone().contiguous() for k, v in model.tail_named_parameters()}
+    tmp = tempfile.mkdtemp(prefix=".stitchvm-", dir=parent)
+    try:
+        save_file(stitch_sd, os.path.join(tmp, STITCH_FILE))
+        save_file(tail_sd, os.path.join(tmp, TAIL_FILE))
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump(info, f, indent=2, sort_keys=True)
+        # a non-empty directory cannot be os.replace'd onto: move the old one aside first
+        old = None
+        if os.path.exists(path_dir):
+            old = tempfile.mkdtemp(prefix=".stitchvm-old-", dir=parent)
+            os.replace(path_dir, os.path.join(old, "prev"))
+        os.replace(tmp, path_dir)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_stitchvm_meta(path_dir: str | os.PathLike) -> dict:
+    """The stitchvm.json of a saved critic; FileNotFoundError naming the path when a file is missing."""
+    path_dir = os.fspath(path_dir)
+    for name in (META_FILE, STITCH_FILE, TAIL_FILE):
+        p = os.path.join(path_dir, name)
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"StitchVM checkpoint incomplete: {p} does not exist")
+    with open(os.path.join(path_dir, META_FILE)) as f:
+        return json.load(f)
+
+
+def _check_pairing(meta: dict, head: DiTHead, path_dir: str) -> None:
+    built_for = (f"backbone {meta.get('backbone', '<unnamed>')} (latent {meta['latent_channels']}×"
+                 f"{meta['latent_size']}², head fingerprint {meta['head_fingerprint'][:12]})")
+    if head.backbone_config != meta["backbone_config"]:
+        diff = {k: (meta["backbone_config"].get(k), v) for k, v in head.backbone_config.items()
+                if meta["backbone_config"].get(k) != v}
+        raise ValueError(f"critic at {path_dir} was built for another backbone / latent space: {built_for}; "
+                         f"config differs as (saved, given): {diff}")
+    fp = head.fingerprint()
+    if fp != meta["head_fingerprint"]:
+        raise ValueError(f"critic at {path_dir} was built for {built_for}; the given transformer's first "
+                         f"{head.i} blocks have fingerprint {fp[:12]} (other weights, or merged LoRA)")
+    for key, value in _null_norms(head).items():
+        if not math.isclose(value, meta[key], rel_tol=NULL_COND_RTOL):
+            raise ValueError(f"critic at {path_dir}: null-text conditioning differs from training "
+                             f"({key} {value:.4g} vs {meta[key]:.4g}); pass the embeddings of '' from the "
+                             f"policy's own text encoder")
+
+
+def load_stitchvm(path_dir: str | os.PathLike, transformer: nn.Module, reward: nn.Module, null_embeds: Tensor,
+                  null_pooled: Tensor, preprocess: Callable[[Tensor], Tensor] | None = None) -> StitchVM:
+    """Rebuild a saved StitchVM around `transformer` (head, shared) and a copy of `reward.vision` (tail).
+
+    Raises:
+        FileNotFoundError: a checkpoint file is missing (the message names it).
+        ValueError: the transformer, null conditioning or reward tower is not the one the critic was built for.
+    """
+    path_dir = os.fspath(path_dir)
+    meta = read_stitchvm_meta(path_dir)
+    if meta["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"{path_dir}: format_version {meta['format_version']}, this code reads {FORMAT_VERSION}")
+    if transformer.config.in_channels != meta["latent_channels"]:
+        raise ValueError(f"critic at {path_dir} was built for another latent space: {meta['latent_channels']} "
+                         f"latent channels (backbone {meta.get('backbone', '<unnamed>')}); the given transformer "
+                         f"has {transformer.config.in_channels}")
+    head = DiTHead(transformer, meta["i"], null_embeds, null_pooled, meta["latent_size"])
+    _check_pairing(meta, head, path_dir)
+
+    teacher = make_tail(reward.vision, preprocess)
+    got = (tail_kind(teacher), teacher.width, list(teacher.grid), teacher.num_blocks, teacher.embed_dim)
+    want = (meta["tail_kind"], meta["tail_width"], meta["tail_grid"], meta["tail_num_blocks"], meta["embed_dim"])
+    if got != want:
+        raise ValueError(f"critic at {path_dir} was built for reward {meta.get('reward', '<unnamed>')} with tower "
+                         f"(kind, width, grid, blocks, embed) = {want}; the given reward has {got}")
+    if vision_fingerprint(teacher) != meta["reward_fingerprint"]:
+        raise ValueError(f"critic at {path_dir} was distilled from another reward model "
+                         f"({meta.get('reward', '<unnamed>')}): the given reward tower's weights differ")
+
+    tail = make_tail(copy.deepcopy(reward.vision), preprocess)
+    j = meta["j"]
+    tail_sd = load_file(os.path.join(path_dir, TAIL_FILE))
+    class_token = tail_sd.pop(CLASS_TOKEN_KEY, None)
+    expected = dict(tail.suffix_named_parameters(j))
+    missing, unexpected = sorted(set(expected) - set(tail_sd)), sorted(set(tail_sd) - set(expected))
+    if missing or unexpected or (j > 1) != (class_token is not None):
+        raise ValueError(f"{os.path.join(path_dir, TAIL_FILE)} does not match a tail from block {j}: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}, class token "
+                         f"{'present' if class_token is not None else 'absent'}")
+    with torch.no_grad():
+        for name, p in expected.items():
+            if p.shape != tail_sd[name].shape:
+                raise ValueError(f"{TAIL_FILE}: {name} has shape {tuple(tail_sd[name].shape)}, tower has {tuple(p.shape)}")
+            p.copy_(tail_sd[name])
+
+    stitch = Stitch(meta["dit_width"], meta["tail_width"], meta["dit_grid"], meta["tail_grid"],
+                    bottleneck_ratio=meta["bottleneck_ratio"])
+    stitch.load_state_dict(load_file(os.path.join(path_dir, STITCH_FILE)), strict=True)
+    device = head.null_embeds.device
+    stitch.to(device)
+    if class_token is not None:
+        class_token = class_token.to(device)
+    keep = {k: v for k, v in meta.items() if k in ("backbone", "reward", "image_size", "reward_fingerprint")}
+    return StitchVM(head, stitch, tail, j, make_score(reward, meta["score_kind"]), class_token, keep)

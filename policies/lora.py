@@ -1,0 +1,206 @@
+"""peft LoRA adapters on an SD3 transformer: several named adapters, the reference policy, diffusers export.
+
+Adapters live on the diffusers model itself (``transformer.add_adapter``), never behind ``get_peft_model``:
+that wrapper prefixes every key with ``base_model.model.`` and the result no longer loads with
+``StableDiffusion3Pipeline.load_lora_weights``.
+
+- ``add_lora(transformer, LoraSpec(), "default")`` — the trained policy theta.
+- a second adapter (e.g. "old", DiffusionNFT's data-collection policy) is added with the same spec and kept in
+  sync by :func:`copy_adapter` / :func:`ema_update`.
+- ``with reference_policy(transformer):`` — all adapters off, i.e. the pretrained model theta_0 (KL anchor).
+- :func:`export_diffusers` writes ``pytorch_lora_weights.safetensors`` that diffusers' pipelines load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+# The SD3 attention projections, image stream and text ("add_") stream, as used by Flow-GRPO and the paper.
+SD3_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+@dataclass
+class LoraSpec:
+    """LoRA hyper-parameters.
+
+    Attributes:
+        r: rank.
+        alpha: scaling numerator; the update is (alpha / r) B A.
+        target_modules: module-name suffixes to adapt.
+        dropout: LoRA dropout.
+        init: peft's ``init_lora_weights`` ("gaussian" or True: B = 0 so the adapter starts as the identity).
+    """
+
+    r: int = 32
+    alpha: float = 64.0
+    target_modules: tuple[str, ...] = field(default_factory=lambda: SD3_TARGETS)
+    dropout: float = 0.0
+    init: bool | str = True
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
+        self.target_modules = tuple(self.target_modules)
+
+    def to_peft(self):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, target_modules=list(self.target_modules),
+                          lora_dropout=self.dropout, init_lora_weights=self.init)
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    """Names of the adaptable linear layers (a layer already wrapped by peft counts by its own name)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [n for n, m in model.named_modules()
+            if (isinstance(m, nn.Linear) or isinstance(m, BaseTunerLayer))
+            and ".lora_" not in n and not n.endswith(".base_layer")]
+
+
+def check_targets(model: nn.Module, targets: tuple[str, ...]) -> None:
+    """Every target must match at least one nn.Linear by name suffix; else say which exist."""
+    names = _linear_names(model)
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        suffixes = sorted({".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit() else n.split(".")[-1]
+                           for n in names})
+        raise ValueError(f"LoRA target module(s) {missing} not found in {type(model).__name__}. "
+                         f"Linear layers it has: {suffixes}")
+
+
+def add_lora(transformer: nn.Module, spec: LoraSpec, adapter_name: str = "default") -> None:
+    """Add a LoRA adapter named ``adapter_name`` and make it the active, trainable one."""
+    check_targets(transformer, spec.target_modules)
+    if adapter_name in getattr(transformer, "peft_config", {}):
+        raise ValueError(f"adapter '{adapter_name}' already exists on the transformer")
+    transformer.add_adapter(spec.to_peft(), adapter_name=adapter_name)
+    transformer.set_adapter(adapter_name)
+
+
+def adapter_names(transformer: nn.Module) -> list[str]:
+    return list(getattr(transformer, "peft_config", {}))
+
+
+def _require(transformer: nn.Module, name: str) -> None:
+    if name not in adapter_names(transformer):
+        raise KeyError(f"no LoRA adapter '{name}' on the transformer (adapters: {adapter_names(transformer)})")
+
+
+def set_active(transformer: nn.Module, name: str) -> None:
+    """Route forward passes through adapter ``name`` (peft then marks only it trainable)."""
+    _require(transformer, name)
+    transformer.set_adapter(name)
+
+
+def adapter_parameters(transformer: nn.Module, name: str) -> dict[str, nn.Parameter]:
+    """The LoRA A/B parameters of one adapter, keyed by module path (adapter name removed)."""
+    _require(transformer, name)
+    tag = f".{name}."
+    return {n.replace(tag, "."): p for n, p in transformer.named_parameters() if "lora_" in n and tag in n}
+
+
+@contextlib.contextmanager
+def reference_policy(transformer: nn.Module):
+    """All adapters disabled: the frozen pretrained model theta_0 (KL reference). Restores on exit."""
+    transformer.disable_adapters()
+    try:
+        yield transformer
+    finally:
+        transformer.enable_adapters()
+
+
+@contextlib.contextmanager
+def using_adapter(transformer: nn.Module, name: str):
+    """Temporarily route through adapter ``name``; restores the previously active adapter."""
+    previous = list(transformer.active_adapters())
+    set_active(transformer, name)
+    try:
+        yield transformer
+    finally:
+        transformer.set_adapter(previous[0] if len(previous) == 1 else previous)
+
+
+@torch.no_grad()
+def copy_adapter(transformer: nn.Module, src: str, dst: str) -> None:
+    """theta_dst <- theta_src."""
+    ema_update(transformer, src, dst, decay=0.0)
+
+
+@torch.no_grad()
+def ema_update(transformer: nn.Module, src: str, dst: str, decay: float) -> None:
+    """theta_dst <- decay * theta_dst + (1 - decay) * theta_src (DiffusionNFT's old-policy update)."""
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+    p_src, p_dst = adapter_parameters(transformer, src), adapter_parameters(transformer, dst)
+    if p_src.keys() != p_dst.keys():
+        raise ValueError(f"adapters '{src}' and '{dst}' have different layouts; add both with the same LoraSpec")
+    for key, p in p_dst.items():
+        p.lerp_(p_src[key].to(p.dtype), 1.0 - decay)
+
+
+def adapter_state_dict(transformer: nn.Module, name: str = "default") -> dict[str, Tensor]:
+    """peft state dict of one adapter (keys without the adapter name, as diffusers stores them)."""
+    from peft.utils import get_peft_model_state_dict
+
+    _require(transformer, name)
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(transformer, adapter_name=name).items()}
+
+
+def load_adapter_state_dict(transformer: nn.Module, state: dict[str, Tensor], name: str = "default") -> None:
+    """Inverse of :func:`adapter_state_dict`; every key must land (a partial load is an error)."""
+    expected = adapter_state_dict(transformer, name)
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"LoRA state for adapter '{name}' does not fit the transformer: "
+                         f"missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+                         f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}")
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(f"LoRA tensor '{key}' has shape {tuple(value.shape)}, the transformer's adapter "
+                             f"'{name}' expects {tuple(expected[key].shape)} (different rank?)")
+    from peft.utils import set_peft_model_state_dict
+
+    set_peft_model_state_dict(transformer, state, adapter_name=name)
+
+
+def export_diffusers(transformer: nn.Module, out_dir: str | Path, name: str = "default") -> Path:
+    """Write adapter ``name`` as ``out_dir/pytorch_lora_weights.safetensors`` in diffusers' format, so
+    ``StableDiffusion3Pipeline.from_pretrained(base).load_lora_weights(out_dir)`` reproduces the policy.
+
+    The adapter's peft config (rank, alpha, targets) travels as safetensors metadata so the loader
+    rebuilds the same scaling alpha / r. Written to a temporary directory and renamed into place: a kill
+    mid-export never leaves a half-written adapter.
+    """
+    from diffusers import StableDiffusion3Pipeline
+
+    out_dir = Path(out_dir)
+    state = adapter_state_dict(transformer, name)
+    metadata = transformer.peft_config[name].to_dict()
+    metadata["target_modules"] = sorted(metadata["target_modules"])  # JSON-serialisable (peft keeps a set)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=state,
+                                                   transformer_lora_adapter_metadata=metadata)
+        if out_dir.exists():
+            old = out_dir.with_name(out_dir.name + ".old")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

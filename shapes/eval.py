@@ -1,0 +1,234 @@
+"""ShapesEval: a GenEval-style checker for the Shapes world that reads pixels only.
+
+It parses the prompt (``shapes.data.parse_caption``), finds the objects in the image, and scores the
+image against the prompt. It never sees generator metadata, so it scores model samples and ground-truth
+renders alike.
+
+Detection (``detect_objects``), for an (H, W, 3) image:
+  1. Smooth lightly (Gaussian, 0.6 px at 64^2) to tame pixel noise and JPEG ringing.
+  2. Background colour b = per-channel median of the one-pixel border.
+  3. Colour unmixing. A pixel on an object edge (antialiasing, blur, JPEG) is a mix of b and the object's
+     colour, so for every palette colour c_k the pixel p is projected onto the segment b -> c_k:
+     alpha_k = clip(<p - b, c_k - b> / |c_k - b|^2, 0, 1), residual_k = |p - b - alpha_k (c_k - b)|.
+     The pixel gets the colour with the smallest residual; it is foreground when that colour's alpha > 0.5
+     and its residual < ``MAX_RESIDUAL`` (colours far from every palette line are not objects).
+  4. Connected components (8-connected) per colour, so touching objects of different colours separate;
+     components smaller than ``MIN_AREA`` (12 px at 64^2) are noise and dropped.
+  5. Shape: the component's box crop is compared (IoU) with every shape of ``shapes.data.shape_mask``
+     rasterised into a box of the same size; the best IoU wins if it is >= ``MIN_SHAPE_IOU`` and the box's
+     aspect ratio is within ``MAX_ASPECT`` of the shape's, otherwise the shape is unknown (None).
+  6. Position: the centre of the component's bounding box (GenEval uses box centres too).
+
+Scores (``score_objects``), each in [0, 1], for a prompt with groups g = (n_g, colour c_g, shape s_g):
+  count     partial credit over G groups plus one "nothing else" slot:
+            (sum_g 1[m_g = n_g] + 1[u = 0]) / (G + 1), where m_g = detected objects of colour c_g AND shape
+            s_g, and u = detected objects that match no group's (colour, shape).
+  colour    fraction of requested objects whose colour is present: sum_c min(req_c, det_c) / sum_g n_g,
+            with req_c requested and det_c detected objects of colour c (any shape).
+  shape     the same with shapes: sum_s min(req_s, det_s) / sum_g n_g.
+  position  prompts with a relation: 1 if both groups are detected (>= 1 object of the exact colour and
+            shape each) and the offset between the two groups' mean box centres points along the relation's
+            axis: along > ``MIN_RELATION_OFFSET`` (5% of the image) and within 60 deg of the axis (along >=
+            0.5 |offset|, GenEval's rule), else 0. Prompts without a relation are N/A and score 1.0 so they
+            never fail ``overall``; ``ShapesEvalResult.has_relation`` marks which prompts the value is real
+            for, so position can be averaged over relation prompts only.
+  overall   binary, like GenEval: 1 iff count, colour, shape and position are all 1 (exact counts of the
+            exact colour+shape per group, nothing else in the image, relation satisfied).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import Tensor
+
+from shapes.data import COLORS, SHAPE_ASPECT, SHAPES, PromptSpec, coverage, parse_caption, relation_axis
+
+REFERENCE_SIZE = 64  # pixel constants below are for a 64^2 image and scale with min(H, W)
+SMOOTH_SIGMA = 0.6  # px
+MAX_RESIDUAL = 0.25  # RGB distance in [0, 1] units from the nearest background-to-palette segment
+MIN_ALPHA = 0.5
+MIN_AREA = 12  # px
+MIN_SHAPE_IOU = 0.6
+MAX_ASPECT = 1.5  # box aspect ratio / shape's own aspect ratio, either way
+MIN_RELATION_OFFSET = 0.05  # of the image size
+MAX_RELATION_COS = 0.5  # along >= cos(60 deg) * |offset|
+TEMPLATE_SUPERSAMPLE = 3
+
+_COLOR_NAMES = tuple(COLORS)
+_PALETTE = np.array([COLORS[c] for c in _COLOR_NAMES], dtype=np.float32) / 255.0  # (K, 3)
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+CRITERIA = ("count", "color", "shape", "position", "overall")
+
+
+@dataclass(frozen=True)
+class DetectedObject:
+    """One object found in an image. ``shape`` is None when no shape template fits."""
+
+    color: str
+    shape: str | None
+    cx: float  # bounding-box centre, pixels (x right, y down; pixel (i, j) covers [j, j+1) x [i, i+1))
+    cy: float
+    area: int  # pixels
+    shape_iou: float  # IoU with the best template
+
+
+@functools.lru_cache(maxsize=4096)
+def _template(shape: str, height: int, width: int) -> np.ndarray:
+    """``shape`` rasterised to fill an (height, width) box, thresholded at half coverage: (h, w) bool."""
+    cov = coverage(shape, width / 2, height / 2, width / 2, height / 2, slice(0, height), slice(0, width), TEMPLATE_SUPERSAMPLE)
+    return cov >= 0.5
+
+
+def _classify_shape(mask: np.ndarray) -> tuple[str | None, float]:
+    """Best template (by IoU) for a component's box crop ``mask`` (h, w) bool."""
+    height, width = mask.shape
+    area = int(mask.sum())
+    best, best_iou = None, 0.0
+    for shape in SHAPES:
+        template = _template(shape, height, width)
+        inter = int(np.count_nonzero(template & mask))
+        iou = inter / (area + int(template.sum()) - inter)
+        if iou > best_iou:
+            best, best_iou = shape, iou
+    aspect = (width / height) / SHAPE_ASPECT[best]
+    if best_iou < MIN_SHAPE_IOU or not 1 / MAX_ASPECT <= aspect <= MAX_ASPECT:
+        return None, best_iou
+    return best, best_iou
+
+
+def _as_float_image(image: np.ndarray) -> np.ndarray:
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be (H, W, 3), got {image.shape}")
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    if not np.issubdtype(image.dtype, np.floating):
+        raise ValueError(f"image must be uint8 (0..255) or float (0..1), got {image.dtype}")
+    return image.astype(np.float32, copy=False)
+
+
+def detect_objects(image: np.ndarray) -> list[DetectedObject]:
+    """Find the objects in an (H, W, 3) image, uint8 in 0..255 or float in [0, 1] (see the module docstring)."""
+    rgb = _as_float_image(image)
+    height, width = rgb.shape[:2]
+    scale = min(height, width) / REFERENCE_SIZE
+    rgb = ndimage.gaussian_filter(rgb, sigma=(SMOOTH_SIGMA * scale, SMOOTH_SIGMA * scale, 0), mode="nearest")
+    border = np.concatenate([rgb[0], rgb[-1], rgb[1:-1, 0], rgb[1:-1, -1]])  # (P, 3)
+    background = np.median(border, axis=0)  # (3,)
+
+    # 3. unmix every pixel against every background -> palette segment
+    direction = _PALETTE - background  # (K, 3)
+    diff = rgb.reshape(-1, 3) - background  # (N, 3)
+    alpha = np.clip(diff @ direction.T / np.sum(direction**2, axis=1), 0.0, 1.0)  # (N, K)
+    residual = np.linalg.norm(diff[:, None, :] - alpha[..., None] * direction[None], axis=2)  # (N, K)
+    label = np.argmin(residual, axis=1)  # (N,)
+    rows = np.arange(label.size)
+    foreground = (alpha[rows, label] > MIN_ALPHA) & (residual[rows, label] < MAX_RESIDUAL)
+    label = np.where(foreground, label, -1).reshape(height, width)
+
+    # 4-6. components per colour
+    min_area = MIN_AREA * scale * scale
+    objects = []
+    for k, color in enumerate(_COLOR_NAMES):
+        components, n = ndimage.label(label == k, structure=_EIGHT_CONNECTED)
+        if n == 0:
+            continue
+        for index, box in enumerate(ndimage.find_objects(components), start=1):
+            mask = components[box] == index  # (h, w) crop
+            area = int(mask.sum())
+            if area < min_area:
+                continue
+            shape, iou = _classify_shape(mask)
+            cy = (box[0].start + box[0].stop) / 2
+            cx = (box[1].start + box[1].stop) / 2
+            objects.append(DetectedObject(color, shape, cx, cy, area, iou))
+    return objects
+
+
+def score_objects(objects: Sequence[DetectedObject], spec: PromptSpec, size: int = REFERENCE_SIZE) -> dict[str, float]:
+    """Score a list of objects against ``spec`` (criteria in the module docstring); ``size`` = min(H, W)."""
+    pairs = Counter((o.color, o.shape) for o in objects)
+    matched = [pairs[(g.color, g.shape)] for g in spec.groups]
+    unrequested = len(objects) - sum(matched)
+    count = (sum(m == g.count for m, g in zip(matched, spec.groups)) + (unrequested == 0)) / (len(spec.groups) + 1)
+
+    requested = sum(g.count for g in spec.groups)
+    colors, shapes = Counter(o.color for o in objects), Counter(o.shape for o in objects)
+    req_colors, req_shapes = Counter(), Counter()
+    for g in spec.groups:
+        req_colors[g.color] += g.count
+        req_shapes[g.shape] += g.count
+    color = sum(min(n, colors[c]) for c, n in req_colors.items()) / requested
+    shape = sum(min(n, shapes[s]) for s, n in req_shapes.items()) / requested
+
+    position = 1.0
+    if spec.relation is not None:
+        position = 0.0
+        centres = []
+        for g in spec.groups:
+            members = [(o.cx, o.cy) for o in objects if (o.color, o.shape) == (g.color, g.shape)]
+            centres.append(np.mean(members, axis=0) if members else None)
+        if centres[0] is not None and centres[1] is not None:
+            offset = centres[0] - centres[1]
+            along = float(offset @ np.array(relation_axis(spec.relation)))
+            if along > MIN_RELATION_OFFSET * size and along >= MAX_RELATION_COS * float(np.linalg.norm(offset)):
+                position = 1.0
+
+    overall = float(count == 1.0 and color == 1.0 and shape == 1.0 and position == 1.0)
+    return {"count": count, "color": color, "shape": shape, "position": position, "overall": overall}
+
+
+def score_image(image: np.ndarray, spec: PromptSpec) -> dict[str, float]:
+    """Score an (H, W, 3) image (uint8 0..255 or float 0..1) against ``spec``.
+
+    Returns:
+        {"count", "color", "shape", "position", "overall"} -> float in [0, 1].
+    """
+    return score_objects(detect_objects(image), spec, size=min(image.shape[:2]))
+
+
+@dataclass
+class ShapesEvalResult:
+    """Per-image scores, each (B,) float32 in [0, 1] on the images' device (definitions: module docstring).
+
+    ``has_relation`` (B,) bool marks the prompts whose ``position`` is a real check (it is 1.0, N/A, else).
+    """
+
+    count: Tensor
+    color: Tensor
+    shape: Tensor
+    position: Tensor
+    overall: Tensor
+    has_relation: Tensor
+
+
+@functools.lru_cache(maxsize=65536)
+def _parse(prompt: str) -> PromptSpec:
+    return parse_caption(prompt)
+
+
+class ShapesEval:
+    """Pixel checker: ``ShapesEval()(images (B, 3, H, W) in [0, 1], prompts) -> ShapesEvalResult``.
+
+    Prompts must be Shapes captions (``shapes.data.caption``); anything else, the empty unconditional prompt
+    included, raises ValueError.
+    """
+
+    def __call__(self, images: Tensor, prompts: list[str]) -> ShapesEvalResult:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts")
+        specs = [_parse(p) for p in prompts]
+        pixels = images.detach().float().clamp(0.0, 1.0).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+        rows = [score_image(pixels[b], spec) for b, spec in enumerate(specs)]
+        columns = {k: torch.tensor([r[k] for r in rows], dtype=torch.float32, device=images.device) for k in CRITERIA}
+        has_relation = torch.tensor([s.relation is not None for s in specs], dtype=torch.bool, device=images.device)
+        return ShapesEvalResult(**columns, has_relation=has_relation)
