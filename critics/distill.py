@@ -224,6 +224,11 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 break
             step_stats: dict[str, float] = {}
+            # noise for the whole step, drawn before splitting into micro-batches, so that gradient accumulation
+            # sees exactly the same (σ, ε) as one big batch
+            sigma_all = sample_sigmas(cfg.batch_size, cfg, generator)  # (B,)
+            eps_all = torch.randn(cfg.batch_size, model.latent_channels, model.latent_size, model.latent_size,
+                                  generator=generator)  # (B, C, h, w)
             for s in range(0, cfg.batch_size, micro):
                 x0 = images[s:s + micro].to(device)
                 w = x0.shape[0] / cfg.batch_size  # micro-batch share of the step's mean loss
@@ -233,9 +238,12 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
                     if cfg.check_teacher and step == 0 and s == 0:
                         _check_teacher(t_out.embed, teacher_reward.image_embed(x0))
                     z0 = encode_fn(x0)  # (b, C, h, w)
+                if z0.shape[1:] != eps_all.shape[1:]:
+                    raise ValueError(f"encode_fn gives latents {tuple(z0.shape[1:])}; the critic was built for "
+                                     f"{tuple(eps_all.shape[1:])}")
                 # 2. student input: forward-noised latent z_t = (1 − σ) z0 + σ ε
-                sigma = sample_sigmas(x0.shape[0], cfg, generator).to(device, z0.dtype)
-                eps = torch.randn(z0.shape, generator=generator, dtype=z0.dtype).to(device)
+                sigma = sigma_all[s:s + micro].to(device, z0.dtype)
+                eps = eps_all[s:s + micro].to(device, z0.dtype)
                 z_t = (1 - sigma.view(-1, 1, 1, 1)) * z0 + sigma.view(-1, 1, 1, 1) * eps
                 s_out = model.features(z_t, sigma)
                 # 3. loss (App. D.1)
@@ -252,7 +260,7 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
                 (out.loss * w).backward()
                 for name, value in out._asdict().items():
                     step_stats[name] = step_stats.get(name, 0.0) + w * value.item()
-                step_stats["sigma_mean"] = step_stats.get("sigma_mean", 0.0) + w * sigma.mean().item()
+            step_stats["sigma_mean"] = sigma_all.mean().item()
             # 4. optimise
             max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(trained, max_norm).item()

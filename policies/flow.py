@@ -74,8 +74,19 @@ class FlowPolicy(nn.Module):
         self.vae = vae
         self.text_encoder = text_encoder
         self.shift = float(shift)
+        # RL trains LoRA adapters on the transformer; the VAE and text encoder stay frozen.
         self.vae.requires_grad_(False)
+        if isinstance(text_encoder, nn.Module):
+            text_encoder.requires_grad_(False)
         self._null: PromptEmbeds | None = None
+        # Distributed wrappers (DDP / DeepSpeed engines) have no .config or adapter methods, so the policy keeps
+        # the bare transformer and routes forward passes through the wrapper when one is set. Stored outside the
+        # module tree so parameters are not listed twice.
+        object.__setattr__(self, "_forward_module", None)
+
+    def set_forward_module(self, module: nn.Module | None) -> None:
+        """Route transformer forward passes through ``module`` (e.g. what ``accelerator.prepare`` returned)."""
+        object.__setattr__(self, "_forward_module", module)
 
     # ----------------------------------------------------------------------------------------------- sizes
     @property
@@ -158,7 +169,8 @@ class FlowPolicy(nn.Module):
         return v_u + guidance_scale * (v_c - v_u)
 
     def _transformer(self, z: Tensor, sigma: Tensor, cond: PromptEmbeds) -> Tensor:
-        return self.transformer(hidden_states=z, timestep=sigma * NUM_TRAIN_TIMESTEPS,
+        module = self._forward_module if self._forward_module is not None else self.transformer
+        return module(hidden_states=z, timestep=sigma * NUM_TRAIN_TIMESTEPS,
                                 encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled,
                                 return_dict=False)[0]
 

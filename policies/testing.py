@@ -9,35 +9,16 @@ from __future__ import annotations
 import torch
 
 from policies.flow import FlowPolicy
-from policies.text_encoders import CLIPTextEncoder
+from policies.text_encoders import CLIPTextEncoder, word_tokenizer
 
 TINY_WORDS = ("a", "an", "red", "green", "blue", "circle", "square", "triangle", "two", "three", "left", "of",
               "right", "above", "below", "the", "and", "photo")
 
 
-def word_tokenizer(words=TINY_WORDS, max_length: int = 16):
-    """A word-level transformers ``PreTrainedTokenizerFast`` built in memory: [PAD]=0, [UNK]=1, [BOS]=2, words,
-    and [EOS] last (open_clip pools text at argmax(token id), so end-of-text must be the largest id)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[BOS]": 2}
-    for w in sorted(set(words)):
-        vocab.setdefault(w, len(vocab))
-    vocab["[EOS]"] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
-    tok.post_processor = processors.TemplateProcessing(
-        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", vocab["[BOS]"]), ("[EOS]", vocab["[EOS]"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]",
-                                   eos_token="[EOS]", model_max_length=max_length)
-
-
 def tiny_clip_text_encoder(hidden: int = 32, proj: int = 32, max_length: int = 16, seed: int = 0) -> CLIPTextEncoder:
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    tokenizer = word_tokenizer(max_length=max_length)
+    tokenizer = word_tokenizer(TINY_WORDS, max_length=max_length)
     cfg = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=max_length,
                          projection_dim=proj, pad_token_id=tokenizer.pad_token_id,

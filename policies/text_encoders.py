@@ -72,6 +72,25 @@ class CLIPTextEncoder(nn.Module):
         return out.last_hidden_state, out.text_embeds
 
 
+def word_tokenizer(words, max_length: int = 32):
+    """A word-level transformers ``PreTrainedTokenizerFast`` built in memory: [PAD]=0, [UNK]=1, [BOS]=2, words,
+    and [EOS] last (open_clip pools text at argmax(token id), so end-of-text must be the largest id)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[BOS]": 2}
+    for w in sorted(set(words)):
+        vocab.setdefault(w, len(vocab))
+    vocab["[EOS]"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    tok.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", vocab["[BOS]"]), ("[EOS]", vocab["[EOS]"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]",
+                                   eos_token="[EOS]", model_max_length=max_length)
+
+
 class SD3TextEncoders(nn.Module):
     """SD3's CLIP-L + CLIP-G + T5 conditioning, computed by diffusers' own ``encode_prompt``.
 

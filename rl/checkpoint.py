@@ -307,7 +307,7 @@ def restore_rng(state: Mapping[str, Any], cuda: bool = True) -> None:
     npst = state["numpy"]
     keys = np.frombuffer(base64.b64decode(npst["keys"]), dtype=np.uint32).copy()
     np.random.set_state((npst["bit_generator"], keys, npst["pos"], npst["has_gauss"], npst["cached_gaussian"]))
-    pass
+    torch.set_rng_state(_unb64_uint8(state["torch_cpu"]))
     saved_cuda = state["torch_cuda"]
     if not cuda or not saved_cuda:
         return
@@ -341,7 +341,9 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / MANIFEST).is_file()]
+    found = [
+        (int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / MANIFEST).is_file()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -490,10 +492,14 @@ def verify_checkpoint(ckpt_dir: str | Path) -> dict[str, Any]:
             raise CheckpointError(f"{file} is missing (listed in {MANIFEST})")
         size = file.stat().st_size
         if size != expected["size"]:
-            raise CheckpointError(f"{file} has {size} bytes, the manifest says {expected['size']} (truncated or overwritten)")
+            raise CheckpointError(
+                f"{file} has {size} bytes, the manifest says {expected['size']} (truncated or overwritten)"
+            )
         digest = _sha256(file)
         if digest != expected["sha256"]:
-            raise CheckpointError(f"{file} is corrupt: sha256 {digest[:16]}… does not match the manifest's {expected['sha256'][:16]}…")
+            raise CheckpointError(
+                f"{file} is corrupt: sha256 {digest[:16]}… does not match the manifest's {expected['sha256'][:16]}…"
+            )
     return manifest
 
 

@@ -238,15 +238,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return tuple(_coerce(v, args[0], _join(key, i)) for i, v in enumerate(value))
         if len(value) != len(args):
             raise ConfigError(f"{key}: expected {len(args)} items ({_type_name(tp)}), got {len(value)}: {value!r}")
-        return tuple(_coerce(v, a, _join(key, i)) for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(_coerce(v, a, _join(key, i)) for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if origin is dict or tp is dict:
         if not isinstance(value, Mapping):
             raise error
         if not args:
             return dict(value)
-        return {
-            _coerce(k, args[0], key): _coerce(v, args[1], _join(key, str(k))) for k, v in value.items()
-        }
+        return {_coerce(k, args[0], key): _coerce(v, args[1], _join(key, str(k))) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -316,7 +314,9 @@ def from_dict(cls: type, d: Mapping[str, Any], path: str = "") -> Any:
             kwargs[name] = _coerce(d[name], hints[name], key)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             help_text = f.metadata.get("help", "")
-            raise ConfigError(f"missing required key '{key}' ({_type_name(hints[name])}){': ' + help_text if help_text else ''}")
+            raise ConfigError(
+                f"missing required key '{key}' ({_type_name(hints[name])}){': ' + help_text if help_text else ''}"
+            )
     try:
         return cls(**kwargs)
     except ConfigError as e:
@@ -437,14 +437,16 @@ def _walk(d: Any, parts: list[str], override: str, create: bool) -> Any:
         elif isinstance(node, dict):
             if part not in node:
                 if not create:
+                    hint = _did_you_mean_key(parts[:depth], part, node)
                     raise ConfigError(
-                        f"override '{override}': key '{where}' does not exist{_did_you_mean_key(parts[:depth], part, node)} "
-                        f"(prefix with + to add a new key)"
+                        f"override '{override}': key '{where}' does not exist{hint} (prefix with + to add a new key)"
                     )
                 node[part] = {}
             node = node[part]
         else:
-            raise ConfigError(f"override '{override}': '{'.'.join(parts[:depth])}' is a {type(node).__name__}, not a mapping")
+            raise ConfigError(
+                f"override '{override}': '{'.'.join(parts[:depth])}' is a {type(node).__name__}, not a mapping"
+            )
     return node
 
 
@@ -471,9 +473,8 @@ def apply_overrides(d: Mapping[str, Any], overrides: Sequence[str]) -> dict[str,
                 del parent[last]
             else:
                 options = list(parent) if isinstance(parent, dict) else []
-                raise ConfigError(
-                    f"override '{override}': key '{override[1:]}' does not exist{_did_you_mean_key(parts[:-1], last, options)}"
-                )
+                hint = _did_you_mean_key(parts[:-1], last, options)
+                raise ConfigError(f"override '{override}': key '{override[1:]}' does not exist{hint}")
             continue
         key, sep, raw = override.partition("=")
         add = key.startswith("+")
@@ -501,5 +502,7 @@ def apply_overrides(d: Mapping[str, Any], overrides: Sequence[str]) -> dict[str,
                 )
             parent[last] = value
         else:
-            raise ConfigError(f"override '{override}': '{'.'.join(parts[:-1])}' is a {type(parent).__name__}, not a mapping")
+            raise ConfigError(
+                f"override '{override}': '{'.'.join(parts[:-1])}' is a {type(parent).__name__}, not a mapping"
+            )
     return out

@@ -1,16 +1,21 @@
-"""Benchmark ShapesEval on ground-truth renders: clean, perturbed, shuffled, and its speed.
+"""Benchmark ShapesEval on ground-truth renders: clean, perturbed, mismatched captions, and its speed.
 
     python -m shapes.bench_eval --num 500 --seed 0
 
-Rows (all on test-split renders at 64^2, canonical captions):
+Rows (test-split renders at 64^2, canonical captions):
   clean                 the renders as drawn
   blur / noise / jpeg   Gaussian blur (sigma = 1 px) / additive Gaussian noise (sigma = 0.05, clipped) /
                         JPEG at quality 40 (PIL, 4:2:0 chroma subsampling), each alone
   blur+noise+jpeg       the three in that order
+  stress: ...           harder versions (blur sigma = 1.5 px; JPEG quality 30; all three at those levels),
+                        for headroom only (no target)
   shuffled              clean renders scored against another render's caption (a random derangement)
-  chance (oracle)       the shuffled pairs scored from the generator's own object lists instead of pixels:
-                        what a perfect checker would give, i.e. the chance level the shuffled row should match
+  chance (oracle)       the same shuffled pairs scored from the generator's object lists instead of pixels,
+                        i.e. what a perfect checker gives: the chance level the shuffled row should match
+  edited caption        clean renders scored against their caption with one attribute changed (a count
+                        +-1, a colour, a shape, or the relation reversed); a perfect checker gives 0
 Columns are means over images; ``position`` is averaged over relation prompts only (it is N/A otherwise).
+Speed is ShapesEval.__call__ throughput on one thread over the five target conditions.
 """
 
 from __future__ import annotations
@@ -18,18 +23,32 @@ from __future__ import annotations
 import argparse
 import io
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
 from PIL import Image
 from scipy import ndimage
 
-from shapes.data import PlacedObject, caption, render_with_layout, sample_spec
-from shapes.eval import CRITERIA, DetectedObject, ShapesEval, score_objects
+from shapes.data import (
+    COLORS,
+    MAX_COUNT,
+    SHAPES,
+    PlacedObject,
+    PromptSpec,
+    caption,
+    parse_caption,
+    render_with_layout,
+    sample_spec,
+)
+from shapes.eval import CRITERIA, DetectedObject, ShapesEval, ShapesEvalResult, score_objects
 
 BLUR_SIGMA = 1.0  # px
 NOISE_STD = 0.05  # in [0, 1] units
 JPEG_QUALITY = 40
+STRESS_BLUR_SIGMA = 1.5
+STRESS_JPEG_QUALITY = 30
+_OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
 def blur(images: np.ndarray, sigma: float = BLUR_SIGMA) -> np.ndarray:
@@ -52,20 +71,27 @@ def jpeg(images: np.ndarray, quality: int = JPEG_QUALITY) -> np.ndarray:
     return out
 
 
-def perturbations(images: np.ndarray, seed: int) -> dict[str, np.ndarray]:
-    """The benchmark's image conditions, keyed by row name; (N, H, W, 3) float in [0, 1] each."""
+def perturbations(images: np.ndarray, seed: int, stress: bool = False) -> dict[str, np.ndarray]:
+    """The benchmark's image conditions by row name, each (N, H, W, 3) float in [0, 1]."""
     rng = np.random.default_rng(seed)
-    return {
+    rows = {
         "clean": images,
         "blur": blur(images),
         "noise": add_noise(images, rng),
         "jpeg": jpeg(images),
         "blur+noise+jpeg": jpeg(add_noise(blur(images), rng)),
     }
+    if stress:
+        rows["stress: blur 1.5"] = blur(images, STRESS_BLUR_SIGMA)
+        rows["stress: jpeg q30"] = jpeg(images, STRESS_JPEG_QUALITY)
+        rows["stress: all three"] = jpeg(add_noise(blur(images, STRESS_BLUR_SIGMA), rng), STRESS_JPEG_QUALITY)
+    return rows
 
 
-def ground_truth(num: int, seed: int, split: str = "test", size: int = 64):
-    """``num`` renders of ``split`` specs: images (N, H, W, 3) float, canonical captions, placed objects."""
+def ground_truth(
+    num: int, seed: int, split: str = "test", size: int = 64
+) -> tuple[np.ndarray, list[str], list[tuple[PlacedObject, ...]]]:
+    """``num`` renders of ``split`` specs: images (N, H, W, 3) float in [0, 1], canonical captions, layouts."""
     rng = np.random.default_rng(seed)
     images, captions, layouts = [], [], []
     for _ in range(num):
@@ -78,22 +104,60 @@ def ground_truth(num: int, seed: int, split: str = "test", size: int = 64):
 
 
 def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
-    """A random permutation with no fixed point (n >= 2)."""
+    """A random permutation of range(n) with no fixed point (n >= 2)."""
+    if n < 2:
+        raise ValueError(f"a derangement needs n >= 2, got {n}")
     while True:
         perm = rng.permutation(n)
         if not np.any(perm == np.arange(n)):
             return perm
 
 
-def summarise(result, has_relation: torch.Tensor) -> dict[str, float]:
+def edit_spec(spec: PromptSpec, rng: np.random.Generator) -> PromptSpec:
+    """``spec`` with exactly one attribute changed, so that no image of ``spec`` satisfies the result:
+    one group's count (+-1), colour or shape, or the relation reversed."""
+    while True:
+        kinds = ["count", "color", "shape"] + (["relation"] if spec.relation is not None else [])
+        kind = kinds[rng.integers(len(kinds))]
+        if kind == "relation":
+            return replace(spec, relation=_OPPOSITE[spec.relation])
+        gi = int(rng.integers(len(spec.groups)))
+        group = spec.groups[gi]
+        if kind == "count":
+            options = [n for n in (group.count - 1, group.count + 1) if 1 <= n <= MAX_COUNT]
+            new = replace(group, count=options[rng.integers(len(options))])
+        elif kind == "color":
+            options = [c for c in COLORS if c != group.color]
+            new = replace(group, color=options[rng.integers(len(options))])
+        else:
+            options = [s for s in SHAPES if s != group.shape]
+            new = replace(group, shape=options[rng.integers(len(options))])
+        groups = spec.groups[:gi] + (new,) + spec.groups[gi + 1 :]
+        if len(groups) == 1 or (groups[0].color, groups[0].shape) != (groups[1].color, groups[1].shape):
+            return replace(spec, groups=groups)
+
+
+def summarise(result: ShapesEvalResult) -> dict[str, float]:
     """Means of a ShapesEvalResult; position over relation prompts only."""
     row = {k: float(getattr(result, k).mean()) for k in CRITERIA if k != "position"}
-    row["position"] = float(result.position[has_relation].mean())
+    row["position"] = float(result.position[result.has_relation].mean())
     return row
 
 
-def _as_detected(obj: PlacedObject) -> DetectedObject:
-    return DetectedObject(obj.color, obj.shape, obj.cx, obj.cy, area=0, shape_iou=1.0)
+def oracle_row(layouts: list[tuple[PlacedObject, ...]], captions: list[str]) -> dict[str, float]:
+    """Scores from the generator's object lists (a perfect detector) instead of pixels."""
+    scores = []
+    for layout, text in zip(layouts, captions):
+        objects = [DetectedObject(o.color, o.shape, o.cx, o.cy, area=0, shape_score=1.0) for o in layout]
+        scores.append(score_objects(objects, parse_caption(text)))
+    has_relation = np.array([parse_caption(t).relation is not None for t in captions])
+    row = {k: float(np.mean([s[k] for s in scores])) for k in CRITERIA if k != "position"}
+    row["position"] = float(np.mean([s["position"] for s, r in zip(scores, has_relation) if r]))
+    return row
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,39 +170,31 @@ def main(argv: list[str] | None = None) -> None:
     images, captions, layouts = ground_truth(args.num, args.seed)
     checker = ShapesEval()
     rows: dict[str, dict[str, float]] = {}
-    seconds = 0.0
-    for name, batch in perturbations(images, args.seed + 1).items():
-        tensor = torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
+    seconds, timed = 0.0, 0
+    for name, batch in perturbations(images, args.seed + 1, stress=True).items():
+        tensor = _to_tensor(batch)
         start = time.perf_counter()
-        result = checker(tensor, captions)
-        seconds += time.perf_counter() - start
-        rows[name] = summarise(result, result.has_relation)
-    images_per_s = len(rows) * args.num / seconds
+        rows[name] = summarise(checker(tensor, captions))
+        if not name.startswith("stress"):
+            seconds += time.perf_counter() - start
+            timed += args.num
 
-    perm = derangement(args.num, np.random.default_rng(args.seed + 2))
-    shuffled = [captions[p] for p in perm]
-    result = checker(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), shuffled)
-    rows["shuffled"] = summarise(result, result.has_relation)
-    oracle = [score_objects([_as_detected(o) for o in layout], checker_spec) for layout, checker_spec in
-              zip(layouts, (_spec_of(c) for c in shuffled))]
-    rows["chance (oracle)"] = {k: float(np.mean([o[k] for o in oracle])) for k in CRITERIA if k != "position"}
-    rows["chance (oracle)"]["position"] = float(result.position.new_tensor(
-        [o["position"] for o in oracle])[result.has_relation].mean())
+    shuffled = [captions[p] for p in derangement(args.num, np.random.default_rng(args.seed + 2))]
+    rows["shuffled"] = summarise(checker(_to_tensor(images), shuffled))
+    rows["chance (oracle)"] = oracle_row(layouts, shuffled)
+    rng = np.random.default_rng(args.seed + 3)
+    edited = [caption(edit_spec(parse_caption(c), rng)) for c in captions]
+    rows["edited caption"] = summarise(checker(_to_tensor(images), edited))
 
-    print(f"ShapesEval on {args.num} test-split renders (64x64, seed {args.seed}); position over "
-          f"{int(result.has_relation.sum())} relation prompts (shuffled rows: the shuffled captions')")
-    header = f"{'condition':<18}" + "".join(f"{k:>10}" for k in CRITERIA)
+    n_relation = sum(parse_caption(c).relation is not None for c in captions)
+    print(f"ShapesEval on {args.num} test-split renders (64x64, seed {args.seed}); "
+          f"position over the {n_relation} relation prompts (shuffled/edited rows: their captions' relations)")
+    header = f"{'condition':<20}" + "".join(f"{k:>10}" for k in CRITERIA)
     print(header)
     print("-" * len(header))
     for name, row in rows.items():
-        print(f"{name:<18}" + "".join(f"{row[k]:>10.3f}" for k in CRITERIA))
-    print(f"speed: {images_per_s:.0f} images/s (one thread, {args.num} images x {len(rows) - 2} conditions)")
-
-
-def _spec_of(text: str):
-    from shapes.data import parse_caption
-
-    return parse_caption(text)
+        print(f"{name:<20}" + "".join(f"{row[k]:>10.3f}" for k in CRITERIA))
+    print(f"speed: {timed / seconds:.0f} images/s (ShapesEval.__call__, one thread, {timed} images)")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ the first phrase of each relation ("to the left of", "to the right of", "above",
 
 Geometry. Pixel (row i, column j) covers [j, j+1) x [i, i+1); x grows to the right, y downwards. Every
 shape is defined inside its axis-aligned bounding box (``shape_mask``); an object is placed by its box
-centre (cx, cy) and half extents (hx, hy), with hy = r ("radius", 6-14 px at 64^2) and hx = r * aspect.
+centre (cx, cy) and half extents (hx, hy), with hy = r ("radius", 7-14 px at 64^2) and hx = r * aspect.
 The same unit-box definitions are used by the checker (shapes/eval.py) to build its shape templates.
 
 Splits. ``HELD_OUT_PAIRS`` (5 of the 30 colour-shape pairs, 17%; every shape once, five colours once) never
@@ -30,6 +30,7 @@ generalisation (each colour and each shape is still seen in training, only not i
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,6 +87,7 @@ class PromptSpec:
     relation: str | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "groups", tuple(self.groups))  # a list would make the spec unhashable
         if len(self.groups) not in (1, 2):
             raise ValueError(f"a spec has 1 or 2 groups, got {len(self.groups)}")
         if self.relation is not None:
@@ -111,7 +113,8 @@ SINGLE_COUNT_PROBS = {1: 0.4, 2: 0.2, 3: 0.2, 4: 0.2}
 GROUP_COUNT_PROBS = {1: 0.6, 2: 0.25, 3: 0.15}  # per group when there are two groups (<= 6 objects)
 
 
-def _choice(rng: np.random.Generator, probs: dict) -> object:
+def _choice(rng: np.random.Generator, probs: dict):
+    """A key of ``probs`` drawn with the probabilities given as its values."""
     keys = list(probs)
     return keys[rng.choice(len(keys), p=np.array(list(probs.values())))]
 
@@ -124,7 +127,7 @@ def _check_split(split: str) -> None:
 def sample_spec(rng: np.random.Generator, split: str) -> PromptSpec:
     """Draw a prompt spec of ``split``.
 
-    Kinds: one group (40%, count 1/2/3/4 with p 0.4/0.2/0.2/0.2), two groups joined by "and" (20%) and two
+    Kinds: one group (40%, count 1/2/3/4 with p 0.4/0.2/0.2/0.2), two groups joined by a conjunction (20%) and two
     groups with a relation (40%); with two groups each count is 1/2/3 with p 0.6/0.25/0.15 and the groups
     differ in (colour, shape). Train specs use only ``TRAIN_PAIRS``; in a test spec one group (chosen
     uniformly) is a held-out pair and the other group is any other pair.
@@ -209,7 +212,7 @@ _PREFIX_TOKENS = tuple(tuple(p.split()) for p in PREFIXES if p)
 _COUNT_BY_WORD = {"a": 1, "an": 1, "one": 1, **{w: n for n, w in NUMBER_WORDS.items()}}
 
 
-def _match_phrase(tokens: list[str], pos: int, phrases) -> tuple[str, ...] | None:
+def _match_phrase(tokens: list[str], pos: int, phrases: Iterable[tuple[str, ...]]) -> tuple[str, ...] | None:
     """Longest phrase (a token tuple) of ``phrases`` that starts at ``tokens[pos]``."""
     best = None
     for phrase in phrases:
@@ -218,25 +221,27 @@ def _match_phrase(tokens: list[str], pos: int, phrases) -> tuple[str, ...] | Non
     return best
 
 
-def _parse_group(tokens: list[str], pos: int, text: str) -> tuple[ObjectGroup, int]:
-    def fail(what: str) -> ValueError:
-        return ValueError(f"cannot parse caption {text!r}: {what}")
+def _parse_error(text: str, what: str) -> ValueError:
+    return ValueError(f"cannot parse caption {text!r}: {what}")
 
+
+def _parse_group(tokens: list[str], pos: int, text: str) -> tuple[ObjectGroup, int]:
+    """Read '<number> <colour> <shape>' at ``tokens[pos]``; returns the group and the next position."""
     if pos + 3 > len(tokens):
-        raise fail(f"expected '<number> <colour> <shape>' at {' '.join(tokens[pos:])!r}")
+        raise _parse_error(text, f"expected '<number> <colour> <shape>' at {' '.join(tokens[pos:])!r}")
     number, color, shape = tokens[pos : pos + 3]
     if number not in _COUNT_BY_WORD:
-        raise fail(f"unknown number word {number!r} (valid: {sorted(_COUNT_BY_WORD)})")
+        raise _parse_error(text, f"unknown number word {number!r} (valid: {sorted(_COUNT_BY_WORD)})")
     if color not in COLORS:
-        raise fail(f"unknown colour {color!r} (valid: {sorted(COLORS)})")
+        raise _parse_error(text, f"unknown colour {color!r} (valid: {sorted(COLORS)})")
     count = _COUNT_BY_WORD[number]
     if number in ("a", "an") and number != _article(color):
-        raise fail(f"article {number!r} does not agree with {color!r}")
+        raise _parse_error(text, f"article {number!r} does not agree with {color!r}")
     singular = shape[:-1] if count > 1 and shape.endswith("s") else shape
     if singular not in SHAPES:
-        raise fail(f"unknown shape {shape!r} (valid: {list(SHAPES)}, plural with counts > 1)")
+        raise _parse_error(text, f"unknown shape {shape!r} (valid: {list(SHAPES)}, plural with counts > 1)")
     if count > 1 and singular == shape:
-        raise fail(f"count {number!r} needs the plural {shape + 's'!r}")
+        raise _parse_error(text, f"count {number!r} needs the plural {shape + 's'!r}")
     return ObjectGroup(count, color, singular), pos + 3
 
 
@@ -247,7 +252,7 @@ def parse_caption(text: str) -> PromptSpec:
     """
     tokens = text.lower().split()
     if not tokens:
-        raise ValueError(f"cannot parse caption {text!r}: it is empty")
+        raise _parse_error(text, "it is empty")
     pos = 0
     prefix = _match_phrase(tokens, 0, _PREFIX_TOKENS)
     if prefix is not None:
@@ -263,17 +268,16 @@ def parse_caption(text: str) -> PromptSpec:
     elif tokens[pos] in _CONJUNCTION_WORDS:
         pos += 1
     else:
-        raise ValueError(
-            f"cannot parse caption {text!r}: expected a conjunction {list(CONJUNCTIONS)} or a relation phrase "
-            f"at {' '.join(tokens[pos:])!r}"
+        raise _parse_error(
+            text, f"expected a conjunction {list(CONJUNCTIONS)} or a relation phrase at {' '.join(tokens[pos:])!r}"
         )
     second, pos = _parse_group(tokens, pos, text)
     if pos != len(tokens):
-        raise ValueError(f"cannot parse caption {text!r}: unexpected trailing words {' '.join(tokens[pos:])!r}")
+        raise _parse_error(text, f"unexpected trailing words {' '.join(tokens[pos:])!r}")
     try:
         return PromptSpec((first, second), relation)
     except ValueError as err:
-        raise ValueError(f"cannot parse caption {text!r}: {err}") from None
+        raise _parse_error(text, str(err)) from None
 
 
 def vocabulary() -> list[str]:
@@ -285,16 +289,16 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
+_PROMPT_STREAM = 1  # keeps prompts(seed) and ShapesDataset(seed) on different random streams
+_DATASET_STREAM = 0
+
+
 def prompts(split: str, n: int, seed: int) -> list[str]:
     """``n`` canonical captions of ``split`` specs, a pure function of (split, n, seed); the first k
     prompts of a longer list equal ``prompts(split, k, seed)``."""
     _check_split(split)
     rng = np.random.default_rng((seed, SPLITS.index(split), _PROMPT_STREAM))
     return [caption(sample_spec(rng, split)) for _ in range(n)]
-
-
-_PROMPT_STREAM = 1  # keeps prompts(seed) and ShapesDataset(seed) on different random streams
-_DATASET_STREAM = 0
 
 # ---------------------------------------------------------------------------------------------------------
 # Geometry and rendering
@@ -340,9 +344,9 @@ def shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         k = np.floor(((theta - _STAR_ANGLES[0]) % (2 * math.pi)) / (math.pi / 5)).astype(np.int64) % 10
         a, b = _STAR_VERTS[k], _STAR_VERTS[k + 1]  # edge of the sector the ray points into
         e = b - a
-        # the ray t * d meets the edge at t = cross(a, e) / cross(d, e); inside iff |p| <= t
-        # (cross(d, e) > 0 for every edge: vertices go round with increasing angle), so with p = rho * d:
-        # rho <= t  <=>  cross(p, e) <= cross(a, e)
+        # The star is star-shaped about its centre: p = rho * d is inside iff rho <= t, where the ray t * d
+        # meets the edge at t = cross(a, e) / cross(d, e). cross(d, e) > 0 (the vertices go round with
+        # increasing angle), so rho <= t  <=>  cross(p, e) <= cross(a, e).
         cross_ae = a[..., 0] * e[..., 1] - a[..., 1] * e[..., 0]
         cross_pe = x * e[..., 1] - y * e[..., 0]
         return cross_pe <= cross_ae
@@ -380,15 +384,17 @@ class PlacedObject:
 
 
 # Scene constants, as fractions of the image size (64 px in the comments).
-RADIUS_MIN = 6 / 64
+RADIUS_MIN = 7 / 64  # below ~7 px, JPEG at quality 40 erases what tells a star from a circle
 RADIUS_MAX = 14 / 64
-RADIUS_CROWD = 0.22  # r_max for n objects = RADIUS_CROWD * size / sqrt(n): 14 px for 1, 10 for 2, 7 for 4
-GAP = 3 / 64  # min free space between boxes: two edges blurred with sigma = 1 px stay apart
+RADIUS_CROWD = 0.22  # r_max for n objects = RADIUS_CROWD * size / sqrt(n): 14 px for 1, 10 for 2, 7 for >= 4
+GAP = 4 / 64  # min free space between boxes: same-colour neighbours stay apart after blur + JPEG
 MARGIN = 2 / 64  # min distance of a box from the canvas border
 RELATION_MAX_ANGLE = 45.0  # generator: group-centre offset within 45 deg of the axis (the checker allows 60)
 COLOR_JITTER = 12  # per-channel uniform jitter of an object's fill, in 0..255 levels
 SUPERSAMPLE = 4
-MAX_LAYOUT_ATTEMPTS = 2000
+LAYOUT_ATTEMPTS = 200  # per round; each failed round shrinks the radii by SHRINK (only crowded specs that
+LAYOUT_ROUNDS = 10  # sample_spec never draws, e.g. 4 + 4 objects with a relation, need it)
+SHRINK = 0.9
 MAX_PLACEMENT_TRIES = 60
 
 _AXIS = {"left of": (-1.0, 0.0), "right of": (1.0, 0.0), "above": (0.0, -1.0), "below": (0.0, 1.0)}
@@ -403,10 +409,11 @@ def _boxes_apart(a: PlacedObject, b: PlacedObject, gap: float) -> bool:
     return abs(a.cx - b.cx) >= a.hx + b.hx + gap or abs(a.cy - b.cy) >= a.hy + b.hy + gap
 
 
-def _try_layout(spec: PromptSpec, rng: np.random.Generator, size: int) -> list[PlacedObject] | None:
+def _try_layout(spec: PromptSpec, rng: np.random.Generator, size: int, shrink: float) -> list[PlacedObject] | None:
     n_total = sum(g.count for g in spec.groups)
     r_lo = RADIUS_MIN * size
     r_hi = float(np.clip(RADIUS_CROWD * size / math.sqrt(n_total), r_lo, RADIUS_MAX * size))
+    r_lo, r_hi = shrink * r_lo, shrink * r_hi
     gap, margin = max(2.0, GAP * size), max(1.0, MARGIN * size)
     # region (x0, x1, y0, y1) that each group's boxes must lie in
     regions = [(margin, size - margin, margin, size - margin)] * len(spec.groups)
@@ -452,19 +459,20 @@ def _try_layout(spec: PromptSpec, rng: np.random.Generator, size: int) -> list[P
 def sample_layout(spec: PromptSpec, rng: np.random.Generator, size: int = 64) -> tuple[PlacedObject, ...]:
     """Place the objects of ``spec`` by rejection sampling.
 
-    Boxes stay ``MARGIN`` inside the canvas and ``GAP`` apart; r ~ U(6, r_max) px at 64^2 with r_max shrinking
+    Boxes stay ``MARGIN`` inside the canvas and ``GAP`` apart; r ~ U(7, r_max) px at 64^2 with r_max shrinking
     with the number of objects. With a relation, every box of groups[0] lies on the stated side of a split
     line and every box of groups[1] on the other side, and the offset between the two groups' mean box
     centres is within ``RELATION_MAX_ANGLE`` of the relation's axis.
     """
-    for _ in range(MAX_LAYOUT_ATTEMPTS):
-        objects = _try_layout(spec, rng, size)
-        if objects is not None:
-            return tuple(objects)
-    raise RuntimeError(f"could not lay out {caption(spec)!r} on a {size}x{size} canvas in {MAX_LAYOUT_ATTEMPTS} attempts")
+    for round_ in range(LAYOUT_ROUNDS):
+        for _ in range(LAYOUT_ATTEMPTS):
+            objects = _try_layout(spec, rng, size, SHRINK**round_)
+            if objects is not None:
+                return tuple(objects)
+    raise RuntimeError(f"could not lay out {caption(spec)!r} on a {size}x{size} canvas")
 
 
-BACKGROUND_LEVEL = (200.0, 245.0)  # grey level of the (light, neutral) background
+BACKGROUND_LEVEL = (210.0, 250.0)  # grey level of the (light, neutral) background
 BACKGROUND_TINT = 8.0  # per-channel tint, +-levels
 TEXTURE_PROBS = {"plain": 0.5, "gradient": 0.25, "noise": 0.25}
 GRADIENT_AMPLITUDE = (6.0, 16.0)  # +- levels across the canvas

@@ -4,8 +4,8 @@ It parses the prompt (``shapes.data.parse_caption``), finds the objects in the i
 image against the prompt. It never sees generator metadata, so it scores model samples and ground-truth
 renders alike.
 
-Detection (``detect_objects``), for an (H, W, 3) image:
-  1. Smooth lightly (Gaussian, 0.6 px at 64^2) to tame pixel noise and JPEG ringing.
+Detection (``detect_objects``), for an (H, W, 3) image (pixel constants are for 64^2 and scale with size):
+  1. Smooth lightly (Gaussian, 0.6 px) to tame pixel noise and JPEG ringing.
   2. Background colour b = per-channel median of the one-pixel border.
   3. Colour unmixing. A pixel on an object edge (antialiasing, blur, JPEG) is a mix of b and the object's
      colour, so for every palette colour c_k the pixel p is projected onto the segment b -> c_k:
@@ -13,10 +13,16 @@ Detection (``detect_objects``), for an (H, W, 3) image:
      The pixel gets the colour with the smallest residual; it is foreground when that colour's alpha > 0.5
      and its residual < ``MAX_RESIDUAL`` (colours far from every palette line are not objects).
   4. Connected components (8-connected) per colour, so touching objects of different colours separate;
-     components smaller than ``MIN_AREA`` (12 px at 64^2) are noise and dropped.
-  5. Shape: the component's box crop is compared (IoU) with every shape of ``shapes.data.shape_mask``
-     rasterised into a box of the same size; the best IoU wins if it is >= ``MIN_SHAPE_IOU`` and the box's
-     aspect ratio is within ``MAX_ASPECT`` of the shape's, otherwise the shape is unknown (None).
+     components under ``MIN_AREA`` px (a third of the smallest rendered object) are noise or edge fringe.
+  5. Shape, by soft template matching in a whitened frame. The component's soft mask (alpha_k near the
+     component, remapped by clip((alpha - 0.15) / 0.7, 0, 1) to drop background noise) is resampled
+     (bilinear) on a ``PATCH_SIZE``^2 grid spanning +-``PATCH_EXTENT`` standard deviations around its
+     alpha-weighted centroid, per axis. Whitening removes position and scale; blur does not change
+     shapes' identity but softens them, so every shape has references at several blur levels
+     (``BLUR_LEVELS``, sigma as a fraction of the box half-height), made the same way from a high-resolution
+     render. The best reference by soft IoU (sum min / sum max) gives the shape if that IoU is at least
+     ``MIN_SHAPE_SCORE`` and the component's sigma_x / sigma_y is within ``MAX_ASPECT`` of the reference's;
+     otherwise the shape is unknown (None), e.g. for a blob that is no shape at all.
   6. Position: the centre of the component's bounding box (GenEval uses box centres too).
 
 Scores (``score_objects``), each in [0, 1], for a prompt with groups g = (n_g, colour c_g, shape s_g):
@@ -51,16 +57,22 @@ from torch import Tensor
 
 from shapes.data import COLORS, SHAPE_ASPECT, SHAPES, PromptSpec, coverage, parse_caption, relation_axis
 
-REFERENCE_SIZE = 64  # pixel constants below are for a 64^2 image and scale with min(H, W)
+REFERENCE_SIZE = 64  # the pixel constants below are for a 64^2 image and scale with min(H, W) / 64
 SMOOTH_SIGMA = 0.6  # px
 MAX_RESIDUAL = 0.25  # RGB distance in [0, 1] units from the nearest background-to-palette segment
 MIN_ALPHA = 0.5
-MIN_AREA = 12  # px
-MIN_SHAPE_IOU = 0.6
-MAX_ASPECT = 1.5  # box aspect ratio / shape's own aspect ratio, either way
+MIN_AREA = 30  # px; the smallest rendered objects (r = 7 px star or triangle) have ~90 px
+PAD = 3  # px of context around a component's box for its soft mask
+SOFT_DILATION = 2  # px; the soft mask is read within this distance of the component
+ALPHA_LO, ALPHA_HI = 0.15, 0.85  # soft-mask remap: below LO is background noise, above HI is inside
+PATCH_SIZE = 12
+PATCH_EXTENT = 2.8  # standard deviations; the farthest shape point (triangle apex) is 2.83 sd from its centroid
+BLUR_LEVELS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)  # reference blur sigma / box half-height
+REFERENCE_HALF_HEIGHT = 24  # px, resolution of the reference renders
+MIN_SHAPE_SCORE = 0.75
+MAX_ASPECT = 1.5  # allowed ratio between a component's sigma_x / sigma_y and its reference's, either way
 MIN_RELATION_OFFSET = 0.05  # of the image size
-MAX_RELATION_COS = 0.5  # along >= cos(60 deg) * |offset|
-TEMPLATE_SUPERSAMPLE = 3
+MAX_RELATION_COS = 0.5  # along >= cos(60 deg) * |offset|: GenEval's rule
 
 _COLOR_NAMES = tuple(COLORS)
 _PALETTE = np.array([COLORS[c] for c in _COLOR_NAMES], dtype=np.float32) / 255.0  # (K, 3)
@@ -70,38 +82,75 @@ CRITERIA = ("count", "color", "shape", "position", "overall")
 
 @dataclass(frozen=True)
 class DetectedObject:
-    """One object found in an image. ``shape`` is None when no shape template fits."""
+    """One object found in an image. ``shape`` is None when no shape reference fits."""
 
     color: str
     shape: str | None
     cx: float  # bounding-box centre, pixels (x right, y down; pixel (i, j) covers [j, j+1) x [i, i+1))
     cy: float
-    area: int  # pixels
-    shape_iou: float  # IoU with the best template
+    area: int  # pixels of the hard mask
+    shape_score: float  # soft IoU with the best reference
 
 
-@functools.lru_cache(maxsize=4096)
-def _template(shape: str, height: int, width: int) -> np.ndarray:
-    """``shape`` rasterised to fill an (height, width) box, thresholded at half coverage: (h, w) bool."""
-    cov = coverage(shape, width / 2, height / 2, width / 2, height / 2, slice(0, height), slice(0, width), TEMPLATE_SUPERSAMPLE)
-    return cov >= 0.5
+def _soft(alpha: np.ndarray) -> np.ndarray:
+    return np.clip((alpha - ALPHA_LO) / (ALPHA_HI - ALPHA_LO), 0.0, 1.0)
 
 
-def _classify_shape(mask: np.ndarray) -> tuple[str | None, float]:
-    """Best template (by IoU) for a component's box crop ``mask`` (h, w) bool."""
-    height, width = mask.shape
-    area = int(mask.sum())
-    best, best_iou = None, 0.0
+_GRID = np.linspace(-PATCH_EXTENT, PATCH_EXTENT, PATCH_SIZE)
+
+
+def _whitened_patch(soft: np.ndarray) -> tuple[np.ndarray, float]:
+    """Resample a soft mask (h, w) on the whitened grid.
+
+    Returns:
+        patch (PATCH_SIZE ** 2,) and the aspect sigma_x / sigma_y.
+    """
+    height, width = soft.shape
+    xs, ys = np.arange(width) + 0.5, np.arange(height) + 0.5
+    mass, col_mass, row_mass = soft.sum(), soft.sum(axis=0), soft.sum(axis=1)  # (), (w,), (h,)
+    x_mean, y_mean = col_mass @ xs / mass, row_mass @ ys / mass
+    sd_x = math.sqrt(col_mass @ (xs - x_mean) ** 2 / mass)
+    sd_y = math.sqrt(row_mass @ (ys - y_mean) ** 2 / mass)
+    # array index = coordinate - 0.5 (pixel centres)
+    cols = x_mean - 0.5 + sd_x * _GRID[None, :]  # (1, G)
+    rows = y_mean - 0.5 + sd_y * _GRID[:, None]  # (G, 1)
+    rows, cols = np.broadcast_arrays(rows, cols)
+    patch = ndimage.map_coordinates(soft, [rows.ravel(), cols.ravel()], order=1, mode="constant", cval=0.0)
+    return patch, sd_x / max(sd_y, 1e-6)
+
+
+@functools.cache
+def _references() -> tuple[np.ndarray, tuple[str, ...], np.ndarray]:
+    """Reference patches of every shape at every blur level.
+
+    Returns:
+        patches (S * len(BLUR_LEVELS), PATCH_SIZE ** 2), their shape names, their sigma_x / sigma_y.
+    """
+    half_h = REFERENCE_HALF_HEIGHT
+    side = 6 * half_h  # room for the blur tails
+    patches, names, aspects = [], [], []
     for shape in SHAPES:
-        template = _template(shape, height, width)
-        inter = int(np.count_nonzero(template & mask))
-        iou = inter / (area + int(template.sum()) - inter)
-        if iou > best_iou:
-            best, best_iou = shape, iou
-    aspect = (width / height) / SHAPE_ASPECT[best]
-    if best_iou < MIN_SHAPE_IOU or not 1 / MAX_ASPECT <= aspect <= MAX_ASPECT:
-        return None, best_iou
-    return best, best_iou
+        half_w = half_h * SHAPE_ASPECT[shape]
+        sharp = coverage(shape, side / 2, side / 2, half_w, half_h, slice(0, side), slice(0, side), 4)
+        for level in BLUR_LEVELS:
+            alpha = ndimage.gaussian_filter(sharp, level * half_h, mode="constant") if level > 0 else sharp
+            patch, aspect = _whitened_patch(_soft(alpha))
+            patches.append(patch)
+            names.append(shape)
+            aspects.append(aspect)
+    return np.stack(patches), tuple(names), np.array(aspects)
+
+
+def _classify_shape(soft: np.ndarray) -> tuple[str | None, float]:
+    """Shape of a component's soft mask (h, w), or None, and the best reference's soft IoU."""
+    patch, aspect = _whitened_patch(soft)
+    references, names, ref_aspects = _references()
+    score = np.minimum(references, patch).sum(axis=1) / np.maximum(references, patch).sum(axis=1)
+    best = int(np.argmax(score))
+    ratio = aspect / ref_aspects[best]
+    if score[best] < MIN_SHAPE_SCORE or not 1 / MAX_ASPECT <= ratio <= MAX_ASPECT:
+        return None, float(score[best])
+    return names[best], float(score[best])
 
 
 def _as_float_image(image: np.ndarray) -> np.ndarray:
@@ -115,7 +164,7 @@ def _as_float_image(image: np.ndarray) -> np.ndarray:
 
 
 def detect_objects(image: np.ndarray) -> list[DetectedObject]:
-    """Find the objects in an (H, W, 3) image, uint8 in 0..255 or float in [0, 1] (see the module docstring)."""
+    """Find the objects in an (H, W, 3) image, uint8 in 0..255 or float in [0, 1] (module docstring)."""
     rgb = _as_float_image(image)
     height, width = rgb.shape[:2]
     scale = min(height, width) / REFERENCE_SIZE
@@ -126,29 +175,33 @@ def detect_objects(image: np.ndarray) -> list[DetectedObject]:
     # 3. unmix every pixel against every background -> palette segment
     direction = _PALETTE - background  # (K, 3)
     diff = rgb.reshape(-1, 3) - background  # (N, 3)
-    alpha = np.clip(diff @ direction.T / np.sum(direction**2, axis=1), 0.0, 1.0)  # (N, K)
-    residual = np.linalg.norm(diff[:, None, :] - alpha[..., None] * direction[None], axis=2)  # (N, K)
-    label = np.argmin(residual, axis=1)  # (N,)
-    rows = np.arange(label.size)
-    foreground = (alpha[rows, label] > MIN_ALPHA) & (residual[rows, label] < MAX_RESIDUAL)
+    proj = diff @ direction.T  # (N, K)
+    length2 = np.sum(direction**2, axis=1)  # (K,)
+    alpha = np.clip(proj / length2, 0.0, 1.0)  # (N, K)
+    residual2 = np.sum(diff**2, axis=1, keepdims=True) - 2 * alpha * proj + alpha**2 * length2  # (N, K)
+    label = np.argmin(residual2, axis=1)  # (N,)
+    pixels = np.arange(label.size)
+    foreground = (alpha[pixels, label] > MIN_ALPHA) & (residual2[pixels, label] < MAX_RESIDUAL**2)
     label = np.where(foreground, label, -1).reshape(height, width)
+    alpha = alpha.reshape(height, width, -1)
 
     # 4-6. components per colour
-    min_area = MIN_AREA * scale * scale
+    min_area, pad, dilation = MIN_AREA * scale**2, round(PAD * scale), max(1, round(SOFT_DILATION * scale))
     objects = []
-    for k, color in enumerate(_COLOR_NAMES):
-        components, n = ndimage.label(label == k, structure=_EIGHT_CONNECTED)
-        if n == 0:
-            continue
+    for k in np.flatnonzero(np.bincount(label[label >= 0], minlength=len(_COLOR_NAMES))):
+        components, _ = ndimage.label(label == k, structure=_EIGHT_CONNECTED)
         for index, box in enumerate(ndimage.find_objects(components), start=1):
-            mask = components[box] == index  # (h, w) crop
+            r0, r1 = max(0, box[0].start - pad), min(height, box[0].stop + pad)
+            c0, c1 = max(0, box[1].start - pad), min(width, box[1].stop + pad)
+            mask = components[r0:r1, c0:c1] == index  # (h, w)
             area = int(mask.sum())
             if area < min_area:
                 continue
-            shape, iou = _classify_shape(mask)
+            near = ndimage.binary_dilation(mask, iterations=dilation)
+            shape, score = _classify_shape(_soft(alpha[r0:r1, c0:c1, k]) * near)
             cy = (box[0].start + box[0].stop) / 2
             cx = (box[1].start + box[1].stop) / 2
-            objects.append(DetectedObject(color, shape, cx, cy, area, iou))
+            objects.append(DetectedObject(_COLOR_NAMES[k], shape, cx, cy, area, score))
     return objects
 
 

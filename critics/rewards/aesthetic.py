@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from critics.rewards.base import (
+    at_least_float32,
     check_images,
     check_inputs,
     embed_pixels,
@@ -145,7 +146,7 @@ class Aesthetic(nn.Module):
         return self.preprocess_cfg.std
 
     def image_embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [0, 1] -> unnormalised projected image embedding (B, D) float32."""
+        """Images (B, 3, H, W) in [0, 1] -> unnormalised projected image embedding (B, D), at least float32."""
         check_images(images)
         return self._image_embed(images)
 
@@ -160,7 +161,7 @@ class Aesthetic(nn.Module):
                 f"image embedding width {img_emb.shape[-1]} does not match the aesthetic head's input "
                 f"{self.head.embed_dim}; the LAION head expects OpenAI CLIP ViT-L/14 embeddings (768)"
             )
-        emb = F.normalize(img_emb.float(), dim=-1).to(module_dtype(self.head))
+        emb = F.normalize(img_emb.to(at_least_float32(img_emb.dtype)), dim=-1).to(module_dtype(self.head))
         return self.head(emb).squeeze(-1).float()
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

@@ -154,14 +154,19 @@ def resize_to_tower(images: torch.Tensor, cfg: PreprocessCfg) -> torch.Tensor:
 def preprocess(images: torch.Tensor, cfg: PreprocessCfg, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Images (B, 3, H, W) in [0, 1] -> normalised tower input (B, 3, *cfg.image_size); differentiable.
 
-    Resizing runs in float32 (bicubic in half precision is not available on every backend); the result is
-    cast to ``dtype`` (the tower's parameter dtype) at the end.
+    Resizing runs in at least float32 (bicubic in half precision is not available on every backend; float64
+    stays float64 for gradient checks); the result is cast to ``dtype`` (the tower's dtype) at the end.
     """
-    pixels = resize_to_tower(images.float(), cfg)
-    mean = torch.tensor(cfg.mean, device=pixels.device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.std, device=pixels.device).view(1, 3, 1, 1)
+    pixels = resize_to_tower(images.to(at_least_float32(images.dtype)), cfg)
+    mean = torch.tensor(cfg.mean, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
     pixels = (pixels - mean) / std
     return pixels if dtype is None else pixels.to(dtype)
+
+
+def at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    """float16 / bfloat16 -> float32; float32 and float64 unchanged."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def tower_preprocess_cfg(
@@ -191,14 +196,16 @@ def tower_preprocess_cfg(
 
 
 def embed_pixels(vision: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    """Preprocessed pixels (B, 3, h, w) -> projected, unnormalised image embedding (B, D) float32.
+    """Preprocessed pixels (B, 3, h, w) -> projected, unnormalised image embedding (B, D), at least float32.
 
     ``vision`` is an open_clip visual tower (its forward returns the projected pooled embedding) or a
     transformers ``CLIPVisionModelWithProjection`` (``.image_embeds``).
     """
     if isinstance(vision, CLIPVisionModelWithProjection):
-        return vision(pixel_values=pixels).image_embeds.float()
-    return vision(pixels).float()
+        emb = vision(pixel_values=pixels).image_embeds
+    else:
+        emb = vision(pixels)
+    return emb.to(at_least_float32(emb.dtype))
 
 
 def module_dtype(module: nn.Module) -> torch.dtype:
@@ -217,8 +224,9 @@ def freeze(module: nn.Module) -> nn.Module:
 
 
 def cosine(img_emb: torch.Tensor, txt_emb: torch.Tensor) -> torch.Tensor:
-    """Row-wise cosine similarity of (B, D) and (B, D) embeddings -> (B,) float32."""
+    """Row-wise cosine similarity of (B, D) and (B, D) embeddings -> (B,), at least float32."""
     if img_emb.shape != txt_emb.shape:
         raise ValueError(f"image and text embeddings must have the same shape, got {tuple(img_emb.shape)} "
                          f"and {tuple(txt_emb.shape)}")
-    return (F.normalize(img_emb.float(), dim=-1) * F.normalize(txt_emb.float(), dim=-1)).sum(-1)
+    dtype = at_least_float32(torch.promote_types(img_emb.dtype, txt_emb.dtype))
+    return (F.normalize(img_emb.to(dtype), dim=-1) * F.normalize(txt_emb.to(dtype), dim=-1)).sum(-1)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from critics.rewards.base import (
+    at_least_float32,
     check_images,
     check_inputs,
     check_prompts,
@@ -155,7 +156,7 @@ class CLIPScore(nn.Module):
         return self.preprocess_cfg.std
 
     def image_embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [0, 1] -> unnormalised projected image embedding (B, D) float32."""
+        """Images (B, 3, H, W) in [0, 1] -> unnormalised projected image embedding (B, D), at least float32."""
         check_images(images)
         return self._image_embed(images)
 
@@ -164,7 +165,7 @@ class CLIPScore(nn.Module):
         return embed_pixels(self.vision, pixels)
 
     def text_embed(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts (B,) -> unnormalised projected text embedding (B, D) float32."""
+        """Prompts (B,) -> unnormalised projected text embedding (B, D), at least float32."""
         check_prompts(prompts, len(prompts))
         tokens = self.tokenizer(list(prompts))
         if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.shape[0] != len(prompts):
@@ -173,12 +174,13 @@ class CLIPScore(nn.Module):
                 f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}"
             )
         device = next(self.model.parameters()).device
-        return self.model.encode_text(tokens.to(device)).float()
+        emb = self.model.encode_text(tokens.to(device))
+        return emb.to(at_least_float32(emb.dtype))
 
     def score_from_embeds(self, img_emb: torch.Tensor, txt_emb: torch.Tensor) -> torch.Tensor:
         """(B, D) image and text embeddings (normalised or not) -> reward (B,) float32."""
         score = self.scale * cosine(img_emb, txt_emb)
-        return score.clamp_min(0.0) if self.clip_at_zero else score
+        return (score.clamp_min(0.0) if self.clip_at_zero else score).float()
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """Images (B, 3, H, W) in [0, 1], prompts (B,) -> reward (B,) float32."""

@@ -28,6 +28,7 @@ from transformers import AutoTokenizer, CLIPModel, CLIPVisionModelWithProjection
 from critics.rewards.base import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
+    at_least_float32,
     check_images,
     check_inputs,
     check_prompts,
@@ -168,7 +169,7 @@ class PickScore(nn.Module):
         return self.preprocess_cfg.std
 
     def image_embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [0, 1] -> unnormalised projected image embedding (B, D) float32."""
+        """Images (B, 3, H, W) in [0, 1] -> unnormalised projected image embedding (B, D), at least float32."""
         check_images(images)
         return self._image_embed(images)
 
@@ -177,7 +178,7 @@ class PickScore(nn.Module):
         return embed_pixels(self.vision, pixels)
 
     def text_embed(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts (B,) -> unnormalised projected text embedding (B, D) float32."""
+        """Prompts (B,) -> unnormalised projected text embedding (B, D), at least float32."""
         check_prompts(prompts, len(prompts))
         tokens = self.tokenizer(
             list(prompts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
@@ -187,11 +188,13 @@ class PickScore(nn.Module):
             input_ids=tokens["input_ids"].to(device),
             attention_mask=tokens["attention_mask"].to(device) if "attention_mask" in tokens else None,
         ).pooler_output  # (B, D_text), the EOS-token state after the final layer norm
-        return self.text_projection(pooled).float()
+        emb = self.text_projection(pooled)
+        return emb.to(at_least_float32(emb.dtype))
 
     def score_from_embeds(self, img_emb: torch.Tensor, txt_emb: torch.Tensor) -> torch.Tensor:
         """(B, D) image and text embeddings -> exp(logit_scale) · cos, (B,) float32."""
-        return self.logit_scale.float().exp() * cosine(img_emb, txt_emb)
+        cos = cosine(img_emb, txt_emb)
+        return (self.logit_scale.to(cos.dtype).exp() * cos).float()
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """Images (B, 3, H, W) in [0, 1], prompts (B,) -> reward (B,) float32."""

@@ -58,7 +58,10 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     path = save_checkpoint(tmp_path, 7, tensors, state)
     assert path == tmp_path / "checkpoints" / "step_00000007"
     assert sorted(p.name for p in path.iterdir()) == [
-        "ema.safetensors", "lora_current.safetensors", "manifest.json", "state.json",
+        "ema.safetensors",
+        "lora_current.safetensors",
+        "manifest.json",
+        "state.json",
     ]
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000007\n"
 

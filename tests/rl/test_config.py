@@ -31,7 +31,8 @@ class AlgoConfig:
     clip_range: float = option(0.2, help="PPO ratio clip epsilon.")
     num_epochs: int = option(1, help="Optimisation epochs per rollout.")
     loss: Literal["ppo", "nft"] = option("ppo", help="Policy loss.")
-    kl_coef: Optional[float] = option(None, help="KL penalty; None disables it.")
+    kl_coef: float | None = option(None, help="KL penalty; None disables it.")
+    max_grad_norm: Optional[float] = option(None, help="Gradient clipping; typing.Optional works too.")  # noqa: UP045
     betas: tuple[float, float] = option((0.9, 0.999), help="AdamW betas.")
 
     def __post_init__(self):
@@ -119,7 +120,14 @@ def test_from_dict_coerces_types():
         TrainConfig,
         {
             "max_steps": "12",  # a string number, e.g. from a YAML 1.1 quirk or a quoted CLI value
-            "algo": {"lr": "1e-4", "clip_range": 0.5, "num_epochs": 2, "kl_coef": 3, "betas": [0.8, 0.99]},
+            "algo": {
+                "lr": "1e-4",
+                "clip_range": 0.5,
+                "num_epochs": 2,
+                "kl_coef": 3,
+                "betas": [0.8, 0.99],
+                "max_grad_norm": 1,
+            },
             "run_dir": "runs/x",
             "seeds": [1, 2],
         },
@@ -127,6 +135,7 @@ def test_from_dict_coerces_types():
     assert cfg.max_steps == 12 and type(cfg.max_steps) is int
     assert cfg.algo.lr == 1e-4 and type(cfg.algo.lr) is float
     assert cfg.algo.kl_coef == 3.0 and type(cfg.algo.kl_coef) is float
+    assert cfg.algo.max_grad_norm == 1.0 and type(cfg.algo.max_grad_norm) is float
     assert cfg.algo.betas == (0.8, 0.99)
     assert cfg.run_dir == Path("runs/x")
     assert cfg.seeds == [1, 2]
@@ -142,7 +151,8 @@ def test_from_dict_unknown_key_did_you_mean():
     with pytest.raises(ConfigError) as e:
         from_dict(TrainConfig, {"max_steps": 1, "algo": {"lrr": 0.1}})
     assert str(e.value) == (
-        "unknown key 'algo.lrr' — did you mean 'lr'? valid keys: lr, clip_range, num_epochs, loss, kl_coef, betas"
+        "unknown key 'algo.lrr' — did you mean 'lr'? "
+        "valid keys: lr, clip_range, num_epochs, loss, kl_coef, max_grad_norm, betas"
     )
     with pytest.raises(ConfigError, match=r"^unknown key 'zzz'; valid keys: max_steps, algo"):
         from_dict(TrainConfig, {"max_steps": 1, "zzz": 0})
@@ -156,7 +166,8 @@ def test_from_dict_unknown_key_did_you_mean():
         ({"lr": "fast"}, "algo.lr: expected float, got str 'fast'"),
         ({"lr": None}, "algo.lr: expected float, got NoneType None"),
         ({"loss": "dpo"}, "algo.loss: expected one of ['ppo', 'nft'], got 'dpo'"),
-        ({"kl_coef": "x"}, "algo.kl_coef: expected Optional[float], got str 'x'"),
+        ({"kl_coef": "x"}, "algo.kl_coef: expected float | None, got str 'x'"),
+        ({"max_grad_norm": [1.0]}, "algo.max_grad_norm: expected Optional[float], got list [1.0]"),
         ({"betas": [0.9, 0.9, 0.9]}, "algo.betas: expected 2 items"),
         ({"betas": 0.9}, "algo.betas: expected tuple[float, float], got float 0.9"),
         ("fast", "algo: expected a mapping for AlgoConfig, got str 'fast'"),

@@ -57,7 +57,10 @@ def _to_grid(images: torch.Tensor | Sequence[Image.Image], tag: str) -> torch.Te
         if len(sizes) != 1:
             raise ValueError(f"image '{tag}': all images must have the same size, got {sorted(sizes)}")
         batch = torch.stack(
-            [torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1) for im in images]
+            [
+                torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+                for im in images
+            ]
         )  # (N, 3, H, W)
         nrow = math.ceil(math.sqrt(len(images)))
         grid = torchvision.utils.make_grid(batch, nrow=nrow, padding=2, pad_value=1.0)
@@ -120,7 +123,7 @@ class MetricLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
 
     def log(self, metrics: Mapping[str, float | torch.Tensor], step: int) -> None:
         """Log scalars at ``step``; names must look like ``group/name``."""

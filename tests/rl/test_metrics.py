@@ -1,4 +1,4 @@
-"""rl.logging: metrics.jsonl, TensorBoard scalars, image grids, main-process gating, Timer."""
+"""rl.metrics: metrics.jsonl, TensorBoard scalars, image grids, main-process gating, Timer."""
 
 import importlib.util
 import json
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rl.logging import MetricLogger, Timer
+from rl.metrics import MetricLogger, Timer
 
 
 def _records(run_dir):
@@ -23,7 +23,10 @@ def test_metrics_jsonl_contents(tmp_path):
     records = _records(tmp_path)
     assert len(records) == 2
     assert {k: v for k, v in records[0].items() if k != "wall_time"} == {
-        "step": 3, "reward/mean": 0.5, "policy/approx_kl": 0.015625, "time/rollout": 3.0,
+        "step": 3,
+        "reward/mean": 0.5,
+        "policy/approx_kl": 0.015625,
+        "time/rollout": 3.0,
     }
     assert records[1]["step"] == 4 and records[1]["reward/mean"] == 0.25
     assert math.isnan(records[1]["critic/value_mse"])
@@ -105,8 +108,7 @@ def test_timer_accumulates_per_section():
         pass
     with timer("rollout"):
         pass
-    with pytest.raises(RuntimeError):
-        with timer("optimise"):  # an exception still charges the time
-            raise RuntimeError
+    with pytest.raises(RuntimeError), timer("optimise"):  # an exception still charges the time
+        raise RuntimeError
     assert timer.summary(reset=True) == {"time/rollout": 1.75, "time/optimise": 2.0}
     assert timer.summary() == {}

@@ -1,0 +1,329 @@
+"""DiffusionNFT (Zheng et al., arXiv 2509.16117), with the StitchVM early-stop variant (StitchVM Eqs. 72-77).
+
+Online RL by *forward* flow matching: no log-probs, any solver, CFG-free. Each epoch:
+
+1. Rollout. The data-collection ("old") policy theta_old samples G images per prompt with the ODE sampler.
+   With a value critic the rollout stops at tau ~ U{tau_min..tau_max} and keeps z_tau (no finishing, no
+   decode); with ``terminal`` it finishes (tau = N, z_tau = z_0).
+2. Reward. R = V(z_tau) from the critic (``terminal``: r(D(z_0))).
+3. Optimality probability. A = (R - mean_group R) / (std + eps); r = 1/2 + 1/2 clip(A, -C, C) / C (Eq. 73).
+4. Forward regression re-anchored at z_tau (Eqs. 74-76): for t > sigma_tau,
+       z_t = abar z_tau + sbar eps,  abar = alpha_t / alpha_tau = (1 - t) / (1 - sigma_tau),
+       sbar = sqrt(t^2 - abar^2 sigma_tau^2),
+       u = d z_t / dt = abar' z_tau + sbar' eps,  abar' = -1 / (1 - sigma_tau),  sbar' = (t - abar abar' sigma_tau^2) / sbar.
+   For sigma_tau = 0 this is the usual z_t = (1 - t) x_0 + t eps, u = eps - x_0.
+   Implicit policies (Eq. 77): v+ = (1 - beta) v_old + beta v_theta,  v- = (1 + beta) v_old - beta v_theta,
+       L = E[ r ||v+ - u||^2 + (1 - r) ||v- - u||^2 ] + beta_KL ||v_theta - v_ref||^2.
+5. Old policy by EMA: theta_old <- rho theta_old + (1 - rho) theta, rho ramping up over epochs.
+
+Notation: ``nft_beta`` is beta (the implicit-policy step, Eq. 77); ``kl_beta`` is beta_KL (the weight of the
+anchor to the reference = adapters disabled). They are different knobs: NFT-beta shapes the update direction,
+KL-beta keeps the policy near theta_0.
+
+    symbol     here
+    z_tau      rollout.z_tau            (B, C, h, w)
+    sigma_tau  rollout.sigma_tau        (B,)
+    r          r_opt                    (B,) in [0, 1]
+    u          target                   (B, C, h, w)
+    v_theta    v_theta (adapter "default"), v_old (adapter "old"), v_ref (adapters off)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from policies import lora, samplers
+from rl import common
+from rl.advantages import group_normalize, optimality_probability
+from rl.checkpoint import NonFiniteError
+from rl.config import ConfigError, check, option
+from rl.signals import GracefulExit
+
+ADAPTERS = ("default", "old")
+
+
+@dataclass
+class NFTConfig:
+    """DiffusionNFT hyper-parameters (paper defaults where the paper gives them)."""
+
+    num_steps: int = option(25, help="rollout sampler steps N (paper: 25)")
+    tau_min: int = option(12, help="earliest early stop tau with a value critic (paper: 12 of 25)")
+    tau_max: int = option(17, help="latest early stop tau with a value critic (paper: 17 of 25)")
+    prompts_per_epoch: int = option(16, help="prompts sampled per epoch")
+    group_size: int = option(8, help="G, samples per prompt (group normalisation needs >= 2)")
+    rollout_batch_size: int = option(32, help="latents per rollout forward pass")
+    train_batch_size: int = option(16, help="samples per optimisation micro-batch")
+    timestep_fraction: float = option(0.9, help="fraction of the rollout's timesteps above sigma_tau trained on")
+    max_train_timesteps: int | None = option(None, help="cap on trained timesteps per sample (CPU budgets)")
+    inner_epochs: int = option(1, help="passes over each epoch's samples")
+    nft_beta: float = option(1.0, help="beta: implicit-policy step v+- = (1 -+ beta) v_old +- beta v_theta (Eq. 77)")
+    kl_beta: float = option(1e-4, help="beta_KL: weight of ||v_theta - v_ref||^2, v_ref = adapters disabled")
+    adv_clip: float = option(5.0, help="C: advantages clipped to [-C, C] before r = 1/2 + A / (2C)")
+    adv_eps: float = option(1e-4, help="eps in A = (R - mean) / (std + eps)")
+    global_std: bool = option(False, help="normalise by the batch std instead of the group's")
+    lr: float = option(3e-4, help="AdamW learning rate of the LoRA")
+    weight_decay: float = option(1e-4, help="AdamW weight decay")
+    max_grad_norm: float = option(1.0, help="gradient clipping")
+    lora_rank: int = option(32, help="LoRA rank r")
+    lora_alpha: float = option(64.0, help="LoRA alpha")
+    lora_targets: tuple[str, ...] = option(lora.SD3_TARGETS, help="LoRA target modules")
+    old_decay_max: float = option(0.5, help="rho's ceiling in theta_old <- rho theta_old + (1 - rho) theta")
+    old_decay_ramp: float = option(0.05, help="rho = min(old_decay_max, old_decay_ramp * epoch)")
+    rollout_guidance_scale: float = option(1.0, help="CFG at rollout (DiffusionNFT: 1.0, CFG-free)")
+
+    def __post_init__(self):
+        check(self.num_steps >= 2, "num_steps", f"must be >= 2, got {self.num_steps}")
+        check(1 <= self.tau_min <= self.tau_max <= self.num_steps, "tau_min/tau_max",
+              f"need 1 <= tau_min <= tau_max <= num_steps ({self.num_steps}), got {self.tau_min}..{self.tau_max}")
+        check(self.group_size >= 2, "group_size", f"group normalisation needs >= 2 samples per prompt, got "
+              f"{self.group_size}")
+        check(0 < self.timestep_fraction <= 1, "timestep_fraction", f"must be in (0, 1], got {self.timestep_fraction}")
+        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(self.nft_beta > 0, "nft_beta", f"must be > 0, got {self.nft_beta}")
+        check(self.kl_beta >= 0, "kl_beta", f"must be >= 0, got {self.kl_beta}")
+        check(0 <= self.old_decay_max <= 1, "old_decay_max", f"must be in [0, 1], got {self.old_decay_max}")
+        for key in ("prompts_per_epoch", "rollout_batch_size", "train_batch_size", "inner_epochs"):
+            check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+
+
+# ------------------------------------------------------------------------------------------------ pure math
+class ReanchoredPath(NamedTuple):
+    z_t: Tensor     # (B, C, h, w)
+    target: Tensor  # (B, C, h, w), u = dz_t/dt
+
+
+def reanchored_path(z_tau: Tensor, sigma_tau: Tensor, t: Tensor, eps: Tensor) -> ReanchoredPath:
+    """Forward process from z_tau (at noise sigma_tau) to t > sigma_tau and its time derivative (Eqs. 74-76).
+
+    Args:
+        z_tau: (B, C, h, w) early-stopped latents (z_0 when sigma_tau = 0).
+        sigma_tau: (B,) their noise levels, in [0, 1).
+        t: (B,) target noise levels, t > sigma_tau.
+        eps: (B, C, h, w) fresh Gaussian noise.
+    """
+    if (t <= sigma_tau).any():
+        raise ValueError("re-anchored regression needs t > sigma_tau for every row")
+    s_tau, t_ = sigma_tau.double().view(-1, 1, 1, 1), t.double().view(-1, 1, 1, 1)
+    abar = (1 - t_) / (1 - s_tau)
+    sbar = torch.sqrt(t_**2 - abar**2 * s_tau**2)
+    dabar = -1 / (1 - s_tau)
+    dsbar = (t_ - abar * dabar * s_tau**2) / sbar
+    z_t = abar * z_tau.double() + sbar * eps.double()
+    target = dabar * z_tau.double() + dsbar * eps.double()
+    return ReanchoredPath(z_t.to(z_tau.dtype), target.float())
+
+
+class NFTLoss(NamedTuple):
+    loss: Tensor         # scalar
+    policy_loss: Tensor  # scalar, E[r ||v+ - u||^2 + (1 - r) ||v- - u||^2]
+    kl: Tensor           # scalar, ||v_theta - v_ref||^2 (0 when no reference is given)
+
+
+def nft_loss(v_theta: Tensor, v_old: Tensor, target: Tensor, r_opt: Tensor, nft_beta: float,
+             v_ref: Tensor | None = None, kl_beta: float = 0.0) -> NFTLoss:
+    """DiffusionNFT's loss (Eq. 77), squared errors averaged over latent elements, then over the batch.
+
+    Args:
+        v_theta: (B, C, h, w) velocity of the trained policy (with grad).
+        v_old: (B, C, h, w) velocity of the data-collection policy (no grad).
+        target: (B, C, h, w) regression target u.
+        r_opt: (B,) optimality probabilities in [0, 1].
+        nft_beta: beta of the implicit policies.
+        v_ref: (B, C, h, w) reference velocity (adapters off), or None to skip the KL term.
+        kl_beta: beta_KL.
+    """
+    v_theta, v_old, target = v_theta.float(), v_old.float().detach(), target.float()
+    v_pos = (1 - nft_beta) * v_old + nft_beta * v_theta
+    v_neg = (1 + nft_beta) * v_old - nft_beta * v_theta
+    dims = tuple(range(1, v_theta.ndim))
+    err_pos = ((v_pos - target) ** 2).mean(dims)
+    err_neg = ((v_neg - target) ** 2).mean(dims)
+    r = r_opt.float()
+    policy_loss = (r * err_pos + (1 - r) * err_neg).mean()
+    kl = ((v_theta - v_ref.float().detach()) ** 2).mean() if v_ref is not None else torch.zeros((), device=v_theta.device)
+    return NFTLoss(policy_loss + kl_beta * kl, policy_loss, kl)
+
+
+def old_decay(cfg: NFTConfig, epoch: int) -> float:
+    """rho for the EMA of the old policy after ``epoch`` (0-based): 0 at first (theta_old = theta), ramping up."""
+    return min(cfg.old_decay_max, cfg.old_decay_ramp * epoch)
+
+
+# ------------------------------------------------------------------------------------------------ stages
+class Rollout(NamedTuple):
+    prompts: list[str]       # B prompts (each prompt G times in a row)
+    z_tau: Tensor            # (B, C, h, w)
+    sigma_tau: Tensor        # (B,)
+    train_sigmas: Tensor     # (B, K) the schedule's sigmas above sigma_tau to train on (padded by repeats)
+    rewards: Tensor          # (B,)
+
+
+@torch.no_grad()
+def collect(run: common.Run, cfg: NFTConfig, prompts: list[str], epoch: int) -> Rollout:
+    """Stages 1-2: sample with theta_old (stopping at tau with a value critic) and score z_tau."""
+    policy, critic = run.policy, run.critic
+    rng = np.random.default_rng([run.run_cfg.seed, epoch, 1])
+    generator = torch.Generator(run.device).manual_seed(int(rng.integers(2**31)))
+    sigmas = policy.sigmas(cfg.num_steps, run.device)
+    rows = [p for p in prompts for _ in range(cfg.group_size)]
+    z_taus, sig_taus, rewards, train_sig = [], [], [], []
+    for start in range(0, len(rows), cfg.rollout_batch_size):
+        batch = rows[start:start + cfg.rollout_batch_size]
+        # One tau per rollout batch (every sample of a batch shares the schedule, so a batch is one forward).
+        tau = int(rng.integers(cfg.tau_min, cfg.tau_max + 1)) if critic.dense else cfg.num_steps
+        with run.timer("rollout"), lora.using_adapter(policy.transformer, "old"):
+            cond = policy.encode_prompts(batch)
+            traj = samplers.sample(policy.velocity_fn(cond, cfg.rollout_guidance_scale), policy.noise(len(batch), generator),
+                                   sigmas, stop_at=tau, keep_latents=False)
+        with run.timer("value"):
+            rewards.append(critic.value(traj.z_tau, sigmas[tau], batch).float())
+        z_taus.append(traj.z_tau)
+        sig_taus.append(sigmas[tau].expand(len(batch)))
+        train_sig.append(sigmas[:tau].expand(len(batch), -1))
+    k = max(s.shape[1] for s in train_sig)
+    # pad each row's sigma list by cycling so they stack; rows only ever draw from their own valid sigmas
+    padded = [s.repeat(1, math.ceil(k / s.shape[1]))[:, :k] for s in train_sig]
+    return Rollout(rows, torch.cat(z_taus), torch.cat(sig_taus), torch.cat(padded), torch.cat(rewards))
+
+
+def optimise(run: common.Run, cfg: NFTConfig, rollout: Rollout, r_opt: Tensor, optimizer, params,
+             epoch: int) -> dict[str, float]:
+    """Stage 4: forward regression on (z_tau, r) at a random subset of the rollout's timesteps."""
+    policy, accel = run.policy, run.accelerator
+    transformer = policy.transformer
+    generator = torch.Generator(run.device).manual_seed(int(np.random.default_rng([run.run_cfg.seed, epoch, 2])
+                                                            .integers(2**31)))
+    n = rollout.z_tau.shape[0]
+    num_t = max(1, round(cfg.timestep_fraction * rollout.train_sigmas.shape[1]))
+    if cfg.max_train_timesteps is not None:
+        num_t = min(num_t, cfg.max_train_timesteps)
+    stats: dict[str, list[float]] = {"loss/total": [], "loss/policy": [], "loss/kl": [], "policy/grad_norm": []}
+    skipped = 0
+    for _ in range(cfg.inner_epochs):
+        perm = torch.randperm(n, generator=generator, device=run.device)
+        for start in range(0, n, cfg.train_batch_size):
+            idx = perm[start:start + cfg.train_batch_size]
+            prompts = [rollout.prompts[i] for i in idx.tolist()]
+            with torch.no_grad():
+                cond = policy.encode_prompts(prompts)
+            z_tau, s_tau = rollout.z_tau[idx], rollout.sigma_tau[idx]
+            t_cols = torch.stack([torch.randperm(rollout.train_sigmas.shape[1], generator=generator,
+                                                 device=run.device)[:num_t] for _ in range(len(idx))])
+            optimizer.zero_grad(set_to_none=True)
+            for j in range(num_t):
+                t = rollout.train_sigmas[idx].gather(1, t_cols[:, j:j + 1]).squeeze(1)
+                eps = torch.randn(z_tau.shape, generator=generator, device=run.device, dtype=torch.float32)
+                path = reanchored_path(z_tau, s_tau, t, eps.to(z_tau.dtype))
+                with torch.no_grad():
+                    with lora.using_adapter(transformer, "old"):
+                        v_old = policy.velocity(path.z_t, t, cond)
+                    v_ref = None
+                    if cfg.kl_beta > 0:
+                        with lora.reference_policy(transformer):
+                            v_ref = policy.velocity(path.z_t, t, cond)
+                with accel.autocast():
+                    v_theta = policy.velocity(path.z_t, t, cond)
+                out = nft_loss(v_theta, v_old, path.target, r_opt[idx], cfg.nft_beta, v_ref, cfg.kl_beta)
+                accel.backward(out.loss / num_t)
+                stats["loss/total"].append(out.loss.item())
+                stats["loss/policy"].append(out.policy_loss.item())
+                stats["loss/kl"].append(out.kl.item())
+            norm = accel.clip_grad_norm_(params, cfg.max_grad_norm)
+            norm = float(norm) if norm is not None else common.grad_norm(params)
+            stats["policy/grad_norm"].append(norm)
+            if not math.isfinite(norm) or not all(math.isfinite(x) for x in stats["loss/total"][-num_t:]):
+                optimizer.zero_grad(set_to_none=True)  # skip: a non-finite update never reaches the weights
+                skipped += 1
+                continue
+            optimizer.step()
+    out = {k: float(np.nanmean(v)) for k, v in stats.items() if v}
+    out["train/skipped_updates"] = float(skipped)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+def train(run: common.Run, cfg: NFTConfig, resume: str | None = None) -> dict[str, float]:
+    """DiffusionNFT. Returns the final evaluation metrics."""
+    policy, accel, critic = run.policy, run.accelerator, run.critic
+    if critic.dense and cfg.tau_max >= cfg.num_steps and cfg.tau_min >= cfg.num_steps:
+        raise ConfigError("algo.tau_min/tau_max: a value critic needs an early stop tau < num_steps")
+    transformer = policy.transformer
+    spec = lora.LoraSpec(r=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets)
+    for name in ADAPTERS:
+        lora.add_lora(transformer, spec, name)
+    lora.copy_adapter(transformer, "default", "old")
+    lora.set_active(transformer, "default")
+    transformer.requires_grad_(False)
+    params = list(lora.adapter_parameters(transformer, "default").values())
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    wrapped, optimizer = accel.prepare(transformer, optimizer)
+    policy.set_forward_module(wrapped)
+
+    start_epoch, history = 0, []
+    if resume:
+        start_epoch, state = common.restore(run, resume, optimizer, ADAPTERS)
+        history = state.get("history", [])
+        accel.print(f"resumed from epoch {start_epoch}")
+    else:
+        metrics, images = common.evaluate(run)
+        run.logger.log({**metrics, "train/epoch": 0}, 0)
+        if images.numel():
+            run.logger.log_images("eval/samples", images, 0)
+        history.append(metrics)
+
+    consecutive_bad = 0
+    epoch = start_epoch
+    with GracefulExit() as stop:
+        for epoch in range(start_epoch, run.run_cfg.max_epochs):
+            prompts = common.prompt_batch(run.train_prompts, cfg.prompts_per_epoch, epoch, run.run_cfg.seed)
+            # 1-2. rollout with theta_old and reward R = V(z_tau)
+            rollout = collect(run, cfg, prompts, epoch)
+            finite = torch.isfinite(rollout.rewards)
+            # 3. optimality probability from group-normalised rewards
+            rewards = torch.where(finite, rollout.rewards, torch.zeros_like(rollout.rewards))
+            adv = group_normalize(rewards, cfg.group_size, cfg.adv_eps, cfg.global_std).adv
+            r_opt = optimality_probability(adv, cfg.adv_clip)
+            metrics = {**common.log_mean_std("reward", rollout.rewards), "train/epoch": epoch + 1,
+                       "reward/nonfinite": float((~finite).sum()), "train/sigma_tau": rollout.sigma_tau.mean().item()}
+            if not finite.all():
+                metrics["train/skipped_updates"] = 1.0
+                consecutive_bad += 1
+            else:
+                # 4. forward regression with implicit positive / negative policies
+                with run.timer("update"):
+                    metrics.update(optimise(run, cfg, rollout, r_opt, optimizer, params, epoch))
+                consecutive_bad = consecutive_bad + 1 if metrics["train/skipped_updates"] else 0
+                # 5. theta_old <- rho theta_old + (1 - rho) theta
+                lora.ema_update(transformer, "default", "old", old_decay(cfg, epoch))
+            if consecutive_bad >= run.run_cfg.max_nonfinite:
+                common.save(run, epoch + 1, optimizer, ADAPTERS, {"history": history})
+                raise NonFiniteError(f"{consecutive_bad} consecutive epochs with non-finite rewards, losses or "
+                                     f"gradients (last epoch {epoch + 1}); lower algo.lr or check the reward/critic. "
+                                     f"The last finite state is checkpointed in {run.run_dir}")
+            if run.run_cfg.eval_every and (epoch + 1) % run.run_cfg.eval_every == 0:
+                with run.timer("eval"):
+                    eval_metrics, images = common.evaluate(run)
+                metrics.update(eval_metrics)
+                history.append(eval_metrics)
+                if images.numel():
+                    run.logger.log_images("eval/samples", images, epoch + 1)
+            metrics.update(run.timer.summary(reset=True))
+            run.logger.log(metrics, epoch + 1)
+            accel.print(" ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.split("/")[0] in ("reward", "eval", "loss")))
+            last = epoch + 1 == run.run_cfg.max_epochs
+            if stop.should_stop or run.out_of_time() or last or (epoch + 1) % run.run_cfg.ckpt_every == 0:
+                common.save(run, epoch + 1, optimizer, ADAPTERS, {"history": history})
+            if stop.should_stop or run.out_of_time():
+                break
+    final, images = common.evaluate(run)
+    run.logger.log(final, epoch + 1)
+    common.finish(run)
+    return final

@@ -1,0 +1,142 @@
+"""Entry point: ``accelerate launch rl/train.py --algo nft --critic stitchvm [--config FILE] [key=value ...]``.
+
+Composes the YAML in configs/ (defaults.yaml, then algo/<algo>.yaml under ``algo``, critic/<critic>.yaml under
+``critic``, then ``--config FILE``, then ``key=value`` overrides), validates all of it *before any model is
+built*, then instantiates the model, reward, critic, prompts and evaluation metric (YAML nodes name import
+paths) and runs the algorithm in rl/<algo>.py.
+
+Exit status: 0 done (or stopped cleanly by SIGTERM/SIGINT after a checkpoint), 2 configuration error,
+1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+ALGOS = {"nft": ("rl.nft", "NFTConfig")}
+
+
+def critic_choices() -> list[str]:
+    return sorted(p.stem for p in (CONFIG_ROOT / "critic").glob("*.yaml"))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="rl/train.py", description=__doc__.split("\n\n")[0],
+        epilog="Overrides: dotted keys into the composed config, e.g. algo.lr=1e-4 run.max_epochs=20 "
+               "critic.path=shapes/weights/stitchvm; +key=value adds a key, ~key deletes one. "
+               "`--print-config` shows the composed config.")
+    parser.add_argument("--algo", default="nft", help=f"training algorithm: one of {sorted(ALGOS)}")
+    parser.add_argument("--critic", default="stitchvm", help=f"critic config name: one of {critic_choices()}")
+    parser.add_argument("--config", action="append", default=[], help="extra YAML merged on top (repeatable)")
+    parser.add_argument("--resume", default=None, help="'latest' (of run.output_dir), a run dir or a checkpoint dir")
+    parser.add_argument("--print-config", action="store_true", help="print the composed config and exit")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    return parser.parse_args(argv)
+
+
+@dataclass
+class Composed:
+    raw: dict
+    algo_cfg: object
+    run_cfg: object
+    eval_cfg: object
+
+
+def compose_config(args: argparse.Namespace) -> Composed:
+    """Compose and validate the config; raises ConfigError with one message saying what to fix."""
+    from rl import common
+    from rl.config import ConfigError, apply_overrides, compose, from_dict, load_yaml
+
+    if args.algo not in ALGOS:
+        raise ConfigError(f"--algo: unknown algorithm '{args.algo}'; valid choices: {sorted(ALGOS)}")
+    if args.critic not in critic_choices():
+        raise ConfigError(f"--critic: unknown critic '{args.critic}'; valid choices: {critic_choices()} "
+                          f"(one YAML each in configs/critic/)")
+    parts = [load_yaml(CONFIG_ROOT / "defaults.yaml"),
+             {"algo": load_yaml(CONFIG_ROOT / "algo" / f"{args.algo}.yaml")},
+             {"critic": load_yaml(CONFIG_ROOT / "critic" / f"{args.critic}.yaml")}]
+    parts += [load_yaml(path) for path in args.config]
+    raw = apply_overrides(compose(*parts), args.overrides)
+    known = {"model", "reward", "critic", "prompts", "eval_metric", "algo", "run", "eval"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {unknown}; valid keys: {sorted(known)}")
+    module, cls = ALGOS[args.algo]
+    algo_cfg = from_dict(getattr(importlib.import_module(module), cls), raw.get("algo", {}), "algo")
+    run_cfg = from_dict(common.RunConfig, raw.get("run", {}), "run")
+    eval_cfg = from_dict(common.EvalConfig, raw.get("eval", {}), "eval")
+    for key in ("model", "reward", "critic"):
+        if not isinstance(raw.get(key), dict) or "_component_" not in raw[key]:
+            raise ConfigError(f"{key}: needs a node with _component_ (an import path), got {raw.get(key)!r}")
+    return Composed(raw, algo_cfg, run_cfg, eval_cfg)
+
+
+def build_run(composed: Composed):
+    """Instantiate everything (after validation) and return an rl.common.Run."""
+    import torch
+    from accelerate import Accelerator
+
+    from critics.base import check_pairing
+    from rl import common
+    from rl.config import instantiate, to_dict
+    from rl.metrics import MetricLogger
+
+    raw, run_cfg = composed.raw, composed.run_cfg
+    accelerator = Accelerator(mixed_precision=run_cfg.mixed_precision)
+    common.seed_everything(run_cfg.seed + accelerator.process_index)
+    policy = instantiate(raw["model"], _path="model").to(accelerator.device)
+    reward = instantiate(raw["reward"], _path="reward").to(accelerator.device)
+    critic = instantiate(raw["critic"], _path="critic", policy=policy, reward=reward)
+    if isinstance(critic, torch.nn.Module):
+        critic.to(accelerator.device)
+    check_pairing(critic, policy.latent_channels, policy.latent_size)
+    prompts = raw.get("prompts", {})
+    train_prompts = instantiate(prompts["train"], _path="prompts.train")
+    eval_prompts = instantiate(prompts["eval"], _path="prompts.eval") if prompts.get("eval") else []
+    metric = instantiate(raw["eval_metric"], _path="eval_metric") if raw.get("eval_metric") else None
+    if isinstance(metric, torch.nn.Module):
+        metric.to(accelerator.device)
+    Path(run_cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    logger = MetricLogger(run_cfg.output_dir, backends=run_cfg.log_backends, project=run_cfg.wandb_project,
+                          config=raw, is_main_process=accelerator.is_main_process)
+    return common.Run(policy=policy, critic=critic, train_prompts=list(train_prompts), eval_prompts=list(eval_prompts),
+                      eval_metric=metric, accelerator=accelerator, logger=logger, run_cfg=run_cfg,
+                      eval_cfg=composed.eval_cfg, config_dict=to_dict(raw))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rl.config import ConfigError, to_yaml
+
+    args = parse_args(argv)
+    try:
+        composed = compose_config(args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(to_yaml(composed.raw))
+        return 0
+    try:
+        run = build_run(composed)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if run.accelerator.is_main_process:
+        to_yaml(composed.raw, Path(run.run_cfg.output_dir) / "config.yaml")
+    algo = importlib.import_module(ALGOS[args.algo][0])
+    try:
+        final = algo.train(run, composed.algo_cfg, resume=args.resume)
+    finally:
+        run.logger.close()
+    run.accelerator.print("final: " + " ".join(f"{k}={v:.4f}" for k, v in final.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Stage 2: loss values by hand, schedule and noise law, a short distillation on tiny models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from critics.distill import (DistillConfig, distill, rebatch, sample_sigmas, smooth_l1_distill_loss,
+                             stitchvm_distill_loss, warmup_factor)
+from critics.stitchvm import load_stitchvm
+from critics.tails import ClipPreprocess
+from tests.critics.test_stitchvm import LATENT, tiny_stitchvm
+
+
+class TinyEncoder(nn.Module):
+    """images (B, 3, 32, 32) in [0, 1] → latents (B, 4, 16, 16): a fixed stand-in for FlowPolicy.encode."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(11)
+        self.conv = nn.Conv2d(3, 4, kernel_size=2, stride=2)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.conv(2 * images - 1)
+
+
+def image_batches(n: int = 16, batch: int = 4, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return list(torch.rand(n, 3, 32, 32, generator=g).split(batch))
+
+
+def eval_loss(model, teacher_reward, encoder, images: torch.Tensor) -> float:
+    """Distillation loss on a fixed batch with fixed (σ, ε): deterministic, to compare before/after training."""
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        t_out = model.tail.__class__(teacher_reward.vision).encode(images)
+        z0 = encoder(images)
+        sigma = torch.rand(images.shape[0], generator=g)
+        z_t = (1 - sigma.view(-1, 1, 1, 1)) * z0 + sigma.view(-1, 1, 1, 1) * torch.randn(z0.shape, generator=g)
+        s_out = model.features(z_t, sigma)
+        return stitchvm_distill_loss(s_out.embed, s_out.tokens, t_out.embed, t_out.tokens).loss.item()
+
+
+def test_embed_token_loss_hand_computed():
+    student_emb, teacher_emb = torch.tensor([[3.0, 4.0]]), torch.tensor([[2.0, 0.0]])  # ẽ = (.6, .8) vs (1, 0)
+    student_tok = torch.zeros(1, 2, 2)
+    teacher_tok = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
+    out = stitchvm_distill_loss(student_emb, student_tok, teacher_emb, teacher_tok, lambda_tok=0.5)
+    assert out.embed_loss.item() == pytest.approx(0.4 ** 2 + 0.8 ** 2)  # 0.8
+    assert out.token_loss.item() == pytest.approx((1 + 4 + 9 + 16) / 4)  # 7.5
+    assert out.loss.item() == pytest.approx(0.8 + 0.5 * 7.5)
+
+
+def test_smooth_l1_loss_hand_computed():
+    # Smooth-ℓ1 (β = 1): ½d² for |d| < 1, |d| − ½ otherwise
+    out = smooth_l1_distill_loss(
+        student_emb=torch.tensor([[0.0, 2.0]]), student_tok=torch.tensor([[[0.5, 2.0]]]),
+        student_score=torch.tensor([4.0]),
+        teacher_emb=torch.tensor([[1.0, 0.0]]), teacher_tok=torch.zeros(1, 1, 2), teacher_score=torch.tensor([1.0]))
+    assert out.token_loss.item() == pytest.approx((0.125 + 1.5) / 2)
+    assert out.embed_loss.item() == pytest.approx(0.5)  # ẽ = (0, 1) vs (1, 0): |d| = 1 → 0.5 each
+    assert out.score_loss.item() == pytest.approx(2.5)
+    assert out.loss.item() == pytest.approx(0.8125 + 0.5 + 2.5)
+
+
+def test_schedule_noise_law_and_rebatch():
+    assert [warmup_factor(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup_factor(0, 0) == 1.0
+    g = torch.Generator().manual_seed(0)
+    ln = sample_sigmas(20000, DistillConfig(), g)
+    assert 0 < ln.min() and ln.max() < 1
+    assert ln.median().item() == pytest.approx(0.5, abs=0.02)  # logit-normal(0, 1): centred at 1/2
+    assert torch.logit(ln).std().item() == pytest.approx(1.0, abs=0.03)
+    un = sample_sigmas(20000, DistillConfig(sigma_sampling="uniform"), g)
+    assert un.mean().item() == pytest.approx(0.5, abs=0.01) and un.std().item() == pytest.approx(math.sqrt(1 / 12),
+                                                                                                  abs=0.01)
+    chunks = list(rebatch([torch.zeros(3, 3, 2, 2), (torch.ones(4, 3, 2, 2), ["p"] * 4), torch.zeros(2, 3, 2, 2)], 4))
+    assert [c.shape[0] for c in chunks] == [4, 4]  # 9 images → two batches of 4, the last one dropped
+    assert chunks[0][3].sum() == 12 and chunks[1][:3].sum() == 36
+    with pytest.raises(ValueError, match="loss must be one of"):
+        DistillConfig(loss="mse")
+    with pytest.raises(ValueError, match="sigma_sampling must be one of"):
+        DistillConfig(sigma_sampling="cosine")
+
+
+def test_distill_reduces_loss_and_trains_only_stitch_and_tail(tmp_path):
+    model, transformer, reward, embeds, pooled = tiny_stitchvm(j=2)
+    encoder = TinyEncoder()
+    data = image_batches(16, 4)
+    eval_images = torch.cat(data)[:8]
+    head_before = {n: p.detach().clone() for n, p in model.head.named_parameters()}
+    stitch_before = [p.detach().clone() for p in model.stitch_parameters()]
+    tail_before = [p.detach().clone() for _, p in model.tail_named_parameters()]
+    teacher_before = [p.detach().clone() for p in reward.vision.parameters()]
+    loss_before = eval_loss(model, reward, encoder, eval_images)
+    logged = []
+    cfg = DistillConfig(lr=3e-3, warmup_steps=2, batch_size=8, micro_batch_size=4, epochs=10, max_steps=8,
+                        log_every=4, ckpt_every=3, ckpt_dir=str(tmp_path / "ckpt"), progress=False)
+    stats = distill(model, reward, encoder, data, cfg, callback=lambda step, s: logged.append((step, s)),
+                    ckpt_meta={"image_size": 32})
+    loss_after = eval_loss(model, reward, encoder, eval_images)
+    assert loss_after < 0.7 * loss_before, (loss_before, loss_after)
+    assert len(stats["distill/loss"]) == 8 and [s for s, _ in logged] == [4, 8]
+    assert stats["distill/lr"][:3] == pytest.approx([1.5e-3, 3e-3, 3e-3])
+    assert all(torch.equal(p, head_before[n]) for n, p in model.head.named_parameters())
+    assert all(not torch.equal(p, q) for p, q in zip(model.stitch_parameters(), stitch_before))
+    tail_moved = [not torch.equal(p, q) for (_, p), q in zip(model.tail_named_parameters(), tail_before)]
+    assert sum(tail_moved) > 0.9 * len(tail_moved)
+    assert all(torch.equal(p, q) for p, q in zip(reward.vision.parameters(), teacher_before))
+    assert not model.training
+    # the final checkpoint holds the trained critic
+    loaded = load_stitchvm(tmp_path / "ckpt", transformer, reward, embeds, pooled)
+    z = torch.randn(2, 4, LATENT, LATENT)
+    with torch.no_grad():
+        assert torch.equal(loaded.value(z, 0.5, ["a", "b"]), model.value(z, 0.5, ["a", "b"]))
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    data = image_batches(8, 8)
+    results = []
+    for micro in (8, 4):
+        model, _, reward, _, _ = tiny_stitchvm(j=1)
+        cfg = DistillConfig(lr=1e-3, warmup_steps=0, batch_size=8, micro_batch_size=micro, max_steps=1,
+                            progress=False)
+        stats = distill(model, reward, TinyEncoder(), data, cfg)
+        results.append((stats["distill/loss"][0], [p.detach().clone() for p in model.stitch_parameters()]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    for p, q in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_smooth_l1_loss_runs_and_reports_score_loss():
+    model, _, reward, _, _ = tiny_stitchvm(j=1, score_kind="image")
+    cfg = DistillConfig(loss="smooth_l1", lr=1e-3, warmup_steps=0, batch_size=4, max_steps=2, progress=False)
+    stats = distill(model, reward, TinyEncoder(), image_batches(8, 4), cfg)
+    assert len(stats["distill/score_loss"]) == 2
+    parts = [stats[f"distill/{k}"][0] for k in ("token_loss", "embed_loss", "score_loss")]
+    assert stats["distill/loss"][0] == pytest.approx(sum(parts))
+
+
+def test_distill_fails_loudly():
+    model, _, reward, _, _ = tiny_stitchvm(j=1)
+    cfg = DistillConfig(batch_size=4, max_steps=1, progress=False)
+    reward.preprocess = ClipPreprocess((32, 32), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # differs from tail's
+    with pytest.raises(ValueError, match="teacher tower disagrees with reward.image_embed"):
+        distill(model, reward, TinyEncoder(), image_batches(4, 4), cfg)
+    model, _, reward, _, _ = tiny_stitchvm(j=1)
+    with pytest.raises(ValueError, match="fewer than batch_size = 8"):
+        distill(model, reward, TinyEncoder(), image_batches(4, 4), DistillConfig(batch_size=8, progress=False))
+    model.tail = model.tail.__class__(reward.vision)  # tail sharing the teacher's weights
+    with pytest.raises(ValueError, match="shares parameters with the teacher"):
+        distill(model, reward, TinyEncoder(), image_batches(4, 4), cfg)
+    model, _, reward, _, _ = tiny_stitchvm(j=1)
+    with pytest.raises(ValueError, match="encode_fn gives latents"):
+        distill(model, reward, lambda x: F.avg_pool2d(x, 4).repeat(1, 2, 1, 1)[:, :4], image_batches(4, 4), cfg)
