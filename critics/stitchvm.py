@@ -196,6 +196,7 @@ class DiTHead(nn.Module):
         if not taps or min(taps) < 1 or max(taps) > self.i:
             raise ValueError(f"taps must lie in [1, {self.i}] (head depth); got {list(taps)}")
         B, _, h, w = z_t.shape
+        z_t = z_t.to(self.pos_embed.proj.weight.dtype)  # e.g. float32 latents into a bf16 backbone
         sigma = torch.as_tensor(sigma, device=z_t.device, dtype=z_t.dtype).expand(B)
         timestep = sigma * 1000.0  # the SD3 transformer's timestep convention
         out: dict[int, Tensor] = {}
@@ -376,7 +377,8 @@ class StitchVM(nn.Module):
 
     def features_from_head(self, h: Tensor) -> TailOutput:
         """Stitch + tail on precomputed head features (B, D_dit, h/p, w/p) (see DiTHead.features_from_block_outputs)."""
-        return self.tail.forward_from(self.stitch(h), self.j, self.class_token)
+        tokens = self.stitch(h.to(self.stitch.F.weight.dtype))  # (B, N, D); the head may run in another dtype
+        return self.tail.forward_from(tokens.to(self.tail.stem_conv.weight.dtype), self.j, self.class_token)
 
     def value(self, z_t: Tensor, sigma: Tensor | float, prompts: Sequence[str] | None = None) -> Tensor:
         """V(z_t): (B,) float32, differentiable in z_t."""
@@ -482,6 +484,7 @@ def save_stitchvm(path_dir: str | os.PathLike, model: StitchVM, meta: dict | Non
     stitch_sd = {k: v.detach().cpu().contiguous() for k, v in model.stitch.state_dict().items()}
     tail_sd = {k: v.detach().cpu().clone().contiguous() for k, v in model.tail_named_parameters()}
     tmp = tempfile.mkdtemp(prefix=".stitchvm-", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the checkpoint is an ordinary directory
     try:
         save_file(stitch_sd, os.path.join(tmp, STITCH_FILE))
         save_file(tail_sd, os.path.join(tmp, TAIL_FILE))

@@ -11,11 +11,17 @@ Exit status: 0 done (or stopped cleanly by SIGTERM/SIGINT after a checkpoint), 2
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import sys
-from dataclasses import dataclass
 from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    # `accelerate launch rl/train.py` runs this file as a script, which puts rl/ first on sys.path, where our
+    # modules (config, metrics, signals…) would shadow top-level ones. Put the repository root there instead.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 ALGOS = {"nft": ("rl.nft", "NFTConfig")}

@@ -439,9 +439,8 @@ def _try_layout(spec: PromptSpec, rng: np.random.Generator, size: int, shrink: f
                 return None
             rgb = tuple(int(c) for c in np.clip(base + rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, 3), 0, 255))
             for _ in range(MAX_PLACEMENT_TRIES):
-                obj = PlacedObject(
-                    gi, group.color, group.shape, rng.uniform(x0 + hx, x1 - hx), rng.uniform(y0 + hy, y1 - hy), hx, hy, rgb
-                )
+                cx, cy = rng.uniform(x0 + hx, x1 - hx), rng.uniform(y0 + hy, y1 - hy)
+                obj = PlacedObject(gi, group.color, group.shape, cx, cy, hx, hy, rgb)
                 if all(_boxes_apart(obj, o, gap) for o in objects):
                     objects.append(obj)
                     break

@@ -14,8 +14,9 @@ Detection (``detect_objects``), for an (H, W, 3) image (pixel constants are for 
      and its residual < ``MAX_RESIDUAL`` (colours far from every palette line are not objects).
   4. Connected components (8-connected) per colour, so touching objects of different colours separate;
      components under ``MIN_AREA`` px (a third of the smallest rendered object) are noise or edge fringe.
-  5. Shape, by soft template matching in a whitened frame. The component's soft mask (alpha_k near the
-     component, remapped by clip((alpha - 0.15) / 0.7, 0, 1) to drop background noise) is resampled
+  5. Shape, by soft template matching in a whitened frame. The component's soft mask (alpha_k within
+     ``PAD`` px of its box, other components' pixels zeroed, remapped by clip((alpha - 0.15) / 0.7, 0, 1)
+     to drop background noise) is resampled
      (bilinear) on a ``PATCH_SIZE``^2 grid spanning +-``PATCH_EXTENT`` standard deviations around its
      alpha-weighted centroid, per axis. Whitening removes position and scale; blur does not change
      shapes' identity but softens them, so every shape has references at several blur levels
@@ -63,7 +64,6 @@ MAX_RESIDUAL = 0.25  # RGB distance in [0, 1] units from the nearest background-
 MIN_ALPHA = 0.5
 MIN_AREA = 30  # px; the smallest rendered objects (r = 7 px star or triangle) have ~90 px
 PAD = 3  # px of context around a component's box for its soft mask
-SOFT_DILATION = 2  # px; the soft mask is read within this distance of the component
 ALPHA_LO, ALPHA_HI = 0.15, 0.85  # soft-mask remap: below LO is background noise, above HI is inside
 PATCH_SIZE = 12
 PATCH_EXTENT = 2.8  # standard deviations; the farthest shape point (triangle apex) is 2.83 sd from its centroid
@@ -186,7 +186,7 @@ def detect_objects(image: np.ndarray) -> list[DetectedObject]:
     alpha = alpha.reshape(height, width, -1)
 
     # 4-6. components per colour
-    min_area, pad, dilation = MIN_AREA * scale**2, round(PAD * scale), max(1, round(SOFT_DILATION * scale))
+    min_area, pad = MIN_AREA * scale**2, round(PAD * scale)
     objects = []
     for k in np.flatnonzero(np.bincount(label[label >= 0], minlength=len(_COLOR_NAMES))):
         components, _ = ndimage.label(label == k, structure=_EIGHT_CONNECTED)
@@ -197,8 +197,8 @@ def detect_objects(image: np.ndarray) -> list[DetectedObject]:
             area = int(mask.sum())
             if area < min_area:
                 continue
-            near = ndimage.binary_dilation(mask, iterations=dilation)
-            shape, score = _classify_shape(_soft(alpha[r0:r1, c0:c1, k]) * near)
+            own = mask | (label[r0:r1, c0:c1] < 0)  # this component and the unlabelled pixels around it
+            shape, score = _classify_shape(_soft(alpha[r0:r1, c0:c1, k]) * own)
             cy = (box[0].start + box[0].stop) / 2
             cx = (box[1].start + box[1].stop) / 2
             objects.append(DetectedObject(_COLOR_NAMES[k], shape, cx, cy, area, score))

@@ -44,7 +44,10 @@ PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
 
 def vision_with_projection(model: CLIPModel) -> CLIPVisionModelWithProjection:
-    """A ``CLIPVisionModelWithProjection`` whose modules *are* ``model.vision_model`` and ``model.visual_projection``."""
+    """A ``CLIPVisionModelWithProjection`` whose children *are* ``model.vision_model`` and ``model.visual_projection``.
+
+    Shared, not copied: finetuning or truncating ``vision`` acts on the CLIPModel's own tower.
+    """
     config = copy.deepcopy(model.config.vision_config)
     config.projection_dim = model.config.projection_dim
     # Built on the meta device so the throwaway random tower costs no memory; both children are replaced.

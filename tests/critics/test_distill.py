@@ -104,7 +104,7 @@ def test_distill_reduces_loss_and_trains_only_stitch_and_tail(tmp_path):
     stats = distill(model, reward, encoder, data, cfg, callback=lambda step, s: logged.append((step, s)),
                     ckpt_meta={"image_size": 32})
     loss_after = eval_loss(model, reward, encoder, eval_images)
-    assert loss_after < 0.7 * loss_before, (loss_before, loss_after)
+    assert loss_after < 0.8 * loss_before, (loss_before, loss_after)
     assert len(stats["distill/loss"]) == 8 and [s for s, _ in logged] == [4, 8]
     assert stats["distill/lr"][:3] == pytest.approx([1.5e-3, 3e-3, 3e-3])
     assert all(torch.equal(p, head_before[n]) for n, p in model.head.named_parameters())

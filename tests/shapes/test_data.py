@@ -56,7 +56,10 @@ def test_palette_is_well_separated():
         ("triangle", 0.5),
         ("diamond", 0.5),
         # 10 triangles of area R * r_in * sin(36 deg) / 2 (R = 1, r_in = 0.5) over a 2 cos18 x (1 + cos36) box
-        ("star", 5 * 0.5 * math.sin(math.radians(36)) / (2 * math.cos(math.radians(18)) * (1 + math.cos(math.radians(36))))),
+        (
+            "star",
+            5 * 0.5 * math.sin(math.radians(36)) / (2 * math.cos(math.radians(18)) * (1 + math.cos(math.radians(36)))),
+        ),
     ],
 )
 def test_shape_mask_area_fraction(shape, fraction):

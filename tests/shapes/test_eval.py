@@ -71,8 +71,8 @@ def test_captions_with_one_wrong_attribute_fail(renders):
     result = ShapesEval()(_tensor(conditions["clean"]), edited)
     assert float(result.overall.mean()) <= 0.01
     # a reversed relation is caught by the position criterion
-    flipped = [i for i, (a, b) in enumerate(zip(captions, edited)) if parse_caption(a).pairs() == parse_caption(b).pairs()
-               and parse_caption(a).relation != parse_caption(b).relation]
+    specs, edits = [parse_caption(c) for c in captions], [parse_caption(c) for c in edited]
+    flipped = [i for i, (a, b) in enumerate(zip(specs, edits)) if a.groups == b.groups and a.relation != b.relation]
     assert len(flipped) > 10
     assert float(result.position[flipped].max()) == 0.0
 
@@ -112,7 +112,11 @@ def test_score_objects_golden_values():
 def test_left_of_rule_golden(offset, holds):
     spec = parse_caption("a red circle to the left of two blue squares")
     # group 1's mean centre is (40, 30); group 0 sits at that plus the offset
-    objects = [_obj("blue", "square", 35, 20), _obj("blue", "square", 45, 40), _obj("red", "circle", 40 + offset[0], 30 + offset[1])]
+    objects = [
+        _obj("blue", "square", 35, 20),
+        _obj("blue", "square", 45, 40),
+        _obj("red", "circle", 40 + offset[0], 30 + offset[1]),
+    ]
     assert score_objects(objects, spec)["position"] == float(holds)
     mirrored = parse_caption("a red circle to the right of two blue squares")
     mirror = [_obj(o.color, o.shape, 80 - o.cx, o.cy) for o in objects]
@@ -146,9 +150,9 @@ def test_every_colour_and_shape_is_recognised(r):
 def test_touching_objects_of_different_colours_are_separated():
     red = PlacedObject(0, "red", "square", 22.0, 32.0, 10.0, 10.0, COLORS["red"])
     blue = PlacedObject(1, "blue", "square", 42.0, 32.0, 10.0, 10.0, COLORS["blue"])  # shares an edge
-    objects = detect_objects(_scene([red, blue]))
-    assert sorted((o.color, o.shape) for o in objects) == [("blue", "square"), ("red", "square")]
-    assert score_image(_scene([red, blue]), parse_caption("a red square to the left of a blue square"))["overall"] == 1.0
+    image = _scene([red, blue])
+    assert sorted((o.color, o.shape) for o in detect_objects(image)) == [("blue", "square"), ("red", "square")]
+    assert score_image(image, parse_caption("a red square to the left of a blue square"))["overall"] == 1.0
 
 
 def test_background_and_noise_contain_no_objects():
@@ -205,9 +209,9 @@ def test_edit_spec_changes_exactly_one_attribute():
     for _ in range(300):
         spec = sample_spec(rng, "test")
         edited = edit_spec(spec, rng)
-        changes = int(spec.relation != edited.relation) + sum(
-            (a.count != b.count) + (a.color != b.color) + (a.shape != b.shape) for a, b in zip(spec.groups, edited.groups)
-        )
+        changes = int(spec.relation != edited.relation)
+        for a, b in zip(spec.groups, edited.groups):
+            changes += (a.count != b.count) + (a.color != b.color) + (a.shape != b.shape)
         assert changes == 1
         assert isinstance(edited, PromptSpec) and all(isinstance(g, ObjectGroup) for g in edited.groups)
     for _ in range(20):

@@ -41,7 +41,8 @@ def test_equals_model_card_score():
         got = reward(images, PROMPTS)
         assert got.dtype == torch.float32 and got.shape == (2,)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(reward.score_from_embeds(reward.image_embed(images), reward.text_embed(PROMPTS)), got)
+        from_embeds = reward.score_from_embeds(reward.image_embed(images), reward.text_embed(PROMPTS))
+        torch.testing.assert_close(from_embeds, got)
 
 
 def test_preprocessing_matches_clip_image_processor():

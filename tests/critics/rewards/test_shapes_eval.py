@@ -1,0 +1,42 @@
+"""ShapesEvalReward: one criterion of shapes.eval.ShapesEval on rendered Shapes scenes."""
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("shapes.eval", reason="shapes/eval.py (ShapesEval) is not in this checkout yet")
+
+from critics.rewards import ShapesEvalReward  # noqa: E402
+from shapes.data import caption, parse_caption, render  # noqa: E402
+from shapes.eval import CRITERIA, ShapesEval  # noqa: E402
+
+PROMPTS = ["two blue squares", "a red circle to the left of a green square"]
+
+
+def rendered(prompts: list[str]) -> torch.Tensor:
+    rng = np.random.default_rng(0)
+    images = [render(parse_caption(p), rng) for p in prompts]  # (64, 64, 3) uint8 each
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_equals_shapes_eval(criterion):
+    images = rendered(PROMPTS)
+    got = ShapesEvalReward(criterion)(images, PROMPTS)
+    assert got.shape == (2,) and got.dtype == torch.float32
+    torch.testing.assert_close(got, getattr(ShapesEval()(images, PROMPTS), criterion))
+
+
+def test_rewards_the_right_prompt():
+    # A scene of "two blue squares" succeeds for its own caption and fails for another one.
+    images = rendered(PROMPTS[:1]).expand(2, -1, -1, -1)
+    got = ShapesEvalReward("overall")(images, [caption(parse_caption(PROMPTS[0])), "a yellow star"])
+    assert got.tolist() == [1.0, 0.0]
+
+
+def test_errors():
+    assert ShapesEvalReward().differentiable is False
+    with pytest.raises(ValueError, match="criterion must be one of"):
+        ShapesEvalReward("colour")
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        ShapesEvalReward()(torch.rand(1, 64, 64, 3), PROMPTS[:1])
