@@ -192,10 +192,11 @@ def search(head: DiTHead, tail: VisionTail, images: Tensor, latents: Tensor, i_v
     rel = torch.zeros_like(mse)
     fits: dict[tuple[int, int], LinearFit] = {}
     for a, i in enumerate(i_values):
-        W_all, b_all = _lstsq_with_intercept(feats.dit[i], Y_all)
+        X = feats.dit[i].double()  # cast once per i; reused by every j's error
+        W_all, b_all = _lstsq_with_intercept(X, Y_all)
         for c, j in enumerate(j_values):
             W, b = W_all[c * D:(c + 1) * D], b_all[c * D:(c + 1) * D]
-            m, r = _errors(feats.dit[i], feats.tail[j], W, b)
+            m, r = _errors(X, feats.tail[j], W, b)
             mse[a, c], rel[a, c] = m, r
             fits[(i, j)] = LinearFit(W, b, m, r)
     grid = rel if criterion == "rel_mse" else mse

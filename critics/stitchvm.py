@@ -575,7 +575,8 @@ def load_stitchvm(path_dir: str | os.PathLike, transformer: nn.Module, reward: n
     with torch.no_grad():
         for name, p in expected.items():
             if p.shape != tail_sd[name].shape:
-                raise ValueError(f"{TAIL_FILE}: {name} has shape {tuple(tail_sd[name].shape)}, tower has {tuple(p.shape)}")
+                raise ValueError(f"{TAIL_FILE}: {name} has shape {tuple(tail_sd[name].shape)}, "
+                                 f"tower has {tuple(p.shape)}")
             p.copy_(tail_sd[name])
 
     stitch = Stitch(meta["dit_width"], meta["tail_width"], meta["dit_grid"], meta["tail_grid"],

@@ -163,7 +163,8 @@ class VisionTail(nn.Module):
         self._check_j(j)
         B, N, D = patch_tokens.shape
         if (N, D) != (self.num_tokens, self.width):
-            raise ValueError(f"patch_tokens must be (B, {self.num_tokens}, {self.width}), got {tuple(patch_tokens.shape)}")
+            raise ValueError(f"patch_tokens must be (B, {self.num_tokens}, {self.width}), "
+                             f"got {tuple(patch_tokens.shape)}")
         if j == 1:
             if class_token is not None:
                 raise ValueError("class_token must be None for j = 1 (the tower's own class embedding is used)")
@@ -201,7 +202,8 @@ class OpenCLIPTail(VisionTail):
         if visual.attn_pool is not None:
             raise NotImplementedError("open_clip towers with attentional pooling are not supported by VisionTail")
         if visual.pool_type not in ("tok", "avg"):
-            raise NotImplementedError(f"open_clip pool_type {visual.pool_type!r} is not supported (need 'tok' or 'avg')")
+            raise NotImplementedError(f"open_clip pool_type {visual.pool_type!r} is not supported "
+                                      f"(need 'tok' or 'avg')")
         self.vision = visual
         self.stem_conv = visual.conv1
         self.blocks = visual.transformer.resblocks

@@ -16,14 +16,13 @@ Detection (``detect_objects``), for an (H, W, 3) image (pixel constants are for 
      components under ``MIN_AREA`` px (a third of the smallest rendered object) are noise or edge fringe.
   5. Shape, by soft template matching in a whitened frame. The component's soft mask (alpha_k within
      ``PAD`` px of its box, other components' pixels zeroed, remapped by clip((alpha - 0.15) / 0.7, 0, 1)
-     to drop background noise) is resampled
-     (bilinear) on a ``PATCH_SIZE``^2 grid spanning +-``PATCH_EXTENT`` standard deviations around its
-     alpha-weighted centroid, per axis. Whitening removes position and scale; blur does not change
-     shapes' identity but softens them, so every shape has references at several blur levels
-     (``BLUR_LEVELS``, sigma as a fraction of the box half-height), made the same way from a high-resolution
-     render. The best reference by soft IoU (sum min / sum max) gives the shape if that IoU is at least
-     ``MIN_SHAPE_SCORE`` and the component's sigma_x / sigma_y is within ``MAX_ASPECT`` of the reference's;
-     otherwise the shape is unknown (None), e.g. for a blob that is no shape at all.
+     to drop background noise) is resampled (bilinear) on a ``PATCH_SIZE``^2 grid spanning
+     +-``PATCH_EXTENT`` standard deviations around its alpha-weighted centroid, per axis. Whitening removes
+     position and scale. Blur softens a shape without changing what it is, so every shape has references
+     at several blur levels (``BLUR_LEVELS``, sigma as a fraction of the box half-height), made the same
+     way from a high-resolution render. The best reference by soft IoU (sum min / sum max) gives the shape
+     if that IoU is at least ``MIN_SHAPE_SCORE`` and the component's sigma_x / sigma_y is within
+     ``MAX_ASPECT`` of the reference's; otherwise the shape is unknown (None): a bar, a ring, a smear.
   6. Position: the centre of the component's bounding box (GenEval uses box centres too).
 
 Scores (``score_objects``), each in [0, 1], for a prompt with groups g = (n_g, colour c_g, shape s_g):
@@ -41,6 +40,14 @@ Scores (``score_objects``), each in [0, 1], for a prompt with groups g = (n_g, c
             for, so position can be averaged over relation prompts only.
   overall   binary, like GenEval: 1 iff count, colour, shape and position are all 1 (exact counts of the
             exact colour+shape per group, nothing else in the image, relation satisfied).
+Objects of a colour far from the palette (black, white, grey) are not detected, so they neither satisfy
+nor spoil a prompt.
+
+Figures (``python -m shapes.bench_eval``, 1000 test renders): overall 1.000 clean, 1.000 blur (sigma 1 px),
+1.000 noise (sigma 0.05), 0.99 JPEG q40, 0.99 all three; shuffled captions 0.007 = the chance level; captions
+with one attribute changed 0.000; ~500 images per CPU-second. The residual errors are small (r = 7 px)
+yellow or orange stars after JPEG: 4:2:0 chroma subsampling blurs the colours that differ from the light
+background mostly in chroma.
 """
 
 from __future__ import annotations
@@ -69,10 +76,11 @@ PATCH_SIZE = 12
 PATCH_EXTENT = 2.8  # standard deviations; the farthest shape point (triangle apex) is 2.83 sd from its centroid
 BLUR_LEVELS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)  # reference blur sigma / box half-height
 REFERENCE_HALF_HEIGHT = 24  # px, resolution of the reference renders
+REFERENCE_SUPERSAMPLE = 4
 MIN_SHAPE_SCORE = 0.75
 MAX_ASPECT = 1.5  # allowed ratio between a component's sigma_x / sigma_y and its reference's, either way
 MIN_RELATION_OFFSET = 0.05  # of the image size
-MAX_RELATION_COS = 0.5  # along >= cos(60 deg) * |offset|: GenEval's rule
+MIN_RELATION_COS = 0.5  # along >= cos(60 deg) * |offset|: GenEval's rule
 
 _COLOR_NAMES = tuple(COLORS)
 _PALETTE = np.array([COLORS[c] for c in _COLOR_NAMES], dtype=np.float32) / 255.0  # (K, 3)
@@ -131,7 +139,7 @@ def _references() -> tuple[np.ndarray, tuple[str, ...], np.ndarray]:
     patches, names, aspects = [], [], []
     for shape in SHAPES:
         half_w = half_h * SHAPE_ASPECT[shape]
-        sharp = coverage(shape, side / 2, side / 2, half_w, half_h, slice(0, side), slice(0, side), 4)
+        sharp = coverage(shape, side / 2, side / 2, half_w, half_h, slice(0, side), slice(0, side), REFERENCE_SUPERSAMPLE)
         for level in BLUR_LEVELS:
             alpha = ndimage.gaussian_filter(sharp, level * half_h, mode="constant") if level > 0 else sharp
             patch, aspect = _whitened_patch(_soft(alpha))
@@ -160,6 +168,8 @@ def _as_float_image(image: np.ndarray) -> np.ndarray:
         return image.astype(np.float32) / 255.0
     if not np.issubdtype(image.dtype, np.floating):
         raise ValueError(f"image must be uint8 (0..255) or float (0..1), got {image.dtype}")
+    if image.min() < -0.01 or image.max() > 1.01:
+        raise ValueError(f"a float image must be in [0, 1], got [{image.min():.3g}, {image.max():.3g}]")
     return image.astype(np.float32, copy=False)
 
 
@@ -231,7 +241,7 @@ def score_objects(objects: Sequence[DetectedObject], spec: PromptSpec, size: int
         if centres[0] is not None and centres[1] is not None:
             offset = centres[0] - centres[1]
             along = float(offset @ np.array(relation_axis(spec.relation)))
-            if along > MIN_RELATION_OFFSET * size and along >= MAX_RELATION_COS * float(np.linalg.norm(offset)):
+            if along > MIN_RELATION_OFFSET * size and along >= MIN_RELATION_COS * float(np.linalg.norm(offset)):
                 position = 1.0
 
     overall = float(count == 1.0 and color == 1.0 and shape == 1.0 and position == 1.0)

@@ -54,7 +54,7 @@ def resolve_local_checkpoint(model_name: str, pretrained: str | Path) -> str:
         message += (
             f" {str(pretrained)!r} is an open_clip pretrained tag, and tags are never downloaded here: fetch the "
             f"weights on a machine with network access (Hugging Face repo {tag_cfg.get('hf_hub', '?')!r}, "
-            "file open_clip_model.safetensors) and pass the file's path as pretrained."
+            "file open_clip_model.safetensors or open_clip_pytorch_model.bin) and pass the file's path as pretrained."
         )
         if tag_cfg.get("quick_gelu", False) and not model_name.endswith("-quickgelu"):
             message += f" These weights use QuickGELU: load them as model_name='{model_name}-quickgelu'."
@@ -171,7 +171,9 @@ class CLIPScore(nn.Module):
         if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.shape[0] != len(prompts):
             raise ValueError(
                 f"tokenizer must return a LongTensor (B, L) with B = {len(prompts)}, got "
-                f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}"
+                f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}; wrap a "
+                "transformers tokenizer as lambda p: tok(p, padding='max_length', truncation=True, "
+                "max_length=context_length, return_tensors='pt').input_ids"
             )
         device = next(self.model.parameters()).device
         emb = self.model.encode_text(tokens.to(device))

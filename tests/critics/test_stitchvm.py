@@ -12,8 +12,8 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from critics.stitchvm import (DiTHead, ImageScore, PromptScore, Stitch, StitchVM, build_stitchvm, load_stitchvm,
-                              resample_grid, save_stitchvm)
+from critics.stitchvm import (DiTHead, ImageScore, PromptScore, Stitch, build_stitchvm, load_stitchvm, resample_grid,
+                              save_stitchvm)
 from critics.tails import ClipPreprocess, HFCLIPTail, OpenCLIPTail, make_tail
 
 LATENT = 16  # tiny latents (4, 16, 16) → 8×8 DiT tokens; the tiny CLIP sees 32×32 images → 4×4 patches

@@ -180,6 +180,16 @@ def test_uint8_and_float_images_agree():
         assert score_image(image, spec) == score_image(image.astype(np.float32) / 255, spec)
 
 
+def test_bad_image_inputs_fail_loudly():
+    spec = parse_caption("a red circle")
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+        score_image(np.full((64, 64, 3), 200.0, dtype=np.float32), spec)
+    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+        score_image(np.zeros((64, 64), dtype=np.uint8), spec)
+    with pytest.raises(ValueError, match="uint8"):
+        score_image(np.zeros((64, 64, 3), dtype=np.int64), spec)
+
+
 def test_larger_images():
     images, captions, _ = ground_truth(40, seed=5, size=128)
     assert float(ShapesEval()(_tensor(images), captions).overall.mean()) >= 0.97
