@@ -343,6 +343,8 @@ class StitchVM(nn.Module):
         meta: identity of the backbone / reward (free-form, stored in stitchvm.json).
     """
 
+    dense = True  # a value exists at every sigma (critics/base.py)
+
     def __init__(self, head: DiTHead, stitch: Stitch, tail: VisionTail, j: int,
                  score: PromptScore | ImageScore, class_token: Tensor | None = None, meta: dict | None = None):
         super().__init__()
@@ -467,6 +469,9 @@ def save_stitchvm(path_dir: str | os.PathLike, model: StitchVM, meta: dict | Non
     os.makedirs(parent, exist_ok=True)
     head, tail = model.head, model.tail
     info = {**model.meta, **(meta or {})}
+    if "reward_fingerprint" not in info:
+        raise ValueError("model.meta lacks 'reward_fingerprint' (the teacher's identity, checked at load): build the "
+                         "critic with build_stitchvm, or set it to vision_fingerprint(make_tail(reward.vision))")
     info.update({
         "format_version": FORMAT_VERSION,
         "i": model.i, "j": model.j,

@@ -410,6 +410,7 @@ def _boxes_apart(a: PlacedObject, b: PlacedObject, gap: float) -> bool:
 
 
 def _try_layout(spec: PromptSpec, rng: np.random.Generator, size: int, shrink: float) -> list[PlacedObject] | None:
+    """One rejection-sampling attempt (``sample_layout``) with radii scaled by ``shrink``; None on failure."""
     n_total = sum(g.count for g in spec.groups)
     r_lo = RADIUS_MIN * size
     r_hi = float(np.clip(RADIUS_CROWD * size / math.sqrt(n_total), r_lo, RADIUS_MAX * size))
@@ -425,9 +426,9 @@ def _try_layout(spec: PromptSpec, rng: np.random.Generator, size: int, shrink: f
         split = size * (float(np.clip(n_first / (n0 + n1), 0.35, 0.65)) + rng.uniform(-0.05, 0.05))
         near = (margin, split - gap / 2)
         far = (split + gap / 2, size - margin)
-        lo_hi = [near, far] if first == 0 else [far, near]
+        spans = [near, far] if first == 0 else [far, near]  # along the axis, per group
         full = (margin, size - margin)
-        regions = [(*lh, *full) if ax != 0 else (*full, *lh) for lh in lo_hi]
+        regions = [(*span, *full) if ax != 0 else (*full, *span) for span in spans]
     objects: list[PlacedObject] = []
     for gi, group in enumerate(spec.groups):
         x0, x1, y0, y1 = regions[gi]

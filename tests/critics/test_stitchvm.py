@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from critics.base import Critic
 from critics.stitchvm import (DiTHead, ImageScore, PromptScore, Stitch, build_stitchvm, load_stitchvm, resample_grid,
                               save_stitchvm)
 from critics.tails import ClipPreprocess, HFCLIPTail, OpenCLIPTail, make_tail
@@ -249,6 +250,7 @@ def test_value_prompt_dependent_uses_cached_text_embeddings():
     assert reward.text_calls == calls  # served from the cache
     assert v.shape == (3,) and v.dtype == torch.float32
     assert (model.i, model.j, model.latent_channels, model.latent_size) == (2, 1, 4, LATENT)
+    assert isinstance(model, Critic) and model.dense
     with pytest.raises(ValueError, match="one prompt per sample"):
         model.value(z, 0.5, prompts[:2])
 
