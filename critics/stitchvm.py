@@ -348,7 +348,7 @@ class StitchVM(nn.Module):
     def __init__(self, head: DiTHead, stitch: Stitch, tail: VisionTail, j: int,
                  score: PromptScore | ImageScore, class_token: Tensor | None = None, meta: dict | None = None):
         super().__init__()
-        tail._check_j(j)
+        tail.check_block(j)
         if (stitch.in_dim, stitch.in_grid) != (head.width, head.grid):
             raise ValueError(f"stitch expects ({stitch.in_dim}, {stitch.in_grid}) DiT features; head gives "
                              f"({head.width}, {head.grid})")

@@ -106,7 +106,7 @@ class VisionTail(nn.Module):
     def num_tokens(self) -> int:
         return self.grid[0] * self.grid[1]
 
-    def _check_j(self, j: int) -> None:
+    def check_block(self, j: int) -> None:
         if not 1 <= j <= self.num_blocks:
             raise ValueError(f"j must be in [1, {self.num_blocks}] for this {self.num_blocks}-block tower; got {j}")
 
@@ -127,7 +127,7 @@ class VisionTail(nn.Module):
             {j: Prefix(tokens (B, N, D), class_token (B, D) or None for j = 1)}.
         """
         for j in j_values:
-            self._check_j(j)
+            self.check_block(j)
         out: dict[int, Prefix] = {}
         tokens = self.stem(pixels)  # (B, N, D)
         if 1 in j_values:
@@ -160,7 +160,7 @@ class VisionTail(nn.Module):
         Returns:
             TailOutput(embed (B, E), tokens (B, N+1, D)).
         """
-        self._check_j(j)
+        self.check_block(j)
         B, N, D = patch_tokens.shape
         if (N, D) != (self.num_tokens, self.width):
             raise ValueError(f"patch_tokens must be (B, {self.num_tokens}, {self.width}), "
@@ -184,7 +184,7 @@ class VisionTail(nn.Module):
 
     def suffix_named_parameters(self, j: int) -> list[tuple[str, nn.Parameter]]:
         """Parameters used by `forward_from(·, j)`: the trained part of the tail in stage 2 (and what is saved)."""
-        self._check_j(j)
+        self.check_block(j)
         unused = {id(p) for p in self.stem_conv.parameters()}
         if j > 1:
             unused |= {id(p) for p in self._embedding_params()}

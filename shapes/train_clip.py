@@ -41,8 +41,8 @@ from tqdm import trange
 
 from shapes import models
 from shapes.data import COLORS, MAX_COUNT, RELATIONS, SHAPES, ObjectGroup, PromptSpec, caption, parse_caption
-from shapes.training import (Deadline, autocast, check_finite, lr_at, parse_args, render, resolve_device,
-                             seed_everything, set_lr, to_json, to_unit, write_json)
+from shapes.training import (Deadline, autocast, check_finite, generators, lr_at, parse_args, render,
+                             resolve_device, seed_everything, set_lr, to_json, to_unit, write_json)
 
 DATA_SEED = 1  # differs from the VAE/flow training images (seed 0) and the evaluation images
 
@@ -208,8 +208,9 @@ def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
     return y.reshape(b, c, h, w)
 
 
-def augment(x: Tensor, args: CLIPArgs, generator: torch.Generator) -> Tensor:
-    """Blur / resample / noise, each with its probability, per sample; x (B, 3, H, W) in [0, 1]."""
+def augment(x: Tensor, args: CLIPArgs, generator: torch.Generator, noise_generator: torch.Generator) -> Tensor:
+    """Blur / resample / noise, each with its probability, per sample; x (B, 3, H, W) in [0, 1].
+    ``generator`` (CPU) draws the per-sample choices, ``noise_generator`` (on x's device) the pixel noise."""
     b = x.shape[0]
     u = torch.rand(b, 5, generator=generator).to(x.device)
     sigma = torch.where(u[:, 0] < args.blur_prob, u[:, 1] * args.max_blur, torch.zeros_like(u[:, 1]))
@@ -219,7 +220,7 @@ def augment(x: Tensor, args: CLIPArgs, generator: torch.Generator) -> Tensor:
                          size=x.shape[-2:], mode="bilinear")
     x = resample * half + (1 - resample) * x
     std = torch.where(u[:, 3] < args.noise_prob, u[:, 4] * args.max_noise, torch.zeros_like(u[:, 4]))
-    noise = torch.randn(x.shape, generator=generator).to(x.device)
+    noise = torch.randn(x.shape, generator=noise_generator, device=x.device)
     return (x + std.view(b, 1, 1, 1) * noise).clamp(0, 1)
 
 
@@ -285,7 +286,7 @@ def train(args: CLIPArgs) -> dict:
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
-    gen = torch.Generator().manual_seed(args.seed)
+    gen, device_gen = generators(args.seed, device)
     n, b, k = images.shape[0], args.batch_size, args.hard_per_image
 
     log, stopped_at = [], None
@@ -295,7 +296,7 @@ def train(args: CLIPArgs) -> dict:
         set_lr(optimizer, lr_at(step, args.lr, args.warmup, args.steps))
         idx = torch.randint(n, (b,), generator=gen).to(device)
         pick = torch.randint(args.hard_pool, (b, k), generator=gen).to(device)
-        x = augment(to_unit(images[idx]), args, gen)
+        x = augment(to_unit(images[idx]), args, gen, device_gen)
         texts = torch.cat([tokens[idx], neg_tokens[idx[:, None], pick].reshape(b * k, -1)])  # (B + BK, L)
         txt_keys = torch.cat([keys[idx], neg_keys[idx[:, None], pick].reshape(-1)])
         with autocast(device):

@@ -17,12 +17,12 @@ autocast on GPU; an EMA of the transformer + text tower is what ships.
 
 Checkpoint choice ("room for RL"). The policy must be clean and recognisable but imperfect: ShapesEval overall
 in [0.35, 0.70] on held-out test prompts at 20 Euler steps (SD3.5-M scores 0.63 on GenEval). EMA snapshots are
-kept at ``snapshots`` fractions of training; each is sampled at ``num_steps`` Euler steps on validation prompts
-(prompts('test', n, VAL_PROMPT_SEED), not the reported ones) for every shift in ``shifts`` and guidance scale
-in ``guidances``. The shift is the one that gives the final snapshot the best CFG-free score; then, trying
-guidance scales in the order given (CFG-free first, since the NFT trainer samples CFG-free), the latest
-snapshot whose validation overall lies inside the target band shrunk by ``band_margin`` ships, with that
-guidance as the default. The whole table is logged.
+kept at ``snapshots`` fractions of training and sampled at ``num_steps`` Euler steps on validation prompts
+(prompts('test', n, VAL_PROMPT_SEED), not the reported ones). First the shift: the one of ``shifts`` that gives
+the final snapshot the best CFG-free ShapesEval overall. Then, at that shift, every snapshot at every guidance
+scale of ``guidances``; trying them in the order given (CFG-free first, since the NFT trainer samples
+CFG-free), the latest snapshot whose validation overall lies inside the target band shrunk by ``band_margin``
+ships, with that guidance as the default. The whole table is logged.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from tqdm import trange
 
 from shapes import models
 from shapes.train_vae import DATA_SEED
-from shapes.training import (EMA, Deadline, autocast, check_finite, lr_at, parse_args, render, resolve_device,
-                             seed_everything, set_lr, to_json, to_unit, write_json)
+from shapes.training import (EMA, Deadline, autocast, check_finite, generators, lr_at, parse_args, render,
+                             resolve_device, seed_everything, set_lr, to_json, to_unit, write_json)
 
 
 @dataclass
@@ -137,18 +137,35 @@ def as_policy(model: nn.ModuleDict, vae, tokenizer, shift: float):
     return FlowPolicy(model["transformer"].eval(), vae, text, shift=shift)
 
 
+def evaluate(candidate: nn.ModuleDict, state: dict, vae, tokenizer, prompts: list[str], step: int, shift: float,
+             guidance: float, args: FlowArgs) -> dict:
+    """ShapesEval summary of the snapshot ``state`` sampled at (num_steps, shift, guidance) on ``prompts``."""
+    from shapes import bench_world
+
+    candidate.load_state_dict({k: v.float() for k, v in state.items()})
+    samples = bench_world.sample_images(as_policy(candidate, vae, tokenizer, shift), prompts, args.num_steps, guidance)
+    row = {"step": step, "shift": shift, "guidance": guidance, **bench_world.shapes_eval_summary(samples, prompts)}
+    print(f"flow select: step {step:>6} shift {shift:g} w {guidance:g}: overall {row['eval/overall']:.3f} "
+          f"count {row['eval/count']:.3f} position {row['eval/position']:.3f}")
+    return row
+
+
+def choose_shift(table: list[dict]) -> float:
+    """The shift with the best overall among ``table``'s rows (ties: the smaller shift)."""
+    return max(table, key=lambda r: (r["eval/overall"], -r["shift"]))["shift"]
+
+
 def choose(table: list[dict], args: FlowArgs) -> tuple[dict, bool]:
-    """The shipped (step, shift, guidance) from the validation table (module docstring); returns (row, in_band)."""
+    """The shipped (step, guidance) at the chosen shift (module docstring); returns (row, in_band)."""
     final = max(r["step"] for r in table)
-    cfg_free = [r for r in table if r["step"] == final and r["guidance"] == args.guidances[0]]
-    shift = max(cfg_free, key=lambda r: (r["eval/overall"], -r["shift"]))["shift"]
+    shift = choose_shift([r for r in table if r["step"] == final and r["guidance"] == args.guidances[0]])
     low, high = args.target_low + args.band_margin, args.target_high - args.band_margin
-    for guidance in args.guidances:
-        rows = [r for r in table if r["shift"] == shift and r["guidance"] == guidance and low <= r["eval/overall"] <= high]
-        if rows:
-            return max(rows, key=lambda r: r["step"]), True
-    middle = (args.target_low + args.target_high) / 2
     rows = [r for r in table if r["shift"] == shift]
+    for guidance in args.guidances:
+        inside = [r for r in rows if r["guidance"] == guidance and low <= r["eval/overall"] <= high]
+        if inside:
+            return max(inside, key=lambda r: r["step"]), True
+    middle = (args.target_low + args.target_high) / 2
     return min(rows, key=lambda r: (abs(r["eval/overall"] - middle), args.guidances.index(r["guidance"]))), False
 
 
@@ -175,7 +192,7 @@ def train(args: FlowArgs) -> dict:
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
     ema = EMA(model, args.ema_decay)
-    gen = torch.Generator().manual_seed(args.seed)
+    gen, device_gen = generators(args.seed, device)
     keep = set(snapshot_steps(args))
     snapshots: dict[int, dict] = {}
     n, b = latents.shape[0], args.batch_size
@@ -185,12 +202,10 @@ def train(args: FlowArgs) -> dict:
     bar = trange(args.steps, desc="flow", mininterval=2.0)
     for step in bar:
         set_lr(optimizer, lr_at(step, args.lr, args.warmup, args.steps))
-        # all randomness from one CPU generator: the same run on any device
-        idx = torch.randint(n, (b,), generator=gen)
-        drop = torch.rand(b, generator=gen) < args.cfg_dropout
-        sigma = torch.sigmoid(args.logit_mean + args.logit_std * torch.randn(b, generator=gen))
-        eps = torch.randn((b, *latents.shape[1:]), generator=gen)
-        idx, drop, sigma, eps = idx.to(device), drop.to(device), sigma.to(device), eps.to(device)
+        idx = torch.randint(n, (b,), generator=gen).to(device)
+        drop = (torch.rand(b, generator=gen) < args.cfg_dropout).to(device)
+        sigma = torch.sigmoid(args.logit_mean + args.logit_std * torch.randn(b, generator=gen)).to(device)
+        eps = torch.randn((b, *latents.shape[1:]), generator=device_gen, device=device)
         ids = torch.where(drop[:, None], null_ids, tokens[idx])
         with autocast(device):
             loss = flow_matching_loss(model, latents[idx], ids, sigma, eps)
@@ -217,18 +232,14 @@ def train(args: FlowArgs) -> dict:
     t_sel = time.perf_counter()
     val = shapes_prompts("test", args.val_prompts, bench_world.VAL_PROMPT_SEED)
     candidate = copy.deepcopy(ema.module)
-    table = []
-    for step in sorted(snapshots):
-        candidate.load_state_dict({k: v.float() for k, v in snapshots[step].items()})
-        for shift in args.shifts:
-            policy = as_policy(candidate, vae, tokenizer, shift)
-            for guidance in args.guidances:
-                samples = bench_world.sample_images(policy, val, args.num_steps, guidance)
-                row = {"step": step, "shift": shift, "guidance": guidance,
-                       **bench_world.shapes_eval_summary(samples, val)}
-                table.append(row)
-                print(f"flow select: step {step:>6} shift {shift:g} w {guidance:g}: overall "
-                      f"{row['eval/overall']:.3f} count {row['eval/count']:.3f} position {row['eval/position']:.3f}")
+    final = max(snapshots)
+    # 1. the shift: each candidate on the final snapshot, CFG-free; 2. every snapshot x guidance at that shift
+    table = [evaluate(candidate, snapshots[final], vae, tokenizer, val, final, shift, args.guidances[0], args)
+             for shift in args.shifts]
+    shift = choose_shift(table)
+    done = {(r["step"], r["shift"], r["guidance"]) for r in table}
+    table += [evaluate(candidate, snapshots[step], vae, tokenizer, val, step, shift, guidance, args)
+              for step in sorted(snapshots) for guidance in args.guidances if (step, shift, guidance) not in done]
     chosen, in_band = choose(table, args)
     if not in_band:
         print(f"flow: WARNING no snapshot lands in [{args.target_low + args.band_margin}, "

@@ -42,7 +42,7 @@ class VAEArgs:
     """seeds the initialisation, batch order and posterior samples (data is fixed by shapes.data)"""
     num_images: int = 60000
     """training images: ShapesDataset('train', num_images, seed=0), pre-rendered once"""
-    steps: int = 3000
+    steps: int = 4000
     batch_size: int = 128
     lr: float = 5e-4
     warmup: int = 200

@@ -34,6 +34,10 @@ from shapes.data import ShapesDataset
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _single_thread() -> None:
+    torch.set_num_threads(1)  # forked workers: no nested thread pools (and no OpenMP state shared with the parent)
+
+
 def _render_range(job: tuple[str, int, int, int, int]) -> tuple[np.ndarray, list[str]]:
     split, num, seed, start, stop = job
     dataset = ShapesDataset(split, num, seed)
@@ -60,7 +64,7 @@ def render(split: str, num: int, seed: int, workers: int | None = None) -> tuple
         parts = [_render_range(job) for job in jobs]
     else:
         # fork keeps start-up cheap; the workers only run numpy (no CUDA has been touched by this helper)
-        with mp.get_context("fork").Pool(workers) as pool:
+        with mp.get_context("fork").Pool(workers, initializer=_single_thread) as pool:
             parts = pool.map(_render_range, jobs)
     images = torch.from_numpy(np.concatenate([p[0] for p in parts]))
     captions = [c for p in parts for c in p[1]]
@@ -123,6 +127,12 @@ def write_json(path: str | Path, data: dict) -> None:
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
+
+
+def generators(seed: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """(CPU generator for batch indices and small draws, generator on ``device`` for bulk noise), both from
+    ``seed``: bulk noise drawn on the CPU and copied would cost more than a small model's step."""
+    return torch.Generator().manual_seed(seed), torch.Generator(device=device).manual_seed(seed + 1)
 
 
 def autocast(device: torch.device):
