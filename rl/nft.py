@@ -248,12 +248,9 @@ def optimise(run: common.Run, cfg: NFTConfig, rollout: Rollout, r_opt: Tensor, o
 
 
 # ------------------------------------------------------------------------------------------------ the loop
-def train(run: common.Run, cfg: NFTConfig, resume: str | None = None) -> dict[str, float]:
-    """DiffusionNFT. Returns the final evaluation metrics."""
-    policy, accel, critic = run.policy, run.accelerator, run.critic
-    if critic.dense and cfg.tau_max >= cfg.num_steps and cfg.tau_min >= cfg.num_steps:
-        raise ConfigError("algo.tau_min/tau_max: a value critic needs an early stop tau < num_steps")
-    transformer = policy.transformer
+def setup_policy(run: common.Run, cfg: NFTConfig) -> tuple[torch.optim.Optimizer, list]:
+    """Adapters "default" (theta, trained) and "old" (theta_old = theta at start), the optimizer, accelerate."""
+    transformer = run.policy.transformer
     spec = lora.LoraSpec(r=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets)
     for name in ADAPTERS:
         lora.add_lora(transformer, spec, name)
@@ -264,9 +261,18 @@ def train(run: common.Run, cfg: NFTConfig, resume: str | None = None) -> dict[st
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    wrapped, optimizer = accel.prepare(transformer, optimizer)
-    policy.set_forward_module(wrapped)
+    wrapped, optimizer = run.accelerator.prepare(transformer, optimizer)
+    run.policy.set_forward_module(wrapped)
+    return optimizer, params
 
+
+def train(run: common.Run, cfg: NFTConfig, resume: str | None = None) -> dict[str, float]:
+    """DiffusionNFT. Returns the final evaluation metrics."""
+    policy, accel, critic = run.policy, run.accelerator, run.critic
+    if critic.dense and cfg.tau_max >= cfg.num_steps and cfg.tau_min >= cfg.num_steps:
+        raise ConfigError("algo.tau_min/tau_max: a value critic needs an early stop tau < num_steps")
+    transformer = policy.transformer
+    optimizer, params = setup_policy(run, cfg)
     start_epoch, history = 0, []
     if resume:
         start_epoch, state = common.restore(run, resume, optimizer, ADAPTERS)
