@@ -20,7 +20,8 @@ Choices the paper leaves open:
 - The teacher sees the clean image x0, not D(E(x0)): the value should predict the reward of the data, and the VAE
   round trip would teach the critic the VAE's artefacts. (The student sees z_t built from z0 = E(x0).)
 - Noise levels: logit-normal(0, 1) by default (a centre-biased law on (0, 1)), or uniform.
-- Learning rate: linear warm-up for `warmup_steps`, then constant (short 5-epoch finetune from a good init).
+- Learning rate: linear warm-up for `warmup_steps`, then constant (short 5-epoch finetune from a good init), or
+  cosine to 0 at `max_steps` (`lr_decay`).
 - Stitch + tail are fully finetuned (AdamW, stitch at 5× lr); the DiT head and the teacher are frozen.
 """
 
@@ -40,6 +41,7 @@ from critics.tails import make_tail
 
 LOSSES = ("embed_token", "smooth_l1")
 SIGMA_LAWS = ("logit_normal", "uniform")
+LR_DECAYS = ("constant", "cosine")
 # Teacher sanity check: the VisionTail re-implementation of the reward tower must agree with reward.image_embed.
 TEACHER_MIN_COSINE = 0.999
 
@@ -55,7 +57,9 @@ class DistillConfig:
     weight_decay: float = 0.0
     """AdamW weight decay (paper: 0)."""
     warmup_steps: int = 100
-    """Linear warm-up steps from lr/warmup_steps to lr; constant afterwards."""
+    """Linear warm-up steps from lr/warmup_steps to lr; then `lr_decay`."""
+    lr_decay: str = "constant"
+    """After warm-up: "constant" (paper: unspecified) or "cosine" to 0 at max_steps (needs max_steps)."""
     batch_size: int = 128
     """Images per optimiser step (paper: global batch 128). The data stream is re-chunked to this size."""
     micro_batch_size: int | None = None
@@ -98,6 +102,10 @@ class DistillConfig:
             raise ValueError("batch_size and micro_batch_size must be ≥ 1")
         if self.lr <= 0 or self.stitch_lr_mult <= 0 or self.warmup_steps < 0:
             raise ValueError("lr and stitch_lr_mult must be > 0 and warmup_steps ≥ 0")
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay must be one of {LR_DECAYS}; got {self.lr_decay!r}")
+        if self.lr_decay == "cosine" and self.max_steps is None:
+            raise ValueError("lr_decay = 'cosine' decays to 0 at max_steps: set max_steps")
 
 
 class DistillLoss(NamedTuple):
@@ -147,6 +155,14 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     return 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
 
 
+def lr_factor(step: int, cfg: DistillConfig) -> float:
+    """lr multiplier at optimiser step `step` (0-based): linear warm-up, then constant or cosine to 0 at max_steps."""
+    if step < cfg.warmup_steps or cfg.lr_decay == "constant":
+        return warmup_factor(step, cfg.warmup_steps)
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+
+
 def rebatch(data_iter: Iterable, batch_size: int) -> Iterator[Tensor]:
     """Re-chunk a stream of image batches (Tensor or a tuple/list whose first item is the Tensor) into batches of
     exactly `batch_size` images; an incomplete last chunk is dropped."""
@@ -174,7 +190,8 @@ def _check_teacher(teacher_emb: Tensor, reward_emb: Tensor) -> None:
 
 def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Tensor], Tensor], data_iter: Iterable,
             cfg: DistillConfig, callback: Callable[[int, dict], None] | None = None,
-            ckpt_meta: dict | None = None) -> dict[str, list[float]]:
+            ckpt_meta: dict | None = None,
+            save_fn: Callable[[str, StitchVM, dict | None], None] = save_stitchvm) -> dict[str, list[float]]:
     """Train the stitch and the tail of `model` to match `teacher_reward` on forward-noised latents.
 
     Args:
@@ -185,12 +202,14 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
         data_iter: re-iterable stream of image batches in [0, 1] (one pass per epoch).
         callback: called as callback(step, stats) every cfg.log_every steps with the latest metrics.
         ckpt_meta: identity fields passed to save_stitchvm.
+        save_fn: writes the checkpoints, save_fn(ckpt_dir, model, ckpt_meta); a critic with another head (e.g.
+            critics.vae_stitch) passes its own saver.
     Returns:
         {"distill/loss": [...], "distill/embed_loss": [...], "distill/token_loss": [...], ("distill/score_loss"),
          "distill/lr": [...], "distill/grad_norm": [...], "distill/sigma_mean": [...]}, one entry per step.
     """
     # ---- setup ----------------------------------------------------------------------------------------------
-    device = model.head.null_embeds.device
+    device = model.head.device
     teacher_reward.requires_grad_(False)
     teacher = make_tail(teacher_reward.vision, model.tail.preprocess)  # the original tower, not the trained copy
     teacher.eval()
@@ -208,7 +227,7 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
     optimizer = torch.optim.AdamW(
         [{"params": stitch_params, "lr": cfg.lr * cfg.stitch_lr_mult}, {"params": tail_params, "lr": cfg.lr}],
         lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_factor(step, cfg.warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
     generator = torch.Generator().manual_seed(cfg.seed)
     micro = cfg.micro_batch_size or cfg.batch_size
     stats: dict[str, list[float]] = {k: [] for k in (
@@ -278,7 +297,7 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
             if callback is not None and step % cfg.log_every == 0:
                 callback(step, {k: v[-1] for k, v in stats.items()})
             if cfg.ckpt_dir is not None and cfg.ckpt_every and step % cfg.ckpt_every == 0:
-                save_stitchvm(cfg.ckpt_dir, model, ckpt_meta)
+                save_fn(cfg.ckpt_dir, model, ckpt_meta)
         if cfg.max_steps is not None and step >= cfg.max_steps:
             break
     bar.close()
@@ -286,5 +305,5 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
     if step == 0:
         raise ValueError(f"no optimiser step taken: data_iter yielded fewer than batch_size = {cfg.batch_size} images")
     if cfg.ckpt_dir is not None:
-        save_stitchvm(cfg.ckpt_dir, model, ckpt_meta)
+        save_fn(cfg.ckpt_dir, model, ckpt_meta)
     return stats

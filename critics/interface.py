@@ -99,7 +99,7 @@ def collect_features(head: DiTHead, tail: VisionTail, images: Tensor, latents: T
         sigmas = torch.rand(N, generator=generator, dtype=torch.float64)
     if tuple(sigmas.shape) != (N,):
         raise ValueError(f"sigmas must be ({N},); got {tuple(sigmas.shape)}")
-    device = head.null_embeds.device
+    device = head.device
     dit: dict[int, list[Tensor]] = {i: [] for i in i_values}
     tgt: dict[int, list[Tensor]] = {j: [] for j in j_values}
     for s in range(0, N, batch_size):

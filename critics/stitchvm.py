@@ -162,6 +162,11 @@ class DiTHead(nn.Module):
         """The head is frozen: it stays in eval mode whatever the enclosing module does."""
         return self
 
+    @property
+    def device(self) -> torch.device:
+        """Where the head runs (and where stage 1 / stage 2 put their batches)."""
+        return self.null_embeds.device
+
     def fingerprint(self) -> str:
         """sha256 over the head's base parameters (names as in the transformer, values rounded to bf16).
 

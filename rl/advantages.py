@@ -60,3 +60,94 @@ def dense_step_advantages(values: Tensor, final_reward: Tensor | None = None) ->
     if final_reward is not None:
         v[:, -1] = final_reward.float()
     return v[:, 1:] - v[:, :-1]
+
+
+# ------------------------------------------------------------------------------------------------ dense (critic)
+def gae_advantages(values: Tensor, lam: float) -> Tensor:
+    """Per-step advantages from values along a trajectory, GAE(lambda) with gamma = 1 and no intermediate reward.
+
+    The sampler is an MDP whose state is z_k, whose action is z_{k+1} and whose only reward is R at the end, so
+    Q(z_k, z_{k+1}) = V(z_{k+1}) and the one-step advantage is the value gained by the step,
+    delta_k = V(z_{k+1}) - V(z_k). GAE mixes the n-step estimates:
+
+        A_k = sum_{l >= 0} lambda^l delta_{k+l}
+
+    lambda = 0: A_k = V(z_{k+1}) - V(z_k) (lowest variance; biased where V is wrong);
+    lambda = 1: A_k = V_N - V(z_k) = R - V(z_k) (V as a state baseline: unbiased for any V).
+
+    Args:
+        values: (B, N+1) values at z_0..z_N of each trajectory; put the realised reward in the last column
+            (``values[:, -1] = R``) so the advantages telescope to R.
+        lam: lambda in [0, 1].
+    Returns:
+        (B, N) float32 advantages; with lam = 0, ``sum_k A_k = values[:, -1] - values[:, 0]``.
+    """
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"GAE lambda must be in [0, 1], got {lam}")
+    if values.ndim != 2 or values.shape[1] < 2:
+        raise ValueError(f"values must be (B, N+1) with N >= 1, got {tuple(values.shape)}")
+    v = values.float()
+    delta = v[:, 1:] - v[:, :-1]  # (B, N)
+    adv = torch.empty_like(delta)
+    running = torch.zeros_like(delta[:, 0])
+    for k in range(delta.shape[1] - 1, -1, -1):  # A_k = delta_k + lambda A_{k+1}
+        running = delta[:, k] + lam * running
+        adv[:, k] = running
+    return adv
+
+
+def normalize_step_advantages(adv: Tensor, mask: Tensor, group_size: int, scale: str = "global",
+                              eps: float = 1e-4) -> Tensor:
+    """Centre per-step advantages within each (group, step) and rescale; entries outside ``mask`` become 0.
+
+    Centring removes what the samples of one prompt share at one step: for dense advantages that is the
+    critic's systematic drift along sigma (E[V(z_{k+1}) - V(z_k) | z_k] = 0 for an exact critic, so a non-zero
+    group mean is critic error); for sparse ones broadcast over steps it is GRPO's group mean.
+
+    Args:
+        adv: (B, N) per-step advantages, rows in consecutive groups of ``group_size`` (one prompt each).
+        mask: (B, N) bool, the entries that count (the stochastic steps); rows of a group must share it.
+        group_size: G (use B to centre over the whole batch).
+        scale: "global" divides by the std of every masked entry of the batch (keeps the relative weight of
+            steps), "group_step" by the std of each (group, step) (GRPO's per-group std applied per step),
+            "none" only centres.
+        eps: added to the std.
+    Returns:
+        (B, N) float32.
+    """
+    if scale not in ("global", "group_step", "none"):
+        raise ValueError(f"scale must be 'global', 'group_step' or 'none', got {scale!r}")
+    if adv.shape != mask.shape or adv.ndim != 2:
+        raise ValueError(f"adv and mask must both be (B, N), got {tuple(adv.shape)} and {tuple(mask.shape)}")
+    if group_size < 1 or adv.shape[0] % group_size:
+        raise ValueError(f"batch of {adv.shape[0]} rows is not a whole number of groups of {group_size}")
+    a = adv.float().view(-1, group_size, adv.shape[1])  # (P, G, N)
+    m = mask.view_as(a).float()
+    if group_size > 1 and not bool((m == m[:, :1]).all()):
+        raise ValueError("every row of a group must have the same stochastic steps (mask)")
+    count = m.sum(1, keepdim=True).clamp_min(1)
+    mean = (a * m).sum(1, keepdim=True) / count
+    centred = (a - mean) * m
+    if scale == "group_step":
+        centred = centred / (((centred**2).sum(1, keepdim=True) / count).sqrt() + eps)
+    elif scale == "global":
+        n = m.sum().clamp_min(1)
+        centred = centred / ((centred**2).sum() / n).sqrt().add(eps)
+    return centred.view_as(adv)
+
+
+def dense_advantages(values: Tensor, rewards: Tensor, mask: Tensor, lam: float, group_size: int,
+                     scale: str = "global", eps: float = 1e-4) -> Tensor:
+    """Per-step advantages from a critic: GAE(lambda) on V along the trajectory, ending at the realised reward,
+    then centred per (group, step) and rescaled (see :func:`gae_advantages`, :func:`normalize_step_advantages`).
+
+    Args:
+        values: (B, N+1) V(z_0)..V(z_N); the last column is replaced by ``rewards``.
+        rewards: (B,) realised rewards R.
+        mask: (B, N) stochastic steps (the others get 0).
+    Returns:
+        (B, N) float32.
+    """
+    v = values.float().clone()
+    v[:, -1] = rewards.float()
+    return normalize_step_advantages(gae_advantages(v, lam), mask, group_size, scale, eps)

@@ -64,6 +64,8 @@ class Run:
     run_cfg: RunConfig
     eval_cfg: EvalConfig
     config_dict: dict = field(default_factory=dict)
+    reward: Any = None  # the pixel reward r(images, prompts) of finished samples (trainers that need R besides V)
+    cotrain: Any = None  # rl.cotrain.CotrainConfig from critic.cotrain (None: off)
     timer: Timer = field(default_factory=Timer)
     start_time: float = field(default_factory=time.time)
 
@@ -150,12 +152,15 @@ def trained_state(run: Run, optimizer: torch.optim.Optimizer, adapters: tuple[st
     return tensors, {"optimizer": opt_meta}
 
 
-def save(run: Run, epoch: int, optimizer, adapters: tuple[str, ...], extra: dict | None = None) -> Path | None:
-    """Checkpoint after ``epoch`` completed epochs (main process only; others wait)."""
+def save(run: Run, epoch: int, optimizer, adapters: tuple[str, ...], extra: dict | None = None,
+         extra_tensors: dict[str, dict[str, Tensor]] | None = None) -> Path | None:
+    """Checkpoint after ``epoch`` completed epochs (main process only; others wait). ``extra`` is JSON state,
+    ``extra_tensors`` more tensor groups (e.g. a co-trained critic and its optimizer)."""
     run.accelerator.wait_for_everyone()
     path = None
     if run.accelerator.is_main_process:
         tensors, state = trained_state(run, optimizer, adapters)
+        tensors.update(extra_tensors or {})
         state.update(config=run.config_dict, **(extra or {}))
         path = ckpt.save_checkpoint(run.run_dir, epoch, tensors, state, keep=run.run_cfg.keep_checkpoints)
     run.accelerator.wait_for_everyone()

@@ -24,7 +24,9 @@ import importlib  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
-ALGOS = {"nft": ("rl.nft", "NFTConfig")}
+ALGOS = {"nft": ("rl.nft", "NFTConfig"), "grpo": ("rl.grpo", "GRPOConfig"), "ddpo": ("rl.ddpo", "DDPOConfig"),
+         "draft": ("rl.draft", "DraftConfig")}
+COTRAIN_ALGOS = ("grpo", "ddpo", "draft")  # the trainers that run critic.cotrain (rl/cotrain.py)
 
 
 def critic_choices() -> list[str]:
@@ -52,12 +54,13 @@ class Composed:
     algo_cfg: object
     run_cfg: object
     eval_cfg: object
+    cotrain_cfg: object = None
 
 
 def compose_config(args: argparse.Namespace) -> Composed:
     """Compose and validate the config; raises ConfigError with one message saying what to fix."""
     from rl import common
-    from rl.config import ConfigError, apply_overrides, compose, from_dict, load_yaml
+    from rl.config import ConfigError, apply_overrides, compose, from_dict, load_yaml, to_dict
 
     if args.algo not in ALGOS:
         raise ConfigError(f"--algo: unknown algorithm '{args.algo}'; valid choices: {sorted(ALGOS)}")
@@ -68,19 +71,29 @@ def compose_config(args: argparse.Namespace) -> Composed:
              {"algo": load_yaml(CONFIG_ROOT / "algo" / f"{args.algo}.yaml")},
              {"critic": load_yaml(CONFIG_ROOT / "critic" / f"{args.critic}.yaml")}]
     parts += [load_yaml(path) for path in args.config]
-    raw = apply_overrides(compose(*parts), args.overrides)
+    module, cls = ALGOS[args.algo]
+    algo_cls = getattr(importlib.import_module(module), cls)
+    # Typed sections start from their dataclass defaults, so every field is overridable from the CLI and
+    # --print-config shows the whole resolved config.
+    defaults = {"algo": to_dict(algo_cls()), "run": to_dict(common.RunConfig()), "eval": to_dict(common.EvalConfig())}
+    raw = apply_overrides(compose(defaults, *parts), args.overrides)
     known = {"model", "reward", "critic", "prompts", "eval_metric", "algo", "run", "eval"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {unknown}; valid keys: {sorted(known)}")
-    module, cls = ALGOS[args.algo]
-    algo_cfg = from_dict(getattr(importlib.import_module(module), cls), raw.get("algo", {}), "algo")
+    algo_cfg = from_dict(algo_cls, raw.get("algo", {}), "algo")
     run_cfg = from_dict(common.RunConfig, raw.get("run", {}), "run")
     eval_cfg = from_dict(common.EvalConfig, raw.get("eval", {}), "eval")
     for key in ("model", "reward", "critic"):
         if not isinstance(raw.get(key), dict) or "_component_" not in raw[key]:
             raise ConfigError(f"{key}: needs a node with _component_ (an import path), got {raw.get(key)!r}")
-    return Composed(raw, algo_cfg, run_cfg, eval_cfg)
+    from rl.cotrain import cotrain_config  # critic.cotrain configures co-training, it is no critic argument
+
+    cotrain_cfg = cotrain_config(raw["critic"].get("cotrain"))
+    if cotrain_cfg.enabled and args.algo not in COTRAIN_ALGOS:
+        raise ConfigError(f"critic.cotrain: --algo {args.algo} does not co-train its critic (trainers that do: "
+                          f"{list(COTRAIN_ALGOS)}); set critic.cotrain.enabled=false")
+    return Composed(raw, algo_cfg, run_cfg, eval_cfg, cotrain_cfg)
 
 
 def build_run(composed: Composed):
@@ -98,7 +111,8 @@ def build_run(composed: Composed):
     common.seed_everything(run_cfg.seed + accelerator.process_index)
     policy = instantiate(raw["model"], _path="model").to(accelerator.device)
     reward = instantiate(raw["reward"], _path="reward").to(accelerator.device)
-    critic = instantiate(raw["critic"], _path="critic", policy=policy, reward=reward)
+    critic_node = {k: v for k, v in raw["critic"].items() if k != "cotrain"}
+    critic = instantiate(critic_node, _path="critic", policy=policy, reward=reward)
     if isinstance(critic, torch.nn.Module):
         critic.to(accelerator.device)
     check_pairing(critic, policy.latent_channels, policy.latent_size)
@@ -113,7 +127,8 @@ def build_run(composed: Composed):
                           config=raw, is_main_process=accelerator.is_main_process)
     return common.Run(policy=policy, critic=critic, train_prompts=list(train_prompts), eval_prompts=list(eval_prompts),
                       eval_metric=metric, accelerator=accelerator, logger=logger, run_cfg=run_cfg,
-                      eval_cfg=composed.eval_cfg, config_dict=to_dict(raw))
+                      eval_cfg=composed.eval_cfg, config_dict=to_dict(raw), reward=reward,
+                      cotrain=composed.cotrain_cfg)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,8 +14,8 @@ Protocol (every number is a pure function of the weights and these seeds):
   policy          ``num_prompts`` held-out test prompts prompts('test', n, TEST_PROMPT_SEED), one sample each,
                   Euler ODE at ``num_steps`` with z_T from SAMPLE_SEED; ShapesEval means per criterion, position over
                   relation prompts only; "overall" broken down by prompt kind.
-  Spearman        rank correlation between the CLIP score (cosine) and the ShapesEval mean criterion
-                  (count + colour + shape + position) / 4 over a pool of the policy's own samples at several step
+  Spearman        rank correlation between the CLIP score (cosine) and the ShapesEval mean over the criteria
+                  that apply (position for relation prompts only; ``eval_mean_score``) over a pool of the policy's own samples at several step
                   counts and guidance scales (SPEARMAN_SETTINGS: mixing good and bad samples), and, harder, over
                   the default-setting samples alone.
 """
@@ -188,9 +188,13 @@ def shapes_eval_summary(images: Tensor, prompts: list[str]) -> dict[str, float]:
 
 
 def eval_mean_score(images: Tensor, prompts: list[str]) -> tuple[Tensor, Tensor]:
-    """Per-image ShapesEval mean criterion (count + colour + shape + position) / 4 and overall, (N,) each."""
+    """Per-image ShapesEval mean over the criteria that apply, (count + colour + shape [+ position]) / (3 [+ 1]),
+    and overall, (N,) each. Position counts only for relation prompts: ShapesEval's 1.0 for "N/A" would give an
+    empty image of a one-group prompt a quarter of the score for free."""
     result = ShapesEval()(images, prompts)
-    return (result.count + result.color + result.shape + result.position) / 4, result.overall
+    rel = result.has_relation.float()
+    mean = (result.count + result.color + result.shape + rel * result.position) / (3 + rel)
+    return mean, result.overall
 
 
 @torch.no_grad()

@@ -140,9 +140,14 @@ def build_tokenizer(max_length: int = CONTEXT_LENGTH):
 
 
 def save_tokenizer(tokenizer, path: str | Path) -> None:
+    """Write the backend tokenizer (vocabulary, normaliser, [BOS]/[EOS] template), without the padding and
+    truncation state that calls leave on it: those are per-call arguments."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer.backend_tokenizer.save(str(path))
+    backend = copy.deepcopy(tokenizer.backend_tokenizer)
+    backend.no_padding()
+    backend.no_truncation()
+    backend.save(str(path))
 
 
 def load_tokenizer(path: str | Path, max_length: int = CONTEXT_LENGTH):
@@ -227,7 +232,7 @@ def save_clip(model: nn.Module, config: dict, tokenizer, weights_dir: str | Path
 def _require(path: Path) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"missing Shapes weights file {path}; rebuild the weights with `{REBUILD_COMMAND}` "
-                                f"(about 15 minutes on one H100; see docs/shapes_world.md)")
+                                f"(about 13 minutes on one GPU; see docs/shapes_world.md)")
     return path
 
 

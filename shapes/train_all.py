@@ -1,6 +1,6 @@
 """Rebuild every shipped Shapes model and its figures: VAE, CLIP reward, text tower + flow transformer, bench.
 
-    python -m shapes.train_all --device cuda                        # shapes/weights/ (about 12 minutes on one H100)
+    python -m shapes.train_all --device cuda                        # shapes/weights/ (about 13 minutes on one H200)
     python -m shapes.train_all --device cuda --stages vae,clip      # the same in two parts
     python -m shapes.train_all --device cuda --stages flow,bench
 
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parallel", choices=("auto", "yes", "no"), default="auto",
                         help="train the CLIP in a second process while the VAE trains (auto: on CUDA)")
     parser.add_argument("--max_minutes", type=float, default=0.0, help="wall-clock guard per stage (0 = none)")
+    parser.add_argument("--figure", default="docs/img/shapes_samples.png", help="the bench's sample grid ('' = none)")
     args = parser.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
     unknown = sorted(set(stages) - set(STAGES))
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         times["flow"] = time.perf_counter() - t
     if "bench" in stages:
         t = time.perf_counter()
-        bench_world.main(["--device", args.device, "--weights_dir", args.out_dir,
+        bench_world.main(["--device", args.device, "--weights_dir", args.out_dir, "--figure", args.figure,
                           "--out", str(Path(args.out_dir) / "logs" / "bench.json")])
         times["bench"] = time.perf_counter() - t
     print("train_all: wall-clock seconds " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))

@@ -1,6 +1,6 @@
 """Train the Shapes CLIP reward: an open_clip ``CLIP`` from a small config, contrastively on Shapes renders.
 
-    python -m shapes.train_clip --device cuda                      # the shipped reward (~3 min on one H100)
+    python -m shapes.train_clip --device cuda                      # the shipped reward (~3.5 min on one H200)
     python -m shapes.train_clip --steps 10 --num_train 256 ...     # a CPU smoke run
 
 Objective: symmetric InfoNCE (Radford et al. 2021) with hard text negatives. For a batch of B images x_i with
@@ -83,6 +83,8 @@ class CLIPArgs:
     eval_images: int = 512
     workers: int = 0
     """rendering processes (0 = all cores)"""
+    log_every: int = 50
+    """steps between logged losses (the first and last step are always logged)"""
     max_minutes: float = 0.0
     """wall-clock guard for jobs with a hard limit (0 = none); stopping early is logged as such"""
 
@@ -289,7 +291,7 @@ def train(args: CLIPArgs) -> dict:
     gen, device_gen = generators(args.seed, device)
     n, b, k = images.shape[0], args.batch_size, args.hard_per_image
 
-    log, stopped_at = [], None
+    log, stopped_at, last_step = [], None, args.steps - 1
     t_train = time.perf_counter()
     bar = trange(args.steps, desc="clip", mininterval=2.0)
     for step in bar:
@@ -310,7 +312,7 @@ def train(args: CLIPArgs) -> dict:
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        if step % 50 == 0 or step == args.steps - 1:
+        if step % args.log_every == 0 or step == last_step:
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy.item():.2f}")
             log.append({"step": step, "loss/contrastive": loss.item(), "train/top1_hard_batch": accuracy.item(),
                         "train/logit_scale": model.logit_scale.exp().item()})

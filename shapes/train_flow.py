@@ -2,7 +2,7 @@
 rectified flow matching with classifier-free-guidance dropout (Esser et al. 2024, SD3), on latents of the
 trained Shapes VAE; then pick the shipped checkpoint so the policy leaves room for RL.
 
-    python -m shapes.train_flow --device cuda                       # the shipped policy (~5 min on one H100)
+    python -m shapes.train_flow --device cuda                       # the shipped policy (~8.5 min on one H200)
     python -m shapes.train_flow --steps 10 --num_images 256 ...     # a CPU smoke run (needs <out_dir>/vae)
 
 Notation (docs/design.md): z_0 normalised VAE latent of a training image, eps ~ N(0, I), sigma in (0, 1),
@@ -54,9 +54,14 @@ class FlowArgs:
     num_images: int = 200000
     """training images: ShapesDataset('train', num_images, seed=0), encoded once to latents"""
     steps: int = 8000
-    batch_size: int = 512
-    lr: float = 3e-4
-    warmup: int = 500
+    """length of the learning-rate schedule"""
+    stop_at: int = 5935
+    """train the first stop_at steps of the schedule only (0 = all of it). The shipped run was stopped at step
+    5935 of 8000 by its wall-clock guard (--max_minutes 8.2 on an H200); this replays it without the clock"""
+    batch_size: int = 1024
+    """large: a step of this small model costs about the same at 512 and 1024 on one GPU (launch-bound)"""
+    lr: float = 4e-4
+    warmup: int = 300
     weight_decay: float = 0.01
     ema_decay: float = 0.999
     cfg_dropout: float = 0.1
@@ -84,6 +89,8 @@ class FlowArgs:
     val_prompts: int = 512
     workers: int = 0
     """rendering processes (0 = all cores)"""
+    log_every: int = 50
+    """steps between logged losses (the first and last step are always logged)"""
     max_minutes: float = 0.0
     """wall-clock guard for jobs with a hard limit (0 = none); stopping early is logged as such"""
 
@@ -126,7 +133,9 @@ def build_models(args: FlowArgs, tokenizer, latent_channels: int, latent_size: i
 
 
 def snapshot_steps(args: FlowArgs) -> list[int]:
-    return sorted({max(1, round(f * args.steps)) for f in args.snapshots})
+    """Steps whose EMA weights are candidates: the ``snapshots`` fractions of the schedule up to the last step."""
+    stop = args.stop_at or args.steps
+    return sorted({max(1, round(f * args.steps)) for f in args.snapshots if round(f * args.steps) <= stop} | {stop})
 
 
 def as_policy(model: nn.ModuleDict, vae, tokenizer, shift: float):
@@ -173,6 +182,8 @@ def train(args: FlowArgs) -> dict:
     from shapes import bench_world
     from shapes.data import prompts as shapes_prompts
 
+    if not 0 <= args.stop_at <= args.steps:
+        raise ValueError(f"stop_at must be in 0..steps={args.steps}, got {args.stop_at}")
     device = resolve_device(args.device)
     seed_everything(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -190,16 +201,17 @@ def train(args: FlowArgs) -> dict:
     model.train()
     prep_s = time.perf_counter() - t0
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99),
+                                  fused=device.type == "cuda")
     ema = EMA(model, args.ema_decay)
     gen, device_gen = generators(args.seed, device)
     keep = set(snapshot_steps(args))
     snapshots: dict[int, dict] = {}
     n, b = latents.shape[0], args.batch_size
 
-    log, stopped_at = [], None
+    log, stopped_at, last_step = [], None, (args.stop_at or args.steps) - 1
     t_train = time.perf_counter()
-    bar = trange(args.steps, desc="flow", mininterval=2.0)
+    bar = trange(last_step + 1, desc="flow", mininterval=2.0)
     for step in bar:
         set_lr(optimizer, lr_at(step, args.lr, args.warmup, args.steps))
         idx = torch.randint(n, (b,), generator=gen).to(device)
@@ -217,7 +229,7 @@ def train(args: FlowArgs) -> dict:
         ema.update(model)
         if step + 1 in keep:
             snapshots[step + 1] = {k: v.to("cpu", models.STORE_DTYPE) for k, v in ema.module.state_dict().items()}
-        if step % 50 == 0 or step == args.steps - 1:
+        if step % args.log_every == 0 or step == last_step:
             bar.set_postfix(loss=f"{loss.item():.4f}")
             log.append({"step": step, "loss/flow_matching": loss.item(), "train/grad_norm": grad_norm.item()})
         if deadline.expired():
@@ -254,7 +266,7 @@ def train(args: FlowArgs) -> dict:
                "flow/params_transformer": sum(p.numel() for p in model["transformer"].parameters()),
                "flow/params_text": sum(p.numel() for p in model["text"].parameters()),
                "time/prepare_s": prep_s, "time/train_s": train_s, "time/select_s": select_s,
-               "time/steps_done": stopped_at or args.steps, "stopped_early": stopped_at is not None,
+               "time/steps_done": stopped_at or last_step + 1, "stopped_early": stopped_at is not None,
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "args": to_json(args), "log": log}
     write_json(Path(args.out_dir) / "logs" / "flow.json", metrics)

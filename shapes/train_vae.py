@@ -1,6 +1,6 @@
 """Train the Shapes VAE: a diffusers ``AutoencoderKL`` with 3 resolution levels, 64x64x3 -> 16x16x4.
 
-    python -m shapes.train_vae --device cuda                       # the shipped VAE (~2 min on one H100)
+    python -m shapes.train_vae --device cuda                       # the shipped VAE (~3 min on one H200)
     python -m shapes.train_vae --steps 20 --num_images 256 ...     # a CPU smoke run
 
 Loss per image x in [-1, 1], posterior q(z|x) = N(mu, sigma^2), z ~ q, reconstruction x_hat = D(z):
@@ -61,6 +61,8 @@ class VAEArgs:
     """test-split images for the final PSNR (shapes.bench_world.EVAL_SEED)"""
     workers: int = 0
     """rendering processes (0 = all cores)"""
+    log_every: int = 50
+    """steps between logged losses (the first and last step are always logged)"""
     max_minutes: float = 0.0
     """wall-clock guard for jobs with a hard limit (0 = none); stopping early is logged as such"""
 
@@ -112,7 +114,7 @@ def train(args: VAEArgs) -> dict:
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
     batch_gen = torch.Generator().manual_seed(args.seed)
 
-    log, stopped_at = [], None
+    log, stopped_at, last_step = [], None, args.steps - 1
     t_train = time.perf_counter()
     bar = trange(args.steps, desc="vae", mininterval=2.0)
     for step in bar:
@@ -128,7 +130,7 @@ def train(args: VAEArgs) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
-        if step % 50 == 0 or step == args.steps - 1:
+        if step % args.log_every == 0 or step == last_step:
             psnr_batch = -10 * torch.log10(torch.tensor(stats["mse"] / 4))  # mse on [-1, 1] -> [0, 1] units
             bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr_batch:.1f}")
             log.append({"step": step, "loss/total": loss.item(), **{f"loss/{k}": v for k, v in stats.items()}})

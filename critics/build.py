@@ -1,0 +1,483 @@
+"""Build a stitched critic end to end from a YAML: probe → interface search → stitch init → distillation → save.
+
+    python -m critics.build --config configs/critic/build_shapes.yaml [key=value ...]
+    python -m critics.build --config configs/critic/build_shapes.yaml kind=vae_stitch \
+        output_dir=shapes/weights/vae_stitch
+    stitchvm-build-critic --config configs/critic/build_sd35m_clip.yaml policy.path=/models/sd3.5-medium ...
+
+Paper: "Stitched Value Model for Diffusion Alignment" (arXiv 2605.19804), §3 and App. C.1 / D.1. Stages:
+
+  1. load     instantiate the policy (FlowPolicy), the reward (CLIP-family: `.vision`, `.preprocess_cfg`) and
+              the training images (`data`, any `_component_` giving a dataset of images in [0, 1])
+  2. probe    N_probe clean images x0 (the first `probe.n` items of `data`), latents z0 = E(x0) and noise
+              levels t ~ `probe.sigma_law` (paper: 200 images, t ~ U[0, 1])
+  3. search   cache u^{≤i}(z_t) and r^{≤j−1}(x0), fit Eq. 7 per (i, j) in closed form (critics/interface.py),
+              print the fit-error grid, save it as interface.png + interface.json, select the minimum or the
+              pinned pair. kind=vae_stitch: the head is the identity on z_t and only j is searched.
+  4. init     F_ψ ← (W*, b*), G_ψ ≡ 0, tail = a trainable copy of the reward tower from block j (Eq. 57)
+  5. distill  stage 2 (critics/distill.py): progress bar, a log line every `distill.log_every` steps, checkpoints
+              (the whole output directory, atomically) every `distill.ckpt_every` steps
+  6. save     output_dir/: stitch.safetensors, tail.safetensors, stitchvm.json (vae_stitch.json), interface.json,
+              interface.png, build.json (resolved config, stage times, distillation curve summary)
+
+Exit status: 0 done; 2 a configuration or pairing error, printed as one message; 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from critics.distill import DistillConfig, distill
+from critics.interface import InterfaceResult, save_heatmap, search, validate_interface
+from critics.load import reward_preprocess
+from critics.stitchvm import DiTHead, StitchVM, build_stitchvm, save_stitchvm
+from critics.tails import make_tail
+from critics.vae_stitch import (LATENT_TAP, build_vae_stitch, latent_head, save_vae_stitch, search_latent,
+                                write_dir_atomically)
+from rl.config import (ConfigError, apply_overrides, check, config_help, from_dict, instantiate, load_yaml, option,
+                       to_dict)
+
+DEFAULT_CONFIG = "configs/critic/build_shapes.yaml"
+KINDS = ("stitchvm", "vae_stitch")
+INTERFACE_JSON = "interface.json"
+INTERFACE_PNG = "interface.png"
+BUILD_JSON = "build.json"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class ProbeConfig:
+    n: int = option(200, help="N_probe: clean probe images, the first n items of `data` (paper: 200).")
+    sigma_law: Literal["uniform", "logit_normal"] = option(
+        "uniform", help="law of the probe noise level t: U[0, 1] (paper) or sigmoid(N(0, 1)).")
+    batch_size: int = option(32, help="probe images per forward pass while caching features.")
+
+    def __post_init__(self) -> None:
+        check(self.n >= 1, "n", f"must be >= 1, got {self.n}")
+        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class SearchConfig:
+    i_values: list[int] | None = option(
+        None, help="DiT blocks i to fit (default: every block 1..num_layers). Unused for kind=vae_stitch.")
+    j_values: list[int] | None = option(None, help="reward blocks j to fit, each <= 4 (default: 1..min(4, L)).")
+    pinned: tuple[int, int] | None = option(
+        None, help="[i, j] to use instead of the minimum (it is fitted and shown too); [0, j] for vae_stitch.")
+    criterion: Literal["rel_mse", "mse"] = option(
+        "rel_mse", help="selection criterion: MSE / Var(target) (default; targets of different j differ in "
+                        "scale) or the absolute MSE of Eq. 7.")
+
+
+@dataclass
+class BuildConfig:
+    policy: dict[str, Any] = option(help="FlowPolicy node, e.g. {_component_: shapes.models.load_shapes_policy}.")
+    reward: dict[str, Any] = option(help="reward node with `.vision` and `.preprocess_cfg` (CLIPScore, HPSv2...).")
+    data: dict[str, Any] = option(
+        help="node giving the clean training images: a dataset whose items are (3, H, W) tensors in [0, 1], "
+             "{'image': ...} dicts or (image, ...) tuples, at the policy's resolution.")
+    output_dir: str = option(help="where the critic is written (relative paths: from the current directory).")
+    kind: Literal["stitchvm", "vae_stitch"] = option(
+        "stitchvm", help="stitchvm: DiT head u^{<=i}; vae_stitch: identity head on z_t (paper's baseline).")
+    score: Literal["prompt", "image"] = option(
+        "prompt", help="prompt: V = reward.score_from_embeds(e, text); image: V = reward.score_from_image_embed(e).")
+    probe: ProbeConfig = option(default_factory=ProbeConfig, help="stage-1 probe set.")
+    search: SearchConfig = option(default_factory=SearchConfig, help="stage-1 interface search.")
+    distill: DistillConfig = option(
+        default_factory=DistillConfig,
+        help="stage 2 (critics.distill.DistillConfig fields); ckpt_dir null = checkpoint into output_dir.")
+    loader_batch_size: int = option(64, help="images per DataLoader batch (distill re-chunks to its batch_size).")
+    num_workers: int = option(0, help="DataLoader worker processes producing training images.")
+    bottleneck_ratio: int = option(8, help="G_psi hidden width = D_tail // ratio (paper 1:8).")
+    head_dtype: Literal["float32", "bfloat16"] = option(
+        "float32", help="dtype of the frozen policy transformer (the head); the stitch and tail train in float32.")
+    device: str = option("cpu", help="torch device, e.g. cpu or cuda.")
+    seed: int = option(0, help="seed of the probe noise and of data shuffling (distill.seed seeds stage 2).")
+    meta: dict[str, Any] = option(
+        default_factory=dict, help="identity fields stored in the critic's JSON: backbone, reward, image_size.")
+
+    def __post_init__(self) -> None:
+        check(self.loader_batch_size >= 1, "loader_batch_size", f"must be >= 1, got {self.loader_batch_size}")
+        check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        check(self.bottleneck_ratio >= 1, "bottleneck_ratio", f"must be >= 1, got {self.bottleneck_ratio}")
+        if self.kind == "vae_stitch" and self.search.pinned is not None:
+            check(self.search.pinned[0] == LATENT_TAP, "search.pinned",
+                  f"kind=vae_stitch has no DiT block: pin [0, j], got {list(self.search.pinned)}")
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> BuildConfig:
+    """YAML + `key=value` overrides → BuildConfig; every mistake is a ConfigError naming the key."""
+    raw = apply_overrides(load_yaml(path), overrides or [])
+    try:
+        return from_dict(BuildConfig, raw)
+    except ValueError as e:  # DistillConfig validates with ValueError in its __post_init__
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"distill: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------
+class ImageFolder(Dataset):
+    """Every image under `root` (recursive, sorted by path), shortest side resized to `resolution` (bicubic) and
+    centre-cropped: items are float (3, resolution, resolution) in [0, 1].
+
+    Args:
+        root: directory of .png / .jpg / .jpeg / .webp / .bmp files.
+        resolution: side of the square output (the policy's image size, e.g. 512 for SD3.5-M at 512²).
+        limit: keep only the first `limit` files (None: all).
+    """
+
+    def __init__(self, root: str | os.PathLike, resolution: int, limit: int | None = None):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"ImageFolder: {self.root} is not a directory")
+        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if limit is not None:
+            self.files = self.files[:limit]
+        if not self.files:
+            raise FileNotFoundError(f"ImageFolder: no {'/'.join(IMAGE_EXTENSIONS)} images under {self.root}")
+        self.resolution = int(resolution)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Tensor:
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(self.files[index]) as im:
+            im = im.convert("RGB")
+            scale = self.resolution / min(im.size)
+            w, h = max(self.resolution, round(im.width * scale)), max(self.resolution, round(im.height * scale))
+            im = im.resize((w, h), Image.BICUBIC)
+            left, top = (w - self.resolution) // 2, (h - self.resolution) // 2
+            im = im.crop((left, top, left + self.resolution, top + self.resolution))
+            arr = np.asarray(im, dtype=np.uint8)
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)  # (3, R, R)
+
+
+def image_of(item: Any) -> Tensor:
+    """The (3, H, W) image of a dataset item: a tensor, {'image': tensor} or (tensor, ...)."""
+    if isinstance(item, dict):
+        if "image" not in item:
+            raise ValueError(f"data items are dicts without an 'image' key (keys: {sorted(item)})")
+        item = item["image"]
+    elif isinstance(item, (tuple, list)):
+        item = item[0]
+    if not isinstance(item, Tensor) or item.dim() != 3 or item.shape[0] != 3:
+        raise ValueError(f"data items must be (3, H, W) image tensors in [0, 1] (or dicts / tuples holding one); "
+                         f"got {type(item).__name__} {tuple(item.shape) if isinstance(item, Tensor) else ''}")
+    return item
+
+
+def collate_images(items: list[Any]) -> Tensor:
+    return torch.stack([image_of(it) for it in items])  # (B, 3, H, W)
+
+
+class ImageStream:
+    """Re-iterable stream of image batches (B, 3, H, W) over a map-style dataset, reshuffled every pass."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0, shuffle: bool = True):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.num_workers, self.shuffle = num_workers, shuffle
+        self.passes = 0
+
+    def __iter__(self) -> Iterator[Tensor]:
+        generator = torch.Generator().manual_seed(self.seed + self.passes)
+        self.passes += 1
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=self.shuffle, generator=generator,
+                            num_workers=self.num_workers, collate_fn=collate_images)
+        yield from loader
+
+
+def first_images(dataset: Dataset, n: int) -> Tensor:
+    """The first n images of `dataset`, (n, 3, H, W)."""
+    if len(dataset) < n:
+        raise ValueError(f"probe.n = {n} but the data has only {len(dataset)} images")
+    return collate_images([dataset[k] for k in range(n)])
+
+
+@torch.no_grad()
+def encode_images(policy: nn.Module, images: Tensor, batch_size: int) -> Tensor:
+    """z0 = E(x0) for (N, 3, H, W) images, on the CPU in float32: (N, C, h, w)."""
+    return torch.cat([policy.encode(images[s:s + batch_size].to(policy.device)).float().cpu()
+                      for s in range(0, images.shape[0], batch_size)])
+
+
+def probe_sigmas(n: int, law: str, generator: torch.Generator) -> Tensor:
+    """(n,) probe noise levels t on the CPU (float64, as critics.interface draws them)."""
+    if law == "uniform":
+        return torch.rand(n, generator=generator, dtype=torch.float64)
+    return torch.sigmoid(torch.randn(n, generator=generator, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------------------------------------------
+def format_grid(result: InterfaceResult) -> str:
+    """The fit-error grid as text: rows i, columns j, the selected cell starred."""
+    head = "i \\ j " + "".join(f"{j:>11d}" for j in result.j_values)
+    identity = ", 0 = identity head" if result.i_values == [LATENT_TAP] else ""
+    lines = [f"stage-1 fit {result.criterion} (rows: DiT block i{identity}; columns: reward block j; * = selected)",
+             head]
+    for a, i in enumerate(result.i_values):
+        cells = "".join(f"{float(result.grid[a, c]):>10.4g}{'*' if (i, j) == tuple(result.best) else ' '}"
+                        for c, j in enumerate(result.j_values))
+        lines.append(f"{i:>5d} {cells}")
+    return "\n".join(lines)
+
+
+def interface_record(result: InterfaceResult, cfg: BuildConfig) -> dict:
+    return {"kind": cfg.kind, "criterion": result.criterion, "i_values": result.i_values, "j_values": result.j_values,
+            "best": list(result.best), "pinned": list(cfg.search.pinned) if cfg.search.pinned else None,
+            "mse": result.mse.tolist(), "rel_mse": result.rel_mse.tolist(),
+            "probe": {"n": cfg.probe.n, "sigma_law": cfg.probe.sigma_law, "seed": cfg.seed}}
+
+
+def heatmap_png(result: InterfaceResult) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, INTERFACE_PNG)
+        save_heatmap(result, path)
+        return Path(path).read_bytes()
+
+
+def save_critic_dir(path_dir: str | os.PathLike, model: StitchVM, meta: dict | None,
+                    saver: Callable[[str, StitchVM, dict | None], None], extras: dict[str, bytes]) -> None:
+    """The critic's files plus `extras` (name → bytes) as one directory, swapped into place atomically."""
+
+    def write(tmp: str) -> None:
+        inner = os.path.join(tmp, "weights")
+        saver(inner, model, meta)
+        for name in os.listdir(inner):
+            os.replace(os.path.join(inner, name), os.path.join(tmp, name))
+        os.rmdir(inner)
+        for name, data in extras.items():
+            Path(tmp, name).write_bytes(data)
+
+    write_dir_atomically(path_dir, write)
+
+
+def say(stage: str, message: str) -> None:
+    print(f"[build:{stage}] {message}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The build
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class BuildResult:
+    model: StitchVM
+    interface: InterfaceResult
+    stats: dict[str, list[float]]
+    output_dir: Path
+    times: dict[str, float] = field(default_factory=dict)
+
+
+def _check_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name} requested but CUDA is not available; use device=cpu")
+    return device
+
+
+def _check_search(cfg: BuildConfig, num_dit_blocks: int, num_tail_blocks: int) -> tuple[list[int], list[int] | None]:
+    """Resolve and validate the (i, j) candidates before any feature is computed; ConfigError on a bad pair."""
+    j_values = cfg.search.j_values
+    if cfg.kind == "vae_stitch":
+        pairs = [(1, j) for j in (j_values or [])]  # i is irrelevant: validate j with a dummy i = 1
+        if cfg.search.pinned is not None:
+            pairs.append((1, cfg.search.pinned[1]))
+        i_values = [LATENT_TAP]
+    else:
+        i_values = cfg.search.i_values or list(range(1, num_dit_blocks + 1))
+        pairs = [(i, j) for i in i_values for j in (j_values or [1])]
+        if cfg.search.pinned is not None:
+            pairs.append(tuple(cfg.search.pinned))
+    for i, j in pairs:
+        try:
+            validate_interface(i, j, num_dit_blocks, num_tail_blocks)
+        except ValueError as e:
+            raise ConfigError(f"search: {e}") from None
+    return i_values, j_values
+
+
+def build(cfg: BuildConfig) -> BuildResult:
+    """Run stages 1-6 (module docstring). Raises ConfigError / ValueError / FileNotFoundError with one message."""
+    times: dict[str, float] = {}
+    t_start = time.perf_counter()
+    device = _check_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    output_dir = Path(cfg.output_dir)
+
+    # 1. load ---------------------------------------------------------------------------------------------------
+    t = time.perf_counter()
+    say("load", f"policy {cfg.policy.get('_component_')}, reward {cfg.reward.get('_component_')}, "
+                f"data {cfg.data.get('_component_')} on {device}")
+    policy = instantiate(cfg.policy, _path="policy").to(device)
+    reward = instantiate(cfg.reward, _path="reward").to(device)
+    dataset = instantiate(cfg.data, _path="data")
+    reward.requires_grad_(False)
+    if cfg.head_dtype == "bfloat16":
+        policy.transformer.to(torch.bfloat16)
+    preprocess = reward_preprocess(reward)
+    teacher = make_tail(reward.vision, preprocess)
+    num_layers = len(policy.transformer.transformer_blocks)
+    i_values, j_values = _check_search(cfg, num_layers, teacher.num_blocks)
+    say("load", f"policy: {num_layers} DiT blocks, latents ({policy.latent_channels}, {policy.latent_size}, "
+                f"{policy.latent_size}); reward tower: {teacher.num_blocks} blocks of width {teacher.width}, patch "
+                f"grid {teacher.grid}; data: {len(dataset)} images")
+    times["load_s"] = time.perf_counter() - t
+
+    # 2. probe --------------------------------------------------------------------------------------------------
+    t = time.perf_counter()
+    generator = torch.Generator().manual_seed(cfg.seed)
+    images = first_images(dataset, cfg.probe.n)  # (N, 3, H, W)
+    latents = encode_images(policy, images, cfg.probe.batch_size)  # (N, C, h, w)
+    want = (policy.latent_channels, policy.latent_size, policy.latent_size)
+    if tuple(latents.shape[1:]) != want:
+        raise ValueError(f"data images are {tuple(images.shape[2:])}, which the policy's VAE encodes to latents "
+                         f"{tuple(latents.shape[1:])}; the policy's transformer works on latents {want} (images of "
+                         f"{policy.image_size}x{policy.image_size}): set the data resolution to the policy's")
+    sigmas = probe_sigmas(cfg.probe.n, cfg.probe.sigma_law, generator)
+    say("probe", f"{cfg.probe.n} clean images {tuple(images.shape[1:])} → latents {tuple(latents.shape[1:])}, "
+                 f"t ~ {cfg.probe.sigma_law}")
+    times["probe_s"] = time.perf_counter() - t
+
+    # 3. search -------------------------------------------------------------------------------------------------
+    t = time.perf_counter()
+    if cfg.kind == "stitchvm":
+        null = policy.null_embeds()
+        head = DiTHead(policy.transformer, max(i_values), null.embeds, null.pooled, policy.latent_size)
+        say("search", f"fitting Eq. 7 for i in {i_values}, j in {j_values or 'all <= 4'} "
+                      f"({cfg.probe.n} probes x {teacher.num_tokens} tokens = {cfg.probe.n * teacher.num_tokens} "
+                      f"rows, {head.width} features)")
+        result = search(head, teacher, images, latents, i_values, j_values, cfg.search.pinned, sigmas, generator,
+                        cfg.probe.batch_size, cfg.search.criterion)
+    else:
+        head = latent_head(policy)
+        say("search", f"fitting Eq. 7 with the identity head (C = {head.width} features) for j in "
+                      f"{j_values or 'all <= 4'}")
+        pinned_j = cfg.search.pinned[1] if cfg.search.pinned is not None else None
+        result = search_latent(head, teacher, images, latents, j_values, pinned_j, sigmas, generator,
+                               cfg.probe.batch_size, cfg.search.criterion)
+    print(format_grid(result), flush=True)
+    best_i, best_j = result.best
+    fit = result.fits[result.best]
+    say("search", f"selected (i, j) = ({best_i}, {best_j}){' (pinned)' if cfg.search.pinned else ''}: "
+                  f"rel_mse {fit.rel_mse:.4f}, mse {fit.mse:.4g}")
+    extras = {INTERFACE_JSON: (json.dumps(interface_record(result, cfg), indent=2) + "\n").encode(),
+              INTERFACE_PNG: heatmap_png(result)}
+    times["search_s"] = time.perf_counter() - t
+
+    # 4. init ---------------------------------------------------------------------------------------------------
+    probe_pixels = preprocess(images.to(device)) if best_j > 1 else None
+    meta = dict(cfg.meta)
+    if cfg.kind == "stitchvm":
+        null = policy.null_embeds()
+        model = build_stitchvm(policy.transformer, reward, best_i, best_j, fit.W, fit.b, null.embeds, null.pooled,
+                               cfg.score, latent_size=policy.latent_size, probe_pixels=probe_pixels,
+                               preprocess=preprocess, bottleneck_ratio=cfg.bottleneck_ratio, meta=meta)
+        saver = save_stitchvm
+    else:
+        model = build_vae_stitch(policy, reward, best_j, fit.W, fit.b, cfg.score, probe_pixels=probe_pixels,
+                                 preprocess=preprocess, bottleneck_ratio=cfg.bottleneck_ratio, meta=meta)
+        saver = save_vae_stitch
+    model.tail.to(device)
+    trained = sum(p.numel() for p in model.stitch_parameters()) + sum(p.numel() for _, p in
+                                                                      model.tail_named_parameters())
+    say("init", f"{cfg.kind} ({best_i}, {best_j}): stitch F ← W* ({fit.W.shape[0]}x{fit.W.shape[1]}), G ≡ 0; "
+                f"{trained / 1e6:.2f}M trained parameters")
+
+    # 5. distill ------------------------------------------------------------------------------------------------
+    t = time.perf_counter()
+    dcfg = cfg.distill if cfg.distill.ckpt_dir is not None else replace(cfg.distill, ckpt_dir=str(output_dir))
+    stream = ImageStream(dataset, cfg.loader_batch_size, cfg.seed, cfg.num_workers)
+    record = {"config": to_dict(cfg), "times": times}
+
+    def save_fn(path: str, critic: StitchVM, ckpt_meta: dict | None) -> None:
+        extras[BUILD_JSON] = (json.dumps(record, indent=2) + "\n").encode()
+        save_critic_dir(path, critic, ckpt_meta, saver, extras)
+
+    def log(step: int, stats: dict) -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"[build:distill] step {step}: loss {stats['distill/loss']:.4g} (embed "
+                   f"{stats['distill/embed_loss']:.4g}, token {stats['distill/token_loss']:.4g}), "
+                   f"lr {stats['distill/lr']:.3g}, grad norm {stats['distill/grad_norm']:.3g}")
+        record["last_step"] = step
+
+    steps = dcfg.max_steps if dcfg.max_steps is not None else dcfg.epochs * (len(dataset) // dcfg.batch_size)
+    say("distill", f"{steps} steps of {dcfg.batch_size} images, lr {dcfg.lr:g} (stitch x{dcfg.stitch_lr_mult:g}), "
+                   f"sigma ~ {dcfg.sigma_sampling}, checkpoints → {dcfg.ckpt_dir}")
+    stats = distill(model, reward, policy.encode, stream, dcfg, callback=log, ckpt_meta=meta, save_fn=save_fn)
+    times["distill_s"] = time.perf_counter() - t
+
+    # 6. save ---------------------------------------------------------------------------------------------------
+    times["total_s"] = time.perf_counter() - t_start
+    tail_n = min(len(stats["distill/loss"]), max(1, dcfg.log_every))
+    record.update({"steps": len(stats["distill/loss"]),
+                   "final": {k: sum(v[-tail_n:]) / tail_n for k, v in stats.items()},
+                   "curve": {k: v[:: max(1, len(v) // 100)] for k, v in stats.items()}})
+    save_fn(str(output_dir), model, meta)
+    if dcfg.ckpt_dir != str(output_dir):
+        save_fn(dcfg.ckpt_dir, model, meta)
+    say("save", f"{cfg.kind} ({best_i}, {best_j}) → {output_dir.resolve()} "
+                f"(final loss {record['final']['distill/loss']:.4g}; {times['total_s']:.0f} s total)")
+    return BuildResult(model, result, stats, output_dir, times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="critics.build", description=__doc__.split("\n\n")[0],
+                                     epilog="Overrides: dotted keys, e.g. distill.max_steps=100 search.pinned=[4,1] "
+                                            "kind=vae_stitch. --help-config lists every key.")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"build YAML (default {DEFAULT_CONFIG})")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--help-config", action="store_true", help="describe every config key and exit")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    args = parser.parse_args(argv)
+    if args.help_config:
+        print(config_help(BuildConfig))
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return 0
+    try:
+        build(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""YAML-facing loaders of the stitched critics: pair a saved critic with the run's policy and reward.
+
+    critic:                                       # configs/critic/stitchvm.yaml
+      _component_: critics.load.stitchvm
+      path: shapes/weights/stitchvm
+
+rl/train.py calls ``instantiate(cfg["critic"], policy=policy, reward=reward)``, so each loader takes the policy
+(FlowPolicy) and the reward (a CLIP-family reward with ``vision`` and ``preprocess_cfg``) as keyword arguments.
+
+Paths: an absolute path is used as is; a relative path is read from the current directory if it exists there,
+else from the repository root (so the shipped configs work from any directory). A path that exists in neither
+is a FileNotFoundError naming both places.
+
+Pairing: the loaders refuse a critic built for another policy or reward (critics.stitchvm.load_stitchvm checks
+the backbone config, the head blocks' fingerprint and the null-text conditioning; critics.vae_stitch checks the
+VAE), with a message that says which is which.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Callable
+
+from torch import Tensor, nn
+
+from critics.rewards.base import preprocess as reward_preprocess_fn
+from critics.stitchvm import StitchVM, load_stitchvm
+from critics.vae_stitch import load_vae_stitch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUILD_HINT = "build one with `python -m critics.build --config configs/critic/build_shapes.yaml` (docs/critic.md)"
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """The critic directory `path` names (see the module docstring for relative paths)."""
+    path = Path(path)
+    if path.is_absolute() or path.exists():
+        if not path.exists():
+            raise FileNotFoundError(f"no critic at {path}; {BUILD_HINT}")
+        return path
+    rooted = REPO_ROOT / path
+    if not rooted.exists():
+        raise FileNotFoundError(f"no critic at {path} (looked in {Path.cwd()} and {REPO_ROOT}); {BUILD_HINT}")
+    return rooted
+
+
+def reward_preprocess(reward: nn.Module) -> Callable[[Tensor], Tensor]:
+    """The reward's own differentiable preprocessing (resize + normalise to its tower), for the critic's tail.
+
+    The tail must see pixels exactly as the reward does, or distillation targets and the teacher differ.
+    """
+    return functools.partial(reward_preprocess_fn, cfg=reward.preprocess_cfg)
+
+
+def stitchvm(policy: nn.Module, reward: nn.Module, path: str | os.PathLike) -> StitchVM:
+    """Load the StitchVM at `path` around `policy.transformer` (its first i blocks, shared) and `reward`.
+
+    The head is conditioned on the policy's own null-text embedding (``policy.null_embeds()``).
+    """
+    null = policy.null_embeds()
+    return load_stitchvm(resolve_path(path), policy.transformer, reward, null.embeds, null.pooled,
+                         preprocess=reward_preprocess(reward))
+
+
+def vae_stitch(policy: nn.Module, reward: nn.Module, path: str | os.PathLike) -> StitchVM:
+    """Load the vae_stitch baseline at `path` for `policy`'s latent space (its VAE) and `reward`."""
+    return load_vae_stitch(resolve_path(path), policy, reward, preprocess=reward_preprocess(reward))

@@ -1,0 +1,217 @@
+"""DDPO (Black et al., arXiv 2305.13301) for flow models, with dense per-step advantages from a value critic.
+
+Denoising as a multi-step MDP, optimised by PPO on the per-step log-probs of the stochastic sampler (for flows:
+the Flow-GRPO SDE step, policies/samplers.py). Each epoch:
+
+1. Rollout. ``prompts_per_epoch`` prompts, ``group_size`` samples each, SDE at every step, keeping every latent
+   and log pi_old(z_{k+1} | z_k).
+2. Reward R = r(D(z_N)); with a value critic also V(z_k) along the trajectories.
+3. Advantages (``advantages``):
+     sparse  (DDPO Sec. 4.3)  A = (R - mu_prompt) / (sigma_prompt + 1e-6) from a per-prompt history buffer of the
+                              last ``stat_buffer_size`` rewards of that prompt (batch statistics until it holds
+                              ``stat_min_count``), the same for every step of a sample;
+     dense   (critic)         A_k = GAE_lambda(delta)_k, delta_k = V(z_{k+1}) - V(z_k), V(z_N) := R, centred per
+                              step (within each prompt's group when group_size >= 2, else over the batch) and
+                              divided by the global std. V(z_k) is a prompt- *and state*-dependent baseline, so it
+                              replaces the per-prompt history (see rl/grpo.py for why it reduces variance).
+   Both clipped to [-adv_clip, adv_clip].
+4. ``inner_epochs`` passes of PPO-clip over (sample, step) pairs (DDPO Eq. 4, importance sampling):
+     L = mean max(-A rho_k, -A clip(rho_k, 1 - eps, 1 + eps)),  rho_k = pi_theta / pi_old  (no KL term)
+   Every pass reshuffles the samples and redraws each sample's ``timestep_fraction`` of steps.
+5. Critic co-training (``critic.cotrain``, rl/cotrain.py).
+6. Log, evaluate, checkpoint (the history buffer is part of the checkpoint).
+
+Notation: eps = ``clip_range``; pi_old = ``rollout.log_probs`` (B, N), averaged over latent elements.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from policies import lora
+from rl import common, cotrain
+from rl import policy_gradient as pg
+from rl.advantages import dense_advantages
+from rl.checkpoint import NonFiniteError
+from rl.config import check, option
+from rl.grpo import check_critic
+from rl.signals import GracefulExit
+
+ADAPTERS = ("default",)
+STAT_EPS = 1e-6  # ddpo-pytorch's std epsilon
+
+
+@dataclass
+class DDPOConfig:
+    """DDPO hyper-parameters (ddpo-pytorch's defaults where they exist; Shapes sizes in configs/algo/ddpo.yaml)."""
+
+    num_steps: int = option(10, help="sampler steps N")
+    eta: float = option(0.7, help="SDE noise level; must be > 0 (an ODE step has no log-prob)")
+    guidance_scale: float = option(1.0, help="CFG weight in rollout and training (1.0 = CFG-free)")
+    prompts_per_epoch: int = option(16, help="prompts per epoch")
+    group_size: int = option(1, help="samples per prompt (DDPO: 1; the history buffer supplies the prompt's mean)")
+    rollout_batch_size: int = option(32, help="samples per rollout forward (a multiple of group_size)")
+    train_batch_size: int = option(16, help="samples per optimizer step")
+    value_batch_size: int = option(64, help="latents per critic call (dense values)")
+    timestep_fraction: float = option(1.0, help="fraction of each sample's steps trained on per inner epoch")
+    inner_epochs: int = option(2, help="PPO passes over each batch of samples (importance-sampled)")
+    clip_range: float = option(1e-4, help="eps of the ratio clip (ddpo-pytorch: 1e-4)")
+    adv_clip: float = option(5.0, help="advantages clipped to [-adv_clip, adv_clip] (ddpo-pytorch: 5)")
+    per_prompt_stats: bool = option(True, help="sparse: normalise by per-prompt history statistics (else batch)")
+    stat_buffer_size: int = option(32, help="rewards kept per prompt in the history buffer")
+    stat_min_count: int = option(16, help="use a prompt's own statistics once its buffer holds this many rewards")
+    advantages: Literal["sparse", "dense"] = option(
+        "sparse", help="sparse: normalised R shared by every step; dense: per-step GAE on the critic's V")
+    gae_lambda: float = option(0.0, help="dense: lambda of GAE (0: V(z_k+1) - V(z_k); 1: R - V(z_k))")
+    dense_norm: Literal["global", "group_step", "none"] = option(
+        "global", help="dense: after centring per step divide by the global std, the per-step std, or nothing")
+    adv_eps: float = option(1e-4, help="dense: eps added to the std")
+    lr: float = option(3e-4, help="AdamW learning rate of the LoRA (ddpo-pytorch: 3e-4)")
+    weight_decay: float = option(1e-4, help="AdamW weight decay")
+    max_grad_norm: float = option(1.0, help="gradient clipping")
+    lora_rank: int = option(32, help="LoRA rank r")
+    lora_alpha: float = option(64.0, help="LoRA alpha")
+    lora_targets: tuple[str, ...] = option(lora.SD3_TARGETS, help="LoRA target modules")
+
+    def __post_init__(self):
+        check(self.num_steps >= 1, "num_steps", f"must be >= 1, got {self.num_steps}")
+        check(self.eta > 0, "eta", f"DDPO needs a stochastic sampler (eta > 0): the deterministic ODE step "
+                                   f"(eta = 0) has no log-probability; got {self.eta}")
+        check(self.rollout_batch_size % self.group_size == 0, "rollout_batch_size",
+              f"must be a multiple of group_size ({self.group_size}), got {self.rollout_batch_size}")
+        check(0 < self.timestep_fraction <= 1, "timestep_fraction", f"must be in (0, 1], got {self.timestep_fraction}")
+        check(self.clip_range > 0, "clip_range", f"must be > 0, got {self.clip_range}")
+        check(self.adv_clip > 0, "adv_clip", f"must be > 0, got {self.adv_clip}")
+        check(0 <= self.gae_lambda <= 1, "gae_lambda", f"must be in [0, 1], got {self.gae_lambda}")
+        check(self.stat_min_count <= self.stat_buffer_size, "stat_min_count",
+              f"must be <= stat_buffer_size ({self.stat_buffer_size}), got {self.stat_min_count}")
+        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        for key in ("prompts_per_epoch", "group_size", "train_batch_size", "value_batch_size", "inner_epochs",
+                    "stat_buffer_size", "stat_min_count"):
+            check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+
+    def update_settings(self) -> pg.UpdateSettings:
+        return pg.UpdateSettings(self.eta, self.guidance_scale, self.clip_range, 0.0, self.train_batch_size,
+                                 self.timestep_fraction, self.inner_epochs, self.max_grad_norm)
+
+
+# ------------------------------------------------------------------------------------------------ advantages
+class PerPromptStatTracker:
+    """DDPO's per-prompt reward normalisation with a history buffer (ddpo-pytorch's PerPromptStatTracker).
+
+    ``update`` appends the batch's rewards to each prompt's buffer (the last ``buffer_size`` kept), then
+    A = (R - mean) / (std + 1e-6) with the prompt's buffer statistics once it holds ``min_count`` rewards, the
+    batch's before that.
+    """
+
+    def __init__(self, buffer_size: int, min_count: int):
+        self.buffer_size, self.min_count = buffer_size, min_count
+        self.stats: dict[str, deque] = {}
+
+    def update(self, prompts: list[str], rewards: Tensor) -> Tensor:
+        """prompts (B,), rewards (B,) -> advantages (B,) float32 on the rewards' device."""
+        r = rewards.detach().float().cpu().numpy()
+        names = np.array(prompts, dtype=object)
+        adv = np.empty_like(r)
+        for prompt in dict.fromkeys(prompts):
+            rows = names == prompt
+            buffer = self.stats.setdefault(prompt, deque(maxlen=self.buffer_size))
+            buffer.extend(r[rows].tolist())
+            ref = np.asarray(buffer) if len(buffer) >= self.min_count else r
+            adv[rows] = (r[rows] - ref.mean()) / (ref.std() + STAT_EPS)
+        return torch.as_tensor(adv, device=rewards.device)
+
+    def state(self) -> dict[str, list[float]]:
+        return {p: list(b) for p, b in self.stats.items()}
+
+    def load(self, state: dict[str, list[float]]) -> None:
+        self.stats = {p: deque(v, maxlen=self.buffer_size) for p, v in state.items()}
+
+
+def ddpo_advantages(rewards: Tensor, values: Tensor | None, sde_mask: Tensor, prompts: list[str],
+                    tracker: PerPromptStatTracker, cfg: DDPOConfig) -> Tensor:
+    """Stage 3: per-step advantages (B, N) (module docstring). The sparse path updates the history buffer."""
+    if cfg.advantages == "sparse":
+        if cfg.per_prompt_stats:
+            adv = tracker.update(prompts, rewards)
+        else:
+            adv = (rewards.float() - rewards.float().mean()) / (rewards.float().std(unbiased=False) + STAT_EPS)
+        adv = adv.view(-1, 1).expand_as(sde_mask)
+    else:
+        if values is None:
+            raise ValueError("dense advantages need the critic's values along the trajectories")
+        groups = cfg.group_size if cfg.group_size >= 2 else rewards.shape[0]
+        adv = dense_advantages(values, rewards, sde_mask, cfg.gae_lambda, groups, cfg.dense_norm, cfg.adv_eps)
+    return torch.where(sde_mask, adv.clamp(-cfg.adv_clip, cfg.adv_clip), torch.zeros_like(adv))
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+def train(run: common.Run, cfg: DDPOConfig, resume: str | None = None) -> dict[str, float]:
+    """DDPO. Returns the final evaluation metrics."""
+    critic = run.critic
+    check_critic(critic, cfg.advantages)
+    spec = lora.LoraSpec(r=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets)
+    params, optimizer = pg.setup_lora(run, spec, cfg.lr, cfg.weight_decay, ADAPTERS)
+    exclude = cotrain.shared_parameters(run)
+    cotrain.freeze(critic, exclude)
+    critic_trainer = cotrain.build(run, exclude)
+    edges = run.cotrain.sigma_edges if run.cotrain is not None else cotrain.CotrainConfig().sigma_edges
+    want_values = critic.dense and (cfg.advantages == "dense" or critic_trainer is not None)
+    tracker = PerPromptStatTracker(cfg.stat_buffer_size, cfg.stat_min_count)
+    start_epoch, history, state = pg.start_run(run, optimizer, ADAPTERS, resume, critic_trainer)
+    tracker.load(state.get("stat_tracker", {}))
+
+    consecutive_bad, epoch = 0, start_epoch
+    with GracefulExit() as stop:
+        for epoch in range(start_epoch, run.run_cfg.max_epochs):
+            prompts = common.prompt_batch(run.train_prompts, cfg.prompts_per_epoch, epoch, run.run_cfg.seed)
+            rows = [p for p in prompts for _ in range(cfg.group_size)]
+            # 1-2. SDE rollout with log pi_old, realised reward R
+            rng, generator = pg.epoch_generator(run, epoch, 1)
+            rollout = pg.collect(run, rows, cfg.num_steps, cfg.eta, cfg.guidance_scale, cfg.rollout_batch_size,
+                                 0, (0, 0), rng, generator)
+            finite = torch.isfinite(rollout.rewards)
+            metrics = {**common.log_mean_std("reward", rollout.rewards), "train/epoch": epoch + 1,
+                       "reward/nonfinite": float((~finite).sum())}
+            # 2. V(z_k) along every trajectory (calibration before any update on these trajectories)
+            values = None
+            if want_values:
+                with run.timer("value"):
+                    values = cotrain.trajectory_values(critic, rollout.latents, rollout.sigmas, rows,
+                                                       cfg.value_batch_size)
+                metrics.update(cotrain.trajectory_calibration(values, rollout.sigmas, rollout.rewards, edges))
+            if finite.all():
+                # 3. advantages: per-prompt history (sparse) or per-step from V (dense)
+                adv = ddpo_advantages(rollout.rewards, values, rollout.sde_mask, rows, tracker, cfg)
+                metrics["adv/abs_mean"] = adv[rollout.sde_mask].abs().mean().item()
+                # 4. inner epochs of PPO-clip with importance sampling
+                _, generator = pg.epoch_generator(run, epoch, 2)
+                with run.timer("update"):
+                    metrics.update(pg.ppo_update(run, rollout, adv, optimizer, params, cfg.update_settings(),
+                                                 generator))
+                consecutive_bad = consecutive_bad + 1 if metrics["train/skipped_updates"] else 0
+            else:
+                metrics["train/skipped_updates"] = 1.0
+                consecutive_bad += 1
+            # 5. critic co-training on the policy's own trajectories
+            if critic_trainer is not None:
+                _, generator = pg.epoch_generator(run, epoch, 3)
+                with run.timer("cotrain"):
+                    metrics.update(critic_trainer.update(rollout.latents, rollout.sigmas, rollout.rewards, rows,
+                                                         generator))
+            extra = {"stat_tracker": tracker.state()}
+            if consecutive_bad >= run.run_cfg.max_nonfinite:
+                pg.save(run, epoch + 1, optimizer, ADAPTERS, {"history": history, **extra}, critic_trainer)
+                raise NonFiniteError(f"{consecutive_bad} consecutive epochs with non-finite rewards, losses or "
+                                     f"gradients (last epoch {epoch + 1}); lower algo.lr or check the reward/critic. "
+                                     f"The last finite state is checkpointed in {run.run_dir}")
+            # 6. evaluate, log, checkpoint
+            if pg.end_epoch(run, epoch, metrics, optimizer, ADAPTERS, history, extra, stop, critic_trainer):
+                break
+    return pg.finish_run(run, epoch + 1)

@@ -1,0 +1,370 @@
+"""Likelihood-ratio policy gradient for flow samplers, shared by Flow-GRPO (rl/grpo.py) and DDPO (rl/ddpo.py).
+
+Both papers treat the N-step stochastic sampler as an MDP: state (z_k, sigma_k), action z_{k+1}, policy
+pi_theta(z_{k+1} | z_k) = N(mu_theta(z_k), std_k^2 I) (the Flow-GRPO SDE step, policies/samplers.py), reward R
+at the end. What is written once here:
+
+- ``collect``: SDE rollouts that keep every latent z_0..z_N (z_0 = noise) and every step's log pi_old, with an
+  optional SDE window (Flow-GRPO-Fast: stochastic steps only inside a window, ODE elsewhere), CFG on or off,
+  and the realised reward R = r(D(z_N)).
+- ``rescore``: log pi_theta of a stored step under the current policy — the same ``sde_step`` that sampled it,
+  so for an unchanged policy the ratio is exactly 1.
+- ``clipped_pg_loss``: the PPO-clip surrogate on per-step advantages plus Flow-GRPO's KL to the reference.
+- ``ppo_update``: minibatch epochs over (sample, trained step) with gradient accumulation over steps.
+- ``gradient_variance``: per-sample policy gradients for a set of advantage estimators on the same samples
+  (the dense-vs-sparse variance comparison).
+
+Log-probs are *averaged* over latent elements (``sde_step``'s default, as Flow-GRPO): the ratio's magnitude is
+then independent of resolution and the clip range 1e-4 transfers between 64^2 and 1024^2. The KL term is the
+exact KL between the two step Gaussians (same std), likewise averaged over elements:
+KL(N(mu_theta, std^2) || N(mu_ref, std^2)) per element = (mu_theta - mu_ref)^2 / (2 std^2).
+
+Notation:  latents (B, N+1, C, h, w) z_0..z_N; log_probs (B, N) log pi_old(z_{k+1} | z_k); sde_mask (B, N);
+           adv (B, N) per-step advantages (sparse: one per sample broadcast over its steps).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from policies import lora, samplers
+from policies.flow import FlowPolicy, PromptEmbeds
+from rl import common, cotrain
+from rl.cotrain import CriticTrainer, realised_reward
+
+
+# ------------------------------------------------------------------------------------------------ setup
+def setup_lora(run: common.Run, spec: lora.LoraSpec, lr: float, weight_decay: float,
+               adapters: tuple[str, ...] = ("default",)) -> tuple[list[nn.Parameter], torch.optim.Optimizer]:
+    """Add the LoRA adapters, make only adapter "default" trainable, build AdamW and route through accelerate.
+
+    Returns (trained parameters, optimizer)."""
+    policy, accel = run.policy, run.accelerator
+    transformer = policy.transformer
+    for name in adapters:
+        lora.add_lora(transformer, spec, name)
+    for name in adapters[1:]:
+        lora.copy_adapter(transformer, "default", name)
+    lora.set_active(transformer, "default")
+    transformer.requires_grad_(False)
+    params = list(lora.adapter_parameters(transformer, "default").values())
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    wrapped, optimizer = accel.prepare(transformer, optimizer)
+    policy.set_forward_module(wrapped)
+    return params, optimizer
+
+
+def epoch_generator(run: common.Run, epoch: int, stage: int) -> tuple[np.random.Generator, torch.Generator]:
+    """(numpy rng, torch generator) for one stage of one epoch: a function of (seed, epoch, stage), so a resumed
+    run draws the same noise as an uninterrupted one."""
+    rng = np.random.default_rng([run.run_cfg.seed, epoch, stage])
+    return rng, torch.Generator(run.device).manual_seed(int(rng.integers(2**31)))
+
+
+# ------------------------------------------------------------------------------------------------ rollouts
+class SDERollout(NamedTuple):
+    prompts: list[str]   # B prompts, each prompt's group in consecutive rows
+    latents: Tensor      # (B, N+1, C, h, w) z_0 (noise) .. z_N (clean)
+    sigmas: Tensor       # (N+1,)
+    log_probs: Tensor    # (B, N) log pi_old(z_{k+1} | z_k), mean over elements; 0 on ODE steps
+    sde_mask: Tensor     # (B, N) bool, the stochastic (trainable) steps
+    rewards: Tensor      # (B,) realised reward r(D(z_N)), float32
+
+
+def window_steps(num_steps: int, window: int, start: int) -> list[int]:
+    """The stochastic steps of Flow-GRPO-Fast: ``window`` consecutive steps from ``start`` (window 0 = all)."""
+    if window == 0:
+        return list(range(num_steps))
+    if not 0 <= start <= num_steps - window:
+        raise ValueError(f"SDE window [{start}, {start + window}) does not fit a {num_steps}-step schedule")
+    return list(range(start, start + window))
+
+
+@torch.no_grad()
+def collect(run: common.Run, rows: list[str], num_steps: int, eta: float, guidance_scale: float, batch_size: int,
+            window: int, window_start: tuple[int, int], rng: np.random.Generator,
+            generator: torch.Generator) -> SDERollout:
+    """Sample ``rows`` (one prompt per row) with the policy's SDE sampler and score the finished samples.
+
+    One SDE window per rollout batch (a batch is one forward pass; callers keep groups inside one batch).
+
+    Args:
+        run: the run (policy with its active adapter, reward).
+        rows: B prompts.
+        num_steps: N. eta: SDE noise level (> 0). guidance_scale: CFG weight (1 = CFG-free).
+        batch_size: rows per rollout forward.
+        window: Flow-GRPO-Fast window length (0 = SDE at every step).
+        window_start: (lo, hi), the window's first step ~ U{lo..hi}.
+        rng, generator: randomness of the window and of the noise.
+    """
+    policy = run.policy
+    sigmas = policy.sigmas(num_steps, run.device)
+    latents, log_probs, masks, rewards = [], [], [], []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        steps = window_steps(num_steps, window, int(rng.integers(window_start[0], window_start[1] + 1)))
+        # under autocast like the re-scoring in ppo_update, so that an unchanged policy re-scores to ratio 1
+        with run.timer("rollout"), run.accelerator.autocast():
+            cond = policy.encode_prompts(batch)
+            traj = samplers.sample(policy.velocity_fn(cond, guidance_scale), policy.noise(len(batch), generator),
+                                   sigmas, eta=eta, sde_steps=steps, generator=generator)
+        with run.timer("reward"):
+            rewards.append(realised_reward(run, traj.z_tau, batch, batch_size))
+        latents.append(traj.latents)
+        log_probs.append(traj.log_probs)
+        masks.append(traj.sde_mask.to(run.device).expand(len(batch), -1))
+    return SDERollout(list(rows), torch.cat(latents), sigmas, torch.cat(log_probs), torch.cat(masks),
+                      torch.cat(rewards))
+
+
+def rescore(policy: FlowPolicy, rollout: SDERollout, idx: Tensor, steps: Tensor, cond: PromptEmbeds, eta: float,
+            guidance_scale: float) -> samplers.StepOutput:
+    """log pi_theta(z_{k+1} | z_k) of stored steps under the policy's active adapter (with grad).
+
+    Args:
+        idx: (b,) rows of the rollout.  steps: (b,) the step k of each row.  cond: the rows' prompt embeddings.
+    Returns:
+        sde_step's StepOutput: mean (b, C, h, w) and log_prob (b,) carry the graph of v_theta.
+    """
+    z = rollout.latents[idx, steps]  # (b, C, h, w)
+    z_next = rollout.latents[idx, steps + 1]
+    sigma, sigma_next = rollout.sigmas[steps], rollout.sigmas[steps + 1]  # (b,)
+    v = policy.velocity(z, sigma, cond, guidance_scale)
+    return samplers.sde_step(v, z, sigma, sigma_next, eta, prev_sample=z_next, sigma_at_one=rollout.sigmas[1])
+
+
+# ------------------------------------------------------------------------------------------------ loss
+class PGLoss(NamedTuple):
+    loss: Tensor         # scalar: policy_loss + kl_beta * kl
+    policy_loss: Tensor  # scalar: mean max(-A rho, -A clip(rho, 1 - eps, 1 + eps))
+    kl: Tensor           # scalar: mean (mu_theta - mu_ref)^2 / (2 std^2) (0 without a reference)
+    clipfrac: Tensor     # scalar: fraction of |rho - 1| > eps
+    approx_kl: Tensor    # scalar: 1/2 mean (log pi_theta - log pi_old)^2 (old -> new drift)
+    ratio: Tensor        # scalar: mean rho
+
+
+def clipped_pg_loss(log_prob: Tensor, log_prob_old: Tensor, adv: Tensor, clip_range: float,
+                    mean: Tensor | None = None, mean_ref: Tensor | None = None, std: Tensor | None = None,
+                    kl_beta: float = 0.0) -> PGLoss:
+    """PPO-clip on one step's log-probs (DDPO Eq. 4 / Flow-GRPO Eq. 8) with Flow-GRPO's KL to the reference.
+
+    Args:
+        log_prob: (b,) log pi_theta of the stored steps (with grad).
+        log_prob_old: (b,) log pi_old from the rollout.
+        adv: (b,) advantages of these (sample, step) pairs (already clipped).
+        clip_range: epsilon of the ratio clip.
+        mean, mean_ref, std: (b, C, h, w) step means of theta and of the reference (adapters off) and the step
+            std (b, 1, 1, 1); all None to skip the KL.
+        kl_beta: beta_KL.
+    """
+    log_ratio = log_prob.float() - log_prob_old.float()
+    ratio = torch.exp(log_ratio)
+    adv = adv.float()
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    policy_loss = torch.maximum(unclipped, clipped).mean()
+    if mean is not None and mean_ref is not None and std is not None:
+        dims = tuple(range(1, mean.ndim))
+        kl = (((mean.float() - mean_ref.float().detach()) ** 2) / (2 * std.float() ** 2)).mean(dims).mean()
+    else:
+        kl = torch.zeros((), device=log_prob.device)
+    with torch.no_grad():
+        clipfrac = ((ratio - 1).abs() > clip_range).float().mean()
+        approx_kl = 0.5 * (log_ratio**2).mean()
+    return PGLoss(policy_loss + kl_beta * kl, policy_loss, kl, clipfrac, approx_kl, ratio.detach().mean())
+
+
+# ------------------------------------------------------------------------------------------------ update
+@dataclass(frozen=True)
+class UpdateSettings:
+    """What ``ppo_update`` needs from a trainer's config (see GRPOConfig / DDPOConfig for the meanings)."""
+
+    eta: float
+    guidance_scale: float
+    clip_range: float
+    kl_beta: float
+    train_batch_size: int
+    timestep_fraction: float
+    inner_epochs: int
+    max_grad_norm: float
+
+
+def train_steps(mask: Tensor, fraction: float, generator: torch.Generator) -> Tensor:
+    """Per row, a random subset of its stochastic steps: (B, n) step indices, n = max(1, round(fraction * #SDE)).
+
+    Rows must have the same number of stochastic steps (one window length per run)."""
+    counts = mask.sum(1)
+    if bool((counts != counts[0]).any()) or int(counts[0]) == 0:
+        raise ValueError(f"every row needs the same, non-zero number of stochastic steps; got {counts.tolist()}")
+    n = max(1, round(fraction * int(counts[0])))
+    keys = torch.rand(mask.shape, generator=generator, device=generator.device).to(mask.device)
+    keys = torch.where(mask, keys, torch.full_like(keys, 2.0))  # ODE steps sort last, never picked
+    return keys.argsort(dim=1)[:, :n]
+
+
+def ppo_update(run: common.Run, rollout: SDERollout, adv: Tensor, optimizer: torch.optim.Optimizer,
+               params: list[nn.Parameter], s: UpdateSettings, generator: torch.Generator) -> dict[str, float]:
+    """Minibatch epochs of PPO-clip (+ KL) over the rollout's (sample, trained step) pairs.
+
+    Each inner epoch reshuffles the samples and redraws each sample's trained steps; the gradient of a
+    minibatch is accumulated over its trained steps (one optimizer step per minibatch, as Flow-GRPO / DDPO).
+    A minibatch with a non-finite loss or gradient is skipped (it never reaches the weights).
+    """
+    policy, accel = run.policy, run.accelerator
+    transformer = policy.transformer
+    n = rollout.latents.shape[0]
+    stats: dict[str, list[float]] = {k: [] for k in ("loss/total", "loss/policy", "loss/kl", "policy/clipfrac",
+                                                     "policy/approx_kl", "policy/ratio", "policy/grad_norm")}
+    skipped = 0
+    for _ in range(s.inner_epochs):
+        perm = torch.randperm(n, generator=generator, device=generator.device).to(run.device)
+        steps_all = train_steps(rollout.sde_mask, s.timestep_fraction, generator)  # (B, n_t)
+        for start in range(0, n, s.train_batch_size):
+            idx = perm[start:start + s.train_batch_size]
+            with torch.no_grad():
+                cond = policy.encode_prompts([rollout.prompts[i] for i in idx.tolist()])
+            num_t = steps_all.shape[1]
+            optimizer.zero_grad(set_to_none=True)
+            finite = True
+            for j in range(num_t):
+                k = steps_all[idx, j]  # (b,) one step per row
+                mean_ref = None
+                if s.kl_beta > 0:
+                    with torch.no_grad(), lora.reference_policy(transformer), accel.autocast():
+                        mean_ref = rescore(policy, rollout, idx, k, cond, s.eta, s.guidance_scale).mean
+                with accel.autocast():
+                    out = rescore(policy, rollout, idx, k, cond, s.eta, s.guidance_scale)
+                loss = clipped_pg_loss(out.log_prob, rollout.log_probs[idx, k], adv[idx, k], s.clip_range,
+                                       out.mean, mean_ref, out.std, s.kl_beta)
+                accel.backward(loss.loss / num_t)
+                finite = finite and math.isfinite(loss.loss.item())
+                for key, value in (("loss/total", loss.loss), ("loss/policy", loss.policy_loss), ("loss/kl", loss.kl),
+                                   ("policy/clipfrac", loss.clipfrac), ("policy/approx_kl", loss.approx_kl),
+                                   ("policy/ratio", loss.ratio)):
+                    stats[key].append(value.item())
+            norm = accel.clip_grad_norm_(params, s.max_grad_norm)
+            norm = float(norm) if norm is not None else common.grad_norm(params)
+            stats["policy/grad_norm"].append(norm)
+            if not (finite and math.isfinite(norm)):
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                continue
+            optimizer.step()
+    out = {k: float(np.nanmean(v)) for k, v in stats.items() if v}
+    out["train/skipped_updates"] = float(skipped)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ diagnostics
+def gradient_variance(policy: FlowPolicy, rollout: SDERollout, advs: dict[str, Tensor], params: list[nn.Parameter],
+                      eta: float, guidance_scale: float, max_samples: int = 16) -> dict[str, float]:
+    """Variance of the per-sample policy-gradient estimate g_i = sum_k A_ik grad log pi(z_{i,k+1} | z_{i,k}) (the
+    gradient of the surrogate at rho = 1) for several advantage estimators on the *same* samples (paired).
+
+    Each estimator's advantages are first scaled to unit RMS over the stochastic steps, so estimators with
+    different normalisations compare. Reported per estimator ``name``:
+
+        pg/<name>/var      tr Cov(g_i) / n      the variance of the batch-mean gradient
+        pg/<name>/grad_sq  ||g_bar||^2          squared norm of the batch-mean gradient
+        pg/<name>/snr      grad_sq / var        its signal-to-noise ratio (higher is better)
+
+    Costs one backward per (sample, stochastic step); ``max_samples`` caps the samples used.
+    """
+    device = rollout.latents.device
+    n = min(max_samples, rollout.latents.shape[0])
+    mask = rollout.sde_mask[:n]
+    scaled = {}
+    for name, a in advs.items():
+        a = torch.where(mask, a[:n].float(), torch.zeros_like(a[:n].float()))
+        scaled[name] = a / ((a**2).sum() / mask.sum().clamp_min(1)).sqrt().clamp_min(1e-12)
+    sums = {name: [torch.zeros_like(p, dtype=torch.float32) for p in params] for name in advs}
+    sq_norms = {name: 0.0 for name in advs}
+    for i in range(n):
+        idx = torch.tensor([i], device=device)
+        with torch.no_grad():
+            cond = policy.encode_prompts([rollout.prompts[i]])
+        g_i = {name: [torch.zeros_like(p, dtype=torch.float32) for p in params] for name in advs}
+        for k in mask[i].nonzero().flatten().tolist():
+            out = rescore(policy, rollout, idx, torch.tensor([k], device=device), cond, eta, guidance_scale)
+            grads = torch.autograd.grad(out.log_prob.sum(), params, allow_unused=True)
+            for name in advs:
+                coef = scaled[name][i, k].item()
+                for acc, g in zip(g_i[name], grads):
+                    if g is not None:
+                        acc.add_(g.float(), alpha=coef)
+        for name in advs:
+            sq_norms[name] += sum(float((g**2).sum()) for g in g_i[name])
+            for acc, g in zip(sums[name], g_i[name]):
+                acc.add_(g)
+    out = {}
+    for name in advs:
+        mean_sq = sum(float(((s / n) ** 2).sum()) for s in sums[name])  # ||g_bar||^2
+        trace_cov = max(sq_norms[name] / n - mean_sq, 0.0) * n / max(n - 1, 1)  # unbiased; >= 0 up to rounding
+        var = trace_cov / n
+        out[f"pg/{name}/var"] = var
+        out[f"pg/{name}/grad_sq"] = mean_sq
+        out[f"pg/{name}/snr"] = mean_sq / var if var > 0 else math.inf
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ bookkeeping
+def start_run(run: common.Run, optimizer, adapters: tuple[str, ...], resume: str | None,
+              critic_trainer: CriticTrainer | None, eval_adapter: str = "default") -> tuple[int, list, dict]:
+    """Resume (adapters, optimizer, RNG, co-trained critic) or evaluate the initial policy.
+
+    Returns (first epoch, evaluation history, the checkpoint's JSON state ({} when not resuming))."""
+    if resume:
+        epoch, state = common.restore(run, resume, optimizer, adapters)
+        cotrain.restore(critic_trainer, str(run.run_dir) if resume == "latest" else resume)
+        run.accelerator.print(f"resumed from epoch {epoch}")
+        return epoch, list(state.get("history", [])), state
+    metrics, images = common.evaluate(run, eval_adapter)
+    run.logger.log({**metrics, "train/epoch": 0}, 0)
+    if images.numel():
+        run.logger.log_images("eval/samples", images, 0)
+    return 0, [metrics], {}
+
+
+def save(run: common.Run, epoch: int, optimizer, adapters: tuple[str, ...], extra: dict,
+         critic_trainer: CriticTrainer | None) -> None:
+    """common.save plus the co-trained critic (its parameters and optimizer)."""
+    tensors, critic_state = critic_trainer.state() if critic_trainer is not None else ({}, {})
+    common.save(run, epoch, optimizer, adapters, {**extra, **critic_state}, tensors)
+
+
+def end_epoch(run: common.Run, epoch: int, metrics: dict, optimizer, adapters: tuple[str, ...], history: list,
+              extra: dict, stop, critic_trainer: CriticTrainer | None, eval_adapter: str = "default") -> bool:
+    """Evaluate (every ``eval_every``), log, checkpoint (every ``ckpt_every``, at the last epoch, on SIGTERM or
+    out of time). Returns True when the loop must stop. ``extra``: the trainer's JSON state besides history."""
+    cfg = run.run_cfg
+    if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0:
+        with run.timer("eval"):
+            eval_metrics, images = common.evaluate(run, eval_adapter)
+        metrics.update(eval_metrics)
+        history.append(eval_metrics)
+        if images.numel():
+            run.logger.log_images("eval/samples", images, epoch + 1)
+    metrics.update(run.timer.summary(reset=True))
+    run.logger.log(metrics, epoch + 1)
+    run.accelerator.print(" ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                                   if k.split("/")[0] in ("reward", "eval", "loss")))
+    halt = stop.should_stop or run.out_of_time()
+    if halt or epoch + 1 == cfg.max_epochs or (epoch + 1) % cfg.ckpt_every == 0:
+        save(run, epoch + 1, optimizer, adapters, {"history": history, **extra}, critic_trainer)
+    return halt
+
+
+def finish_run(run: common.Run, epoch: int, eval_adapter: str = "default") -> dict[str, float]:
+    """Final held-out evaluation, logged at ``epoch``, and the diffusers export of ``eval_adapter``."""
+    final, _ = common.evaluate(run, eval_adapter)
+    run.logger.log(final, epoch)
+    common.finish(run, eval_adapter)
+    return final

@@ -1,0 +1,230 @@
+"""Steer a prompt list with a critic and score it: ``python -m rl.steer --method dps --critic stitchvm --n 64``.
+
+Methods: ``none`` (the policy's own sampler), ``dps`` (value-guided SDE, rl/steering/dps.py) and ``fk``
+(Feynman-Kac steering, rl/steering/fk.py). Critics: any configs/critic/<name>.yaml with a value at sigma > 0, built
+with the run's policy and reward as in rl/train.py — ``stitchvm`` (the shipped Shapes critic), ``tweedie``
+(decode-and-score at the one-step denoised latent), ``vae_stitch``, ``mc`` (no gradient: FK only). Each critic runs
+through its cheapest exact guide (rl/steering/guides.py: shared head for StitchVM, shared denoiser for Tweedie);
+``fused=false`` runs the critic on its own.
+
+The run's config is configs/steer/<method>.yaml (typed: ``SteerConfig``), then ``--config FILE``, then ``key=value``
+overrides (``dps.guidance_scale=0.5 fk.num_particles=8 num_steps=40``). It prints held-out ShapesEval (overall,
+count, colour, shape, position over relation prompts), the reward of the final images and the seconds per sample of
+the sampling itself (including the VAE decode, excluding scoring), and writes ``grid.png`` + ``metrics.json`` to
+the output directory.
+
+World: ``--world shapes`` (default) loads the shipped Shapes policy, CLIP reward and StitchVM; ``--world tiny`` a
+random tiny world (rl/steering/testing.py) for smoke tests: its numbers mean nothing.
+
+Exit status: 0 done, 2 configuration error or missing weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rl.config import ConfigError, apply_overrides, check, compose, from_dict, load_yaml, option, to_dict
+from rl.steering.dps import DPSConfig
+from rl.steering.fk import FKConfig
+
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs" / "steer"
+CRITIC_ROOT = CONFIG_ROOT.parent / "critic"
+METHODS = ("none", "dps", "fk")
+
+
+@dataclass
+class SteerConfig:
+    """A steering run (``--method`` picks which of ``dps`` / ``fk`` is used)."""
+
+    num_steps: int | None = option(None, help="sampler steps K (None: the policy's default, policy.json)")
+    guidance_scale: float | None = option(None, help="CFG weight w (None: the policy's default)")
+    eta: float = option(0.0, help="SDE noise level of method 'none' (0 = the Euler ODE)")
+    batch_size: int = option(16, help="prompts per batch (FK runs N particles per prompt)")
+    seed: int = option(0, help="seed of the initial noise and SDE noise (batch b uses seed + b)")
+    fused: bool = option(True, help="use the critic's fused guide (shared head / shared denoiser)")
+    stitchvm_path: str | None = option(None, help="saved StitchVM directory (None: configs/critic/stitchvm.yaml's)")
+    grid_images: int = option(64, help="images in grid.png (the first ones)")
+    dps: DPSConfig = option(default_factory=DPSConfig, help="DPS step form (rl/steering/dps.py)")
+    fk: FKConfig = option(default_factory=FKConfig, help="FK steering (rl/steering/fk.py)")
+
+    def __post_init__(self):
+        check(self.num_steps is None or self.num_steps >= 1, "num_steps", f"must be >= 1, got {self.num_steps}")
+        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.eta >= 0, "eta", f"must be >= 0, got {self.eta}")
+
+
+@dataclass
+class World:
+    policy: object
+    reward: object
+    critic: object | None
+    num_steps: int
+    guidance_scale: float
+    prompts: list[str] = field(default_factory=list)
+
+
+def load_config(method: str, config_files: list[str], overrides: list[str]) -> SteerConfig:
+    if method not in METHODS:
+        raise ConfigError(f"--method: unknown method '{method}'; valid choices: {list(METHODS)}")
+    # the dataclass defaults first, so that every field can be overridden on the command line
+    parts = [to_dict(SteerConfig()), load_yaml(CONFIG_ROOT / f"{method}.yaml")] + [load_yaml(p) for p in config_files]
+    return from_dict(SteerConfig, apply_overrides(compose(*parts), overrides))
+
+
+def critic_choices() -> list[str]:
+    return sorted(p.stem for p in CRITIC_ROOT.glob("*.yaml") if not p.stem.startswith("build_"))
+
+
+def load_critic(name: str | None, world: str, policy, reward, stitchvm_path: str | None):
+    """The critic by config name, ``configs/critic/<name>.yaml`` instantiated with the policy and reward (as in
+    rl/train.py); None for no critic. The tiny world's StitchVM is a random one on the tiny policy."""
+    from rl.config import instantiate
+
+    if name is None:
+        return None
+    if name not in critic_choices():
+        raise ConfigError(f"--critic: unknown critic '{name}'; valid choices: {critic_choices()}")
+    if world == "tiny" and name == "stitchvm":
+        from rl.steering.testing import random_stitchvm
+
+        return random_stitchvm(policy, reward, i=1).requires_grad_(False)
+    overrides = {"path": stitchvm_path} if name == "stitchvm" and stitchvm_path is not None else {}
+    critic = instantiate(load_yaml(CRITIC_ROOT / f"{name}.yaml"), _path="critic", policy=policy, reward=reward,
+                         **overrides)
+    if not critic.dense:
+        raise ConfigError(f"--critic {name} has no value at sigma > 0 (dense = False): steering needs a value critic")
+    if isinstance(critic, torch.nn.Module):
+        critic.to(policy.device).eval().requires_grad_(False)  # inference: no weight gradients anywhere
+    return critic
+
+
+def build_world(world: str, critic_name: str | None, cfg: SteerConfig, device: torch.device) -> World:
+    """Policy, reward and critic (None for method 'none'); raises FileNotFoundError for missing weights."""
+    if world == "tiny":
+        from rl.steering.testing import tiny_clip_reward
+        from policies.testing import tiny_policy
+
+        policy, reward, steps, w = tiny_policy().to(device), tiny_clip_reward().to(device), 10, 4.5
+    elif world == "shapes":
+        from shapes.models import load_shapes_policy, load_shapes_reward, policy_config
+
+        policy, reward = load_shapes_policy(device), load_shapes_reward(device)
+        shipped = policy_config()
+        steps, w = shipped.num_steps, shipped.guidance_scale
+    else:
+        raise ConfigError(f"--world: unknown world '{world}'; valid choices: ['shapes', 'tiny']")
+    policy.transformer.requires_grad_(False)  # inference: graphs keep no activations for weight gradients
+    critic = load_critic(critic_name, world, policy, reward, cfg.stitchvm_path)
+    return World(policy, reward, critic, cfg.num_steps or steps,
+                 cfg.guidance_scale if cfg.guidance_scale is not None else w)
+
+
+def steer_batch(method: str, world: World, cfg: SteerConfig, prompts: list[str], generator: torch.Generator):
+    """Final latents (P, C, h, w) for the prompts with the chosen method."""
+    from policies import samplers
+    from rl.steering.dps import dps_sample
+    from rl.steering.fk import fk_sample
+    from rl.steering.guides import make_guide
+
+    policy = world.policy
+    sigmas = policy.sigmas(world.num_steps)
+    cond = policy.encode_prompts(prompts)
+    if method == "none":
+        z_T = policy.noise(len(prompts), generator)
+        with torch.no_grad():
+            return samplers.sample(policy.velocity_fn(cond, world.guidance_scale), z_T, sigmas, eta=cfg.eta,
+                                   generator=generator, keep_latents=False).z_tau
+    guide = make_guide(policy, world.critic, world.guidance_scale, fused=cfg.fused)
+    if method == "dps":
+        return dps_sample(guide, policy.noise(len(prompts), generator), sigmas, cond, prompts, cfg.dps, generator).z_0
+    z_T = policy.noise(len(prompts) * cfg.fk.num_particles, generator)
+    return fk_sample(guide, z_T, sigmas, cond, prompts, cfg.fk, generator).z_0
+
+
+def run(method: str, world: World, cfg: SteerConfig, out_dir: Path) -> dict[str, float]:
+    """Steer ``world.prompts`` batch by batch, score with ShapesEval and the reward, write grid + metrics."""
+    from torchvision.utils import save_image
+
+    from shapes.eval import ShapesEval
+
+    policy, prompts = world.policy, world.prompts
+    device = policy.device
+    evaluator, images, seconds = ShapesEval(), [], 0.0
+    scores: dict[str, list[torch.Tensor]] = {}
+    steer_batch(method, world, cfg, prompts[:1], torch.Generator(device).manual_seed(cfg.seed))  # warm-up, untimed
+    for b, start in enumerate(range(0, len(prompts), cfg.batch_size)):
+        batch = prompts[start:start + cfg.batch_size]
+        generator = torch.Generator(device).manual_seed(cfg.seed + b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        z_0 = steer_batch(method, world, cfg, batch, generator)
+        with torch.no_grad():
+            x = policy.decode(z_0)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds += time.perf_counter() - t0
+        with torch.no_grad():
+            scores.setdefault("reward", []).append(world.reward(x, batch).float().cpu())
+        result = evaluator(x, batch)
+        for k in ("overall", "count", "color", "shape"):
+            scores.setdefault(k, []).append(getattr(result, k).cpu())
+        scores.setdefault("position", []).append(result.position[result.has_relation].cpu())
+        images.append(x.cpu())
+    metrics = {f"shapes_eval/{k}": torch.cat(v).mean().item() for k, v in scores.items() if k != "reward"}
+    metrics["reward/mean"] = torch.cat(scores["reward"]).mean().item()
+    metrics["time/seconds_per_sample"] = seconds / len(prompts)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    grid = torch.cat(images)[: cfg.grid_images]
+    save_image(grid, out_dir / "grid.png", nrow=max(1, int(math.sqrt(len(grid)))), padding=1)
+    (out_dir / "metrics.json").write_text(json.dumps({"metrics": metrics, "config": to_dict(cfg)}, indent=2) + "\n")
+    return metrics
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m rl.steer", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--method", default="dps", help=f"one of {list(METHODS)}")
+    parser.add_argument("--critic", default="stitchvm", help="a configs/critic/<name>.yaml: stitchvm, tweedie, "
+                                                              "vae_stitch, mc (FK only; ignored by 'none')")
+    parser.add_argument("--world", default="shapes", help="'shapes' (shipped weights) or 'tiny' (random, smoke test)")
+    parser.add_argument("--prompts", default="test", help="Shapes split: 'test' (held-out compositions) or 'train'")
+    parser.add_argument("--n", type=int, default=64, help="number of prompts")
+    parser.add_argument("--prompt-seed", type=int, default=1, help="seed of the prompt list (shapes.data.prompts)")
+    parser.add_argument("--config", action="append", default=[], help="extra YAML merged on top (repeatable)")
+    parser.add_argument("--out", default=None, help="output directory (default runs/steer/<method>_<critic>)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of SteerConfig")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from shapes.data import prompts as shapes_prompts
+
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.method, args.config, args.overrides)
+        if args.n < 1:
+            raise ConfigError(f"--n must be >= 1, got {args.n}")
+        prompts = shapes_prompts(args.prompts, args.n, args.prompt_seed)
+        world = build_world(args.world, None if args.method == "none" else args.critic, cfg, torch.device(args.device))
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    world.prompts = prompts
+    label = args.method if args.method == "none" else f"{args.method}_{args.critic}"
+    out_dir = Path(args.out or f"runs/steer/{label}")
+    metrics = run(args.method, world, cfg, out_dir)
+    print(f"{label}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()) + f"  -> {out_dir / 'grid.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""critics.bench_value: schedule with exact sigmas, retrieval scoring, target checks, and a --quick run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from critics import bench_value as bv
+from policies import samplers
+from policies.testing import tiny_policy
+
+
+def test_schedule_inserts_the_benchmark_sigmas_exactly():
+    policy = tiny_policy()
+    base = policy.sigmas(6, "cpu")
+    schedule = bv.schedule_with(policy, 6, bv.SIGMAS)
+    assert (schedule[:-1] > schedule[1:]).all() and schedule[-1] == 0 and schedule[0] == base[0]
+    for s in (*bv.SIGMAS, *base.tolist()):
+        assert (schedule - s).abs().min() < 1e-7
+    assert len(schedule) == len(base) + len(bv.SIGMAS)  # none of them coincides with a node of this schedule
+
+
+def test_trajectory_latents_are_the_odes_own_states_at_sigma():
+    policy = tiny_policy()
+    prompts = ["a red circle", "two blue squares", "a green triangle"]
+    latents = bv.trajectory_latents(policy, prompts, (0.25, 0.75), num_steps=6, guidance=1.0, batch_size=2)
+    schedule = bv.schedule_with(policy, 6, (0.25, 0.75))
+    z_T = torch.randn((3, 4, 8, 8), generator=torch.Generator().manual_seed(bv.SAMPLE_SEED))
+    with torch.no_grad():
+        traj = samplers.sample(policy.velocity_fn(policy.encode_prompts(prompts)), z_T, schedule)
+    for s in (0.25, 0.75):
+        k = int(torch.argmin((schedule - s).abs()))
+        assert schedule[k] == pytest.approx(s)
+        torch.testing.assert_close(latents[s], traj.latents[:, k], rtol=1e-5, atol=1e-6)  # batching does not matter
+
+
+def test_top1_in_groups_by_hand():
+    txt = torch.eye(4)
+    img = torch.tensor([[1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
+    # image 1 picks caption 2: wrong unless the captions are equal
+    assert bv.top1_in_groups(img, txt, ["a", "b", "c", "d"], group=4) == 0.75
+    assert bv.top1_in_groups(img, txt, ["a", "b", "b", "d"], group=4) == 1.0
+    assert bv.top1_in_groups(img, txt, ["a", "b", "c", "d"], group=2) == 0.75  # two groups of two
+
+
+def _result(rho: dict[str, list[float]], retrieval: dict | None = None) -> dict:
+    rows = {f"{s:g}": {f"{n}/rho": r[k] for n, r in rho.items()} for k, s in enumerate(bv.SIGMAS)}
+    return {"critics": list(rho), "value": {"rows": rows}, "retrieval": retrieval}
+
+
+def test_check_targets():
+    good = _result({"stitchvm": [0.97, 0.95, 0.9, 0.8, 0.6], "tweedie": [0.98, 0.96, 0.85, 0.6, 0.3],
+                    "vae_stitch": [0.9, 0.8, 0.6, 0.4, 0.2]},
+                   {"clean": 0.9, "stitchvm@0.5": 0.8})
+    checks = bv.check_targets(good)
+    assert len(checks) == 7 and all(ok for _, ok in checks), checks
+    bad = _result({"stitchvm": [0.9, 0.95, 0.79, 0.8, 0.6], "tweedie": [0.98, 0.96, 0.85, 0.6, 0.3]},
+                  {"clean": 0.9, "stitchvm@0.5": 0.7})
+    failed = [text for text, ok in bv.check_targets(bad) if not ok]
+    assert len(failed) == 4  # σ=0.1 (0.08 behind), σ=0.5 (beaten), ρ < 0.8 at 0.5, retrieval 78%
+    assert any("σ=0.1" in t for t in failed) and any("retrieval keeps 77.8%" in t for t in failed)
+
+
+def test_quick_run_prints_table_and_writes_json_and_plot(built, world, tmp_path, capsys):
+    svm, vae = built
+    out = tmp_path / "bench.png"
+    result = bv.main(["--quick", "--weights-dir", str(world), "--stitchvm", str(svm.output_dir), "--vae-stitch",
+                      str(vae.output_dir), "--out", str(out), "--sigmas", "0.25,0.5,0.9"])
+    text = capsys.readouterr().out
+    assert "| σ | stitchvm ρ | tweedie ρ | vae_stitch ρ |" in text and "| 0.5 |" in text and "Targets:" in text
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["n_prompts"] == 4 and saved["rollouts"] == 2 and list(saved["value"]["rows"]) == ["0.25", "0.5", "0.9"]
+    for row in saved["value"]["rows"].values():
+        assert all(-1 <= row[f"{n}/rho"] <= 1 and row[f"{n}/mse"] >= 0 for n in bv.CRITICS)
+    assert set(saved["value"]["cost_ms_per_value"]) == {"mc", *bv.CRITICS}
+    assert 0 <= saved["retrieval"]["stitchvm@0.5"] <= 1 and saved["retrieval"]["n_images"] == 32
+    assert result["value"] == saved["value"]
+
+
+def test_odd_rollouts_are_refused(built, world):
+    svm, vae = built
+    with pytest.raises(ValueError, match="--rollouts must be even"):
+        bv.main(["--quick", "--rollouts", "3", "--weights-dir", str(world), "--stitchvm", str(svm.output_dir),
+                 "--critics", "stitchvm", "--out", ""])

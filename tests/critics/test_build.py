@@ -1,0 +1,196 @@
+"""critics.build end to end on a tiny random Shapes world; critics.load; the critic configs; clear errors."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from critics import load
+from critics.build import BuildConfig, ImageFolder, build, load_config, main
+from critics.stitchvm import DiTHead, StitchVM
+from critics.tails import make_tail
+from critics.vae_stitch import LatentHead
+from rl.config import ConfigError, _import, instantiate, load_yaml
+from shapes.models import load_shapes_policy, load_shapes_reward
+from tests.critics.tiny_world import BUILD_YAML as SHAPES_YAML
+from tests.critics.tiny_world import IMAGE_SIZE, tiny_overrides, write_tiny_shapes_weights
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "critic"
+SD35_YAML = str(CONFIGS / "build_sd35m_clip.yaml")
+PROMPTS = ["a red circle", "two blue squares"]
+
+
+def test_build_writes_critic_grid_heatmap_and_record(built, world):
+    result, _ = built
+    out = result.output_dir
+    assert sorted(p.name for p in out.iterdir()) == ["build.json", "interface.json", "interface.png",
+                                                      "stitch.safetensors", "stitchvm.json", "tail.safetensors"]
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []  # no temp dirs left behind
+    grid = json.loads((out / "interface.json").read_text())
+    assert grid["i_values"] == [1, 2, 3] and grid["j_values"] == [1, 2, 3, 4]  # every DiT block, j <= 4
+    rel = torch.tensor(grid["rel_mse"])
+    assert rel.shape == (3, 4) and (rel > 0).all() and (rel < 1.5).all()
+    a, c = divmod(int(rel.argmin()), 4)
+    assert grid["best"] == [a + 1, c + 1] == [result.model.i, result.model.j]  # the minimum is selected
+    assert (out / "interface.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record = json.loads((out / "build.json").read_text())
+    assert record["steps"] == 4 and record["config"]["distill"]["lr"] == pytest.approx(3e-4)
+    assert len(result.stats["distill/loss"]) == 4
+    meta = json.loads((out / "stitchvm.json").read_text())
+    assert (meta["backbone"], meta["image_size"]) == ("shapes-dit", IMAGE_SIZE)
+
+
+def test_loaded_critic_equals_built_one_and_is_differentiable(built, world):
+    result, _ = built
+    policy, reward = load_shapes_policy(weights_dir=world), load_shapes_reward(weights_dir=world)
+    critic = load.stitchvm(policy, reward, result.output_dir)
+    assert isinstance(critic.head, DiTHead) and (critic.i, critic.j) == (result.model.i, result.model.j)
+    assert critic.head.transformer_blocks[0] is policy.transformer.transformer_blocks[0]  # shared, not copied
+    z = torch.randn(2, 4, 8, 8, requires_grad=True)
+    v = critic.value(z, torch.tensor([0.3, 0.8]), PROMPTS)
+    with torch.no_grad():
+        ref = result.model.value(z, torch.tensor([0.3, 0.8]), PROMPTS)
+    torch.testing.assert_close(v.detach(), ref, rtol=1e-5, atol=1e-6)
+    (grad,) = torch.autograd.grad(v.sum(), z)
+    assert grad.abs().sum() > 0
+    # the reward's own preprocessing is the tail's: the teacher tower reproduces reward.image_embed
+    images = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    teacher = make_tail(reward.vision, critic.tail.preprocess)
+    torch.testing.assert_close(teacher.encode(images).embed, reward.image_embed(images), rtol=1e-5, atol=1e-6)
+
+
+def test_vae_stitch_builds_with_identity_head_and_pairs_by_vae(built, world, tmp_path):
+    _, result = built
+    out = result.output_dir
+    assert (out / "vae_stitch.json").is_file() and not (out / "stitchvm.json").exists()
+    grid = json.loads((out / "interface.json").read_text())
+    assert grid["i_values"] == [0] and len(grid["rel_mse"][0]) == 4 and grid["best"][0] == 0
+    policy, reward = load_shapes_policy(weights_dir=world), load_shapes_reward(weights_dir=world)
+    critic = load.vae_stitch(policy, reward, out)
+    assert isinstance(critic, StitchVM) and isinstance(critic.head, LatentHead) and critic.i == 0
+    z = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(critic.value(z, 0.5, PROMPTS), result.model.value(z, 0.5, PROMPTS))
+        # the identity head has no timestep: the value does not depend on sigma
+        torch.testing.assert_close(critic.value(z, 0.1, PROMPTS), critic.value(z, 0.9, PROMPTS))
+    # another transformer on the same VAE shares the latent space: the baseline still pairs
+    other = write_tiny_shapes_weights(tmp_path / "other_dit", dit_seed=9)
+    load.vae_stitch(load_shapes_policy(weights_dir=other), reward, out)
+
+
+def test_pairing_with_another_policy_is_an_error_that_says_so(built, world, tmp_path):
+    svm, vae = built
+    reward = load_shapes_reward(weights_dir=world)
+    other_dit = load_shapes_policy(weights_dir=write_tiny_shapes_weights(tmp_path / "dit", dit_seed=9))
+    with pytest.raises(ValueError, match="built for backbone shapes-dit"):
+        load.stitchvm(other_dit, reward, svm.output_dir)
+    other_vae = load_shapes_policy(weights_dir=write_tiny_shapes_weights(tmp_path / "vae", seed=5))
+    with pytest.raises(ValueError, match="another latent space"):
+        load.vae_stitch(other_vae, reward, vae.output_dir)
+    with pytest.raises(FileNotFoundError, match="critics.build"):
+        load.stitchvm(other_dit, reward, tmp_path / "nothing_here")
+
+
+def test_pinned_interface_is_used(world, tmp_path):
+    result = build(load_config(SHAPES_YAML, tiny_overrides(world, tmp_path / "c", "search.pinned=[2,3]",
+                                                           "search.i_values=[1,2]", "distill.max_steps=1")))
+    assert (result.model.i, result.model.j) == (2, 3)
+    assert result.model.class_token is not None  # j > 1 learns the class token entering block j
+    grid = json.loads((tmp_path / "c" / "interface.json").read_text())
+    assert grid["best"] == [2, 3] and grid["pinned"] == [2, 3] and grid["i_values"] == [1, 2]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["search.pinned=[2,5]"], r"config error: search: interface \(i, j\) = \(2, 5\) out of range"),
+    (["search.i_values=[1,9]"], r"config error: search: interface \(i, j\) = \(9, 1\) out of range.*3 \(DiT blocks\)"),
+    (["kind=vae_stitch", "search.pinned=[2,1]"], r"config error: search.pinned: kind=vae_stitch has no DiT block"),
+    (["probe.n=1"], r"error: probe set too small: 16 rows for 32 features"),
+    (["data.size=64"], r"error: data images are \(64, 64\).*latents \(4, 8, 8\).*set the data resolution"),
+    (["distill.lrr=1"], r"config error: override 'distill.lrr=1': key 'distill.lrr' does not exist"),
+    (["distill.loss=mse"], r"config error: distill: loss must be one of"),
+    (["kind=stitchvm2"], r"config error: kind: expected one of \['stitchvm', 'vae_stitch'\]"),
+])
+def test_build_command_errors_are_one_clear_message(world, tmp_path, capsys, extra, message):
+    rc = main(["--config", SHAPES_YAML, *tiny_overrides(world, tmp_path / "x", *extra)])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line]  # (library progress bars also use stderr)
+    assert rc == 2
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert re.search(message, errors[0]), err
+    assert not (tmp_path / "x").exists()  # nothing written
+
+
+def test_critic_yamls_instantiate_as_rl_train_does(built, world):
+    svm, vae = built
+    policy, reward = load_shapes_policy(weights_dir=world), load_shapes_reward(weights_dir=world)
+    for name, out, head in (("stitchvm", svm.output_dir, DiTHead), ("vae_stitch", vae.output_dir, LatentHead)):
+        node = load_yaml(CONFIGS / f"{name}.yaml")
+        assert node["path"] == f"shapes/weights/{name}"  # the shipped critic
+        critic = instantiate({**node, "path": str(out)}, _path="critic", policy=policy, reward=reward)
+        assert isinstance(critic.head, head) and critic.latent_size == policy.latent_size
+
+
+def test_build_yamls_are_valid_build_configs():
+    for path in sorted(CONFIGS.glob("build_*.yaml")):
+        cfg = load_config(path)
+        assert isinstance(cfg, BuildConfig) and cfg.probe.n == 200  # the paper's probe size
+        for key in ("policy", "reward", "data"):  # every node names an importable callable taking its kwargs
+            node = getattr(cfg, key)
+            target = _import(node["_component_"], key)
+            inspect.signature(target).bind_partial(**{k: v for k, v in node.items() if k != "_component_"})
+    with pytest.raises(ConfigError, match="unknown key 'search.pined'"):
+        load_config(SHAPES_YAML, ["+search.pined=[1,1]"])
+
+
+def test_sd35m_config_runs_on_tiny_models_of_the_same_classes(tmp_path, monkeypatch):
+    """build_sd35m_clip.yaml with its reward and data loaders (CLIPScore.from_pretrained on a file, ImageFolder)
+    and every stage setting scaled down; the policy is a tiny SD3Transformer2DModel + AutoencoderKL FlowPolicy."""
+    import open_clip
+
+    vision = dict(image_size=16, layers=4, width=32, patch_size=4, head_width=16)  # 4×4 patches on 16² images
+    cfg_path = tmp_path / "stitchvm-test-tiny-vit.json"
+    cfg_path.write_text(json.dumps({"embed_dim": 16, "vision_cfg": vision, "quick_gelu": True,
+                                    "text_cfg": dict(context_length=77, vocab_size=49408, width=16, heads=2,
+                                                     layers=1)}))
+    open_clip.add_model_config(cfg_path)
+    torch.manual_seed(0)
+    weights = tmp_path / "clip.safetensors"
+    from safetensors.torch import save_file
+
+    model = open_clip.create_model("stitchvm-test-tiny-vit")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    images = tmp_path / "images"
+    images.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for k in range(24):
+        arr = (torch.rand(20 + k % 3, 24, 3, generator=g) * 255).byte().numpy()  # odd sizes: resize + crop
+        Image.fromarray(arr).save(images / f"{k:02d}.png")
+    cfg = load_config(SD35_YAML, [
+        "policy={_component_: policies.testing.tiny_policy}", "reward.model_name=stitchvm-test-tiny-vit",
+        f"reward.pretrained={weights}", f"data.root={images}", "data.resolution=16", f"output_dir={tmp_path / 'out'}",
+        "probe.n=4", "search.i_values=[1,2]", "search.pinned=[2,1]", "distill.batch_size=4",
+        "distill.micro_batch_size=2", "distill.max_steps=2", "distill.warmup_steps=1", "distill.progress=false",
+        "num_workers=0", "device=cpu"])
+    assert cfg.head_dtype == "bfloat16"
+    result = build(cfg)
+    assert (result.model.i, result.model.j) == (2, 1)
+    assert result.model.head.transformer_blocks[0].attn.to_q.weight.dtype == torch.bfloat16
+    assert result.model.tail.stem_conv.weight.dtype == torch.float32
+    meta = json.loads((tmp_path / "out" / "stitchvm.json").read_text())
+    assert meta["backbone"] == "stabilityai/stable-diffusion-3.5-medium" and meta["i"] == 2
+
+
+def test_image_folder_resizes_and_crops(tmp_path):
+    Image.fromarray((torch.rand(30, 50, 3) * 255).byte().numpy()).save(tmp_path / "a.jpg")
+    (tmp_path / "notes.txt").write_text("not an image")
+    ds = ImageFolder(tmp_path, resolution=16)
+    assert len(ds) == 1 and ds[0].shape == (3, 16, 16) and 0 <= ds[0].min() and ds[0].max() <= 1
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no .png"):
+        ImageFolder(tmp_path / "empty", 16)

@@ -1,0 +1,193 @@
+"""Flow-GRPO: the clipped ratio and KL term against hand-derived values, sparse / dense advantages, re-scoring a
+rollout with the unchanged policy gives ratio 1, config errors, smoke runs through rl/train.py."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from policies import samplers
+from policies.testing import tiny_policy
+from rl import grpo, train
+from rl import policy_gradient as pg
+from rl.advantages import dense_step_advantages, gae_advantages, normalize_step_advantages
+from rl.config import ConfigError
+
+TINY = str(Path(__file__).with_name("tiny.yaml"))
+# tiny.yaml's algo node is DiffusionNFT's; these are the keys each trainer does not have
+DROP = {"grpo": ["~algo.tau_min", "~algo.tau_max"], "ddpo": ["~algo.tau_min", "~algo.tau_max"],
+        "draft": ["~algo.group_size", "~algo.rollout_batch_size"]}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models on a shared 2-core CPU: intra-op threads cost far more in hand-offs than they save."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_tiny(tmp_path, algo, critic, *overrides, name=None):
+    """A 2-epoch run of the tiny policy through rl/train.py; returns the run directory."""
+    out = tmp_path / (name or f"{algo}-{critic}")
+    rc = train.main(["--algo", algo, "--critic", critic, "--config", TINY, *DROP[algo], f"run.output_dir={out}",
+                     *overrides])
+    assert rc == 0
+    return out
+
+
+def metrics(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def lora_moved(run_dir):
+    sd = load_file(run_dir / "lora" / "pytorch_lora_weights.safetensors")
+    b = [v for k, v in sd.items() if "lora_B" in k]
+    return bool(b) and max(v.abs().max().item() for v in b) > 0  # B starts at 0
+
+
+# ------------------------------------------------------------------------------------------------ loss
+def test_clipped_ratio_and_kl_hand_derived():
+    log_old = torch.zeros(3)
+    log_new = torch.log(torch.tensor([1.5, 0.5, 1.0])).requires_grad_(True)
+    adv = torch.tensor([1.0, -1.0, 2.0])
+    mean, mean_ref, std = torch.full((3, 2), 2.0), torch.zeros(3, 2), torch.full((3, 1), 0.5)
+    out = pg.clipped_pg_loss(log_new, log_old, adv, 0.2, mean, mean_ref, std, kl_beta=0.1)
+    # rho = [1.5, 0.5, 1]; max(-A rho, -A clip(rho, .8, 1.2)) = [max(-1.5, -1.2), max(.5, .8), -2] = [-1.2, .8, -2]
+    assert out.policy_loss.item() == pytest.approx(-0.8)
+    assert out.kl.item() == pytest.approx(8.0)  # (2 - 0)^2 / (2 * 0.5^2)
+    assert out.loss.item() == pytest.approx(-0.8 + 0.1 * 8.0)
+    assert out.clipfrac.item() == pytest.approx(2 / 3)
+    assert out.approx_kl.item() == pytest.approx(0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2) / 3)
+    out.policy_loss.backward()
+    # clipped rows carry no gradient; row 3: d(-A rho)/d log pi = -A rho / 3
+    torch.testing.assert_close(log_new.grad, torch.tensor([0.0, 0.0, -2 / 3]))
+
+
+# ------------------------------------------------------------------------------------------------ advantages
+def test_sparse_group_advantages_zero_mean_shared_over_steps():
+    cfg = grpo.GRPOConfig(group_size=3, rollout_batch_size=6, adv_clip=100.0)
+    rewards = torch.tensor([1.0, 2.0, 6.0, 5.0, 5.0, 5.0])
+    mask = torch.tensor([[True, True, False, True]]).expand(6, -1)
+    adv = grpo.grpo_advantages(rewards, None, mask, cfg)
+    torch.testing.assert_close(adv.view(2, 3, 4).sum(1), torch.zeros(2, 4), atol=1e-5, rtol=0)
+    assert (adv[:, 2] == 0).all() and (adv[3:] == 0).all()  # ODE step; a constant group has no signal
+    torch.testing.assert_close(adv[:, 0], adv[:, 1])
+    std = rewards[:3].std(unbiased=False)
+    torch.testing.assert_close(adv[:3, 0], (rewards[:3] - 3.0) / (std + 1e-4))
+    assert grpo.grpo_advantages(rewards, None, mask, grpo.GRPOConfig(group_size=3, rollout_batch_size=6,
+                                                                      adv_clip=0.5)).abs().max() == 0.5
+
+
+def test_dense_advantages_telescope():
+    values = torch.tensor([[0.2, 0.5, 0.4, 0.9], [1.0, 0.0, -1.0, 3.0]])
+    lam0 = gae_advantages(values, 0.0)
+    torch.testing.assert_close(lam0.sum(1), values[:, -1] - values[:, 0])  # sum of value gains = R - V(z_0)
+    torch.testing.assert_close(lam0, dense_step_advantages(values))
+    torch.testing.assert_close(gae_advantages(values, 1.0), values[:, -1:] - values[:, :-1])  # R - V(z_k)
+    # lambda = 1/2 by hand on [0, 1, 3]: delta = [1, 2]; A_1 = 2, A_0 = 1 + 2 / 2 = 2
+    torch.testing.assert_close(gae_advantages(torch.tensor([[0.0, 1.0, 3.0]]), 0.5), torch.tensor([[2.0, 2.0]]))
+
+
+def test_normalize_step_advantages():
+    adv = torch.tensor([[1.0, 5.0, 9.0], [3.0, 1.0, 9.0], [0.0, 2.0, 9.0], [4.0, 2.0, 9.0]])
+    mask = torch.tensor([True, True, False]).expand(4, -1)
+    out = normalize_step_advantages(adv, mask, group_size=2, scale="none")
+    torch.testing.assert_close(out, torch.tensor([[-1.0, 2, 0], [1, -2, 0], [-2, 0, 0], [2, 0, 0]]))
+    glob = normalize_step_advantages(adv, mask, 2, "global", eps=0.0)
+    assert (glob[mask] ** 2).mean().item() == pytest.approx(1.0)
+    torch.testing.assert_close(glob, out / (out[mask] ** 2).mean().sqrt())
+    per = normalize_step_advantages(adv, mask, 2, "group_step", eps=1e-4)  # each (group, step): +-1, or 0 if constant
+    torch.testing.assert_close(per[:, :2].abs(), torch.tensor([[1.0, 1], [1, 1], [1, 0], [1, 0]]), rtol=0, atol=2e-4)
+    with pytest.raises(ValueError, match="same stochastic steps"):
+        normalize_step_advantages(adv, torch.tensor([[True] * 3, [False] * 3, [True] * 3, [True] * 3]), 2)
+
+
+# ------------------------------------------------------------------------------------------------ re-scoring
+@pytest.mark.parametrize("guidance_scale,window", [(1.0, None), (2.5, [1, 2])])
+def test_rescore_unchanged_policy_gives_ratio_one(guidance_scale, window):
+    policy = tiny_policy()
+    prompts = ["a red circle", "two blue squares", "a green triangle"]
+    g = torch.Generator().manual_seed(0)
+    sigmas = policy.sigmas(4, "cpu")
+    with torch.no_grad():
+        cond = policy.encode_prompts(prompts)
+        traj = samplers.sample(policy.velocity_fn(cond, guidance_scale), policy.noise(3, g), sigmas, eta=0.7,
+                               sde_steps=window, generator=g)
+    mask = traj.sde_mask.expand(3, -1)
+    rollout = pg.SDERollout(prompts, traj.latents, sigmas, traj.log_probs, mask, torch.zeros(3))
+    for k in mask[0].nonzero().flatten().tolist():
+        for rows in ([2, 0, 1], [1]):  # another batch composition than the rollout's
+            idx = torch.tensor(rows)
+            with torch.no_grad():
+                out = pg.rescore(policy, rollout, idx, torch.full((len(rows),), k), policy.encode_prompts(
+                    [prompts[i] for i in rows]), 0.7, guidance_scale)
+            torch.testing.assert_close(out.log_prob, traj.log_probs[idx, k], rtol=0, atol=1e-5)
+            ratio = torch.exp(out.log_prob - traj.log_probs[idx, k])
+            torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=1e-5)
+    assert (traj.log_probs[:, ~traj.sde_mask] == 0).all()
+
+
+def test_gradient_variance_of_identical_samples_is_zero():
+    policy = tiny_policy()
+    from peft import LoraConfig
+
+    policy.transformer.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"], init_lora_weights="gaussian"))
+    params = [p for n, p in policy.transformer.named_parameters() if "lora_" in n]
+    g = torch.Generator().manual_seed(0)
+    sigmas = policy.sigmas(2, "cpu")
+    with torch.no_grad():
+        traj = samplers.sample(policy.velocity_fn(policy.encode_prompts(["a red circle"])), policy.noise(1, g),
+                               sigmas, eta=0.7, generator=g)
+    rollout = pg.SDERollout(["a red circle"] * 3, traj.latents.expand(3, -1, -1, -1, -1), sigmas,
+                            traj.log_probs.expand(3, -1), torch.ones(3, 2, dtype=torch.bool), torch.zeros(3))
+
+    adv = torch.tensor([[1.0, -0.5]]).expand(3, -1)
+    out = pg.gradient_variance(policy, rollout, {"a": adv, "b": 2 * adv}, params, 0.7, 1.0)
+    assert out["pg/a/grad_sq"] > 0
+    assert out["pg/a/var"] <= 1e-6 * out["pg/a/grad_sq"]  # identical samples: no variance
+    assert out["pg/b/grad_sq"] == pytest.approx(out["pg/a/grad_sq"])  # scale-free after RMS normalisation
+    # two different samples: positive variance
+    rollout2 = rollout._replace(latents=torch.cat([traj.latents, traj.latents.flip(2), traj.latents.flip(3)]))
+    out2 = pg.gradient_variance(policy, rollout2, {"a": adv}, params, 0.7, 1.0)
+    assert out2["pg/a/var"] > 1e-3 * out2["pg/a/grad_sq"]
+
+
+# ------------------------------------------------------------------------------------------------ runs
+@pytest.mark.parametrize("algo", ["grpo", "ddpo", "draft"])
+def test_shipped_algo_config_composes(algo, capsys):
+    assert train.main(["--algo", algo, "--critic", "terminal", "--print-config"]) == 0
+    assert "advantages" in capsys.readouterr().out or algo == "draft"
+
+
+def test_config_errors(tmp_path, capsys):
+    assert train.main(["--algo", "grpo", "--critic", "terminal", "--config", TINY, *DROP["grpo"], "algo.eta=0"]) == 2
+    assert "eta > 0" in capsys.readouterr().err
+    assert train.main(["--algo", "grpo", "--critic", "terminal", "--config", TINY, *DROP["grpo"],
+                       "algo.rollout_batch_size=3"]) == 2
+    assert "multiple of group_size" in capsys.readouterr().err
+    assert train.main(["--algo", "grpo", "--critic", "terminal", "--config", TINY, *DROP["grpo"],
+                       "algo.sde_window=2", "algo.sde_window_start=[1,3]"]) == 2
+    assert "sde_window_start" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="advantages=dense needs a value critic"):
+        train.main(["--algo", "grpo", "--critic", "terminal", "--config", TINY, *DROP["grpo"],
+                    f"run.output_dir={tmp_path}", "algo.advantages=dense"])
+
+
+@pytest.mark.parametrize("critic,overrides", [
+    ("terminal", ["algo.guidance_scale=2.0", "algo.sde_window=2", "algo.sde_window_start=[0,2]"]),
+    ("tweedie", ["algo.advantages=dense", "algo.gae_lambda=0.5", "algo.timestep_fraction=0.5"]),
+    ("mc", ["algo.advantages=dense", "algo.timestep_fraction=0.25", "critic.num_rollouts=2", "critic.num_steps=2"]),
+])
+def test_smoke_run(tmp_path, critic, overrides):
+    out = run_tiny(tmp_path, "grpo", critic, *overrides)
+    assert lora_moved(out)
+    rows = metrics(out)
+    train_rows = [r for r in rows if "loss/policy" in r]
+    assert len(train_rows) == 2 and any("eval/score" in r for r in rows)
+    assert all(r["policy/ratio"] == pytest.approx(1.0, abs=1e-3) for r in train_rows)
+    assert ("critic/value_mse@sigma<=1.00" in train_rows[0]) == (critic != "terminal")

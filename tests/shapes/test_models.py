@@ -1,0 +1,139 @@
+"""The shipped Shapes models: offline loaders, consistent configs, and the quality figures they were shipped for."""
+
+import json
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+from critics.rewards.clip_score import CLIPScore
+from policies.flow import FlowPolicy
+from shapes import bench_world, models
+from shapes.data import vocabulary
+
+WEIGHT_BUDGET_BYTES = 25 * 10**6
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return models.load_shapes_policy()
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return models.load_shapes_clip()
+
+
+@pytest.fixture(scope="module")
+def test_set():
+    return bench_world.test_images(32, workers=1)
+
+
+def test_policy_loader_gives_the_documented_sizes(policy):
+    assert isinstance(policy, FlowPolicy)
+    assert (policy.latent_channels, policy.latent_size, policy.image_size) == (4, 16, 64)
+    cfg = models.policy_config()
+    assert policy.shift == cfg.shift and 1.0 <= cfg.shift <= 3.0 and cfg.num_steps == 20
+    cond = policy.encode_prompts(["a red circle", ""])
+    assert cond.embeds.shape == (2, 16, policy.transformer.config.joint_attention_dim)
+    assert cond.pooled.shape == (2, policy.transformer.config.pooled_projection_dim)
+    with torch.no_grad():
+        traj = policy.sample(["a red circle", "two blue squares above a green star"], num_steps=2,
+                             guidance_scale=cfg.guidance_scale, generator=torch.Generator().manual_seed(0))
+        images = policy.decode(traj.z_tau)
+    assert images.shape == (2, 3, 64, 64) and images.min() >= 0 and images.max() <= 1
+    assert not policy.vae.training and not any(p.requires_grad for p in policy.vae.parameters())
+    assert not any(p.requires_grad for p in policy.text_encoder.model.parameters())
+
+
+def test_policy_loader_dtype():
+    policy = models.load_shapes_policy(dtype=torch.bfloat16)
+    assert policy.dtype == torch.bfloat16 and policy.vae.dtype == torch.bfloat16
+    assert policy.text_encoder.model.dtype == torch.bfloat16
+
+
+def test_configs_are_consistent(policy, clip):
+    model, _ = clip
+    vae, transformer = policy.vae.config, policy.transformer.config
+    # the policy's latent space is the VAE's: 3 levels = 4x down, 4 channels, SD3 normalisation set
+    assert vae.latent_channels == transformer.in_channels == transformer.out_channels == 4
+    assert policy.vae_scale_factor == 4 and vae.sample_size // 4 == transformer.sample_size
+    assert vae.scaling_factor > 0 and vae.shift_factor is not None
+    # the text tower feeds the MMDiT, and both CLIP towers read the one tokenizer
+    text = policy.text_encoder.model.config
+    assert (text.hidden_size, text.projection_dim) == (transformer.joint_attention_dim,
+                                                        transformer.pooled_projection_dim)
+    tokenizer = models.shapes_tokenizer()
+    clip_cfg = json.loads((models.WEIGHTS_DIR / models.CLIP_DIR / models.CLIP_CONFIG_FILE).read_text())
+    assert len(tokenizer) == text.vocab_size == clip_cfg["text_cfg"]["vocab_size"]
+    assert tokenizer.eos_token_id == len(tokenizer) - 1 == text.eos_token_id
+    assert clip_cfg["text_cfg"]["context_length"] == models.policy_config().context_length == text.max_position_embeddings
+    # every caption word is in the shipped vocabulary (if the generator grows words, rebuild the weights)
+    unknown = [w for w in vocabulary() if tokenizer.convert_tokens_to_ids(w) == tokenizer.unk_token_id]
+    assert not unknown, f"rebuild the weights ({models.REBUILD_COMMAND}): words missing from the tokenizer {unknown}"
+
+
+def test_shipped_weights_fit_the_budget():
+    files = [p for p in models.WEIGHTS_DIR.rglob("*") if p.is_file() and "logs" not in p.parts]
+    assert sum(p.stat().st_size for p in files) <= WEIGHT_BUDGET_BYTES
+    assert {p.suffix for p in files} == {".json", ".safetensors"}
+
+
+def test_clip_loader(clip):
+    model, tokenize = clip
+    assert isinstance(model, open_clip.CLIP) and not model.training
+    # the StitchVM critic truncates the standard open_clip ViT
+    for part in ("class_embedding", "conv1", "ln_pre", "transformer", "ln_post", "proj"):
+        assert hasattr(model.visual, part)
+    tokens = tokenize(["a red circle", ""])
+    assert tokens.dtype == torch.long and tokens.shape == (2, 16)
+    assert tokens.argmax(1).tolist() == [4, 1]  # [BOS] a red circle [EOS]: pooled at [EOS]
+    with pytest.raises(ValueError, match="outside the Shapes vocabulary"):
+        tokenize(["a red elephant"])
+    with pytest.raises(ValueError, match="context"):
+        tokenize(["a red circle and " * 5 + "a red circle"])
+
+
+def test_reward_loader_scores_the_right_caption_higher(test_set):
+    images, captions = test_set
+    reward = models.load_shapes_reward()
+    assert isinstance(reward, CLIPScore)
+    right = reward(images[:8], captions[:8])
+    wrong = reward(images[:8], captions[8:16])
+    assert right.shape == (8,) and right.dtype == torch.float32
+    assert (right > wrong).float().mean() >= 0.75
+
+
+def test_missing_weights_name_the_file_and_the_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"policy\.json.*shapes\.train_all"):
+        models.load_shapes_policy(weights_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"open_clip_config\.json.*shapes\.train_all"):
+        models.load_shapes_clip(weights_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"vae.config\.json"):
+        models.shapes_vae(weights_dir=tmp_path)
+
+
+def test_shipped_vae_reconstructs_test_images(test_set):
+    images, _ = test_set
+    psnr = bench_world.vae_psnr(models.shapes_vae(), images[:8])
+    assert psnr.min() > 26.0, psnr
+
+
+def test_shipped_clip_retrieves_the_caption_among_32(clip, test_set):
+    images, captions = test_set
+    reward = CLIPScore(*clip)
+    img, txt = bench_world.embed(reward, images, captions)
+    best = (img @ txt.T).argmax(1)
+    right = sum(captions[int(b)] == captions[i] for i, b in enumerate(best))
+    assert right >= 28, f"{right}/32"
+
+
+def test_recorded_figures_meet_the_issue():
+    """The bench figures shipped with the weights (logs/bench.json, from `python -m shapes.train_all`)."""
+    bench = json.loads(Path(models.WEIGHTS_DIR / "logs" / "bench.json").read_text())
+    default = models.policy_config().guidance_scale
+    assert bench["vae/psnr_test_db"] >= 28
+    assert bench["clip/top1_in_batch"] >= 0.90
+    assert bench["spearman/pool"] >= 0.7
+    assert 0.35 <= bench[f"eval/overall@w{default:g}"] <= 0.70
