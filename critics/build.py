@@ -17,8 +17,8 @@ Paper: "Stitched Value Model for Diffusion Alignment" (arXiv 2605.19804), §3 an
   4. init     F_ψ ← (W*, b*), G_ψ ≡ 0, tail = a trainable copy of the reward tower from block j (Eq. 57)
   5. distill  stage 2 (critics/distill.py): progress bar, a log line every `distill.log_every` steps, checkpoints
               (the whole output directory, atomically) every `distill.ckpt_every` steps
-  6. save     output_dir/: stitch.safetensors, tail.safetensors, stitchvm.json (vae_stitch.json), interface.json,
-              interface.png, build.json (resolved config, stage times, distillation curve summary)
+  6. save     output_dir/: stitch.safetensors, tail.safetensors (in `store_dtype`), stitchvm.json (vae_stitch.json),
+              interface.json, interface.png (or at `heatmap`), build.json (resolved config, stage times, loss curve)
 
 Exit status: 0 done; 2 a configuration or pairing error, printed as one message; 1 anything else.
 """
@@ -36,16 +36,18 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from critics.distill import DistillConfig, distill
 from critics.interface import InterfaceResult, save_heatmap, search, validate_interface
 from critics.load import reward_preprocess
-from critics.stitchvm import DiTHead, StitchVM, build_stitchvm, save_stitchvm
+from critics.stitchvm import CLASS_TOKEN_KEY, STITCH_FILE, TAIL_FILE, DiTHead, StitchVM, build_stitchvm, save_stitchvm
 from critics.tails import make_tail
 from critics.vae_stitch import (LATENT_TAP, build_vae_stitch, latent_head, save_vae_stitch, search_latent,
                                 write_dir_atomically)
+from rl.checkpoint import atomic_write_bytes
 from rl.config import (ConfigError, apply_overrides, check, config_help, from_dict, instantiate, load_yaml, option,
                        to_dict)
 
@@ -55,6 +57,7 @@ INTERFACE_JSON = "interface.json"
 INTERFACE_PNG = "interface.png"
 BUILD_JSON = "build.json"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -106,6 +109,10 @@ class BuildConfig:
     bottleneck_ratio: int = option(8, help="G_psi hidden width = D_tail // ratio (paper 1:8).")
     head_dtype: Literal["float32", "bfloat16"] = option(
         "float32", help="dtype of the frozen policy transformer (the head); the stitch and tail train in float32.")
+    store_dtype: Literal["float32", "float16"] = option(
+        "float32", help="dtype of the saved stitch and tail tensors (they train in float32; the loader casts back).")
+    heatmap: str | None = option(
+        None, help="where the stage-1 heatmap PNG goes (default: output_dir/interface.png).")
     device: str = option("cpu", help="torch device, e.g. cpu or cuda.")
     seed: int = option(0, help="seed of the probe noise and of data shuffling (distill.seed seeds stage 2).")
     meta: dict[str, Any] = option(
@@ -259,8 +266,12 @@ def heatmap_png(result: InterfaceResult) -> bytes:
 
 
 def save_critic_dir(path_dir: str | os.PathLike, model: StitchVM, meta: dict | None,
-                    saver: Callable[[str, StitchVM, dict | None], None], extras: dict[str, bytes]) -> None:
-    """The critic's files plus `extras` (name → bytes) as one directory, swapped into place atomically."""
+                    saver: Callable[[str, StitchVM, dict | None], None], extras: dict[str, bytes],
+                    store_dtype: torch.dtype = torch.float32) -> None:
+    """The critic's files plus `extras` (name → bytes) as one directory, swapped into place atomically.
+
+    Floating-point tensors are stored in `store_dtype` (the loaders copy them into the float32 modules).
+    """
 
     def write(tmp: str) -> None:
         inner = os.path.join(tmp, "weights")
@@ -268,6 +279,13 @@ def save_critic_dir(path_dir: str | os.PathLike, model: StitchVM, meta: dict | N
         for name in os.listdir(inner):
             os.replace(os.path.join(inner, name), os.path.join(tmp, name))
         os.rmdir(inner)
+        if store_dtype != torch.float32:
+            for name in (STITCH_FILE, TAIL_FILE):
+                path = os.path.join(tmp, name)
+                tensors = load_file(path)
+                # the class token stays float32: the loader makes it a Parameter as stored
+                save_file({k: v.to(store_dtype) if v.is_floating_point() and k != CLASS_TOKEN_KEY else v
+                           for k, v in tensors.items()}, path)
         for name, data in extras.items():
             Path(tmp, name).write_bytes(data)
 
@@ -337,8 +355,7 @@ def build(cfg: BuildConfig) -> BuildResult:
     reward = instantiate(cfg.reward, _path="reward").to(device)
     dataset = instantiate(cfg.data, _path="data")
     reward.requires_grad_(False)
-    if cfg.head_dtype == "bfloat16":
-        policy.transformer.to(torch.bfloat16)
+    policy.transformer.to(DTYPES[cfg.head_dtype])
     preprocess = reward_preprocess(reward)
     teacher = make_tail(reward.vision, preprocess)
     num_layers = len(policy.transformer.transformer_blocks)
@@ -385,13 +402,17 @@ def build(cfg: BuildConfig) -> BuildResult:
     fit = result.fits[result.best]
     say("search", f"selected (i, j) = ({best_i}, {best_j}){' (pinned)' if cfg.search.pinned else ''}: "
                   f"rel_mse {fit.rel_mse:.4f}, mse {fit.mse:.4g}")
-    extras = {INTERFACE_JSON: (json.dumps(interface_record(result, cfg), indent=2) + "\n").encode(),
-              INTERFACE_PNG: heatmap_png(result)}
+    extras = {INTERFACE_JSON: (json.dumps(interface_record(result, cfg), indent=2) + "\n").encode()}
+    if cfg.heatmap is None:
+        extras[INTERFACE_PNG] = heatmap_png(result)
+    else:  # e.g. docs/img/: a weights directory that holds only .json + .safetensors
+        atomic_write_bytes(cfg.heatmap, heatmap_png(result))
+        say("search", f"heatmap → {cfg.heatmap}")
     times["search_s"] = time.perf_counter() - t
 
     # 4. init ---------------------------------------------------------------------------------------------------
     probe_pixels = preprocess(images.to(device)) if best_j > 1 else None
-    meta = dict(cfg.meta)
+    meta = {**cfg.meta, "store_dtype": cfg.store_dtype}
     if cfg.kind == "stitchvm":
         null = policy.null_embeds()
         model = build_stitchvm(policy.transformer, reward, best_i, best_j, fit.W, fit.b, null.embeds, null.pooled,
@@ -416,7 +437,7 @@ def build(cfg: BuildConfig) -> BuildResult:
 
     def save_fn(path: str, critic: StitchVM, ckpt_meta: dict | None) -> None:
         extras[BUILD_JSON] = (json.dumps(record, indent=2) + "\n").encode()
-        save_critic_dir(path, critic, ckpt_meta, saver, extras)
+        save_critic_dir(path, critic, ckpt_meta, saver, extras, DTYPES[cfg.store_dtype])
 
     def log(step: int, stats: dict) -> None:
         from tqdm.auto import tqdm

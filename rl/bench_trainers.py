@@ -13,7 +13,7 @@ Sections (``--sections``):
               (ShapesEval on the test split), the epochs done in the budget, and the variance of the policy-gradient
               estimate: per-sample gradients g_i = sum_k A_ik grad log pi of the *same* rollout of the initial policy
               under each estimator (paired), advantages scaled to unit RMS, var = tr Cov(g_i) / n and
-              SNR = ||g_bar||^2 / var (rl/policy_gradient.py ``gradient_variance``).
+              SNR = (||g_bar||^2 - var) / var (rl/policy_gradient.py ``gradient_variance``).
   cotrain     GRPO, dense lambda = 0, with critic.cotrain off vs on: the critic's error on the current policy's
               trajectories (critic/value_mse, overall and per sigma bucket, logged before each update) in the first
               epoch and averaged over the last quarter of the run, and the final evaluation.
@@ -125,7 +125,7 @@ def train_once(args, algo: str, critic: list[str], name: str, extra: list[str]) 
 
 
 def budget(args) -> list[str]:
-    return [f"+run.max_minutes={args.minutes}", f"run.max_epochs={UNLIMITED}", "run.eval_every=0",
+    return [f"run.max_minutes={args.minutes}", f"run.max_epochs={UNLIMITED}", "run.eval_every=0",
             f"run.ckpt_every={UNLIMITED}"]
 
 

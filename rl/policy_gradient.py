@@ -272,9 +272,10 @@ def gradient_variance(policy: FlowPolicy, rollout: SDERollout, advs: dict[str, T
     Each estimator's advantages are first scaled to unit RMS over the stochastic steps, so estimators with
     different normalisations compare. Reported per estimator ``name``:
 
-        pg/<name>/var      tr Cov(g_i) / n      the variance of the batch-mean gradient
-        pg/<name>/grad_sq  ||g_bar||^2          squared norm of the batch-mean gradient
-        pg/<name>/snr      grad_sq / var        its signal-to-noise ratio (higher is better)
+        pg/<name>/var      tr Cov(g_i) / n          the variance of the batch-mean gradient g_bar
+        pg/<name>/grad_sq  ||g_bar||^2              its squared norm
+        pg/<name>/snr      (grad_sq - var) / var    signal-to-noise of g_bar: E||g_bar||^2 = ||E g||^2 + var, so
+                                                    this estimates ||E g||^2 / var (~0: no signal at this n)
 
     Costs one backward per (sample, stochastic step); ``max_samples`` caps the samples used.
     """
@@ -311,7 +312,7 @@ def gradient_variance(policy: FlowPolicy, rollout: SDERollout, advs: dict[str, T
         var = trace_cov / n
         out[f"pg/{name}/var"] = var
         out[f"pg/{name}/grad_sq"] = mean_sq
-        out[f"pg/{name}/snr"] = mean_sq / var if var > 0 else math.inf
+        out[f"pg/{name}/snr"] = (mean_sq - var) / var if var > 0 else math.inf
     return out
 
 

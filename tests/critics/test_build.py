@@ -106,6 +106,26 @@ def test_pinned_interface_is_used(world, tmp_path):
     assert grid["best"] == [2, 3] and grid["pinned"] == [2, 3] and grid["i_values"] == [1, 2]
 
 
+def test_float16_storage_and_heatmap_elsewhere(world, tmp_path):
+    heatmap = tmp_path / "img" / "grid.png"
+    out = tmp_path / "c"
+    result = build(load_config(SHAPES_YAML, tiny_overrides(world, out, "store_dtype=float16", f"heatmap={heatmap}",
+                                                           "distill.max_steps=1")))
+    assert heatmap.read_bytes()[:4] == b"\x89PNG" and not (out / "interface.png").exists()
+    from safetensors.torch import load_file
+
+    for name in ("stitch.safetensors", "tail.safetensors"):
+        assert {t.dtype for k, t in load_file(out / name).items() if k != "class_token"} == {torch.float16}
+    assert json.loads((out / "stitchvm.json").read_text())["store_dtype"] == "float16"
+    policy, reward = load_shapes_policy(weights_dir=world), load_shapes_reward(weights_dir=world)
+    critic = load.stitchvm(policy, reward, out)
+    assert critic.tail.stem_conv.weight.dtype == torch.float32  # cast back on load
+    z = torch.randn(3, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(critic.value(z, 0.5, PROMPTS + ["a star"]),
+                                   result.model.value(z, 0.5, PROMPTS + ["a star"]), rtol=0, atol=5e-3)
+
+
 @pytest.mark.parametrize("extra,message", [
     (["search.pinned=[2,5]"], r"config error: search: interface \(i, j\) = \(2, 5\) out of range"),
     (["search.i_values=[1,9]"], r"config error: search: interface \(i, j\) = \(9, 1\) out of range.*3 \(DiT blocks\)"),

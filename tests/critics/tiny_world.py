@@ -43,9 +43,10 @@ def write_tiny_shapes_weights(weights_dir: str | Path, seed: int = 0, dit_seed: 
 
 
 def tiny_overrides(world: Path, out: Path, *extra: str) -> list[str]:
-    """build_shapes.yaml shrunk to seconds: tiny weights, 32² renders, 24 probes, 4 distillation steps."""
+    """build_shapes.yaml shrunk to seconds: tiny weights, 32² renders, 24 probes, 4 distillation steps; float32
+    storage and the heatmap next to the weights (the shipped build sends it to docs/img/)."""
     return [f"+policy.weights_dir={world}", f"+reward.weights_dir={world}", f"+data.size={IMAGE_SIZE}",
             "data.num_samples=256", f"output_dir={out}", "probe.n=24", "probe.batch_size=12",
             "distill.batch_size=8", "distill.max_steps=4", "distill.warmup_steps=2", "distill.log_every=2",
             "distill.ckpt_every=2", "distill.progress=false", "loader_batch_size=8", f"meta.image_size={IMAGE_SIZE}",
-            *extra]
+            "store_dtype=float32", "heatmap=null", *extra]

@@ -22,15 +22,6 @@ DROP = {"grpo": ["~algo.tau_min", "~algo.tau_max"], "ddpo": ["~algo.tau_min", "~
         "draft": ["~algo.group_size", "~algo.rollout_batch_size"]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models on a shared 2-core CPU: intra-op threads cost far more in hand-offs than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run_tiny(tmp_path, algo, critic, *overrides, name=None):
     """A 2-epoch run of the tiny policy through rl/train.py; returns the run directory."""
     out = tmp_path / (name or f"{algo}-{critic}")
