@@ -384,7 +384,8 @@ def build(cfg: BuildConfig) -> BuildResult:
     t = time.perf_counter()
     if cfg.kind == "stitchvm":
         null = policy.null_embeds()
-        head = DiTHead(policy.transformer, max(i_values), null.embeds, null.pooled, policy.latent_size)
+        depth = max(i_values + ([cfg.search.pinned[0]] if cfg.search.pinned is not None else []))
+        head = DiTHead(policy.transformer, depth, null.embeds, null.pooled, policy.latent_size)
         say("search", f"fitting Eq. 7 for i in {i_values}, j in {j_values or 'all <= 4'} "
                       f"({cfg.probe.n} probes x {teacher.num_tokens} tokens = {cfg.probe.n * teacher.num_tokens} "
                       f"rows, {head.width} features)")

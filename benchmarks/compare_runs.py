@@ -1,0 +1,46 @@
+"""Compare training runs by held-out score against wall-clock, from their metrics.jsonl.
+
+    python benchmarks/compare_runs.py runs/nft_stitchvm runs/nft_terminal --metric eval/overall
+
+Prints, per run: the score at start and end, the gain, wall-clock, and the time each run needed to reach the
+other's final score (within --tol), so "the same final score in <= 1/2 of the wall-clock" is read off directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def curve(run_dir: Path, metric: str) -> list[tuple[float, float]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    points = [(r["wall_time"], r[metric]) for r in rows if metric in r]
+    if not points:
+        raise SystemExit(f"{run_dir}: no '{metric}' in metrics.jsonl")
+    return points
+
+
+def time_to_reach(points: list[tuple[float, float]], target: float) -> float | None:
+    return next((t for t, v in points if v >= target), None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--metric", default="eval/overall")
+    parser.add_argument("--tol", type=float, default=0.02, help="'the same score' tolerance")
+    args = parser.parse_args()
+    curves = {r: curve(r, args.metric) for r in args.runs}
+    print(f"| run | {args.metric} start | end | gain | wall s | best | s to reach others' final - tol |")
+    print("|---|---|---|---|---|---|---|")
+    for run, pts in curves.items():
+        others = [c[-1][1] - args.tol for r, c in curves.items() if r != run]
+        reach = [time_to_reach(pts, t) for t in others]
+        reach_s = ", ".join("never" if x is None else f"{x:.0f}" for x in reach) or "-"
+        print(f"| {run.name} | {pts[0][1]:.3f} | {pts[-1][1]:.3f} | {pts[-1][1] - pts[0][1]:+.3f} | "
+              f"{pts[-1][0]:.0f} | {max(v for _, v in pts):.3f} | {reach_s} |")
+
+
+if __name__ == "__main__":
+    main()
