@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from critics.base import Critic
+from policies.flow import FlowPolicy
 from rl.config import ConfigError, apply_overrides, check, compose, from_dict, load_yaml, option, to_dict
 from rl.steering.dps import DPSConfig
 from rl.steering.fk import FKConfig
@@ -63,9 +65,12 @@ class SteerConfig:
 
 @dataclass
 class World:
-    policy: object
-    reward: object
-    critic: object | None
+    """What a run steers: the policy, the reward it is scored with, the critic (None for 'none'), the sampling
+    defaults resolved against the policy's, and the prompt list."""
+
+    policy: FlowPolicy
+    reward: torch.nn.Module
+    critic: Critic | None
     num_steps: int
     guidance_scale: float
     prompts: list[str] = field(default_factory=list)

@@ -57,10 +57,12 @@ def test_shared_head_equals_separate_value_gradient_velocity(world64, guidance_s
                                critic.value(z, sigma, PROMPTS).detach(), rtol=1e-6, atol=0)
 
 
-def test_shared_head_matches_head_at_depth_two():
-    """i = 2 = every block of the tiny DiT: the head then ends at the context_pre_only block."""
+def test_shared_head_matches_head_at_depth_two_and_j_two():
+    """i = 2 = every block of the tiny DiT (the head ends at the context_pre_only block); j = 2 = a learned class
+    token enters the tail (the Shapes critic's interface is (7, 4) of 8 blocks)."""
     world = tiny_world(dtype=torch.float64)
-    critic = random_stitchvm(world.policy, world.reward, i=2).double()
+    probe = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    critic = random_stitchvm(world.policy, world.reward, i=2, j=2, probe_pixels=probe).double()
     z, sigma, cond = inputs(world.policy)
     shared = SharedHeadGuide(world.policy, critic, 3.0)(z, sigma, cond, PROMPTS)
     separate = CriticGuide(world.policy, critic, 3.0)(z, sigma, cond, PROMPTS)
