@@ -5,7 +5,8 @@
     python -m critics.bench_value --quick                            # seconds; for tests
 
 Protocol (every number is a pure function of the weights, the critics and these seeds):
-  trajectories  `--n-prompts` held-out test prompts shapes.data.prompts('test', n, TEST_PROMPT_SEED), one Euler-ODE
+  trajectories  `--n-prompts` held-out test prompts shapes.data.prompts('test', n, TEST_PROMPT_SEED) (choose between
+                critics on `--prompt-seed` VAL_PROMPT_SEED instead), one Euler-ODE
                 trajectory each from z_T ~ N(0, I) (seed SAMPLE_SEED) at the policy's guidance scale, on the
                 policy's schedule (policy.json num_steps, shift) with the benchmark sigmas inserted as extra
                 nodes, so z_t is the trajectory latent at exactly sigma (not the nearest node, not a re-noised
@@ -43,6 +44,7 @@ from torch.nn import functional as F
 
 SIGMAS = (0.1, 0.25, 0.5, 0.75, 0.9)
 TEST_PROMPT_SEED = 0  # shapes.bench_world: the held-out test prompts the policy is reported on
+VAL_PROMPT_SEED = 1  # shapes.bench_world: test-split prompts for choosing between critics / checkpoints
 SAMPLE_SEED = 0
 EVAL_SEED = 1234  # shapes.bench_world: test renders for retrieval
 NOISE_SEED = 5
@@ -317,11 +319,12 @@ def run(args: argparse.Namespace) -> dict:
     num_steps = args.num_steps or cfg.num_steps
     names = [n for n in args.critics.split(",") if n]
     critics = load_critics(names, policy, reward, guidance, args.stitchvm, args.vae_stitch)
-    prompts = shapes_prompts("test", args.n_prompts, TEST_PROMPT_SEED)
+    prompts = shapes_prompts("test", args.n_prompts, args.prompt_seed)
     latents = trajectory_latents(policy, prompts, args.sigmas, num_steps, guidance, args.batch_size)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
               f"cpu ({torch.get_num_threads()} threads)",
               "critics": names, "sigmas": list(args.sigmas), "n_prompts": args.n_prompts, "rollouts": args.rollouts,
+              "prompt_seed": args.prompt_seed,
               "num_steps": num_steps, "guidance_scale": guidance, "shift": policy.shift,
               "value": value_quality(policy, reward, critics, prompts, latents, args.rollouts, num_steps, guidance,
                                      args.batch_size)}
@@ -337,6 +340,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="critics.bench_value", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n-prompts", type=int, default=64, help="held-out test prompts (one trajectory each)")
+    parser.add_argument("--prompt-seed", type=int, default=TEST_PROMPT_SEED,
+                        help=f"seed of the test prompts: {TEST_PROMPT_SEED} = the reported set; pick critics on "
+                             f"another (e.g. {VAL_PROMPT_SEED}) so the reported figures stay held out")
     parser.add_argument("--rollouts", type=int, default=8, help="K, Monte-Carlo rollouts per z_t (even, >= 8 "
                                                                 "for the reported figures)")
     parser.add_argument("--sigmas", type=lambda s: tuple(float(x) for x in s.split(",")), default=SIGMAS)
