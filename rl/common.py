@@ -101,7 +101,8 @@ def metric_scores(metric: Callable, images: Tensor, prompts: list[str]) -> dict[
         return {"score": out.float()}
     if isinstance(out, dict):
         return {k: v.float() for k, v in out.items()}
-    return {k: v.float() for k, v in vars(out).items() if isinstance(v, Tensor)}
+    # per-criterion scores only (a result may also carry masks, e.g. ShapesEval's has_relation)
+    return {k: v.float() for k, v in vars(out).items() if isinstance(v, Tensor) and v.is_floating_point()}
 
 
 @torch.no_grad()

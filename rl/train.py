@@ -30,7 +30,8 @@ COTRAIN_ALGOS = ("grpo", "ddpo", "draft")  # the trainers that run critic.cotrai
 
 
 def critic_choices() -> list[str]:
-    return sorted(p.stem for p in (CONFIG_ROOT / "critic").glob("*.yaml"))
+    # build_*.yaml in configs/critic/ configure the critic *build* (critics/build.py), not a run's critic
+    return sorted(p.stem for p in (CONFIG_ROOT / "critic").glob("*.yaml") if not p.stem.startswith("build_"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -12,7 +12,7 @@ from policies.testing import tiny_policy
 from rl import cotrain, train
 from rl.config import ConfigError
 from tests.critics.test_stitchvm import TinyReward, random_fit
-from tests.rl.test_grpo import DROP, TINY, metrics, run_tiny, single_thread  # noqa: F401 (autouse)
+from tests.rl.test_grpo import DROP, TINY, metrics, run_tiny
 
 CRITIC = "critic._component_=tests.rl.test_cotrain.tiny_stitchvm_critic"  # on top of --critic terminal's node
 

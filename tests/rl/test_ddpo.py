@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from rl import ddpo, train
-from tests.rl.test_grpo import DROP, TINY, lora_moved, metrics, run_tiny, single_thread  # noqa: F401 (autouse)
+from tests.rl.test_grpo import DROP, TINY, lora_moved, metrics, run_tiny
 
 
 def test_per_prompt_stat_tracker_hand_derived():

@@ -7,7 +7,7 @@ from torch import nn
 
 from rl import draft, train
 from rl.config import ConfigError
-from tests.rl.test_grpo import DROP, TINY, lora_moved, metrics, run_tiny, single_thread  # noqa: F401 (autouse)
+from tests.rl.test_grpo import DROP, TINY, lora_moved, metrics, run_tiny
 
 SIGMAS = torch.tensor([1.0, 0.8, 0.5, 0.3, 0.1, 0.0])  # Delta = [-.2, -.3, -.2, -.2, -.1]
 
