@@ -1,0 +1,34 @@
+"""Every run config in configs/ composes and validates through rl/train.py (models are not built: the real ones
+need weights on disk); the Shapes defaults are instantiated by the smoke runs in test_nft.py."""
+
+from pathlib import Path
+
+import pytest
+
+from rl import prompts, train
+
+EXPERIMENTS = sorted((train.CONFIG_ROOT / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("critic", train.critic_choices())
+@pytest.mark.parametrize("algo", sorted(train.ALGOS))
+def test_every_algo_and_critic_config_composes(algo, critic):
+    composed = train.compose_config(train.parse_args(["--algo", algo, "--critic", critic]))
+    assert composed.raw["critic"]["_component_"]
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+def test_experiment_configs_compose(path):
+    composed = train.compose_config(train.parse_args(["--algo", "nft", "--critic", "stitchvm", "--config", str(path)]))
+    assert composed.algo_cfg.num_steps >= composed.algo_cfg.tau_max
+
+
+def test_prompt_file(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("a cat\n\n  a dog  \n")
+    assert prompts.from_file(f) == ["a cat", "a dog"] and prompts.from_file(f, limit=1) == ["a cat"]
+    with pytest.raises(FileNotFoundError, match="one prompt per line"):
+        prompts.from_file(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(ValueError, match="no prompts"):
+        prompts.from_file(tmp_path / "empty.txt")
