@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,9 +66,10 @@ def build(args, critic_name: str):
     cfg = nft.NFTConfig(num_steps=args.steps, tau_min=args.tau_min, tau_max=args.tau_max,
                         prompts_per_epoch=args.prompts, group_size=args.group, rollout_batch_size=args.rollout_batch,
                         train_batch_size=args.train_batch, timestep_fraction=0.9, kl_beta=0.0)
+    out_dir = tempfile.mkdtemp(prefix="nft_bench_")
     run = common.Run(policy=policy, critic=critic, train_prompts=["a photo of a cat"] * 64, eval_prompts=[],
-                     eval_metric=None, accelerator=Accelerator(), logger=MetricLogger("/tmp/nft_bench", backends=()),
-                     run_cfg=common.RunConfig(output_dir="/tmp/nft_bench"), eval_cfg=common.EvalConfig())
+                     eval_metric=None, accelerator=Accelerator(), logger=MetricLogger(out_dir, backends=()),
+                     run_cfg=common.RunConfig(output_dir=out_dir), eval_cfg=common.EvalConfig())
     optimizer, params = nft.setup_policy(run, cfg)
     return run, cfg, optimizer, params
 

@@ -133,7 +133,7 @@ def budget(args) -> list[str]:
 def gradient_variance_at_init(args, seed: int) -> dict[str, float]:
     """Paired per-sample policy-gradient variance of the estimators on one rollout of the initial GRPO policy."""
     from policies import lora
-    from rl import cotrain, grpo, train
+    from rl import common, cotrain, grpo, train
     from rl import policy_gradient as pg
 
     name = f"variance-seed{seed}"
@@ -142,7 +142,7 @@ def gradient_variance_at_init(args, seed: int) -> dict[str, float]:
     run = train.build_run(composed)
     cfg = composed.algo_cfg
     spec = lora.LoraSpec(r=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets)
-    params, _ = pg.setup_lora(run, spec, cfg.lr, cfg.weight_decay)
+    params, _ = common.setup_lora(run, spec, cfg.lr, cfg.weight_decay)
     cotrain.freeze(run.critic, cotrain.shared_parameters(run))
     prompts = run.train_prompts[: max(1, math.ceil(args.variance_samples / cfg.group_size))]
     rows = [p for p in prompts for _ in range(cfg.group_size)]

@@ -82,6 +82,28 @@ class Run:
         return limit is not None and (time.time() - self.start_time) / 60 >= limit
 
 
+def setup_lora(run: "Run", spec: lora.LoraSpec, lr: float, weight_decay: float,
+               adapters: tuple[str, ...] = ("default",)) -> tuple[list[nn.Parameter], torch.optim.Optimizer]:
+    """Add the LoRA adapters, make only adapter "default" trainable, build AdamW and route through accelerate.
+
+    Returns (trained parameters, optimizer)."""
+    policy, accel = run.policy, run.accelerator
+    transformer = policy.transformer
+    for name in adapters:
+        lora.add_lora(transformer, spec, name)
+    for name in adapters[1:]:
+        lora.copy_adapter(transformer, "default", name)
+    lora.set_active(transformer, "default")
+    transformer.requires_grad_(False)
+    params = list(lora.adapter_parameters(transformer, "default").values())
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    wrapped, optimizer = accel.prepare(transformer, optimizer)
+    policy.set_forward_module(wrapped)
+    return params, optimizer
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

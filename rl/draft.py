@@ -210,7 +210,7 @@ def train(run: common.Run, cfg: DraftConfig, resume: str | None = None) -> dict[
                           f"{type(run.reward).__name__} is not differentiable: use a differentiable reward (CLIP "
                           f"score, HPSv2, aesthetic, ...) or a value critic (--critic stitchvm)")
     spec = lora.LoraSpec(r=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets)
-    params, optimizer = pg.setup_lora(run, spec, cfg.lr, cfg.weight_decay, cfg.adapters)
+    params, optimizer = common.setup_lora(run, spec, cfg.lr, cfg.weight_decay, cfg.adapters)
     if cfg.grad_checkpointing:
         run.policy.transformer.enable_gradient_checkpointing()
     exclude = cotrain.shared_parameters(run)

@@ -156,7 +156,7 @@ def train(run: common.Run, cfg: GRPOConfig, resume: str | None = None) -> dict[s
     critic = run.critic
     check_critic(critic, cfg.advantages)
     spec = lora.LoraSpec(r=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets)
-    params, optimizer = pg.setup_lora(run, spec, cfg.lr, cfg.weight_decay, ADAPTERS)
+    params, optimizer = common.setup_lora(run, spec, cfg.lr, cfg.weight_decay, ADAPTERS)
     exclude = cotrain.shared_parameters(run)
     cotrain.freeze(critic, exclude)
     critic_trainer = cotrain.build(run, exclude)

@@ -250,19 +250,8 @@ def optimise(run: common.Run, cfg: NFTConfig, rollout: Rollout, r_opt: Tensor, o
 # ------------------------------------------------------------------------------------------------ the loop
 def setup_policy(run: common.Run, cfg: NFTConfig) -> tuple[torch.optim.Optimizer, list]:
     """Adapters "default" (theta, trained) and "old" (theta_old = theta at start), the optimizer, accelerate."""
-    transformer = run.policy.transformer
     spec = lora.LoraSpec(r=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets)
-    for name in ADAPTERS:
-        lora.add_lora(transformer, spec, name)
-    lora.copy_adapter(transformer, "default", "old")
-    lora.set_active(transformer, "default")
-    transformer.requires_grad_(False)
-    params = list(lora.adapter_parameters(transformer, "default").values())
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    wrapped, optimizer = run.accelerator.prepare(transformer, optimizer)
-    run.policy.set_forward_module(wrapped)
+    params, optimizer = common.setup_lora(run, spec, cfg.lr, cfg.weight_decay, ADAPTERS)
     return optimizer, params
 
 

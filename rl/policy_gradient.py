@@ -40,28 +40,6 @@ from rl.cotrain import CriticTrainer, realised_reward
 
 
 # ------------------------------------------------------------------------------------------------ setup
-def setup_lora(run: common.Run, spec: lora.LoraSpec, lr: float, weight_decay: float,
-               adapters: tuple[str, ...] = ("default",)) -> tuple[list[nn.Parameter], torch.optim.Optimizer]:
-    """Add the LoRA adapters, make only adapter "default" trainable, build AdamW and route through accelerate.
-
-    Returns (trained parameters, optimizer)."""
-    policy, accel = run.policy, run.accelerator
-    transformer = policy.transformer
-    for name in adapters:
-        lora.add_lora(transformer, spec, name)
-    for name in adapters[1:]:
-        lora.copy_adapter(transformer, "default", name)
-    lora.set_active(transformer, "default")
-    transformer.requires_grad_(False)
-    params = list(lora.adapter_parameters(transformer, "default").values())
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    wrapped, optimizer = accel.prepare(transformer, optimizer)
-    policy.set_forward_module(wrapped)
-    return params, optimizer
-
-
 def epoch_generator(run: common.Run, epoch: int, stage: int) -> tuple[np.random.Generator, torch.Generator]:
     """(numpy rng, torch generator) for one stage of one epoch: a function of (seed, epoch, stage), so a resumed
     run draws the same noise as an uninterrupted one."""
