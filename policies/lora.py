@@ -113,6 +113,9 @@ def adapter_parameters(transformer: nn.Module, name: str) -> dict[str, nn.Parame
 @contextlib.contextmanager
 def reference_policy(transformer: nn.Module):
     """All adapters disabled: the frozen pretrained model theta_0 (KL reference). Restores on exit."""
+    if not adapter_names(transformer):  # no adapters: the model already is theta_0
+        yield transformer
+        return
     transformer.disable_adapters()
     try:
         yield transformer

@@ -144,3 +144,23 @@ def test_config_errors_exit_2(tmp_path, capsys):
     assert "group_size" in capsys.readouterr().err
     assert train.main(["--critic", "terminal", "--config", TINY, "algo.lr=-1"]) == 2
     assert "lr" in capsys.readouterr().err
+
+
+def test_evaluate_cli_scores_export_checkpoint_and_base(tmp_path, capsys):
+    from rl import evaluate
+
+    out = _run(tmp_path, "ev", "terminal")
+    capsys.readouterr()  # the training run's own output
+    common = ["--config", TINY]
+    assert evaluate.main(["--lora", str(out / "lora"), *common]) == 0
+    lora_scores = json.loads(capsys.readouterr().out)
+    assert evaluate.main(["--checkpoint", str(out), *common]) == 0
+    ckpt_scores = json.loads(capsys.readouterr().out)
+    assert evaluate.main(common) == 0
+    base_scores = json.loads(capsys.readouterr().out)
+    # the exported LoRA and the final checkpoint are the same policy; the base differs
+    assert lora_scores["eval/score"] == pytest.approx(ckpt_scores["eval/score"], abs=1e-6)
+    final = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert lora_scores["eval/score"] == pytest.approx(final["eval/score"], abs=1e-6)
+    assert set(base_scores) == set(lora_scores)
+    assert evaluate.main(["--lora", str(tmp_path / "nope"), *common]) == 2
