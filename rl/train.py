@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", default=None, help="'latest' (of run.output_dir), a run dir or a checkpoint dir")
     parser.add_argument("--print-config", action="store_true", help="print the composed config and exit")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # key=value may come before or after the flags
 
 
 @dataclass
