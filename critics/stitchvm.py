@@ -202,8 +202,9 @@ class DiTHead(nn.Module):
             raise ValueError(f"taps must lie in [1, {self.i}] (head depth); got {list(taps)}")
         B, _, h, w = z_t.shape
         z_t = z_t.to(self.pos_embed.proj.weight.dtype)  # e.g. float32 latents into a bf16 backbone
-        sigma = torch.as_tensor(sigma, device=z_t.device, dtype=z_t.dtype).expand(B)
-        timestep = sigma * 1000.0  # the SD3 transformer's timestep convention
+        # the SD3 timestep convention, computed in float32 as FlowPolicy does (bf16 would turn 0.7 into 0.699)
+        sigma = torch.as_tensor(sigma, device=z_t.device, dtype=torch.float32).expand(B)
+        timestep = sigma * 1000.0
         out: dict[int, Tensor] = {}
         with peft_adapters_disabled(self):
             hidden = self.pos_embed(z_t).contiguous()  # (B, N, D_dit), pos-embed added
