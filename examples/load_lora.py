@@ -1,7 +1,7 @@
 """Load an exported LoRA into diffusers' StableDiffusion3Pipeline and sample, exactly as a diffusers user would.
 
     python examples/load_lora.py runs/example_shapes/lora                 # on the shipped Shapes policy
-    python examples/load_lora.py /tmp/x/lora --tiny --out /tmp/grid.png   # on the tiny random policy
+    python examples/load_lora.py runs/tiny/lora --tiny --out runs/tiny/grid.png   # on the tiny random policy
 
 The Shapes world's text tower is not one of SD3's three encoders, so the prompt embeddings come from the policy's
 own text encoder and go to the pipeline as ``prompt_embeds``; with SD3.5 weights, pass prompts directly.

@@ -160,6 +160,19 @@ def all_finite(*tensors: Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
 
 
+def clipped_step(accelerator, optimizer, params: list[nn.Parameter], max_grad_norm: float,
+                 loss_finite: bool = True) -> tuple[float, bool]:
+    """Clip gradients and step, unless the loss or the gradient norm is non-finite: then the gradients are dropped
+    so a non-finite update never reaches the weights. Returns (grad norm, stepped)."""
+    norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+    norm = float(norm) if norm is not None else grad_norm(params)
+    if not (loss_finite and math.isfinite(norm)):
+        optimizer.zero_grad(set_to_none=True)
+        return norm, False
+    optimizer.step()
+    return norm, True
+
+
 def grad_norm(params: list[nn.Parameter]) -> float:
     norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
     return float(torch.stack(norms).norm()) if norms else 0.0

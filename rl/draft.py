@@ -184,16 +184,14 @@ def optimise(run: common.Run, cfg: DraftConfig, prompts: list[str], optimizer, p
         out = draft_loss(value, roll.velocities, v_ref, cfg.reg_lambda)
         with run.timer("update"):
             accel.backward(out.loss)
-            norm = accel.clip_grad_norm_(params, cfg.max_grad_norm)
-        norm = float(norm) if norm is not None else common.grad_norm(params)
+            norm, stepped = common.clipped_step(accel, optimizer, params, cfg.max_grad_norm,
+                                                math.isfinite(out.loss.item()))
         for key, x in (("reward/mean", out.value.item()), ("loss/total", out.loss.item()), ("loss/reg", out.reg.item()),
                        ("policy/grad_norm", norm), ("train/tau", float(tau))):
             stats[key].append(x)
-        if not (math.isfinite(norm) and math.isfinite(out.loss.item())):
-            optimizer.zero_grad(set_to_none=True)  # a non-finite update never reaches the weights
+        if not stepped:
             skipped += 1
             continue
-        optimizer.step()
         if cfg.ema_decay > 0:
             lora.ema_update(transformer, "default", "ema", cfg.ema_decay)
     out = {k: float(np.nanmean(v)) for k, v in stats.items() if v}

@@ -234,14 +234,10 @@ def optimise(run: common.Run, cfg: NFTConfig, rollout: Rollout, r_opt: Tensor, o
                 stats["loss/total"].append(out.loss.item())
                 stats["loss/policy"].append(out.policy_loss.item())
                 stats["loss/kl"].append(out.kl.item())
-            norm = accel.clip_grad_norm_(params, cfg.max_grad_norm)
-            norm = float(norm) if norm is not None else common.grad_norm(params)
+            finite = all(math.isfinite(x) for x in stats["loss/total"][-num_t:])
+            norm, stepped = common.clipped_step(accel, optimizer, params, cfg.max_grad_norm, finite)
             stats["policy/grad_norm"].append(norm)
-            if not math.isfinite(norm) or not all(math.isfinite(x) for x in stats["loss/total"][-num_t:]):
-                optimizer.zero_grad(set_to_none=True)  # skip: a non-finite update never reaches the weights
-                skipped += 1
-                continue
-            optimizer.step()
+            skipped += not stepped
     out = {k: float(np.nanmean(v)) for k, v in stats.items() if v}
     out["train/skipped_updates"] = float(skipped)
     return out

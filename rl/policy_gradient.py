@@ -228,14 +228,9 @@ def ppo_update(run: common.Run, rollout: SDERollout, adv: Tensor, optimizer: tor
                                    ("policy/clipfrac", loss.clipfrac), ("policy/approx_kl", loss.approx_kl),
                                    ("policy/ratio", loss.ratio)):
                     stats[key].append(value.item())
-            norm = accel.clip_grad_norm_(params, s.max_grad_norm)
-            norm = float(norm) if norm is not None else common.grad_norm(params)
+            norm, stepped = common.clipped_step(accel, optimizer, params, s.max_grad_norm, finite)
             stats["policy/grad_norm"].append(norm)
-            if not (finite and math.isfinite(norm)):
-                optimizer.zero_grad(set_to_none=True)
-                skipped += 1
-                continue
-            optimizer.step()
+            skipped += not stepped
     out = {k: float(np.nanmean(v)) for k, v in stats.items() if v}
     out["train/skipped_updates"] = float(skipped)
     return out
