@@ -1,7 +1,7 @@
 """Train the Shapes policy with DiffusionNFT and a critic, then export the LoRA (what the README's main job does).
 
     python examples/train_shapes.py                      # shipped Shapes world, StitchVM critic, 10 epochs
-    python examples/train_shapes.py --tiny --out /tmp/x  # random tiny models, decode-and-score, seconds
+    python examples/train_shapes.py --tiny --out runs/tiny  # random tiny models, decode-and-score, seconds
 
 The LoRA lands in <out>/lora (diffusers format); examples/load_lora.py samples with it.
 """
