@@ -17,6 +17,9 @@ Paper: "Stitched Value Model for Diffusion Alignment" (arXiv 2605.19804), §3 an
   4. init     F_ψ ← (W*, b*), G_ψ ≡ 0, tail = a trainable copy of the reward tower from block j (Eq. 57)
   5. distill  stage 2 (critics/distill.py): progress bar, a log line every `distill.log_every` steps, checkpoints
               (the whole output directory, atomically) every `distill.ckpt_every` steps
+  5b. onpolicy stage 3 (ours, critics/onpolicy.py; `onpolicy.enabled`): value regression on the policy's own
+              SDE trajectories, same checkpointing. With `init_from: DIR` stages 2-5 are skipped and stage 3
+              starts from the critic saved in DIR (its interface.json / heatmap are carried over).
   6. save     output_dir/: stitch.safetensors, tail.safetensors (in `store_dtype`), stitchvm.json (vae_stitch.json),
               interface.json, interface.png (or at `heatmap`), build.json (resolved config, stage times, loss curve)
 
@@ -41,6 +44,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from critics.distill import DistillConfig, distill
+from critics.onpolicy import OnPolicyConfig, onpolicy_finetune
 from critics.interface import InterfaceResult, save_heatmap, search, validate_interface
 from critics.load import reward_preprocess
 from critics.stitchvm import CLASS_TOKEN_KEY, STITCH_FILE, TAIL_FILE, DiTHead, StitchVM, build_stitchvm, save_stitchvm
@@ -104,6 +108,11 @@ class BuildConfig:
     distill: DistillConfig = option(
         default_factory=DistillConfig,
         help="stage 2 (critics.distill.DistillConfig fields); ckpt_dir null = checkpoint into output_dir.")
+    onpolicy: OnPolicyConfig = option(
+        default_factory=OnPolicyConfig,
+        help="stage 3 (critics.onpolicy.OnPolicyConfig fields): on-policy value regression; off by default.")
+    init_from: str | None = option(
+        None, help="a saved critic directory of the same kind: skip stages 2-5 and start stage 3 from it.")
     loader_batch_size: int = option(64, help="images per DataLoader batch (distill re-chunks to its batch_size).")
     num_workers: int = option(0, help="DataLoader worker processes producing training images.")
     bottleneck_ratio: int = option(8, help="G_psi hidden width = D_tail // ratio (paper 1:8).")
@@ -122,6 +131,10 @@ class BuildConfig:
         check(self.loader_batch_size >= 1, "loader_batch_size", f"must be >= 1, got {self.loader_batch_size}")
         check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         check(self.bottleneck_ratio >= 1, "bottleneck_ratio", f"must be >= 1, got {self.bottleneck_ratio}")
+        if self.init_from is not None:
+            check(self.onpolicy.enabled, "init_from", "starts stage 3 from a saved critic: set onpolicy.enabled=true")
+            check(Path(self.init_from).resolve() != Path(self.output_dir).resolve(), "init_from",
+                  "must differ from output_dir (the source critic is never overwritten)")
         if self.kind == "vae_stitch" and self.search.pinned is not None:
             check(self.search.pinned[0] == LATENT_TAP, "search.pinned",
                   f"kind=vae_stitch has no DiT block: pin [0, j], got {list(self.search.pinned)}")
@@ -365,107 +378,168 @@ def build(cfg: BuildConfig) -> BuildResult:
                 f"grid {teacher.grid}; data: {len(dataset)} images")
     times["load_s"] = time.perf_counter() - t
 
-    # 2. probe --------------------------------------------------------------------------------------------------
-    t = time.perf_counter()
-    generator = torch.Generator().manual_seed(cfg.seed)
-    images = first_images(dataset, cfg.probe.n)  # (N, 3, H, W)
-    latents = encode_images(policy, images, cfg.probe.batch_size)  # (N, C, h, w)
-    want = (policy.latent_channels, policy.latent_size, policy.latent_size)
-    if tuple(latents.shape[1:]) != want:
-        raise ValueError(f"data images are {tuple(images.shape[2:])}, which the policy's VAE encodes to latents "
-                         f"{tuple(latents.shape[1:])}; the policy's transformer works on latents {want} (images of "
-                         f"{policy.image_size}x{policy.image_size}): set the data resolution to the policy's")
-    sigmas = probe_sigmas(cfg.probe.n, cfg.probe.sigma_law, generator)
-    say("probe", f"{cfg.probe.n} clean images {tuple(images.shape[1:])} → latents {tuple(latents.shape[1:])}, "
-                 f"t ~ {cfg.probe.sigma_law}")
-    times["probe_s"] = time.perf_counter() - t
-
-    # 3. search -------------------------------------------------------------------------------------------------
-    t = time.perf_counter()
-    if cfg.kind == "stitchvm":
-        null = policy.null_embeds()
-        depth = max(i_values + ([cfg.search.pinned[0]] if cfg.search.pinned is not None else []))
-        head = DiTHead(policy.transformer, depth, null.embeds, null.pooled, policy.latent_size)
-        say("search", f"fitting Eq. 7 for i in {i_values}, j in {j_values or 'all <= 4'} "
-                      f"({cfg.probe.n} probes x {teacher.num_tokens} tokens = {cfg.probe.n * teacher.num_tokens} "
-                      f"rows, {head.width} features)")
-        result = search(head, teacher, images, latents, i_values, j_values, cfg.search.pinned, sigmas, generator,
-                        cfg.probe.batch_size, cfg.search.criterion)
-    else:
-        head = latent_head(policy)
-        say("search", f"fitting Eq. 7 with the identity head (C = {head.width} features) for j in "
-                      f"{j_values or 'all <= 4'}")
-        pinned_j = cfg.search.pinned[1] if cfg.search.pinned is not None else None
-        result = search_latent(head, teacher, images, latents, j_values, pinned_j, sigmas, generator,
-                               cfg.probe.batch_size, cfg.search.criterion)
-    print(format_grid(result), flush=True)
-    best_i, best_j = result.best
-    fit = result.fits[result.best]
-    say("search", f"selected (i, j) = ({best_i}, {best_j}){' (pinned)' if cfg.search.pinned else ''}: "
-                  f"rel_mse {fit.rel_mse:.4f}, mse {fit.mse:.4g}")
-    extras = {INTERFACE_JSON: (json.dumps(interface_record(result, cfg), indent=2) + "\n").encode()}
-    if cfg.heatmap is None:
-        extras[INTERFACE_PNG] = heatmap_png(result)
-    else:  # e.g. docs/img/: a weights directory that holds only .json + .safetensors
-        atomic_write_bytes(cfg.heatmap, heatmap_png(result))
-        say("search", f"heatmap → {cfg.heatmap}")
-    times["search_s"] = time.perf_counter() - t
-
-    # 4. init ---------------------------------------------------------------------------------------------------
-    probe_pixels = preprocess(images.to(device)) if best_j > 1 else None
-    meta = {**cfg.meta, "store_dtype": cfg.store_dtype}
-    if cfg.kind == "stitchvm":
-        null = policy.null_embeds()
-        model = build_stitchvm(policy.transformer, reward, best_i, best_j, fit.W, fit.b, null.embeds, null.pooled,
-                               cfg.score, latent_size=policy.latent_size, probe_pixels=probe_pixels,
-                               preprocess=preprocess, bottleneck_ratio=cfg.bottleneck_ratio, meta=meta)
-        saver = save_stitchvm
-    else:
-        model = build_vae_stitch(policy, reward, best_j, fit.W, fit.b, cfg.score, probe_pixels=probe_pixels,
-                                 preprocess=preprocess, bottleneck_ratio=cfg.bottleneck_ratio, meta=meta)
-        saver = save_vae_stitch
-    model.tail.to(device)
-    trained = sum(p.numel() for p in model.stitch_parameters()) + sum(p.numel() for _, p in
-                                                                      model.tail_named_parameters())
-    say("init", f"{cfg.kind} ({best_i}, {best_j}): stitch F ← W* ({fit.W.shape[0]}x{fit.W.shape[1]}), G ≡ 0; "
-                f"{trained / 1e6:.2f}M trained parameters")
-
-    # 5. distill ------------------------------------------------------------------------------------------------
-    t = time.perf_counter()
-    dcfg = cfg.distill if cfg.distill.ckpt_dir is not None else replace(cfg.distill, ckpt_dir=str(output_dir))
-    stream = ImageStream(dataset, cfg.loader_batch_size, cfg.seed, cfg.num_workers)
-    record = {"config": to_dict(cfg), "times": times}
+    record: dict[str, Any] = {"config": to_dict(cfg), "times": times}
+    extras: dict[str, bytes] = {}
+    stats: dict[str, list[float]] = {}
+    result: InterfaceResult | None = None
+    saver = save_stitchvm if cfg.kind == "stitchvm" else save_vae_stitch
 
     def save_fn(path: str, critic: StitchVM, ckpt_meta: dict | None) -> None:
         extras[BUILD_JSON] = (json.dumps(record, indent=2) + "\n").encode()
         save_critic_dir(path, critic, ckpt_meta, saver, extras, DTYPES[cfg.store_dtype])
 
-    def log(step: int, stats: dict) -> None:
-        from tqdm.auto import tqdm
+    if cfg.init_from is not None:
+        model, meta = _load_init(cfg, policy, reward, extras, record)
+        best_i, best_j = model.i, model.j
+    else:
+        # 2. probe --------------------------------------------------------------------------------------------------
+        t = time.perf_counter()
+        generator = torch.Generator().manual_seed(cfg.seed)
+        images = first_images(dataset, cfg.probe.n)  # (N, 3, H, W)
+        latents = encode_images(policy, images, cfg.probe.batch_size)  # (N, C, h, w)
+        want = (policy.latent_channels, policy.latent_size, policy.latent_size)
+        if tuple(latents.shape[1:]) != want:
+            raise ValueError(f"data images are {tuple(images.shape[2:])}, which the policy's VAE encodes to latents "
+                             f"{tuple(latents.shape[1:])}; the policy's transformer works on latents {want} (images of "
+                             f"{policy.image_size}x{policy.image_size}): set the data resolution to the policy's")
+        sigmas = probe_sigmas(cfg.probe.n, cfg.probe.sigma_law, generator)
+        say("probe", f"{cfg.probe.n} clean images {tuple(images.shape[1:])} → latents {tuple(latents.shape[1:])}, "
+                     f"t ~ {cfg.probe.sigma_law}")
+        times["probe_s"] = time.perf_counter() - t
 
-        tqdm.write(f"[build:distill] step {step}: loss {stats['distill/loss']:.4g} (embed "
-                   f"{stats['distill/embed_loss']:.4g}, token {stats['distill/token_loss']:.4g}), "
-                   f"lr {stats['distill/lr']:.3g}, grad norm {stats['distill/grad_norm']:.3g}")
-        record["last_step"] = step
+        # 3. search -------------------------------------------------------------------------------------------------
+        t = time.perf_counter()
+        if cfg.kind == "stitchvm":
+            null = policy.null_embeds()
+            depth = max(i_values + ([cfg.search.pinned[0]] if cfg.search.pinned is not None else []))
+            head = DiTHead(policy.transformer, depth, null.embeds, null.pooled, policy.latent_size)
+            say("search", f"fitting Eq. 7 for i in {i_values}, j in {j_values or 'all <= 4'} "
+                          f"({cfg.probe.n} probes x {teacher.num_tokens} tokens = {cfg.probe.n * teacher.num_tokens} "
+                          f"rows, {head.width} features)")
+            result = search(head, teacher, images, latents, i_values, j_values, cfg.search.pinned, sigmas, generator,
+                            cfg.probe.batch_size, cfg.search.criterion)
+        else:
+            head = latent_head(policy)
+            say("search", f"fitting Eq. 7 with the identity head (C = {head.width} features) for j in "
+                          f"{j_values or 'all <= 4'}")
+            pinned_j = cfg.search.pinned[1] if cfg.search.pinned is not None else None
+            result = search_latent(head, teacher, images, latents, j_values, pinned_j, sigmas, generator,
+                                   cfg.probe.batch_size, cfg.search.criterion)
+        print(format_grid(result), flush=True)
+        best_i, best_j = result.best
+        fit = result.fits[result.best]
+        say("search", f"selected (i, j) = ({best_i}, {best_j}){' (pinned)' if cfg.search.pinned else ''}: "
+                      f"rel_mse {fit.rel_mse:.4f}, mse {fit.mse:.4g}")
+        extras[INTERFACE_JSON] = (json.dumps(interface_record(result, cfg), indent=2) + "\n").encode()
+        if cfg.heatmap is None:
+            extras[INTERFACE_PNG] = heatmap_png(result)
+        else:  # e.g. docs/img/: a weights directory that holds only .json + .safetensors
+            atomic_write_bytes(cfg.heatmap, heatmap_png(result))
+            say("search", f"heatmap → {cfg.heatmap}")
+        times["search_s"] = time.perf_counter() - t
 
-    steps = dcfg.max_steps if dcfg.max_steps is not None else dcfg.epochs * (len(dataset) // dcfg.batch_size)
-    say("distill", f"{steps} steps of {dcfg.batch_size} images, lr {dcfg.lr:g} (stitch x{dcfg.stitch_lr_mult:g}), "
-                   f"sigma ~ {dcfg.sigma_sampling}, checkpoints → {dcfg.ckpt_dir}")
-    stats = distill(model, reward, policy.encode, stream, dcfg, callback=log, ckpt_meta=meta, save_fn=save_fn)
-    times["distill_s"] = time.perf_counter() - t
+        # 4. init ---------------------------------------------------------------------------------------------------
+        probe_pixels = preprocess(images.to(device)) if best_j > 1 else None
+        meta = {**cfg.meta, "store_dtype": cfg.store_dtype}
+        if cfg.kind == "stitchvm":
+            null = policy.null_embeds()
+            model = build_stitchvm(policy.transformer, reward, best_i, best_j, fit.W, fit.b, null.embeds, null.pooled,
+                                   cfg.score, latent_size=policy.latent_size, probe_pixels=probe_pixels,
+                                   preprocess=preprocess, bottleneck_ratio=cfg.bottleneck_ratio, meta=meta)
+        else:
+            model = build_vae_stitch(policy, reward, best_j, fit.W, fit.b, cfg.score, probe_pixels=probe_pixels,
+                                     preprocess=preprocess, bottleneck_ratio=cfg.bottleneck_ratio, meta=meta)
+        model.tail.to(device)
+        trained = sum(p.numel() for p in model.stitch_parameters()) + sum(p.numel() for _, p in
+                                                                          model.tail_named_parameters())
+        say("init", f"{cfg.kind} ({best_i}, {best_j}): stitch F ← W* ({fit.W.shape[0]}x{fit.W.shape[1]}), G ≡ 0; "
+                    f"{trained / 1e6:.2f}M trained parameters")
+
+        # 5. distill --------------------------------------------------------------------------------------------
+        t = time.perf_counter()
+        dcfg = cfg.distill if cfg.distill.ckpt_dir is not None else replace(cfg.distill, ckpt_dir=str(output_dir))
+        stream = ImageStream(dataset, cfg.loader_batch_size, cfg.seed, cfg.num_workers)
+
+        def log(step: int, stats: dict) -> None:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"[build:distill] step {step}: loss {stats['distill/loss']:.4g} (embed "
+                       f"{stats['distill/embed_loss']:.4g}, token {stats['distill/token_loss']:.4g}), "
+                       f"lr {stats['distill/lr']:.3g}, grad norm {stats['distill/grad_norm']:.3g}")
+            record["last_step"] = step
+
+        steps = dcfg.max_steps if dcfg.max_steps is not None else dcfg.epochs * (len(dataset) // dcfg.batch_size)
+        say("distill", f"{steps} steps of {dcfg.batch_size} images, lr {dcfg.lr:g} (stitch "
+                       f"x{dcfg.stitch_lr_mult:g}), sigma ~ {dcfg.sigma_sampling}, checkpoints → {dcfg.ckpt_dir}")
+        stats = distill(model, reward, policy.encode, stream, dcfg, callback=log, ckpt_meta=meta, save_fn=save_fn)
+        times["distill_s"] = time.perf_counter() - t
+        _summarise(record, stats, "distill", dcfg.log_every)
+
+    # 5b. on-policy value regression (stage 3, optional) --------------------------------------------------------
+    if cfg.onpolicy.enabled:
+        t = time.perf_counter()
+        ocfg = cfg.onpolicy if cfg.onpolicy.ckpt_dir is not None else replace(cfg.onpolicy, ckpt_dir=str(output_dir))
+        prompts = instantiate(ocfg.prompts, _path="onpolicy.prompts")
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise ConfigError(f"onpolicy.prompts must give a list of strings, got {type(prompts).__name__}")
+
+        def log_onpolicy(step: int, s: dict) -> None:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"[build:onpolicy] step {step}: loss {s['onpolicy/loss']:.4g} (value "
+                       f"{s['onpolicy/value_loss']:.4g}, embed {s['onpolicy/embed_loss']:.4g}, token "
+                       f"{s['onpolicy/token_loss']:.4g}), lr {s['onpolicy/lr']:.3g}")
+            record["last_onpolicy_step"] = step
+
+        say("onpolicy", f"{ocfg.steps} steps of {ocfg.trajectories} SDE trajectories (eta {ocfg.eta:g}, CFG "
+                        f"{ocfg.guidance_scales}, steps {ocfg.num_steps}) x {ocfg.latents_per_trajectory} noise "
+                        f"levels, {len(prompts)} prompts, lr {ocfg.lr:g}, checkpoints → {ocfg.ckpt_dir}")
+        onpolicy_stats = onpolicy_finetune(model, policy, reward, prompts, ocfg, callback=log_onpolicy,
+                                           ckpt_meta=meta, save_fn=save_fn)
+        times["onpolicy_s"] = time.perf_counter() - t
+        _summarise(record, onpolicy_stats, "onpolicy", ocfg.log_every)
+        stats.update(onpolicy_stats)
 
     # 6. save ---------------------------------------------------------------------------------------------------
     times["total_s"] = time.perf_counter() - t_start
-    tail_n = min(len(stats["distill/loss"]), max(1, dcfg.log_every))
-    record.update({"steps": len(stats["distill/loss"]),
-                   "final": {k: sum(v[-tail_n:]) / tail_n for k, v in stats.items()},
-                   "curve": {k: v[:: max(1, len(v) // 100)] for k, v in stats.items()}})
     save_fn(str(output_dir), model, meta)
-    if dcfg.ckpt_dir != str(output_dir):
-        save_fn(dcfg.ckpt_dir, model, meta)
+    for extra_dir in {d for d in (cfg.distill.ckpt_dir, cfg.onpolicy.ckpt_dir) if d and d != str(output_dir)}:
+        save_fn(extra_dir, model, meta)
+    final = record.get("final", {})
+    loss_key = "onpolicy/loss" if cfg.onpolicy.enabled else "distill/loss"
     say("save", f"{cfg.kind} ({best_i}, {best_j}) → {output_dir.resolve()} "
-                f"(final loss {record['final']['distill/loss']:.4g}; {times['total_s']:.0f} s total)")
+                f"(final loss {final.get(loss_key, float('nan')):.4g}; {times['total_s']:.0f} s total)")
     return BuildResult(model, result, stats, output_dir, times)
+
+
+def _summarise(record: dict, stats: dict[str, list[float]], stage: str, log_every: int) -> None:
+    """Final values (mean of the last log window) and a <= 100-point curve of a stage into build.json's record."""
+    n = len(next(iter(stats.values()))) if stats else 0
+    tail_n = min(n, max(1, log_every))
+    record.setdefault("final", {}).update({k: sum(v[-tail_n:]) / tail_n for k, v in stats.items() if v})
+    record.setdefault("curve", {}).update({k: v[:: max(1, len(v) // 100)] for k, v in stats.items()})
+    record[f"{stage}_steps"] = n
+    if stage == "distill":
+        record["steps"] = n
+
+
+def _load_init(cfg: BuildConfig, policy, reward, extras: dict[str, bytes], record: dict) -> tuple[StitchVM, dict]:
+    """The critic saved at cfg.init_from (same kind), its interface record carried into `extras`."""
+    from critics import load
+
+    source = load.resolve_path(cfg.init_from)
+    model = (load.stitchvm if cfg.kind == "stitchvm" else load.vae_stitch)(policy, reward, source)
+    model.tail.to(policy.device)
+    if model.class_token is not None:
+        model.class_token.data = model.class_token.data.to(policy.device)
+    for name in (INTERFACE_JSON, INTERFACE_PNG):
+        if (source / name).exists() and (name != INTERFACE_PNG or cfg.heatmap is None):
+            extras[name] = (source / name).read_bytes()
+    if (source / BUILD_JSON).exists():
+        record["init_from"] = {"path": str(cfg.init_from), "build": json.loads((source / BUILD_JSON).read_text())}
+    meta = {**model.meta, "store_dtype": cfg.store_dtype}
+    say("init", f"{cfg.kind} ({model.i}, {model.j}) loaded from {source} (stages 2-5 skipped)")
+    return model, meta
 
 
 def main(argv: list[str] | None = None) -> int:

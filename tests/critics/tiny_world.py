@@ -49,4 +49,6 @@ def tiny_overrides(world: Path, out: Path, *extra: str) -> list[str]:
             "data.num_samples=256", f"output_dir={out}", "probe.n=24", "probe.batch_size=12",
             "distill.batch_size=8", "distill.max_steps=4", "distill.warmup_steps=2", "distill.log_every=2",
             "distill.ckpt_every=2", "distill.progress=false", "loader_batch_size=8", f"meta.image_size={IMAGE_SIZE}",
-            "store_dtype=float32", "heatmap=null", *extra]
+            "store_dtype=float32", "heatmap=null", "onpolicy.enabled=false", "onpolicy.steps=2",
+            "onpolicy.trajectories=4", "onpolicy.latents_per_trajectory=2", "onpolicy.num_steps=[3]",
+            "onpolicy.prompts.n=64", "onpolicy.progress=false", *extra]
