@@ -49,9 +49,8 @@ from critics.interface import InterfaceResult, save_heatmap, search, validate_in
 from critics.load import reward_preprocess
 from critics.stitchvm import CLASS_TOKEN_KEY, STITCH_FILE, TAIL_FILE, DiTHead, StitchVM, build_stitchvm, save_stitchvm
 from critics.tails import make_tail
-from critics.vae_stitch import (LATENT_TAP, build_vae_stitch, latent_head, save_vae_stitch, search_latent,
-                                write_dir_atomically)
-from rl.checkpoint import atomic_write_bytes
+from critics.vae_stitch import LATENT_TAP, build_vae_stitch, latent_head, save_vae_stitch, search_latent
+from rl.checkpoint import atomic_write_bytes, write_dir_atomically
 from rl.config import (ConfigError, apply_overrides, check, config_help, from_dict, instantiate, load_yaml, option,
                        to_dict)
 

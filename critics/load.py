@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from critics.rewards.base import preprocess as reward_preprocess_fn
 from critics.stitchvm import StitchVM, load_stitchvm
 from critics.vae_stitch import load_vae_stitch
+from rl.checkpoint import interrupted_swap
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUILD_HINT = "build one with `python -m critics.build --config configs/critic/build_shapes.yaml` (docs/critic.md)"
@@ -36,6 +38,13 @@ BUILD_HINT = "build one with `python -m critics.build --config configs/critic/bu
 def resolve_path(path: str | os.PathLike) -> Path:
     """The critic directory `path` names (see the module docstring for relative paths)."""
     path = Path(path)
+    for candidate in (path, REPO_ROOT / path):
+        previous = interrupted_swap(candidate)  # a build killed between the two renames of its last save
+        if previous is not None:
+            print(f"warning: {candidate} is missing: its build was interrupted while saving; loading the last "
+                  f"complete version from {previous} (the next build into {candidate} puts it back)",
+                  file=sys.stderr)
+            return Path(previous)
     if path.is_absolute() or path.exists():
         if not path.exists():
             raise FileNotFoundError(f"no critic at {path}; {BUILD_HINT}")

@@ -32,16 +32,16 @@ import importlib.metadata
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections import OrderedDict
 from typing import Callable, Iterator, Sequence
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn import functional as nnf  # `F` is the paper's F_ψ below
 
+from rl.checkpoint import write_dir_atomically
 from critics.tails import TailOutput, VisionTail, make_tail, tail_kind
 
 FORMAT_VERSION = 1
@@ -471,8 +471,6 @@ def save_stitchvm(path_dir: str | os.PathLike, model: StitchVM, meta: dict | Non
               "reward": "clip_vit_l14", "image_size": 512}; merged over `model.meta`.
     """
     path_dir = os.fspath(path_dir)
-    parent = os.path.dirname(os.path.abspath(path_dir))
-    os.makedirs(parent, exist_ok=True)
     head, tail = model.head, model.tail
     info = {**model.meta, **(meta or {})}
     if "reward_fingerprint" not in info:
@@ -494,24 +492,25 @@ def save_stitchvm(path_dir: str | os.PathLike, model: StitchVM, meta: dict | Non
     })
     stitch_sd = {k: v.detach().cpu().contiguous() for k, v in model.stitch.state_dict().items()}
     tail_sd = {k: v.detach().cpu().clone().contiguous() for k, v in model.tail_named_parameters()}
-    tmp = tempfile.mkdtemp(prefix=".stitchvm-", dir=parent)
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the checkpoint is an ordinary directory
-    try:
+    def write(tmp: str) -> None:
         save_file(stitch_sd, os.path.join(tmp, STITCH_FILE))
         save_file(tail_sd, os.path.join(tmp, TAIL_FILE))
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump(info, f, indent=2, sort_keys=True)
-        # a non-empty directory cannot be os.replace'd onto: move the old one aside first
-        old = None
-        if os.path.exists(path_dir):
-            old = tempfile.mkdtemp(prefix=".stitchvm-old-", dir=parent)
-            os.replace(path_dir, os.path.join(old, "prev"))
-        os.replace(tmp, path_dir)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_dir_atomically(path_dir, write)
+
+
+def read_critic_file(path: str) -> dict:
+    """A saved critic's JSON or safetensors file; a damaged one (half-copied, truncated) is a ValueError naming it."""
+    try:
+        if path.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        return load_file(path)
+    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError) as e:
+        raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}); rebuild the critic (python -m critics.build) "
+                         f"or copy it again") from e
 
 
 def read_stitchvm_meta(path_dir: str | os.PathLike) -> dict:
@@ -521,8 +520,7 @@ def read_stitchvm_meta(path_dir: str | os.PathLike) -> dict:
         p = os.path.join(path_dir, name)
         if not os.path.isfile(p):
             raise FileNotFoundError(f"StitchVM checkpoint incomplete: {p} does not exist")
-    with open(os.path.join(path_dir, META_FILE)) as f:
-        return json.load(f)
+    return read_critic_file(os.path.join(path_dir, META_FILE))
 
 
 def _check_pairing(meta: dict, head: DiTHead, path_dir: str) -> None:
@@ -575,7 +573,7 @@ def load_stitchvm(path_dir: str | os.PathLike, transformer: nn.Module, reward: n
 
     tail = make_tail(copy.deepcopy(reward.vision), preprocess)
     j = meta["j"]
-    tail_sd = load_file(os.path.join(path_dir, TAIL_FILE))
+    tail_sd = read_critic_file(os.path.join(path_dir, TAIL_FILE))
     class_token = tail_sd.pop(CLASS_TOKEN_KEY, None)
     expected = dict(tail.suffix_named_parameters(j))
     missing, unexpected = sorted(set(expected) - set(tail_sd)), sorted(set(tail_sd) - set(expected))
@@ -592,7 +590,7 @@ def load_stitchvm(path_dir: str | os.PathLike, transformer: nn.Module, reward: n
 
     stitch = Stitch(meta["dit_width"], meta["tail_width"], meta["dit_grid"], meta["tail_grid"],
                     bottleneck_ratio=meta["bottleneck_ratio"])
-    stitch.load_state_dict(load_file(os.path.join(path_dir, STITCH_FILE)), strict=True)
+    stitch.load_state_dict(read_critic_file(os.path.join(path_dir, STITCH_FILE)), strict=True)
     device = head.null_embeds.device
     stitch.to(device)
     if class_token is not None:

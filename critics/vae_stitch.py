@@ -27,17 +27,16 @@ import copy
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from typing import Callable, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from rl.checkpoint import write_dir_atomically
 from critics.interface import InterfaceResult, collect_features, fit_linear, MAX_TAIL_BLOCK
 from critics.stitchvm import (CLASS_TOKEN_KEY, STITCH_FILE, TAIL_FILE, Stitch, StitchVM, _versions, make_score,
-                              vision_fingerprint)
+                              read_critic_file, vision_fingerprint)
 from critics.tails import make_tail, tail_kind
 
 FORMAT_VERSION = 1
@@ -162,30 +161,6 @@ def build_vae_stitch(policy, reward: nn.Module, j: int, W: Tensor, b: Tensor, sc
 # ---------------------------------------------------------------------------------------------------------------
 # Save / load
 # ---------------------------------------------------------------------------------------------------------------
-def write_dir_atomically(path_dir: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call write(tmp_dir) on a fresh directory next to `path_dir`, then swap it into place.
-
-    Readers see the old directory or the new one, never a half-written one (as critics.stitchvm.save_stitchvm).
-    """
-    path_dir = os.fspath(path_dir)
-    parent = os.path.dirname(os.path.abspath(path_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".critic-", dir=parent)
-    os.chmod(tmp, 0o755)
-    try:
-        write(tmp)
-        old = None
-        if os.path.exists(path_dir):  # a non-empty directory cannot be os.replace'd onto: move it aside first
-            old = tempfile.mkdtemp(prefix=".critic-old-", dir=parent)
-            os.replace(path_dir, os.path.join(old, "prev"))
-        os.replace(tmp, path_dir)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_vae_stitch(path_dir: str | os.PathLike, model: StitchVM, meta: dict | None = None) -> None:
     """Write stitch.safetensors, tail.safetensors and vae_stitch.json to `path_dir`, atomically.
 
@@ -225,8 +200,7 @@ def read_vae_stitch_meta(path_dir: str | os.PathLike) -> dict:
         p = os.path.join(path_dir, name)
         if not os.path.isfile(p):
             raise FileNotFoundError(f"vae_stitch checkpoint incomplete: {p} does not exist")
-    with open(os.path.join(path_dir, META_FILE)) as f:
-        return json.load(f)
+    return read_critic_file(os.path.join(path_dir, META_FILE))
 
 
 def load_vae_stitch(path_dir: str | os.PathLike, policy, reward: nn.Module,
@@ -265,7 +239,7 @@ def load_vae_stitch(path_dir: str | os.PathLike, policy, reward: nn.Module,
 
     tail = make_tail(copy.deepcopy(reward.vision), preprocess)
     j = meta["j"]
-    tail_sd = load_file(os.path.join(path_dir, TAIL_FILE))
+    tail_sd = read_critic_file(os.path.join(path_dir, TAIL_FILE))
     class_token = tail_sd.pop(CLASS_TOKEN_KEY, None)
     expected = dict(tail.suffix_named_parameters(j))
     missing, unexpected = sorted(set(expected) - set(tail_sd)), sorted(set(tail_sd) - set(expected))
@@ -277,7 +251,7 @@ def load_vae_stitch(path_dir: str | os.PathLike, policy, reward: nn.Module,
             p.copy_(tail_sd[name])
     stitch = Stitch(head.width, meta["tail_width"], head.grid, meta["tail_grid"],
                     bottleneck_ratio=meta["bottleneck_ratio"])
-    stitch.load_state_dict(load_file(os.path.join(path_dir, STITCH_FILE)), strict=True)
+    stitch.load_state_dict(read_critic_file(os.path.join(path_dir, STITCH_FILE)), strict=True)
     stitch.to(head.device)
     if class_token is not None:
         class_token = class_token.to(head.device)

@@ -9,6 +9,12 @@ that wrapper prefixes every key with ``base_model.model.`` and the result no lon
   sync by :func:`copy_adapter` / :func:`ema_update`.
 - ``with reference_policy(transformer):`` — all adapters off, i.e. the pretrained model theta_0 (KL anchor).
 - :func:`export_diffusers` writes ``pytorch_lora_weights.safetensors`` that diffusers' pipelines load.
+
+Under DeepSpeed ZeRO-3 every parameter is partitioned across processes (outside a forward pass ``p.data`` is an
+empty placeholder). The functions here that read or write adapter weights — :func:`ema_update`,
+:func:`copy_adapter`, :func:`adapter_state_dict`, :func:`load_adapter_state_dict`, :func:`export_diffusers` —
+gather them first (:func:`gathered`); there they are collectives that every process must call. Elsewhere
+:func:`gathered` is a no-op.
 """
 
 from __future__ import annotations
@@ -134,6 +140,21 @@ def using_adapter(transformer: nn.Module, name: str):
         transformer.set_adapter(previous[0] if len(previous) == 1 else previous)
 
 
+@contextlib.contextmanager
+def gathered(params, modify: bool = False):
+    """Make ZeRO-3-partitioned ``params`` whole for the body: to read them, or to write them with ``modify=True``
+    (process 0's values are then re-partitioned on exit; every process computes the same values here). A
+    collective under ZeRO-3 — every process must enter it; a no-op for ordinary parameters."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]  # DeepSpeed's mark of a ZeRO-3 parameter
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0 if modify else None):
+        yield
+
+
 @torch.no_grad()
 def copy_adapter(transformer: nn.Module, src: str, dst: str) -> None:
     """theta_dst <- theta_src."""
@@ -148,8 +169,9 @@ def ema_update(transformer: nn.Module, src: str, dst: str, decay: float) -> None
     p_src, p_dst = adapter_parameters(transformer, src), adapter_parameters(transformer, dst)
     if p_src.keys() != p_dst.keys():
         raise ValueError(f"adapters '{src}' and '{dst}' have different layouts; add both with the same LoraSpec")
-    for key, p in p_dst.items():
-        p.lerp_(p_src[key].to(p.dtype), 1.0 - decay)
+    with gathered(p_src.values()), gathered(p_dst.values(), modify=True):
+        for key, p in p_dst.items():
+            p.lerp_(p_src[key].to(p.dtype), 1.0 - decay)
 
 
 def adapter_state_dict(transformer: nn.Module, name: str = "default") -> dict[str, Tensor]:
@@ -157,7 +179,8 @@ def adapter_state_dict(transformer: nn.Module, name: str = "default") -> dict[st
     from peft.utils import get_peft_model_state_dict
 
     _require(transformer, name)
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(transformer, adapter_name=name).items()}
+    with gathered(adapter_parameters(transformer, name).values()):
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(transformer, adapter_name=name).items()}
 
 
 def load_adapter_state_dict(transformer: nn.Module, state: dict[str, Tensor], name: str = "default") -> None:
@@ -174,12 +197,17 @@ def load_adapter_state_dict(transformer: nn.Module, state: dict[str, Tensor], na
                              f"'{name}' expects {tuple(expected[key].shape)} (different rank?)")
     from peft.utils import set_peft_model_state_dict
 
-    set_peft_model_state_dict(transformer, state, adapter_name=name)
+    with gathered(adapter_parameters(transformer, name).values(), modify=True):
+        set_peft_model_state_dict(transformer, state, adapter_name=name)
 
 
-def export_diffusers(transformer: nn.Module, out_dir: str | Path, name: str = "default") -> Path:
+def export_diffusers(transformer: nn.Module, out_dir: str | Path, name: str = "default",
+                     state: dict[str, Tensor] | None = None) -> Path:
     """Write adapter ``name`` as ``out_dir/pytorch_lora_weights.safetensors`` in diffusers' format, so
     ``StableDiffusion3Pipeline.from_pretrained(base).load_lora_weights(out_dir)`` reproduces the policy.
+
+    ``state``: the adapter's :func:`adapter_state_dict` when the caller already holds it (multi-process runs take
+    it on every process — a collective under ZeRO-3 — and write it from one).
 
     The adapter's peft config (rank, alpha, targets) travels as safetensors metadata so the loader
     rebuilds the same scaling alpha / r. Written to a temporary directory and renamed into place: a kill
@@ -188,7 +216,7 @@ def export_diffusers(transformer: nn.Module, out_dir: str | Path, name: str = "d
     from diffusers import StableDiffusion3Pipeline
 
     out_dir = Path(out_dir)
-    state = adapter_state_dict(transformer, name)
+    state = adapter_state_dict(transformer, name) if state is None else state
     metadata = transformer.peft_config[name].to_dict()
     metadata["target_modules"] = sorted(metadata["target_modules"])  # JSON-serialisable (peft keeps a set)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

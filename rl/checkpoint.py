@@ -162,6 +162,81 @@ def atomic_save_file(
         tmp.unlink(missing_ok=True)
 
 
+def _sibling(path_dir: str, tag: str) -> str:
+    """A fixed scratch name next to path_dir (.<name>.<tag>), so a killed save leaves one known directory behind."""
+    parent, name = os.path.split(os.path.abspath(path_dir))
+    return os.path.join(parent, f".{name}.{tag}")
+
+
+def interrupted_swap(path_dir: str | os.PathLike) -> str | None:
+    """The complete previous version `.<name>.old` when a swap into the missing `path_dir` was interrupted, else None.
+    Read-only: readers load from it (and say so); the next write_dir_atomically of the writer moves it back."""
+    path_dir = os.fspath(path_dir)
+    old = _sibling(path_dir, "old")
+    return old if not os.path.exists(path_dir) and os.path.isdir(old) else None
+
+
+def recover_dir(path_dir: str | os.PathLike, clean: bool = True) -> bool:
+    """Finish or undo a directory swap that a kill interrupted (see write_dir_atomically).
+
+    A kill between the two renames leaves no `path_dir` but a complete previous version in `.<name>.old`: it is
+    moved back (returns True and says so on stderr). A stale `.old` next to a present `path_dir`, or a half-written
+    `.<name>.tmp`, is deleted (clean=True: only the one writer of `path_dir` may do that; readers pass False).
+    """
+    import sys
+
+    path_dir = os.fspath(path_dir)
+    old, tmp = _sibling(path_dir, "old"), _sibling(path_dir, "tmp")
+    recovered = False
+    if os.path.isdir(old):
+        if os.path.exists(path_dir):
+            if clean:
+                shutil.rmtree(old)
+        else:
+            os.replace(old, path_dir)
+            print(f"recovered {path_dir} from {old}: a save was interrupted between its renames; this is the last "
+                  f"complete version", file=sys.stderr)
+            recovered = True
+    if clean and os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    return recovered
+
+
+def write_dir_atomically(path_dir: str | os.PathLike, write) -> None:
+    """Call write(tmp_dir) on a fresh `.<name>.tmp` next to `path_dir`, then swap it into place.
+
+    Readers see the old directory or the new one, never a half-written one. A directory cannot be os.replace'd onto
+    a non-empty one, so the swap is two renames (path → .<name>.old, tmp → path); a kill between them leaves the
+    previous version complete in `.old`, which `recover_dir` (called here first, and by the critic loaders) moves
+    back. Only fixed scratch names are used, so killed saves never pile up copies.
+    """
+    path_dir = os.fspath(path_dir)
+    os.makedirs(os.path.dirname(os.path.abspath(path_dir)), exist_ok=True)
+    recover_dir(path_dir)
+    tmp, old = _sibling(path_dir, "tmp"), _sibling(path_dir, "old")
+    os.makedirs(tmp)
+    try:
+        write(tmp)
+        for name in os.listdir(tmp):
+            _fsync_file(os.path.join(tmp, name))
+        _fsync_dir(Path(tmp))
+        if os.path.exists(path_dir):
+            os.replace(path_dir, old)
+        os.replace(tmp, path_dir)
+        _fsync_dir(Path(path_dir).resolve().parent)
+        if os.path.exists(old):
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_file(path: str) -> None:
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON atomically (NaN/inf are written as Python's json reads them back)."""
     try:

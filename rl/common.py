@@ -1,5 +1,6 @@
 """What every trainer shares, written once: the run context, prompt batches, held-out evaluation, value/reward
-of rollouts, non-finite guards, and checkpoint save/restore of the trained state."""
+of rollouts, non-finite guards, and checkpoint save/restore of the trained state. Everything here runs the same
+on one process, under DDP and under DeepSpeed ZeRO-2/3 (the backend-specific parts are in rl/distributed.py)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,12 @@ from torch import Tensor, nn
 from policies import lora
 from policies.flow import FlowPolicy
 from rl import checkpoint as ckpt
-from rl.config import option
-from rl.metrics import MetricLogger, Timer
+from rl import distributed
+from rl.config import check, option
+from rl.metrics import BACKENDS, MetricLogger, Timer
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+MAX_SEED = 2**63  # torch.manual_seed takes < 2**64; room for seed + process index
 
 
 @dataclass
@@ -35,8 +40,26 @@ class RunConfig:
     log_backends: tuple[str, ...] = option(("tensorboard",), help="any of tensorboard, wandb")
     wandb_project: str | None = option(None, help="wandb project (with the wandb backend)")
     mixed_precision: str = option("no", help="accelerate mixed precision: no, bf16, fp16")
+    gradient_accumulation_steps: int = option(
+        1, help="micro-batches per optimizer step on each process (a memory knob: batch sizes are global, so the "
+                "update is the same whatever this and the number of processes)")
     max_nonfinite: int = option(5, help="stop after this many consecutive skipped (non-finite) updates")
     export_lora: bool = option(True, help="export the trained LoRA in diffusers format at the end")
+
+    def __post_init__(self):
+        check(bool(self.output_dir.strip()), "output_dir", "must name a directory, got an empty string")
+        check(0 <= self.seed < MAX_SEED, "seed", f"must be in [0, 2**63), got {self.seed}")
+        check(self.max_minutes is None or self.max_minutes > 0, "max_minutes",
+              f"must be > 0 (or null: no limit), got {self.max_minutes}")
+        check(self.eval_every >= 0, "eval_every", f"must be >= 0 (0: only at start and end), got {self.eval_every}")
+        for key in ("max_epochs", "ckpt_every", "keep_checkpoints", "gradient_accumulation_steps", "max_nonfinite"):
+            check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        for backend in self.log_backends:
+            check(backend in BACKENDS, "log_backends", f"unknown backend '{backend}'; valid: {', '.join(BACKENDS)}")
+        check("wandb" not in self.log_backends or bool(self.wandb_project), "wandb_project",
+              "the wandb backend needs a project name: set run.wandb_project")
+        check(self.mixed_precision in MIXED_PRECISION, "mixed_precision",
+              f"must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
 
 
 @dataclass
@@ -48,6 +71,21 @@ class EvalConfig:
     batch_size: int = option(32, help="evaluation batch size")
     seed: int = option(1234, help="noise seed: the same z_T for every evaluation, so curves compare like with like")
     num_images_logged: int = option(16, help="samples in the logged image grid")
+
+    def __post_init__(self):
+        check(0 <= self.seed < MAX_SEED, "seed", f"must be in [0, 2**63), got {self.seed}")
+        for key in ("num_steps", "batch_size", "num_images_logged"):
+            check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+
+
+def check_optimizer_and_lora(cfg) -> None:
+    """Range checks of the fields every trainer config shares (AdamW, clipping, LoRA), for its ``__post_init__``."""
+    check(cfg.lr > 0, "lr", f"must be > 0, got {cfg.lr}")
+    check(cfg.weight_decay >= 0, "weight_decay", f"must be >= 0, got {cfg.weight_decay}")
+    check(cfg.max_grad_norm > 0, "max_grad_norm", f"gradient clipping threshold, must be > 0, got {cfg.max_grad_norm}")
+    check(cfg.lora_rank >= 1, "lora_rank", f"must be >= 1, got {cfg.lora_rank}")
+    check(cfg.lora_alpha > 0, "lora_alpha", f"must be > 0 (the LoRA scale is alpha / rank), got {cfg.lora_alpha}")
+    check(len(cfg.lora_targets) >= 1, "lora_targets", "needs at least one target module name, got none")
 
 
 @dataclass
@@ -66,6 +104,7 @@ class Run:
     config_dict: dict = field(default_factory=dict)
     reward: Any = None  # the pixel reward r(images, prompts) of finished samples (trainers that need R besides V)
     cotrain: Any = None  # rl.cotrain.CotrainConfig from critic.cotrain (None: off)
+    trained_module: Any = None  # the transformer as accelerator.prepare returned it (DDP, a DeepSpeed engine, itself)
     timer: Timer = field(default_factory=Timer)
     start_time: float = field(default_factory=time.time)
 
@@ -81,10 +120,18 @@ class Run:
         limit = self.run_cfg.max_minutes
         return limit is not None and (time.time() - self.start_time) / 60 >= limit
 
+    def should_halt(self, stop) -> bool:
+        """SIGTERM/SIGINT seen (``stop``, an rl.signals.GracefulExit) or out of time, on any process: every process
+        must take the same decision, since checkpointing and stopping involve collectives."""
+        return distributed.any_process(self.accelerator, stop.should_stop or self.out_of_time())
+
 
 def setup_lora(run: "Run", spec: lora.LoraSpec, lr: float, weight_decay: float,
-               adapters: tuple[str, ...] = ("default",)) -> tuple[list[nn.Parameter], torch.optim.Optimizer]:
-    """Add the LoRA adapters, make only adapter "default" trainable, build AdamW and route through accelerate.
+               adapters: tuple[str, ...] = ("default",), max_grad_norm: float | None = None,
+               micro_batch_size: int = 1) -> tuple[list[nn.Parameter], torch.optim.Optimizer]:
+    """Add the LoRA adapters, make only adapter "default" trainable, build AdamW and route through accelerate
+    (DDP or a DeepSpeed engine; under DeepSpeed ``max_grad_norm`` becomes its gradient clipping and
+    ``micro_batch_size`` its nominal per-process micro-batch, see rl.distributed.configure_deepspeed).
 
     Returns (trained parameters, optimizer)."""
     policy, accel = run.policy, run.accelerator
@@ -99,8 +146,13 @@ def setup_lora(run: "Run", spec: lora.LoraSpec, lr: float, weight_decay: float,
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if distributed.is_deepspeed(accel):
+        if max_grad_norm is None:
+            raise ValueError("setup_lora under DeepSpeed needs max_grad_norm (DeepSpeed clips inside its step)")
+        distributed.configure_deepspeed(accel, max_grad_norm, micro_batch_size)
     wrapped, optimizer = accel.prepare(transformer, optimizer)
     policy.set_forward_module(wrapped)
+    run.trained_module = wrapped
     return params, optimizer
 
 
@@ -129,27 +181,36 @@ def metric_scores(metric: Callable, images: Tensor, prompts: list[str]) -> dict[
 
 @torch.no_grad()
 def evaluate(run: Run, adapter: str | None = "default") -> tuple[dict[str, float], Tensor]:
-    """Held-out score of the policy (ODE sampler, fixed noise). Returns (metrics, first images (N,3,H,W))."""
-    policy, cfg = run.policy, run.eval_cfg
+    """Held-out score of the policy (ODE sampler, fixed noise). Returns (metrics, first images (N,3,H,W)).
+
+    With several processes each samples its share of every evaluation batch; the noise is drawn for the whole
+    batch on every process, so the score does not depend on the number of processes. Every process must call it
+    (the per-sample scores are gathered)."""
+    policy, cfg, accel = run.policy, run.eval_cfg, run.accelerator
     if run.eval_metric is None or not run.eval_prompts:
         return {}, torch.empty(0)
     generator = torch.Generator(run.device).manual_seed(cfg.seed)
     totals: dict[str, list[Tensor]] = {}
     first = None
     for start in range(0, len(run.eval_prompts), cfg.batch_size):
-        prompts = run.eval_prompts[start:start + cfg.batch_size]
-        z_T = policy.noise(len(prompts), generator)
+        batch = run.eval_prompts[start:start + cfg.batch_size]
+        z_T = policy.noise(len(batch), generator)
+        rows, real = distributed.padded_rows(len(batch), accel)
+        prompts = [batch[i] for i in rows]
         if adapter is None:
             with lora.reference_policy(policy.transformer):
-                traj = policy.sample(prompts, cfg.num_steps, cfg.guidance_scale, z_T=z_T, keep_latents=False)
+                traj = policy.sample(prompts, cfg.num_steps, cfg.guidance_scale, z_T=z_T[rows], keep_latents=False)
         else:
             with lora.using_adapter(policy.transformer, adapter):
-                traj = policy.sample(prompts, cfg.num_steps, cfg.guidance_scale, z_T=z_T, keep_latents=False)
+                traj = policy.sample(prompts, cfg.num_steps, cfg.guidance_scale, z_T=z_T[rows], keep_latents=False)
         images = policy.decode(traj.z_tau)
+        index = rows[:real] + [-1] * (len(rows) - real)  # -1: padding rows, dropped by the gather
         for k, v in metric_scores(run.eval_metric, images, prompts).items():
-            totals.setdefault(k, []).append(v.cpu())
+            totals.setdefault(k, []).append(distributed.gather_rows(accel, v, index, len(batch)).cpu())
         if first is None:
-            first = images[: cfg.num_images_logged].cpu()
+            mine = [(i, images[j].cpu()) for j, i in enumerate(rows[:real]) if i < cfg.num_images_logged]
+            shown = sorted(distributed.gather_objects(accel, mine), key=lambda pair: pair[0])
+            first = torch.stack([image for _, image in shown]) if shown else images[:0].cpu()
     from torchvision.utils import make_grid
 
     grid = make_grid(first, nrow=max(1, int(math.sqrt(len(first)))), padding=1)  # (3, H', W')
@@ -163,11 +224,20 @@ def all_finite(*tensors: Tensor) -> bool:
 def clipped_step(accelerator, optimizer, params: list[nn.Parameter], max_grad_norm: float,
                  loss_finite: bool = True) -> tuple[float, bool]:
     """Clip gradients and step, unless the loss or the gradient norm is non-finite: then the gradients are dropped
-    so a non-finite update never reaches the weights. Returns (grad norm, stepped)."""
+    so a non-finite update never reaches the weights. Returns (grad norm, stepped).
+
+    With several processes the gradients are already all-reduced here, so the norm, hence the decision, is the
+    same on every process (rl.distributed.backward turns a non-finite loss into a non-finite gradient). Under
+    DeepSpeed the engine has already taken the step — or refused it, on a non-finite gradient — inside the
+    synchronised backward, clipping at ``gradient_clipping`` = ``max_grad_norm``: only its result is read."""
+    if distributed.is_deepspeed(accelerator):
+        return distributed.deepspeed_step_result(accelerator, optimizer)
     norm = accelerator.clip_grad_norm_(params, max_grad_norm)
     norm = float(norm) if norm is not None else grad_norm(params)
     if not (loss_finite and math.isfinite(norm)):
         optimizer.zero_grad(set_to_none=True)
+        if accelerator.scaler is not None:  # fp16: clip_grad_norm_ unscaled (and found the inf); the scale backs off
+            accelerator.scaler.update()
         return norm, False
     optimizer.step()
     return norm, True
@@ -179,23 +249,42 @@ def grad_norm(params: list[nn.Parameter]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def trained_state(run: Run, optimizer: torch.optim.Optimizer, adapters: tuple[str, ...]) -> tuple[dict, dict]:
-    """(tensor groups, JSON state) of everything needed to resume: LoRA adapters and the optimizer."""
+def adapter_tensors(run: Run, name: str = "default") -> dict[str, Tensor]:
+    """LoRA adapter ``name``'s state dict; for the trained adapter under DeepSpeed, its fp32 master weights (the
+    module holds bf16/fp16 copies with mixed precision). A collective under DeepSpeed: every process calls it."""
     transformer = run.policy.transformer
-    tensors = {f"lora_{name}": lora.adapter_state_dict(transformer, name) for name in adapters}
-    opt_tensors, opt_meta = ckpt.optimizer_state_to_tensors(optimizer.state_dict())
+    state = lora.adapter_state_dict(transformer, name)
+    if name == "default":
+        masters = distributed.master_weights(run.accelerator, lora.adapter_parameters(transformer, name))
+        if not masters.keys() <= state.keys():
+            raise RuntimeError(f"DeepSpeed master weights {sorted(masters.keys() - state.keys())[:3]} have no "
+                               f"counterpart in the adapter's state dict")
+        state.update(masters)
+    return state
+
+
+def trained_state(run: Run, optimizer: torch.optim.Optimizer, adapters: tuple[str, ...]) -> tuple[dict, dict]:
+    """(tensor groups, JSON state) of everything needed to resume: LoRA adapters and the optimizer (in torch
+    AdamW's layout under every backend, so a checkpoint resumes with any number of processes or ZeRO stage)."""
+    params = list(lora.adapter_parameters(run.policy.transformer, "default").values())
+    tensors = {f"lora_{name}": adapter_tensors(run, name) for name in adapters}
+    opt_state = distributed.optimizer_state_dict(run.accelerator, optimizer, params)
+    opt_tensors, opt_meta = ckpt.optimizer_state_to_tensors(opt_state)
     tensors["optimizer"] = opt_tensors
     return tensors, {"optimizer": opt_meta}
 
 
 def save(run: Run, epoch: int, optimizer, adapters: tuple[str, ...], extra: dict | None = None,
          extra_tensors: dict[str, dict[str, Tensor]] | None = None) -> Path | None:
-    """Checkpoint after ``epoch`` completed epochs (main process only; others wait). ``extra`` is JSON state,
-    ``extra_tensors`` more tensor groups (e.g. a co-trained critic and its optimizer)."""
-    run.accelerator.wait_for_everyone()
+    """Checkpoint after ``epoch`` completed epochs (written by the main process; under DeepSpeed every process
+    first gathers its partitions). ``extra`` is JSON state, ``extra_tensors`` more tensor groups (e.g. a
+    co-trained critic and its optimizer). Every process must call it."""
+    accel = run.accelerator
+    accel.wait_for_everyone()
     path = None
-    if run.accelerator.is_main_process:
+    if accel.is_main_process or distributed.is_deepspeed(accel):
         tensors, state = trained_state(run, optimizer, adapters)
+    if accel.is_main_process:
         tensors.update(extra_tensors or {})
         state.update(config=run.config_dict, **(extra or {}))
         path = ckpt.save_checkpoint(run.run_dir, epoch, tensors, state, keep=run.run_cfg.keep_checkpoints)
@@ -211,18 +300,25 @@ def restore(run: Run, source: str, optimizer, adapters: tuple[str, ...]) -> tupl
     for name in adapters:
         lora.load_adapter_state_dict(transformer, {k: v.to(run.device) for k, v in loaded.tensors[f"lora_{name}"].items()},
                                      name)
-    optimizer.load_state_dict(ckpt.optimizer_state_from_tensors(loaded.tensors["optimizer"], loaded.state["optimizer"]))
+    trained = lora.adapter_parameters(transformer, "default")
+    distributed.load_master_weights(run.accelerator, trained, loaded.tensors["lora_default"])
+    opt_state = ckpt.optimizer_state_from_tensors(loaded.tensors["optimizer"], loaded.state["optimizer"])
+    distributed.load_optimizer_state_dict(run.accelerator, optimizer, list(trained.values()), opt_state)
     ckpt.restore_rng(loaded.state["rng"])
     return loaded.step, loaded.state
 
 
 def finish(run: Run, adapter: str = "default") -> Path | None:
-    """Export the trained adapter in diffusers format to ``run_dir/lora`` (main process)."""
-    run.accelerator.wait_for_everyone()
-    if not (run.run_cfg.export_lora and run.accelerator.is_main_process):
+    """Export the trained adapter in diffusers format to ``run_dir/lora`` (written by the main process; every
+    process must call it)."""
+    accel = run.accelerator
+    accel.wait_for_everyone()
+    if not run.run_cfg.export_lora:
         return None
-    transformer = run.policy.transformer
-    return lora.export_diffusers(transformer, run.run_dir / "lora", adapter)
+    state = adapter_tensors(run, adapter) if accel.is_main_process or distributed.is_deepspeed(accel) else None
+    if not accel.is_main_process:
+        return None
+    return lora.export_diffusers(run.policy.transformer, run.run_dir / "lora", adapter, state=state)
 
 
 def log_mean_std(prefix: str, x: Tensor) -> dict[str, float]:

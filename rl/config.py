@@ -4,8 +4,10 @@ A run is configured in three layers, each a plain ``dict`` until the last step:
 
 1. ``load_yaml(path)`` for every YAML file, merged with ``compose(base, experiment, ...)`` (later wins);
 2. ``apply_overrides(d, ["algo.lr=3e-4", "+algo.new_key=1", "~logging.wandb"])`` from the command line;
-3. ``from_dict(TrainerConfig, d)`` builds the trainer's typed dataclass, checking every key and type, and
-   ``instantiate(node)`` turns ``{"_component_": "package.module.Name", **kwargs}`` nodes into objects.
+3. ``from_dict(TrainerConfig, d)`` builds the trainer's typed dataclass, checking every key and type (floats must
+   be finite), ``check_node(node)`` checks that an object node's import path and arguments are good without
+   building anything, and ``instantiate(node)`` turns ``{"_component_": "package.module.Name", **kwargs}`` nodes
+   into objects.
 
 The import path in ``_component_`` *is* the registry (torchtune style): there is no table of names to keep in
 sync. Every mistake raises ``ConfigError`` with one message that names the offending key and says what to fix;
@@ -30,7 +32,9 @@ import dataclasses
 import difflib
 import importlib
 import inspect
+import math
 import pathlib
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -43,6 +47,7 @@ __all__ = [
     "ConfigError",
     "apply_overrides",
     "check",
+    "check_node",
     "compose",
     "config_help",
     "from_dict",
@@ -51,9 +56,11 @@ __all__ = [
     "option",
     "to_dict",
     "to_yaml",
+    "unknown_choice",
 ]
 
 COMPONENT_KEY = "_component_"
+_IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 
 
 class ConfigError(Exception):
@@ -86,6 +93,11 @@ def _suggest(name: str, options: Sequence[str], noun: str) -> str:
     return f"{hint or ';'} valid {noun}: {', '.join(options) if options else '(none)'}"
 
 
+def unknown_choice(key: str, name: str, options: Sequence[str], noun: str) -> ConfigError:
+    """``ConfigError("--algo: unknown 'grop' — did you mean 'grpo'? valid choices: ddpo, draft, grpo, nft")``."""
+    return ConfigError(f"{key}: unknown '{name}'{_suggest(name, options, noun)}")
+
+
 def _join(path: str, key: str | int) -> str:
     if isinstance(key, int):
         return f"{path}[{key}]"
@@ -104,6 +116,9 @@ def _type_name(tp: Any) -> str:
 
 def _import(target: str, path: str) -> Any:
     """Import ``package.module.Name`` (or ``package.module.Class.attr``): longest importable module prefix."""
+    if not _IMPORT_PATH.match(target):
+        raise ConfigError(f"{path}: '{target}' is not an import path; `_component_` must be a full import path like "
+                          f"'torch.optim.AdamW'")
     parts = target.split(".")
     error: Exception | None = None
     for i in range(len(parts) - 1, 0, -1):
@@ -116,6 +131,8 @@ def _import(target: str, path: str) -> Any:
             if e.name is not None and (module_name == e.name or module_name.startswith(e.name + ".")):
                 error = error or e
                 continue
+            raise ConfigError(f"{path}: importing '{target}' failed: {e}") from e
+        except ImportError as e:  # the module exists but one of its own imports fails (a missing name, a bad build)
             raise ConfigError(f"{path}: importing '{target}' failed: {e}") from e
         for attr in parts[i:]:
             if not hasattr(obj, attr):
@@ -138,19 +155,66 @@ def _check_kwargs(target: Any, args: tuple, kwargs: dict, path: str) -> None:
     except (TypeError, ValueError):  # some builtins have no signature; let the call itself complain
         return
     params = sig.parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return
     valid = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
     for key in kwargs:
-        if key not in valid:
+        if not isinstance(key, str) or not (any_keyword or key in valid):
             raise ConfigError(
                 f"{path}: unknown argument '{key}' for {target.__module__}.{target.__qualname__}"
-                f"{_suggest(key, valid, 'arguments')}"
+                f"{_suggest(str(key), valid, 'arguments')}"
             )
+    if any_keyword:
+        return
     try:
         sig.bind(*args, **kwargs)
     except TypeError as e:
         raise ConfigError(f"{path}: {target.__module__}.{target.__qualname__}: {e}") from e
+
+
+def _target(node: Mapping, path: str) -> Any:
+    """The callable a component node names (its ``_component_`` imported); ConfigError if it is not one."""
+    target_name = node[COMPONENT_KEY]
+    component_path = _join(path, COMPONENT_KEY)
+    if not isinstance(target_name, str):
+        raise ConfigError(f"{component_path}: expected an import path string, got {target_name!r}")
+    target = _import(target_name, component_path)
+    if not callable(target):
+        raise ConfigError(f"{component_path}: '{target_name}' is not callable")
+    return target
+
+
+def check_node(node: Any, _path: str = "", injected: Sequence[str] = ()) -> None:
+    """Check what ``instantiate(node, **{name: ... for name in injected})`` would build, without calling anything:
+    every ``_component_`` imports, is callable and accepts its node's arguments, depth first.
+
+    For validating a whole config before the first (expensive) object is built: a typo in the last node then
+    fails before the model in the first one is loaded. Importing the targets is the only side effect.
+
+    Args:
+        node: a config node, as for ``instantiate``.
+        _path: where the node sits in the whole config, for error messages.
+        injected: argument names the caller will pass to the top node (``policy``, ``reward`` for a critic).
+
+    Raises:
+        ConfigError: what ``instantiate`` would raise before calling a target — naming the path and valid names.
+    """
+    if isinstance(node, Mapping):
+        if COMPONENT_KEY not in node:
+            if injected:
+                raise ConfigError(f"{_path or '<root>'}: cannot pass arguments to a node without '_component_'")
+            for key, value in node.items():
+                check_node(value, _join(_path, str(key)))
+            return
+        target = _target(node, _path)
+        raw = {k: v for k, v in node.items() if k != COMPONENT_KEY and k not in injected}
+        _check_kwargs(target, (), {**raw, **dict.fromkeys(injected)}, _path or "<root>")
+        for key, value in raw.items():
+            check_node(value, _join(_path, str(key)))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            check_node(value, _join(_path, i))
+    elif injected:
+        raise ConfigError(f"{_path or '<root>'}: cannot pass arguments to a non-component value {node!r}")
 
 
 def instantiate(node: Any, *args: Any, _path: str = "", **overrides: Any) -> Any:
@@ -174,13 +238,7 @@ def instantiate(node: Any, *args: Any, _path: str = "", **overrides: Any) -> Any
             if args or overrides:
                 raise ConfigError(f"{_path or '<root>'}: cannot pass arguments to a node without '_component_'")
             return {k: instantiate(v, _path=_join(_path, k)) for k, v in node.items()}
-        target_name = node[COMPONENT_KEY]
-        component_path = _join(_path, COMPONENT_KEY)
-        if not isinstance(target_name, str):
-            raise ConfigError(f"{component_path}: expected an import path string, got {target_name!r}")
-        target = _import(target_name, component_path)
-        if not callable(target):
-            raise ConfigError(f"{component_path}: '{target_name}' is not callable")
+        target = _target(node, _path)
         raw = {k: v for k, v in node.items() if k != COMPONENT_KEY and k not in overrides}
         # check names before building children, so a typo fails before any expensive nested object is built
         _check_kwargs(target, args, {**raw, **overrides}, _path or "<root>")
@@ -195,6 +253,14 @@ def instantiate(node: Any, *args: Any, _path: str = "", **overrides: Any) -> Any
 
 # ----------------------------------------------------------------------------------------------------------
 # typed configs
+
+
+def _parse_scalar(text: str) -> Any:
+    """A command-line string as YAML reads it ("3" -> 3, "true" -> True); None when it is not valid YAML."""
+    try:
+        return _safe_load(text)
+    except yaml.YAMLError:
+        return None
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -248,27 +314,30 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and isinstance(yaml.safe_load(value), bool):
-            return yaml.safe_load(value)
+        if isinstance(value, str) and isinstance(_parse_scalar(value), bool):
+            return _parse_scalar(value)
         raise error
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, str):
-            parsed = yaml.safe_load(value)
+            parsed = _parse_scalar(value)
             if isinstance(parsed, int) and not isinstance(parsed, bool):
                 return parsed
         raise error
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise error
+        try:
             # PyYAML follows YAML 1.1, where "1e-4" (no dot) is a string; float() accepts it.
-            try:
-                return float(value)
-            except ValueError:
-                raise error from None
-        raise error
+            number = float(value)
+        except (ValueError, OverflowError):
+            raise error from None
+        # No setting means NaN or infinity (a switch-off is None, or 0 where documented), and NaN passes every
+        # range check written as `check(x > 0, ...)`: reject them here, once for every config.
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -375,19 +444,49 @@ def to_yaml(cfg: Any, path: str | pathlib.Path | None = None) -> str:
 # YAML files, composition, overrides
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key written twice in one mapping (PyYAML keeps the last one silently,
+    so ``lr: 1e-4`` ten lines above ``lr: 3e-4`` would be ignored without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'",
+                                                            key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _safe_load(text: str) -> Any:
+    return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: only plain YAML types, never Python objects
+
+
+def _yaml_problem(e: yaml.YAMLError, source: str = "") -> str:
+    """A YAML error in one line, ``source:line:column: problem`` (PyYAML's own text spans several lines)."""
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}: " if mark is not None and source else ""
+        return f"{where}{e.problem or e.context or 'syntax error'}"
+    return f"{source + ': ' if source else ''}{' '.join(str(e).split())}"
+
+
 def load_yaml(path: str | pathlib.Path) -> dict[str, Any]:
-    """Read a YAML mapping; a missing file, a syntax error (with line:column) or a non-mapping raise ConfigError."""
+    """Read a YAML mapping; a missing file, a syntax error (with line:column), a key written twice or a non-mapping
+    raise ConfigError."""
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; pass a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        raise ConfigError(f"invalid YAML in {where}: {e.problem or e}") from e
+        data = _safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): is it a YAML file?") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"invalid YAML in {path}: {e}") from e
+        raise ConfigError(f"invalid YAML in {_yaml_problem(e, str(path))}") from e
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -483,9 +582,10 @@ def apply_overrides(d: Mapping[str, Any], overrides: Sequence[str]) -> dict[str,
         if not sep or not all(parts):
             raise ConfigError(f"override '{override}' must look like key=value, +new.key=value or ~key")
         try:
-            value = yaml.safe_load(raw)
+            value = _safe_load(raw)
         except yaml.YAMLError as e:
-            raise ConfigError(f"override '{override}': cannot parse the value {raw!r} as YAML: {e}") from e
+            raise ConfigError(f"override '{override}': cannot parse the value {raw!r} as YAML: "
+                              f"{_yaml_problem(e)}") from e
         parent = _walk(out, parts, override, create=add)
         last = parts[-1]
         if isinstance(parent, list):

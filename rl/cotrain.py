@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from rl import checkpoint as ckpt
+from rl import distributed
 from rl.config import ConfigError, check, from_dict, option
 
 PARAM_CHOICES = ("stitch", "stitch+tail", "all")
@@ -66,6 +67,8 @@ class CotrainConfig:
     def __post_init__(self):
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         check(self.stitch_lr_scale > 0, "stitch_lr_scale", f"must be > 0, got {self.stitch_lr_scale}")
+        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
         check(self.updates_per_epoch >= 1, "updates_per_epoch", f"must be >= 1, got {self.updates_per_epoch}")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         edges = list(self.sigma_edges)
@@ -277,8 +280,10 @@ class CriticTrainer:
                 loss = ((value.float() - rewards.to(latents.device)[i_idx].float()) ** 2).mean()
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                # several processes: each critic copy takes the same, averaged step (the decision is shared too)
+                finite = distributed.average_gradients(self.params, math.isfinite(loss.item()))
                 norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
-                if not (math.isfinite(norm) and math.isfinite(loss.item())):
+                if not (math.isfinite(norm) and finite):
                     self.optimizer.zero_grad(set_to_none=True)  # a non-finite step never reaches the critic
                     skipped += 1
                     continue
@@ -357,6 +362,7 @@ def rollout_and_update(run, trainer: CriticTrainer, prompts: list[str], num_step
     latents, sigmas = _rollout(run, prompts, num_steps, guidance_scale, generator, batch_size)
     rewards = realised_reward(run, latents[:, -1], prompts, batch_size)
     values = trajectory_values(run.critic, latents, sigmas, prompts, batch_size)
-    metrics = trainer.calibration(values, sigmas, rewards)
+    # several processes (each passes its share of the prompts): calibration over all of them
+    metrics = trainer.calibration(run.accelerator.gather(values), sigmas, run.accelerator.gather(rewards))
     metrics.update(trainer.update(latents, sigmas, rewards, prompts, generator))
     return metrics

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from policies import lora
-from rl import common, cotrain
+from rl import common, cotrain, distributed
 from rl import policy_gradient as pg
 from rl.advantages import dense_advantages
 from rl.checkpoint import NonFiniteError
@@ -83,18 +83,19 @@ class DDPOConfig:
         check(self.num_steps >= 1, "num_steps", f"must be >= 1, got {self.num_steps}")
         check(self.eta > 0, "eta", f"DDPO needs a stochastic sampler (eta > 0): the deterministic ODE step "
                                    f"(eta = 0) has no log-probability; got {self.eta}")
+        for key in ("prompts_per_epoch", "group_size", "rollout_batch_size", "train_batch_size", "value_batch_size",
+                    "inner_epochs", "stat_buffer_size", "stat_min_count"):
+            check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         check(self.rollout_batch_size % self.group_size == 0, "rollout_batch_size",
               f"must be a multiple of group_size ({self.group_size}), got {self.rollout_batch_size}")
         check(0 < self.timestep_fraction <= 1, "timestep_fraction", f"must be in (0, 1], got {self.timestep_fraction}")
         check(self.clip_range > 0, "clip_range", f"must be > 0, got {self.clip_range}")
         check(self.adv_clip > 0, "adv_clip", f"must be > 0, got {self.adv_clip}")
+        check(self.adv_eps > 0, "adv_eps", f"must be > 0, got {self.adv_eps}")
         check(0 <= self.gae_lambda <= 1, "gae_lambda", f"must be in [0, 1], got {self.gae_lambda}")
         check(self.stat_min_count <= self.stat_buffer_size, "stat_min_count",
               f"must be <= stat_buffer_size ({self.stat_buffer_size}), got {self.stat_min_count}")
-        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        for key in ("prompts_per_epoch", "group_size", "train_batch_size", "value_batch_size", "inner_epochs",
-                    "stat_buffer_size", "stat_min_count"):
-            check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        common.check_optimizer_and_lora(self)
 
     def update_settings(self) -> pg.UpdateSettings:
         return pg.UpdateSettings(self.eta, self.guidance_scale, self.clip_range, 0.0, self.train_batch_size,
@@ -157,7 +158,11 @@ def train(run: common.Run, cfg: DDPOConfig, resume: str | None = None) -> dict[s
     critic = run.critic
     check_critic(critic, cfg.advantages)
     spec = lora.LoraSpec(r=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets)
-    params, optimizer = common.setup_lora(run, spec, cfg.lr, cfg.weight_decay, ADAPTERS)
+    accumulation = run.run_cfg.gradient_accumulation_steps
+    distributed.check_layout(run.accelerator, accumulation, cfg.prompts_per_epoch * cfg.group_size,
+                             cfg.train_batch_size, cfg.rollout_batch_size)
+    micro = cfg.train_batch_size // (run.accelerator.num_processes * accumulation)
+    params, optimizer = common.setup_lora(run, spec, cfg.lr, cfg.weight_decay, ADAPTERS, cfg.max_grad_norm, micro)
     exclude = cotrain.shared_parameters(run)
     cotrain.freeze(critic, exclude)
     critic_trainer = cotrain.build(run, exclude)
@@ -173,27 +178,33 @@ def train(run: common.Run, cfg: DDPOConfig, resume: str | None = None) -> dict[s
             prompts = common.prompt_batch(run.train_prompts, cfg.prompts_per_epoch, epoch, run.run_cfg.seed)
             rows = [p for p in prompts for _ in range(cfg.group_size)]
             # 1-2. SDE rollout with log pi_old, realised reward R
+            # (this process's slice of the rows; rewards, values and masks gathered for every row)
             rng, generator = pg.epoch_generator(run, epoch, 1)
             rollout = pg.collect(run, rows, cfg.num_steps, cfg.eta, cfg.guidance_scale, cfg.rollout_batch_size,
-                                 0, (0, 0), rng, generator)
-            finite = torch.isfinite(rollout.rewards)
-            metrics = {**common.log_mean_std("reward", rollout.rewards), "train/epoch": epoch + 1,
+                                 0, (0, 0), rng, generator,
+                                 distributed.process_generator(run.run_cfg.seed, epoch, 1, run.accelerator))
+            rewards = pg.gather(run, rollout.rewards, len(rows), cfg.rollout_batch_size)  # (B,)
+            finite = torch.isfinite(rewards)
+            metrics = {**common.log_mean_std("reward", rewards), "train/epoch": epoch + 1,
                        "reward/nonfinite": float((~finite).sum())}
             # 2. V(z_k) along every trajectory (calibration before any update on these trajectories)
             values = None
             if want_values:
                 with run.timer("value"):
-                    values = cotrain.trajectory_values(critic, rollout.latents, rollout.sigmas, rows,
-                                                       cfg.value_batch_size)
-                metrics.update(cotrain.trajectory_calibration(values, rollout.sigmas, rollout.rewards, edges))
+                    values = pg.gather(run, cotrain.trajectory_values(critic, rollout.latents, rollout.sigmas,
+                                                                      rollout.prompts, cfg.value_batch_size),
+                                       len(rows), cfg.rollout_batch_size)  # (B, N+1)
+                metrics.update(cotrain.trajectory_calibration(values, rollout.sigmas, rewards, edges))
             if finite.all():
                 # 3. advantages: per-prompt history (sparse) or per-step from V (dense)
-                adv = ddpo_advantages(rollout.rewards, values, rollout.sde_mask, rows, tracker, cfg)
-                metrics["adv/abs_mean"] = adv[rollout.sde_mask].abs().mean().item()
+                sde_mask = pg.gather(run, rollout.sde_mask, len(rows), cfg.rollout_batch_size)
+                adv = ddpo_advantages(rewards, values, sde_mask, rows, tracker, cfg)
+                metrics["adv/abs_mean"] = adv[sde_mask].abs().mean().item()
                 # 4. inner epochs of PPO-clip with importance sampling
                 _, generator = pg.epoch_generator(run, epoch, 2)
                 with run.timer("update"):
-                    metrics.update(pg.ppo_update(run, rollout, adv, optimizer, params, cfg.update_settings(),
+                    mine = pg.process_rows(len(rows), cfg.rollout_batch_size, run.accelerator)
+                    metrics.update(pg.ppo_update(run, rollout, adv[mine], optimizer, params, cfg.update_settings(),
                                                  generator))
                 consecutive_bad = consecutive_bad + 1 if metrics["train/skipped_updates"] else 0
             else:
@@ -203,8 +214,8 @@ def train(run: common.Run, cfg: DDPOConfig, resume: str | None = None) -> dict[s
             if critic_trainer is not None:
                 _, generator = pg.epoch_generator(run, epoch, 3)
                 with run.timer("cotrain"):
-                    metrics.update(critic_trainer.update(rollout.latents, rollout.sigmas, rollout.rewards, rows,
-                                                         generator))
+                    metrics.update(critic_trainer.update(rollout.latents, rollout.sigmas, rollout.rewards,
+                                                         rollout.prompts, generator))
             extra = {"stat_tracker": tracker.state()}
             if consecutive_bad >= run.run_cfg.max_nonfinite:
                 pg.save(run, epoch + 1, optimizer, ADAPTERS, {"history": history, **extra}, critic_trainer)

@@ -28,7 +28,6 @@ Notation:  K = ``backprop_steps``, lambda = ``reg_lambda``, tau the stop step, V
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -37,7 +36,7 @@ import torch
 from torch import Tensor
 
 from policies import lora, samplers
-from rl import common, cotrain
+from rl import common, cotrain, distributed
 from rl import policy_gradient as pg
 from rl.checkpoint import NonFiniteError
 from rl.config import ConfigError, check, option
@@ -77,7 +76,7 @@ class DraftConfig:
         check(self.eta >= 0, "eta", f"must be >= 0, got {self.eta}")
         check(self.reg_lambda >= 0, "reg_lambda", f"must be >= 0, got {self.reg_lambda}")
         check(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
-        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        common.check_optimizer_and_lora(self)
         for key in ("prompts_per_epoch", "train_batch_size", "cotrain_batch_size"):
             check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
 
@@ -151,51 +150,69 @@ def draft_loss(value: Tensor, v_theta: Tensor | None = None, v_ref: Tensor | Non
 
 # ------------------------------------------------------------------------------------------------ stages
 def optimise(run: common.Run, cfg: DraftConfig, prompts: list[str], optimizer, params, epoch: int) -> dict[str, float]:
-    """Stages 1-3 for one epoch's prompts: truncated rollout, value, loss, AdamW (+ EMA) per micro-batch."""
+    """Stages 1-3 for one epoch's prompts: truncated rollout, value, loss, AdamW (+ EMA) per optimizer step.
+
+    An optimizer step covers ``train_batch_size`` prompts (global): every process draws their tau and initial
+    noise, then back-propagates its slice of them in ``run.gradient_accumulation_steps`` micro-batches
+    (rl.distributed); SDE noise (eta > 0) is per process. Logged values are means over the global batch."""
     policy, critic, accel = run.policy, run.critic, run.accelerator
     transformer = policy.transformer
     rng, generator = pg.epoch_generator(run, epoch, 1)
+    sde_generator = distributed.process_generator(run.run_cfg.seed, epoch, 1, accel)
     sigmas = policy.sigmas(cfg.num_steps, run.device)
-    stats: dict[str, list[float]] = {k: [] for k in ("reward/mean", "loss/total", "loss/reg", "policy/grad_norm",
-                                                     "train/tau")}
-    skipped = 0
+    names = ("reward/mean", "loss/total", "loss/reg")
+    sums, norms, taus, skipped = [], [], [], 0
     for start in range(0, len(prompts), cfg.train_batch_size):
-        batch = prompts[start:start + cfg.train_batch_size]
+        batch = prompts[start:start + cfg.train_batch_size]  # the optimizer step's global prompts
         tau = int(rng.integers(cfg.tau_min, cfg.tau_max + 1)) if critic.dense else cfg.num_steps
-        with torch.no_grad():
-            cond = policy.encode_prompts(batch)
+        z_T = policy.noise(len(batch), generator)  # every prompt's noise, on every process
+        mine = distributed.process_slice(len(batch), accel)
+        micros = distributed.micro_batches(mine.stop - mine.start, run.run_cfg.gradient_accumulation_steps)
+        step_sums = torch.zeros(len(names), dtype=torch.float64)
         optimizer.zero_grad(set_to_none=True)
-        with run.timer("rollout"), accel.autocast():
-            roll = truncated_rollout(policy.velocity_fn(cond, cfg.guidance_scale), policy.noise(len(batch), generator),
-                                     sigmas, tau, cfg.backprop_steps, cfg.eta, generator)
-        with run.timer("value"):
-            value = critic.value(roll.z_tau, sigmas[tau], batch)
-        if not value.requires_grad:
-            raise ValueError(f"DRaFT needs V(z_tau) differentiable in z_tau, but {type(critic).__name__} returned no "
-                             f"gradient: with --critic terminal the reward must be differentiable (not "
-                             f"{type(run.reward).__name__}); mc is never differentiable")
-        v_ref = None
-        if cfg.reg_lambda > 0:
-            with torch.no_grad(), lora.reference_policy(transformer):
-                k = roll.latents.shape[1]
-                flat = roll.latents.flatten(0, 1)  # (B*K, C, h, w), sample-major (b0 k0, b0 k1, ...)
-                v_ref = policy.velocity(flat, roll.sigmas.repeat(len(batch)), cond.repeat(k), cfg.guidance_scale)
-                v_ref = v_ref.view_as(roll.velocities)
-        out = draft_loss(value, roll.velocities, v_ref, cfg.reg_lambda)
+        finite = True
+        for m, micro in enumerate(micros):
+            local = batch[mine][micro]
+            share = distributed.loss_weight(len(local), len(batch), accel)
+            with torch.no_grad():
+                cond = policy.encode_prompts(local)
+            with distributed.gradient_sync(accel, run.trained_module, m == len(micros) - 1):
+                with run.timer("rollout"), accel.autocast():
+                    roll = truncated_rollout(policy.velocity_fn(cond, cfg.guidance_scale), z_T[mine][micro], sigmas,
+                                             tau, cfg.backprop_steps, cfg.eta, sde_generator)
+                with run.timer("value"):
+                    value = critic.value(roll.z_tau, sigmas[tau], local)
+                if not value.requires_grad:
+                    raise ValueError(f"DRaFT needs V(z_tau) differentiable in z_tau, but {type(critic).__name__} "
+                                     f"returned no gradient: with --critic terminal the reward must be differentiable "
+                                     f"(not {type(run.reward).__name__}); mc is never differentiable")
+                v_ref = None
+                if cfg.reg_lambda > 0:
+                    with torch.no_grad(), lora.reference_policy(transformer):
+                        k = roll.latents.shape[1]
+                        flat = roll.latents.flatten(0, 1)  # (B*K, C, h, w), sample-major (b0 k0, b0 k1, ...)
+                        v_ref = policy.velocity(flat, roll.sigmas.repeat(len(local)), cond.repeat(k),
+                                                cfg.guidance_scale)
+                        v_ref = v_ref.view_as(roll.velocities)
+                out = draft_loss(value, roll.velocities, v_ref, cfg.reg_lambda)
+                with run.timer("update"):
+                    finite = distributed.backward(accel, out.loss * share) and finite
+            step_sums += torch.tensor([out.value.item(), out.loss.item(), out.reg.item()],
+                                      dtype=torch.float64) * len(local)
         with run.timer("update"):
-            accel.backward(out.loss)
-            norm, stepped = common.clipped_step(accel, optimizer, params, cfg.max_grad_norm,
-                                                math.isfinite(out.loss.item()))
-        for key, x in (("reward/mean", out.value.item()), ("loss/total", out.loss.item()), ("loss/reg", out.reg.item()),
-                       ("policy/grad_norm", norm), ("train/tau", float(tau))):
-            stats[key].append(x)
+            norm, stepped = common.clipped_step(accel, optimizer, params, cfg.max_grad_norm, finite)
+        sums.append(step_sums / len(batch))
+        norms.append(norm)
+        taus.append(float(tau))
         if not stepped:
             skipped += 1
             continue
         if cfg.ema_decay > 0:
             lora.ema_update(transformer, "default", "ema", cfg.ema_decay)
-    out = {k: float(np.nanmean(v)) for k, v in stats.items() if v}
-    out["train/skipped_updates"] = float(skipped)
+    means = distributed.sum_over_processes(accel, torch.stack(sums))  # (steps, 3)
+    out = {name: float(np.nanmean(means[:, i].numpy())) for i, name in enumerate(names)}
+    out.update({"policy/grad_norm": float(np.nanmean(norms)), "train/tau": float(np.mean(taus)),
+                "train/skipped_updates": float(skipped)})
     return out
 
 
@@ -208,7 +225,12 @@ def train(run: common.Run, cfg: DraftConfig, resume: str | None = None) -> dict[
                           f"{type(run.reward).__name__} is not differentiable: use a differentiable reward (CLIP "
                           f"score, HPSv2, aesthetic, ...) or a value critic (--critic stitchvm)")
     spec = lora.LoraSpec(r=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets)
-    params, optimizer = common.setup_lora(run, spec, cfg.lr, cfg.weight_decay, cfg.adapters)
+    accumulation = run.run_cfg.gradient_accumulation_steps
+    distributed.check_layout(run.accelerator, accumulation, cfg.prompts_per_epoch, cfg.train_batch_size,
+                             rows_name="algo.prompts_per_epoch")
+    micro = cfg.train_batch_size // (run.accelerator.num_processes * accumulation)
+    params, optimizer = common.setup_lora(run, spec, cfg.lr, cfg.weight_decay, cfg.adapters, cfg.max_grad_norm,
+                                          micro)
     if cfg.grad_checkpointing:
         run.policy.transformer.enable_gradient_checkpointing()
     exclude = cotrain.shared_parameters(run)
@@ -224,10 +246,11 @@ def train(run: common.Run, cfg: DraftConfig, resume: str | None = None) -> dict[
             metrics = {"train/epoch": epoch + 1, **optimise(run, cfg, prompts, optimizer, params, epoch)}
             consecutive_bad = consecutive_bad + 1 if metrics["train/skipped_updates"] else 0
             # 4. critic co-training on a fresh rollout of the current policy
-            if critic_trainer is not None:
-                _, generator = pg.epoch_generator(run, epoch, 3)
+            if critic_trainer is not None:  # on this process's share of the prompts
+                generator = distributed.process_generator(run.run_cfg.seed, epoch, 3, run.accelerator)
+                mine = prompts[distributed.process_slice(len(prompts), run.accelerator)]
                 with run.timer("cotrain"):
-                    metrics.update(cotrain.rollout_and_update(run, critic_trainer, prompts, cfg.num_steps, generator,
+                    metrics.update(cotrain.rollout_and_update(run, critic_trainer, mine, cfg.num_steps, generator,
                                                               cfg.guidance_scale, cfg.cotrain_batch_size))
             if consecutive_bad >= run.run_cfg.max_nonfinite:
                 pg.save(run, epoch + 1, optimizer, cfg.adapters, {"history": history}, critic_trainer)

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from policies import lora
-from rl import common, cotrain
+from rl import common, cotrain, distributed
 from rl import policy_gradient as pg
 from rl.advantages import dense_advantages, group_normalize
 from rl.checkpoint import NonFiniteError
@@ -98,22 +98,26 @@ class GRPOConfig:
                                    f"(eta = 0) has no log-probability; got {self.eta}")
         check(self.group_size >= 2, "group_size", f"group normalisation needs >= 2 samples per prompt, got "
                                                   f"{self.group_size}")
+        check(self.rollout_batch_size >= 1, "rollout_batch_size", f"must be >= 1, got {self.rollout_batch_size}")
         check(self.rollout_batch_size % self.group_size == 0, "rollout_batch_size",
               f"must be a multiple of group_size ({self.group_size}) so a group shares one SDE window, got "
               f"{self.rollout_batch_size}")
         check(0 <= self.sde_window <= self.num_steps, "sde_window", f"must be in 0..num_steps ({self.num_steps}), "
                                                                     f"got {self.sde_window}")
         lo, hi = self.sde_window_start
+        # drawn for every rollout batch, with or without a window (rl.policy_gradient.collect)
+        check(0 <= lo <= hi, "sde_window_start", f"need 0 <= lo <= hi, got ({lo}, {hi})")
         if self.sde_window:
             last = self.num_steps - self.sde_window
-            check(0 <= lo <= hi <= last, "sde_window_start",
+            check(hi <= last, "sde_window_start",
                   f"need 0 <= lo <= hi <= num_steps - sde_window ({last}), got ({lo}, {hi})")
         check(0 < self.timestep_fraction <= 1, "timestep_fraction", f"must be in (0, 1], got {self.timestep_fraction}")
         check(self.clip_range > 0, "clip_range", f"must be > 0, got {self.clip_range}")
         check(self.adv_clip > 0, "adv_clip", f"must be > 0, got {self.adv_clip}")
+        check(self.adv_eps > 0, "adv_eps", f"must be > 0 (a group of equal rewards has std 0), got {self.adv_eps}")
         check(self.kl_beta >= 0, "kl_beta", f"must be >= 0, got {self.kl_beta}")
         check(0 <= self.gae_lambda <= 1, "gae_lambda", f"must be in [0, 1], got {self.gae_lambda}")
-        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        common.check_optimizer_and_lora(self)
         for key in ("prompts_per_epoch", "train_batch_size", "value_batch_size", "inner_epochs"):
             check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
 
@@ -156,7 +160,11 @@ def train(run: common.Run, cfg: GRPOConfig, resume: str | None = None) -> dict[s
     critic = run.critic
     check_critic(critic, cfg.advantages)
     spec = lora.LoraSpec(r=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets)
-    params, optimizer = common.setup_lora(run, spec, cfg.lr, cfg.weight_decay, ADAPTERS)
+    accumulation = run.run_cfg.gradient_accumulation_steps
+    distributed.check_layout(run.accelerator, accumulation, cfg.prompts_per_epoch * cfg.group_size,
+                             cfg.train_batch_size, cfg.rollout_batch_size)
+    micro = cfg.train_batch_size // (run.accelerator.num_processes * accumulation)
+    params, optimizer = common.setup_lora(run, spec, cfg.lr, cfg.weight_decay, ADAPTERS, cfg.max_grad_norm, micro)
     exclude = cotrain.shared_parameters(run)
     cotrain.freeze(critic, exclude)
     critic_trainer = cotrain.build(run, exclude)
@@ -170,27 +178,33 @@ def train(run: common.Run, cfg: GRPOConfig, resume: str | None = None) -> dict[s
             prompts = common.prompt_batch(run.train_prompts, cfg.prompts_per_epoch, epoch, run.run_cfg.seed)
             rows = [p for p in prompts for _ in range(cfg.group_size)]
             # 1-2. SDE rollout with log pi_old, realised reward R
+            # (this process's slice of the rows; rewards, values and masks gathered for every row)
             rng, generator = pg.epoch_generator(run, epoch, 1)
             rollout = pg.collect(run, rows, cfg.num_steps, cfg.eta, cfg.guidance_scale, cfg.rollout_batch_size,
-                                 cfg.sde_window, cfg.sde_window_start, rng, generator)
-            finite = torch.isfinite(rollout.rewards)
-            metrics = {**common.log_mean_std("reward", rollout.rewards), "train/epoch": epoch + 1,
+                                 cfg.sde_window, cfg.sde_window_start, rng, generator,
+                                 distributed.process_generator(run.run_cfg.seed, epoch, 1, run.accelerator))
+            rewards = pg.gather(run, rollout.rewards, len(rows), cfg.rollout_batch_size)  # (B,)
+            finite = torch.isfinite(rewards)
+            metrics = {**common.log_mean_std("reward", rewards), "train/epoch": epoch + 1,
                        "reward/nonfinite": float((~finite).sum())}
             # 2. V(z_k) along every trajectory (calibration logged before any update on these trajectories)
             values = None
             if want_values:
                 with run.timer("value"):
-                    values = cotrain.trajectory_values(critic, rollout.latents, rollout.sigmas, rows,
-                                                       cfg.value_batch_size)
-                metrics.update(cotrain.trajectory_calibration(values, rollout.sigmas, rollout.rewards, edges))
+                    values = pg.gather(run, cotrain.trajectory_values(critic, rollout.latents, rollout.sigmas,
+                                                                      rollout.prompts, cfg.value_batch_size),
+                                       len(rows), cfg.rollout_batch_size)  # (B, N+1)
+                metrics.update(cotrain.trajectory_calibration(values, rollout.sigmas, rewards, edges))
             if finite.all():
                 # 3. advantages: sparse group-normalised R, or dense per-step from V
-                adv = grpo_advantages(rollout.rewards, values, rollout.sde_mask, cfg)
-                metrics["adv/abs_mean"] = adv[rollout.sde_mask].abs().mean().item()
+                sde_mask = pg.gather(run, rollout.sde_mask, len(rows), cfg.rollout_batch_size)
+                adv = grpo_advantages(rewards, values, sde_mask, cfg)
+                metrics["adv/abs_mean"] = adv[sde_mask].abs().mean().item()
                 # 4. PPO-clip + KL on a fraction of the stochastic steps
                 _, generator = pg.epoch_generator(run, epoch, 2)
                 with run.timer("update"):
-                    metrics.update(pg.ppo_update(run, rollout, adv, optimizer, params, cfg.update_settings(),
+                    mine = pg.process_rows(len(rows), cfg.rollout_batch_size, run.accelerator)
+                    metrics.update(pg.ppo_update(run, rollout, adv[mine], optimizer, params, cfg.update_settings(),
                                                  generator))
                 consecutive_bad = consecutive_bad + 1 if metrics["train/skipped_updates"] else 0
             else:
@@ -200,8 +214,8 @@ def train(run: common.Run, cfg: GRPOConfig, resume: str | None = None) -> dict[s
             if critic_trainer is not None:
                 _, generator = pg.epoch_generator(run, epoch, 3)
                 with run.timer("cotrain"):
-                    metrics.update(critic_trainer.update(rollout.latents, rollout.sigmas, rollout.rewards, rows,
-                                                         generator))
+                    metrics.update(critic_trainer.update(rollout.latents, rollout.sigmas, rollout.rewards,
+                                                         rollout.prompts, generator))
             if consecutive_bad >= run.run_cfg.max_nonfinite:
                 pg.save(run, epoch + 1, optimizer, ADAPTERS, {"history": history}, critic_trainer)
                 raise NonFiniteError(f"{consecutive_bad} consecutive epochs with non-finite rewards, losses or "

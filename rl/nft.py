@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from policies import lora, samplers
-from rl import common
+from rl import common, distributed
 from rl.advantages import group_normalize, optimality_probability
 from rl.checkpoint import NonFiniteError
 from rl.config import ConfigError, check, option
@@ -84,12 +84,22 @@ class NFTConfig:
         check(self.group_size >= 2, "group_size", f"group normalisation needs >= 2 samples per prompt, got "
               f"{self.group_size}")
         check(0 < self.timestep_fraction <= 1, "timestep_fraction", f"must be in (0, 1], got {self.timestep_fraction}")
-        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(self.max_train_timesteps is None or self.max_train_timesteps >= 1, "max_train_timesteps",
+              f"must be >= 1 (or null: no cap), got {self.max_train_timesteps}")
         check(self.nft_beta > 0, "nft_beta", f"must be > 0, got {self.nft_beta}")
         check(self.kl_beta >= 0, "kl_beta", f"must be >= 0, got {self.kl_beta}")
+        check(self.adv_clip > 0, "adv_clip", f"C must be > 0 (r = 1/2 + A / (2C)), got {self.adv_clip}")
+        check(self.adv_eps > 0, "adv_eps", f"must be > 0 (a group of equal rewards has std 0), got {self.adv_eps}")
         check(0 <= self.old_decay_max <= 1, "old_decay_max", f"must be in [0, 1], got {self.old_decay_max}")
+        check(self.old_decay_ramp >= 0, "old_decay_ramp", f"must be >= 0, got {self.old_decay_ramp}")
+        common.check_optimizer_and_lora(self)
         for key in ("prompts_per_epoch", "rollout_batch_size", "train_batch_size", "inner_epochs"):
             check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        # one stop step tau per rollout round: a group split unevenly across rounds would be normalised over values
+        # at different noise levels. Rounds hold whole groups, or a group spans whole rounds (which then share its tau).
+        check(self.rollout_batch_size % self.group_size == 0 or self.group_size % self.rollout_batch_size == 0,
+              "rollout_batch_size", f"must be a multiple or a divisor of group_size ({self.group_size}) so that every "
+              f"group is valued at one tau; got {self.rollout_batch_size}")
 
 
 # ------------------------------------------------------------------------------------------------ pure math
@@ -166,35 +176,53 @@ class Rollout(NamedTuple):
 
 @torch.no_grad()
 def collect(run: common.Run, cfg: NFTConfig, prompts: list[str], epoch: int) -> Rollout:
-    """Stages 1-2: sample with theta_old (stopping at tau with a value critic) and score z_tau."""
-    policy, critic = run.policy, run.critic
+    """Stages 1-2: sample with theta_old (stopping at tau with a value critic) and score z_tau.
+
+    The epoch's rows (each prompt G times) go in rounds of ``rollout_batch_size`` with one tau per round (a round
+    shares its schedule, so it is one forward per process). With several processes each samples its slice of every
+    round (the round's noise is drawn whole, as on one process) and the rollout is gathered: every process returns
+    the whole epoch batch, in the row order of a single process (rl.distributed)."""
+    policy, critic, accel = run.policy, run.critic, run.accelerator
     rng = np.random.default_rng([run.run_cfg.seed, epoch, 1])
     generator = torch.Generator(run.device).manual_seed(int(rng.integers(2**31)))
     sigmas = policy.sigmas(cfg.num_steps, run.device)
     rows = [p for p in prompts for _ in range(cfg.group_size)]
-    z_taus, sig_taus, rewards, train_sig = [], [], [], []
-    for start in range(0, len(rows), cfg.rollout_batch_size):
-        batch = rows[start:start + cfg.rollout_batch_size]
-        # One tau per rollout batch (every sample of a batch shares the schedule, so a batch is one forward).
-        tau = int(rng.integers(cfg.tau_min, cfg.tau_max + 1)) if critic.dense else cfg.num_steps
+    starts = range(0, len(rows), cfg.rollout_batch_size)
+    if cfg.group_size > cfg.rollout_batch_size:  # a group spans several rounds: they share the group's tau
+        group_taus = [int(rng.integers(cfg.tau_min, cfg.tau_max + 1)) for _ in range(len(prompts))]
+        taus = [group_taus[start // cfg.group_size] if critic.dense else cfg.num_steps for start in starts]
+    else:  # a round holds whole groups
+        taus = [int(rng.integers(cfg.tau_min, cfg.tau_max + 1)) if critic.dense else cfg.num_steps for _ in starts]
+    k = max(taus)
+    local: dict[str, list[Tensor]] = {"z_tau": [], "sigma_tau": [], "train_sigmas": [], "rewards": []}
+    index = []
+    for start, tau in zip(starts, taus):
+        chunk = rows[start:start + cfg.rollout_batch_size]
+        z_T = policy.noise(len(chunk), generator)  # the whole round's noise, on every process
+        mine = distributed.process_slice(len(chunk), accel)
+        batch = chunk[mine]
         with run.timer("rollout"), lora.using_adapter(policy.transformer, "old"):
             cond = policy.encode_prompts(batch)
-            traj = samplers.sample(policy.velocity_fn(cond, cfg.rollout_guidance_scale), policy.noise(len(batch), generator),
-                                   sigmas, stop_at=tau, keep_latents=False)
+            traj = samplers.sample(policy.velocity_fn(cond, cfg.rollout_guidance_scale), z_T[mine], sigmas,
+                                   stop_at=tau, keep_latents=False)
         with run.timer("value"):
-            rewards.append(critic.value(traj.z_tau, sigmas[tau], batch).float())
-        z_taus.append(traj.z_tau)
-        sig_taus.append(sigmas[tau].expand(len(batch)))
-        train_sig.append(sigmas[:tau].expand(len(batch), -1))
-    k = max(s.shape[1] for s in train_sig)
-    # pad each row's sigma list by cycling so they stack; rows only ever draw from their own valid sigmas
-    padded = [s.repeat(1, math.ceil(k / s.shape[1]))[:, :k] for s in train_sig]
-    return Rollout(rows, torch.cat(z_taus), torch.cat(sig_taus), torch.cat(padded), torch.cat(rewards))
+            local["rewards"].append(critic.value(traj.z_tau, sigmas[tau], batch).float())
+        local["z_tau"].append(traj.z_tau)
+        local["sigma_tau"].append(sigmas[tau].expand(len(batch)))
+        # each row's trainable sigmas, cycled to k columns so rows stack; rows only ever draw from their own
+        local["train_sigmas"].append(sigmas[:tau].repeat(math.ceil(k / tau))[:k].expand(len(batch), -1))
+        index += range(start + mine.start, start + mine.stop)
+    full = {key: distributed.gather_rows(accel, torch.cat(parts), index, len(rows)) for key, parts in local.items()}
+    return Rollout(rows, full["z_tau"], full["sigma_tau"], full["train_sigmas"], full["rewards"])
 
 
 def optimise(run: common.Run, cfg: NFTConfig, rollout: Rollout, r_opt: Tensor, optimizer, params,
              epoch: int) -> dict[str, float]:
-    """Stage 4: forward regression on (z_tau, r) at a random subset of the rollout's timesteps."""
+    """Stage 4: forward regression on (z_tau, r) at a random subset of the rollout's timesteps.
+
+    Every process draws the same minibatches, timesteps and noise for the whole (gathered) epoch batch and trains
+    on its slice of each minibatch, in ``run.gradient_accumulation_steps`` micro-batches (rl.distributed); each
+    backward pass is one (micro-batch, timestep). The logged losses are means over the global minibatch."""
     policy, accel = run.policy, run.accelerator
     transformer = policy.transformer
     generator = torch.Generator(run.device).manual_seed(int(np.random.default_rng([run.run_cfg.seed, epoch, 2])
@@ -203,51 +231,64 @@ def optimise(run: common.Run, cfg: NFTConfig, rollout: Rollout, r_opt: Tensor, o
     num_t = max(1, round(cfg.timestep_fraction * rollout.train_sigmas.shape[1]))
     if cfg.max_train_timesteps is not None:
         num_t = min(num_t, cfg.max_train_timesteps)
-    stats: dict[str, list[float]] = {"loss/total": [], "loss/policy": [], "loss/kl": [], "policy/grad_norm": []}
-    skipped = 0
+    loss_sums, norms, skipped = [], [], 0  # loss_sums: per optimizer step (num_t, 3) [total, policy, kl]
     for _ in range(cfg.inner_epochs):
         perm = torch.randperm(n, generator=generator, device=run.device)
         for start in range(0, n, cfg.train_batch_size):
-            idx = perm[start:start + cfg.train_batch_size]
-            prompts = [rollout.prompts[i] for i in idx.tolist()]
-            with torch.no_grad():
-                cond = policy.encode_prompts(prompts)
-            z_tau, s_tau = rollout.z_tau[idx], rollout.sigma_tau[idx]
+            idx = perm[start:start + cfg.train_batch_size]  # the optimizer step's global rows
             t_cols = torch.stack([torch.randperm(rollout.train_sigmas.shape[1], generator=generator,
                                                  device=run.device)[:num_t] for _ in range(len(idx))])
+            eps = [torch.randn((len(idx), *rollout.z_tau.shape[1:]), generator=generator, device=run.device,
+                               dtype=torch.float32) for _ in range(num_t)]
+            mine = distributed.process_slice(len(idx), accel)
+            micros = distributed.micro_batches(len(idx[mine]), run.run_cfg.gradient_accumulation_steps)
+            sums = torch.zeros(num_t, 3, dtype=torch.float64)
             optimizer.zero_grad(set_to_none=True)
-            for j in range(num_t):
-                t = rollout.train_sigmas[idx].gather(1, t_cols[:, j:j + 1]).squeeze(1)
-                eps = torch.randn(z_tau.shape, generator=generator, device=run.device, dtype=torch.float32)
-                path = reanchored_path(z_tau, s_tau, t, eps.to(z_tau.dtype))
+            finite = True
+            for m, micro in enumerate(micros):
+                rows, cols = idx[mine][micro], t_cols[mine][micro]
+                share = distributed.loss_weight(len(rows), len(idx), accel)
                 with torch.no_grad():
-                    with lora.using_adapter(transformer, "old"):
-                        v_old = policy.velocity(path.z_t, t, cond)
-                    v_ref = None
-                    if cfg.kl_beta > 0:
-                        with lora.reference_policy(transformer):
-                            v_ref = policy.velocity(path.z_t, t, cond)
-                with accel.autocast():
-                    v_theta = policy.velocity(path.z_t, t, cond)
-                out = nft_loss(v_theta, v_old, path.target, r_opt[idx], cfg.nft_beta, v_ref, cfg.kl_beta)
-                accel.backward(out.loss / num_t)
-                stats["loss/total"].append(out.loss.item())
-                stats["loss/policy"].append(out.policy_loss.item())
-                stats["loss/kl"].append(out.kl.item())
-            finite = all(math.isfinite(x) for x in stats["loss/total"][-num_t:])
+                    cond = policy.encode_prompts([rollout.prompts[i] for i in rows.tolist()])
+                z_tau, s_tau = rollout.z_tau[rows], rollout.sigma_tau[rows]
+                for j in range(num_t):
+                    t = rollout.train_sigmas[rows].gather(1, cols[:, j:j + 1]).squeeze(1)
+                    path = reanchored_path(z_tau, s_tau, t, eps[j][mine][micro].to(z_tau.dtype))
+                    with distributed.gradient_sync(accel, run.trained_module, m == len(micros) - 1 and j == num_t - 1):
+                        with torch.no_grad():
+                            with lora.using_adapter(transformer, "old"):
+                                v_old = policy.velocity(path.z_t, t, cond)
+                            v_ref = None
+                            if cfg.kl_beta > 0:
+                                with lora.reference_policy(transformer):
+                                    v_ref = policy.velocity(path.z_t, t, cond)
+                        with accel.autocast():
+                            v_theta = policy.velocity(path.z_t, t, cond)
+                        out = nft_loss(v_theta, v_old, path.target, r_opt[rows], cfg.nft_beta, v_ref, cfg.kl_beta)
+                        finite = distributed.backward(accel, out.loss * share / num_t) and finite
+                    sums[j] += torch.tensor([out.loss.item(), out.policy_loss.item(), out.kl.item()],
+                                            dtype=torch.float64) * len(rows)
             norm, stepped = common.clipped_step(accel, optimizer, params, cfg.max_grad_norm, finite)
-            stats["policy/grad_norm"].append(norm)
+            loss_sums.append(sums / len(idx))
+            norms.append(norm)
             skipped += not stepped
-    out = {k: float(np.nanmean(v)) for k, v in stats.items() if v}
+    losses = distributed.sum_over_processes(accel, torch.stack(loss_sums)).flatten(0, 1)  # (steps * num_t, 3)
+    out = {k: float(np.nanmean(losses[:, i].numpy())) for i, k in enumerate(("loss/total", "loss/policy", "loss/kl"))}
+    out["policy/grad_norm"] = float(np.nanmean(norms))
     out["train/skipped_updates"] = float(skipped)
     return out
 
 
 # ------------------------------------------------------------------------------------------------ the loop
 def setup_policy(run: common.Run, cfg: NFTConfig) -> tuple[torch.optim.Optimizer, list]:
-    """Adapters "default" (theta, trained) and "old" (theta_old = theta at start), the optimizer, accelerate."""
+    """Adapters "default" (theta, trained) and "old" (theta_old = theta at start), the optimizer, accelerate.
+    The global batch sizes must split over the processes (rl.distributed.check_layout)."""
+    accumulation = run.run_cfg.gradient_accumulation_steps
+    distributed.check_layout(run.accelerator, accumulation, cfg.prompts_per_epoch * cfg.group_size,
+                             cfg.train_batch_size, cfg.rollout_batch_size)
     spec = lora.LoraSpec(r=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets)
-    params, optimizer = common.setup_lora(run, spec, cfg.lr, cfg.weight_decay, ADAPTERS)
+    micro = cfg.train_batch_size // (run.accelerator.num_processes * accumulation)
+    params, optimizer = common.setup_lora(run, spec, cfg.lr, cfg.weight_decay, ADAPTERS, cfg.max_grad_norm, micro)
     return optimizer, params
 
 
@@ -310,9 +351,10 @@ def train(run: common.Run, cfg: NFTConfig, resume: str | None = None) -> dict[st
             run.logger.log(metrics, epoch + 1)
             accel.print(" ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.split("/")[0] in ("reward", "eval", "loss")))
             last = epoch + 1 == run.run_cfg.max_epochs
-            if stop.should_stop or run.out_of_time() or last or (epoch + 1) % run.run_cfg.ckpt_every == 0:
+            halt = run.should_halt(stop)
+            if halt or last or (epoch + 1) % run.run_cfg.ckpt_every == 0:
                 common.save(run, epoch + 1, optimizer, ADAPTERS, {"history": history})
-            if stop.should_stop or run.out_of_time():
+            if halt:
                 break
     final, images = common.evaluate(run)
     run.logger.log(final, epoch + 1)

@@ -11,6 +11,10 @@ at the end. What is written once here:
   so for an unchanged policy the ratio is exactly 1.
 - ``clipped_pg_loss``: the PPO-clip surrogate on per-step advantages plus Flow-GRPO's KL to the reference.
 - ``ppo_update``: minibatch epochs over (sample, trained step) with gradient accumulation over steps.
+- Several processes (rl/distributed.py): ``collect`` samples this process's slice of every rollout round;
+  ``gather`` assembles per-row results (rewards, values, masks) in global row order for the advantages, whose
+  rows of this process (``process_rows``) ``ppo_update`` then trains on, ``train_batch_size / P`` rows per
+  process and optimizer step.
 - ``gradient_variance``: per-sample policy gradients for a set of advantage estimators on the same samples
   (the dense-vs-sparse variance comparison).
 
@@ -35,7 +39,7 @@ from torch import Tensor, nn
 
 from policies import lora, samplers
 from policies.flow import FlowPolicy, PromptEmbeds
-from rl import common, cotrain
+from rl import common, cotrain, distributed
 from rl.cotrain import CriticTrainer, realised_reward
 
 
@@ -45,6 +49,20 @@ def epoch_generator(run: common.Run, epoch: int, stage: int) -> tuple[np.random.
     run draws the same noise as an uninterrupted one."""
     rng = np.random.default_rng([run.run_cfg.seed, epoch, stage])
     return rng, torch.Generator(run.device).manual_seed(int(rng.integers(2**31)))
+
+
+def process_rows(n: int, batch_size: int, accelerator) -> list[int]:
+    """Global indices of this process's rows when n rows are sampled in rounds of ``batch_size`` (``collect``)."""
+    index = []
+    for start in range(0, n, batch_size):
+        mine = distributed.process_slice(min(batch_size, n - start), accelerator)
+        index += range(start + mine.start, start + mine.stop)
+    return index
+
+
+def gather(run: common.Run, x: Tensor, n: int, batch_size: int) -> Tensor:
+    """Per-row results of this process's rows of ``collect`` (k, ...) -> all n rows (n, ...) in global order."""
+    return distributed.gather_rows(run.accelerator, x, process_rows(n, batch_size, run.accelerator), n)
 
 
 # ------------------------------------------------------------------------------------------------ rollouts
@@ -69,37 +87,46 @@ def window_steps(num_steps: int, window: int, start: int) -> list[int]:
 @torch.no_grad()
 def collect(run: common.Run, rows: list[str], num_steps: int, eta: float, guidance_scale: float, batch_size: int,
             window: int, window_start: tuple[int, int], rng: np.random.Generator,
-            generator: torch.Generator) -> SDERollout:
+            generator: torch.Generator, sde_generator: torch.Generator | None = None) -> SDERollout:
     """Sample ``rows`` (one prompt per row) with the policy's SDE sampler and score the finished samples.
 
-    One SDE window per rollout batch (a batch is one forward pass; callers keep groups inside one batch).
+    Rows go in rounds of ``batch_size``, one SDE window per round (callers keep groups inside one round). With
+    several processes each samples its slice of every round and returns those rows only (``process_rows``
+    gives their global indices); the window and z_T of every row are drawn as on a single process.
 
     Args:
         run: the run (policy with its active adapter, reward).
-        rows: B prompts.
+        rows: B prompts (the global batch).
         num_steps: N. eta: SDE noise level (> 0). guidance_scale: CFG weight (1 = CFG-free).
-        batch_size: rows per rollout forward.
+        batch_size: rows per rollout round (global).
         window: Flow-GRPO-Fast window length (0 = SDE at every step).
         window_start: (lo, hi), the window's first step ~ U{lo..hi}.
-        rng, generator: randomness of the window and of the noise.
+        rng, generator: randomness of the windows and of z_T (the same on every process).
+        sde_generator: the SDE steps' noise (default ``generator``); give each process its own
+            (rl.distributed.process_generator) so that processes do not share noise.
     """
-    policy = run.policy
+    policy, accel = run.policy, run.accelerator
+    sde_generator = generator if sde_generator is None else sde_generator
     sigmas = policy.sigmas(num_steps, run.device)
-    latents, log_probs, masks, rewards = [], [], [], []
+    latents, log_probs, masks, rewards, mine_rows = [], [], [], [], []
     for start in range(0, len(rows), batch_size):
-        batch = rows[start:start + batch_size]
+        chunk = rows[start:start + batch_size]
         steps = window_steps(num_steps, window, int(rng.integers(window_start[0], window_start[1] + 1)))
+        z_T = policy.noise(len(chunk), generator)  # the whole round's noise, on every process
+        mine = distributed.process_slice(len(chunk), accel)
+        batch = chunk[mine]
+        mine_rows += batch
         # under autocast like the re-scoring in ppo_update, so that an unchanged policy re-scores to ratio 1
-        with run.timer("rollout"), run.accelerator.autocast():
+        with run.timer("rollout"), accel.autocast():
             cond = policy.encode_prompts(batch)
-            traj = samplers.sample(policy.velocity_fn(cond, guidance_scale), policy.noise(len(batch), generator),
-                                   sigmas, eta=eta, sde_steps=steps, generator=generator)
+            traj = samplers.sample(policy.velocity_fn(cond, guidance_scale), z_T[mine], sigmas, eta=eta,
+                                   sde_steps=steps, generator=sde_generator)
         with run.timer("reward"):
             rewards.append(realised_reward(run, traj.z_tau, batch, batch_size))
         latents.append(traj.latents)
         log_probs.append(traj.log_probs)
         masks.append(traj.sde_mask.to(run.device).expand(len(batch), -1))
-    return SDERollout(list(rows), torch.cat(latents), sigmas, torch.cat(log_probs), torch.cat(masks),
+    return SDERollout(mine_rows, torch.cat(latents), sigmas, torch.cat(log_probs), torch.cat(masks),
                       torch.cat(rewards))
 
 
@@ -195,43 +222,55 @@ def ppo_update(run: common.Run, rollout: SDERollout, adv: Tensor, optimizer: tor
     Each inner epoch reshuffles the samples and redraws each sample's trained steps; the gradient of a
     minibatch is accumulated over its trained steps (one optimizer step per minibatch, as Flow-GRPO / DDPO).
     A minibatch with a non-finite loss or gradient is skipped (it never reaches the weights).
+
+    ``rollout`` and ``adv`` hold this process's rows: each optimizer step takes ``train_batch_size / P`` of them
+    on every process, in ``run.gradient_accumulation_steps`` micro-batches (rl.distributed); logged losses are
+    means over the global minibatch.
     """
     policy, accel = run.policy, run.accelerator
     transformer = policy.transformer
     n = rollout.latents.shape[0]
-    stats: dict[str, list[float]] = {k: [] for k in ("loss/total", "loss/policy", "loss/kl", "policy/clipfrac",
-                                                     "policy/approx_kl", "policy/ratio", "policy/grad_norm")}
-    skipped = 0
+    batch_size = s.train_batch_size // accel.num_processes
+    names = ("loss/total", "loss/policy", "loss/kl", "policy/clipfrac", "policy/approx_kl", "policy/ratio")
+    loss_sums, norms, skipped = [], [], 0  # loss_sums: per optimizer step (num_t, len(names))
     for _ in range(s.inner_epochs):
         perm = torch.randperm(n, generator=generator, device=generator.device).to(run.device)
         steps_all = train_steps(rollout.sde_mask, s.timestep_fraction, generator)  # (B, n_t)
-        for start in range(0, n, s.train_batch_size):
-            idx = perm[start:start + s.train_batch_size]
-            with torch.no_grad():
-                cond = policy.encode_prompts([rollout.prompts[i] for i in idx.tolist()])
-            num_t = steps_all.shape[1]
+        num_t = steps_all.shape[1]
+        for start in range(0, n, batch_size):
+            idx = perm[start:start + batch_size]
+            micros = distributed.micro_batches(len(idx), run.run_cfg.gradient_accumulation_steps)
+            sums = torch.zeros(num_t, len(names), dtype=torch.float64)
             optimizer.zero_grad(set_to_none=True)
             finite = True
-            for j in range(num_t):
-                k = steps_all[idx, j]  # (b,) one step per row
-                mean_ref = None
-                if s.kl_beta > 0:
-                    with torch.no_grad(), lora.reference_policy(transformer), accel.autocast():
-                        mean_ref = rescore(policy, rollout, idx, k, cond, s.eta, s.guidance_scale).mean
-                with accel.autocast():
-                    out = rescore(policy, rollout, idx, k, cond, s.eta, s.guidance_scale)
-                loss = clipped_pg_loss(out.log_prob, rollout.log_probs[idx, k], adv[idx, k], s.clip_range,
-                                       out.mean, mean_ref, out.std, s.kl_beta)
-                accel.backward(loss.loss / num_t)
-                finite = finite and math.isfinite(loss.loss.item())
-                for key, value in (("loss/total", loss.loss), ("loss/policy", loss.policy_loss), ("loss/kl", loss.kl),
-                                   ("policy/clipfrac", loss.clipfrac), ("policy/approx_kl", loss.approx_kl),
-                                   ("policy/ratio", loss.ratio)):
-                    stats[key].append(value.item())
+            for m, micro in enumerate(micros):
+                rows = idx[micro]
+                share = distributed.loss_weight(len(rows), len(idx) * accel.num_processes, accel)
+                with torch.no_grad():
+                    cond = policy.encode_prompts([rollout.prompts[i] for i in rows.tolist()])
+                for j in range(num_t):
+                    k = steps_all[rows, j]  # (b,) one step per row
+                    with distributed.gradient_sync(accel, run.trained_module, m == len(micros) - 1 and j == num_t - 1):
+                        mean_ref = None
+                        if s.kl_beta > 0:
+                            with torch.no_grad(), lora.reference_policy(transformer), accel.autocast():
+                                mean_ref = rescore(policy, rollout, rows, k, cond, s.eta, s.guidance_scale).mean
+                        with accel.autocast():
+                            out = rescore(policy, rollout, rows, k, cond, s.eta, s.guidance_scale)
+                        loss = clipped_pg_loss(out.log_prob, rollout.log_probs[rows, k], adv[rows, k], s.clip_range,
+                                               out.mean, mean_ref, out.std, s.kl_beta)
+                        finite = distributed.backward(accel, loss.loss * share / num_t) and finite
+                    values = (loss.loss, loss.policy_loss, loss.kl, loss.clipfrac, loss.approx_kl, loss.ratio)
+                    sums[j] += torch.tensor([v.item() for v in values], dtype=torch.float64) * len(rows)
             norm, stepped = common.clipped_step(accel, optimizer, params, s.max_grad_norm, finite)
-            stats["policy/grad_norm"].append(norm)
+            loss_sums.append(sums / (len(idx) * accel.num_processes))
+            norms.append(norm)
             skipped += not stepped
-    out = {k: float(np.nanmean(v)) for k, v in stats.items() if v}
+    out = {}
+    if loss_sums:
+        losses = distributed.sum_over_processes(accel, torch.stack(loss_sums)).flatten(0, 1)  # (steps * num_t, 6)
+        out = {name: float(np.nanmean(losses[:, i].numpy())) for i, name in enumerate(names)}
+        out["policy/grad_norm"] = float(np.nanmean(norms))
     out["train/skipped_updates"] = float(skipped)
     return out
 
@@ -330,7 +369,7 @@ def end_epoch(run: common.Run, epoch: int, metrics: dict, optimizer, adapters: t
     run.logger.log(metrics, epoch + 1)
     run.accelerator.print(" ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                    if k.split("/")[0] in ("reward", "eval", "loss")))
-    halt = stop.should_stop or run.out_of_time()
+    halt = run.should_halt(stop)
     if halt or epoch + 1 == cfg.max_epochs or (epoch + 1) % cfg.ckpt_every == 0:
         save(run, epoch + 1, optimizer, adapters, {"history": history, **extra}, critic_trainer)
     return halt

@@ -21,12 +21,14 @@ if __name__ == "__main__" and not __package__:
 
 import argparse  # noqa: E402
 import importlib  # noqa: E402
+import os  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 ALGOS = {"nft": ("rl.nft", "NFTConfig"), "grpo": ("rl.grpo", "GRPOConfig"), "ddpo": ("rl.ddpo", "DDPOConfig"),
          "draft": ("rl.draft", "DraftConfig")}
 COTRAIN_ALGOS = ("grpo", "ddpo", "draft")  # the trainers that run critic.cotrain (rl/cotrain.py)
+TOP_LEVEL_KEYS = ["model", "reward", "critic", "prompts", "eval_metric", "algo", "run", "eval"]
 
 
 def critic_choices() -> list[str]:
@@ -59,42 +61,86 @@ class Composed:
 
 
 def compose_config(args: argparse.Namespace) -> Composed:
-    """Compose and validate the config; raises ConfigError with one message saying what to fix."""
+    """Compose the config from the command line and validate it (``validate_config``); raises ConfigError with one
+    message saying what to fix."""
     from rl import common
-    from rl.config import ConfigError, apply_overrides, compose, from_dict, load_yaml, to_dict
+    from rl.config import apply_overrides, compose, load_yaml, to_dict, unknown_choice
 
     if args.algo not in ALGOS:
-        raise ConfigError(f"--algo: unknown algorithm '{args.algo}'; valid choices: {sorted(ALGOS)}")
+        raise unknown_choice("--algo", args.algo, sorted(ALGOS), "choices")
     if args.critic not in critic_choices():
-        raise ConfigError(f"--critic: unknown critic '{args.critic}'; valid choices: {critic_choices()} "
-                          f"(one YAML each in configs/critic/)")
+        raise unknown_choice("--critic", args.critic, critic_choices(), "choices (one YAML each in configs/critic/)")
     parts = [load_yaml(CONFIG_ROOT / "defaults.yaml"),
              {"algo": load_yaml(CONFIG_ROOT / "algo" / f"{args.algo}.yaml")},
              {"critic": load_yaml(CONFIG_ROOT / "critic" / f"{args.critic}.yaml")}]
     parts += [load_yaml(path) for path in args.config]
-    module, cls = ALGOS[args.algo]
-    algo_cls = getattr(importlib.import_module(module), cls)
     # Typed sections start from their dataclass defaults, so every field is overridable from the CLI and
     # --print-config shows the whole resolved config.
-    defaults = {"algo": to_dict(algo_cls()), "run": to_dict(common.RunConfig()), "eval": to_dict(common.EvalConfig())}
+    defaults = {"algo": to_dict(algo_config_class(args.algo)()), "run": to_dict(common.RunConfig()),
+                "eval": to_dict(common.EvalConfig())}
     raw = apply_overrides(compose(defaults, *parts), args.overrides)
-    known = {"model", "reward", "critic", "prompts", "eval_metric", "algo", "run", "eval"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"unknown top-level key(s) {unknown}; valid keys: {sorted(known)}")
-    algo_cfg = from_dict(algo_cls, raw.get("algo", {}), "algo")
+    return validate_config(raw, args.algo)
+
+
+def algo_config_class(algo: str) -> type:
+    module, cls = ALGOS[algo]
+    return getattr(importlib.import_module(module), cls)
+
+
+def validate_config(raw: dict, algo: str) -> Composed:
+    """Check a composed config completely without building anything: top-level keys, the typed sections (keys,
+    types, ranges: ``rl.config.from_dict`` and the dataclasses' ``__post_init__``), the shape of the object nodes,
+    and every ``_component_`` (it imports and takes the node's arguments: ``rl.config.check_node``).
+
+    Raises:
+        ConfigError: the first mistake, in one line that names the key and says what to fix.
+    """
+    from rl import common
+    from rl.config import ConfigError, check_node, from_dict, unknown_choice
+    from rl.cotrain import cotrain_config  # critic.cotrain configures co-training, it is no critic argument
+
+    if algo not in ALGOS:
+        raise unknown_choice("--algo", algo, sorted(ALGOS), "choices")
+    for key in raw:
+        if key not in TOP_LEVEL_KEYS:
+            raise unknown_choice("config", str(key), TOP_LEVEL_KEYS, "top-level keys")
+    algo_cfg = from_dict(algo_config_class(algo), raw.get("algo", {}), "algo")
     run_cfg = from_dict(common.RunConfig, raw.get("run", {}), "run")
     eval_cfg = from_dict(common.EvalConfig, raw.get("eval", {}), "eval")
     for key in ("model", "reward", "critic"):
-        if not isinstance(raw.get(key), dict) or "_component_" not in raw[key]:
-            raise ConfigError(f"{key}: needs a node with _component_ (an import path), got {raw.get(key)!r}")
-    from rl.cotrain import cotrain_config  # critic.cotrain configures co-training, it is no critic argument
-
+        _check_object_node(raw.get(key), key)
     cotrain_cfg = cotrain_config(raw["critic"].get("cotrain"))
-    if cotrain_cfg.enabled and args.algo not in COTRAIN_ALGOS:
-        raise ConfigError(f"critic.cotrain: --algo {args.algo} does not co-train its critic (trainers that do: "
+    if cotrain_cfg.enabled and algo not in COTRAIN_ALGOS:
+        raise ConfigError(f"critic.cotrain: --algo {algo} does not co-train its critic (trainers that do: "
                           f"{list(COTRAIN_ALGOS)}); set critic.cotrain.enabled=false")
+    prompts = raw.get("prompts")
+    if not isinstance(prompts, dict):
+        raise ConfigError(f"prompts: needs a mapping with 'train' (and optionally 'eval') prompt nodes, got "
+                          f"{prompts!r}")
+    for key in prompts:
+        if key not in ("train", "eval"):
+            raise unknown_choice("prompts", str(key), ["train", "eval"], "keys")
+    _check_object_node(prompts.get("train"), "prompts.train")
+    for key, node in (("prompts.eval", prompts.get("eval")), ("eval_metric", raw.get("eval_metric"))):
+        if node is not None:  # null: no held-out evaluation
+            _check_object_node(node, key, "or null (no held-out evaluation)")
+    # Last, as it imports the targets (seconds): every node's import path and arguments, before any is built.
+    check_node(raw["model"], "model")
+    check_node(raw["reward"], "reward")
+    check_node({k: v for k, v in raw["critic"].items() if k != "cotrain"}, "critic", injected=("policy", "reward"))
+    for key, node in (("prompts.train", prompts["train"]), ("prompts.eval", prompts.get("eval")),
+                      ("eval_metric", raw.get("eval_metric"))):
+        if node is not None:
+            check_node(node, key)
     return Composed(raw, algo_cfg, run_cfg, eval_cfg, cotrain_cfg)
+
+
+def _check_object_node(node, key: str, alternative: str = "") -> None:
+    from rl.config import ConfigError
+
+    if not isinstance(node, dict) or "_component_" not in node:
+        alternative = f" {alternative}" if alternative else ""
+        raise ConfigError(f"{key}: needs a node with _component_ (an import path){alternative}, got {node!r}")
 
 
 def build_run(composed: Composed):
@@ -103,26 +149,36 @@ def build_run(composed: Composed):
     from accelerate import Accelerator
 
     from critics.base import check_pairing
-    from rl import common
-    from rl.config import instantiate, to_dict
+    from rl import common, distributed
+    from rl.config import ConfigError, instantiate, to_dict
     from rl.metrics import MetricLogger
 
     raw, run_cfg = composed.raw, composed.run_cfg
+    # run.mixed_precision is the one source of truth; a different one in the accelerate launch config would be
+    # silently overridden by it, so that is an error.
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launched != "no" and launched != run_cfg.mixed_precision:
+        raise ConfigError(f"the accelerate launch config asks for mixed_precision={launched} but "
+                          f"run.mixed_precision={run_cfg.mixed_precision}: pass run.mixed_precision={launched} (the "
+                          f"run config decides)")
     accelerator = Accelerator(mixed_precision=run_cfg.mixed_precision)
+    accelerator.print(f"{distributed.backend_name(accelerator)}: {accelerator.num_processes} process(es) on "
+                      f"{accelerator.device.type}, mixed precision {run_cfg.mixed_precision}")
     common.seed_everything(run_cfg.seed + accelerator.process_index)
-    policy = instantiate(raw["model"], _path="model").to(accelerator.device)
-    reward = instantiate(raw["reward"], _path="reward").to(accelerator.device)
-    critic_node = {k: v for k, v in raw["critic"].items() if k != "cotrain"}
-    critic = instantiate(critic_node, _path="critic", policy=policy, reward=reward)
-    if isinstance(critic, torch.nn.Module):
-        critic.to(accelerator.device)
-    check_pairing(critic, policy.latent_channels, policy.latent_size)
-    prompts = raw.get("prompts", {})
-    train_prompts = instantiate(prompts["train"], _path="prompts.train")
-    eval_prompts = instantiate(prompts["eval"], _path="prompts.eval") if prompts.get("eval") else []
-    metric = instantiate(raw["eval_metric"], _path="eval_metric") if raw.get("eval_metric") else None
-    if isinstance(metric, torch.nn.Module):
-        metric.to(accelerator.device)
+    with distributed.no_zero3_init(accelerator):  # only the trained transformer is partitioned, by accelerate.prepare
+        policy = instantiate(raw["model"], _path="model").to(accelerator.device)
+        reward = instantiate(raw["reward"], _path="reward").to(accelerator.device)
+        critic_node = {k: v for k, v in raw["critic"].items() if k != "cotrain"}
+        critic = instantiate(critic_node, _path="critic", policy=policy, reward=reward)
+        if isinstance(critic, torch.nn.Module):
+            critic.to(accelerator.device)
+        check_pairing(critic, policy.latent_channels, policy.latent_size)
+        prompts = raw.get("prompts", {})
+        train_prompts = instantiate(prompts["train"], _path="prompts.train")
+        eval_prompts = instantiate(prompts["eval"], _path="prompts.eval") if prompts.get("eval") else []
+        metric = instantiate(raw["eval_metric"], _path="eval_metric") if raw.get("eval_metric") else None
+        if isinstance(metric, torch.nn.Module):
+            metric.to(accelerator.device)
     Path(run_cfg.output_dir).mkdir(parents=True, exist_ok=True)
     logger = MetricLogger(run_cfg.output_dir, backends=run_cfg.log_backends, project=run_cfg.wandb_project,
                           config=raw, is_main_process=accelerator.is_main_process)
@@ -144,6 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(to_yaml(composed.raw))
         return 0
+    if args.resume is not None:  # before any model is built: a missing checkpoint is a command-line mistake
+        from rl.checkpoint import CheckpointError, resolve_checkpoint
+
+        try:
+            resolve_checkpoint(composed.run_cfg.output_dir if args.resume == "latest" else args.resume)
+        except CheckpointError as e:
+            print(f"error: --resume {args.resume}: {e}", file=sys.stderr)
+            return 2
     try:
         run = build_run(composed)
     except (ConfigError, FileNotFoundError, ValueError) as e:

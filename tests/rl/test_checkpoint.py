@@ -5,6 +5,7 @@ import json
 import os
 import random
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -330,3 +331,22 @@ def test_graceful_exit_handles_sigint_and_restores_on_exit():
         os.kill(os.getpid(), signal.SIGINT)  # would raise KeyboardInterrupt without GracefulExit
         assert stop.should_stop and stop.received == "SIGINT"
     assert signal.getsignal(signal.SIGINT) == before
+
+
+def test_directory_swap_interrupted_between_renames_is_recovered(tmp_path):
+    from rl.checkpoint import interrupted_swap, recover_dir, write_dir_atomically
+
+    out = tmp_path / "critic"
+    write_dir_atomically(out, lambda d: (Path(d) / "w.txt").write_text("v1"))
+    # the state a kill leaves between `out → .critic.old` and `.critic.tmp → out`
+    os.replace(out, tmp_path / ".critic.old")
+    (tmp_path / ".critic.tmp").mkdir()
+    (tmp_path / ".critic.tmp" / "w.txt").write_text("half")
+    assert interrupted_swap(out) == str(tmp_path / ".critic.old")  # readers load v1 from there, read-only
+    assert recover_dir(out) and (out / "w.txt").read_text() == "v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["critic"]  # the half-written scratch is gone
+    assert interrupted_swap(out) is None
+    # the next save after such a kill starts from the recovered state and leaves no scratch behind
+    os.replace(out, tmp_path / ".critic.old")
+    write_dir_atomically(out, lambda d: (Path(d) / "w.txt").write_text("v2"))
+    assert (out / "w.txt").read_text() == "v2" and sorted(p.name for p in tmp_path.iterdir()) == ["critic"]

@@ -164,3 +164,13 @@ def test_evaluate_cli_scores_export_checkpoint_and_base(tmp_path, capsys):
     assert lora_scores["eval/score"] == pytest.approx(final["eval/score"], abs=1e-6)
     assert set(base_scores) == set(lora_scores)
     assert evaluate.main(["--lora", str(tmp_path / "nope"), *common]) == 2
+
+
+def test_every_group_is_valued_at_one_tau():
+    from rl.config import ConfigError
+    from rl.nft import NFTConfig
+
+    with pytest.raises(ConfigError, match="rollout_batch_size"):
+        NFTConfig(group_size=24, rollout_batch_size=16)  # a group would straddle two rounds with different tau
+    NFTConfig(group_size=24, rollout_batch_size=8)  # a group spans three whole rounds: they share its tau
+    NFTConfig(group_size=8, rollout_batch_size=64)  # a round holds eight whole groups

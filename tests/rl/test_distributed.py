@@ -1,0 +1,255 @@
+"""Several processes and DeepSpeed on CPU (rl/distributed.py): the same global batch on 1 and 2 processes gives the
+same loss curve and LoRA; gradient accumulation leaves the update unchanged; DeepSpeed ZeRO-2/3 match the plain
+run, checkpoint, resume and export; a non-finite loss never reaches the weights under any backend.
+
+Multi-process runs go through torchrun (accelerate's launcher runs one CPU process only); DeepSpeed in one process
+through ``accelerate launch --config_file configs/accelerate/zero{2,3}_1cpu.yaml``, in two through torchrun and
+tests/rl/train_gloo.py. The reward and metric are a smooth one (Redness) so that the curves compare closely.
+Tolerances: DDP averages the two processes' gradients where one process takes the mean of one batch, so float sums
+differ in the last bits, and AdamW's normalisation turns a near-zero gradient's rounding into an ``lr``-sized step
+of either sign on the first updates (LoRA B starts at 0): the LoRA agrees to ~1e-4 of its ~0.27 after two epochs at
+lr 1e-2, the losses, gradient norms and scores to ~1e-6 relative.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rl import distributed, train
+from rl.config import ConfigError
+from tests.rl.guard_step import check_guard
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = str(Path(__file__).with_name("tiny.yaml"))
+SMOOTH = ["reward._component_=tests.rl.test_draft.Redness", "eval_metric._component_=tests.rl.test_draft.Redness"]
+NFT = ["--algo", "nft", "--critic", "terminal", "--config", TINY, "run.eval_every=1", *SMOOTH]
+LORA = Path("lora") / "pytorch_lora_weights.safetensors"
+CURVES = ("loss/total", "loss/policy", "policy/grad_norm", "reward/mean")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
+def _run(cmd: list[str], env: dict) -> None:
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def torchrun(script: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *args]
+
+
+def accelerate_launch(config: str, script: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / config),
+            "--main_process_port", str(_free_port()), script, *args]
+
+
+def single(out: Path, *extra: str) -> Path:
+    """The reference: one process, in this interpreter."""
+    assert train.main([*NFT, f"run.output_dir={out}", *extra]) == 0
+    return out
+
+
+def curves(run_dir: Path) -> dict[str, dict[int, float]]:
+    """{metric: {epoch: value}} (the last value logged at an epoch: a resumed run logs its final evaluation twice)."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    out = {k: {r["step"]: r[k] for r in rows if k in r} for k in (*CURVES, "eval/score")}
+    return {k: v for k, v in out.items() if v}
+
+
+def assert_same_run(a: Path, b: Path, lora_atol: float, curve_rtol: float = 1e-5, curve_atol: float = 1e-7) -> None:
+    ca, cb = curves(a), curves(b)
+    assert ca.keys() == cb.keys() and {"loss/total", "policy/grad_norm", "reward/mean", "eval/score"} <= ca.keys()
+    for k in ca:
+        steps = sorted(ca[k].keys() & cb[k].keys())
+        assert k == "eval/score" or steps == sorted(ca[k]) == sorted(cb[k]), (k, sorted(ca[k]), sorted(cb[k]))
+        assert len(steps) >= 2, (k, steps)
+        torch.testing.assert_close(torch.tensor([ca[k][e] for e in steps]), torch.tensor([cb[k][e] for e in steps]),
+                                   rtol=curve_rtol, atol=curve_atol, msg=lambda m, k=k: f"{k}: {m}")
+    la, lb = load_file(a / LORA), load_file(b / LORA)
+    assert la.keys() == lb.keys()
+    assert max(v.abs().max().item() for v in lb.values()) > 0.1  # it trained
+    for k in la:
+        torch.testing.assert_close(la[k], lb[k], rtol=0, atol=lora_atol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+# ------------------------------------------------------------------------------------------------ the batch layout
+def _accel(num: int, rank: int):
+    return SimpleNamespace(num_processes=num, process_index=rank)
+
+
+def test_process_slices_micro_batches_and_loss_weights_cover_the_global_batch_once():
+    rows = sorted(i for r in range(4) for i in range(12)[distributed.process_slice(12, _accel(4, r))])
+    assert rows == list(range(12))
+    with pytest.raises(ValueError, match="split evenly"):
+        distributed.process_slice(10, _accel(4, 0))
+    # uneven evaluation batches: padding repeats a row, every process runs ceil(n / P) rows
+    pads = [distributed.padded_rows(5, _accel(2, r)) for r in range(2)]
+    assert pads == [([0, 1, 2], 3), ([3, 4, 4], 2)]
+    assert distributed.padded_rows(1, _accel(2, 1)) == ([0], 0)
+    assert [s.stop - s.start for s in distributed.micro_batches(5, 2)] == [2, 3]
+    assert len(distributed.micro_batches(2, 4)) == 2  # never an empty micro-batch
+    # DDP / DeepSpeed average gradients over the P processes: the weighted micro-batch means, averaged over
+    # processes, are the global batch's mean (uneven micro-batches included)
+    num, losses = 2, torch.arange(10.0) ** 2
+    total = 0.0
+    for rank in range(num):
+        local = losses[distributed.process_slice(len(losses), _accel(num, rank))]
+        for micro in distributed.micro_batches(len(local), 3):
+            total += distributed.loss_weight(len(local[micro]), len(losses), _accel(num, rank)) * local[micro].mean()
+    assert total / num == pytest.approx(losses.mean().item())
+
+
+def test_gather_rows_on_one_process_puts_rows_in_place_and_drops_padding():
+    accel = _accel(1, 0)
+    x = torch.tensor([10.0, 11.0, 12.0, 13.0])
+    torch.testing.assert_close(distributed.gather_rows(accel, x, [2, 0, 1, -1], 3), torch.tensor([11.0, 12.0, 10.0]))
+    mask = torch.tensor([True, False])
+    assert distributed.gather_rows(accel, mask, [1, 0], 2).tolist() == [False, True]
+
+
+def test_batch_sizes_must_split_over_processes_and_accumulation():
+    distributed.check_layout(_accel(2, 0), 2, rows=16, train_batch_size=8, rollout_batch_size=4)
+    with pytest.raises(ConfigError, match=r"algo.train_batch_size = 6 must be a multiple of 4 \(2 processes x 2"):
+        distributed.check_layout(_accel(2, 0), 2, rows=16, train_batch_size=6)
+    with pytest.raises(ConfigError, match="algo.rollout_batch_size = 3 must be a multiple of 2"):
+        distributed.check_layout(_accel(2, 0), 1, rows=16, train_batch_size=8, rollout_batch_size=3)
+    with pytest.raises(ConfigError, match="prompts_per_epoch \\* group_size = 9"):
+        distributed.check_layout(_accel(2, 0), 1, rows=9, train_batch_size=8)
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps: must be >= 1"):
+        distributed.check_layout(_accel(1, 0), 0, rows=8, train_batch_size=8)
+
+
+def test_accelerate_configs_load():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    configs = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
+    assert {p.stem for p in configs} >= {"single", "ddp_2gpu", "zero2_2gpu", "zero3_2gpu"}
+    for path in configs:
+        cfg = load_config_from_file(str(path))
+        assert cfg.mixed_precision == "no", path  # run.mixed_precision decides
+        if "zero" in path.stem:
+            assert cfg.distributed_type == "DEEPSPEED" and cfg.deepspeed_config["zero_stage"] == int(path.stem[4])
+            assert cfg.deepspeed_config["zero3_init_flag"] is False  # only the transformer goes to DeepSpeed
+        assert cfg.num_processes == (2 if "2gpu" in path.stem else 1)
+
+
+# ------------------------------------------------------------------------------------------------ one process
+def test_non_finite_loss_never_reaches_the_weights():
+    check_guard()
+
+
+@pytest.mark.parametrize("algo", ["nft", "grpo"])
+def test_gradient_accumulation_leaves_the_update_unchanged(tmp_path, algo):
+    """run.gradient_accumulation_steps only splits an optimizer step's batch (tiny.yaml: 2 rows -> 2 x 1; the
+    invariant of TRL's tests/invariant, grad-accum 2 x 1 = 1 x 2)."""
+    args = NFT if algo == "nft" else ["--algo", "grpo", *NFT[2:], "~algo.tau_min", "~algo.tau_max"]
+    one, two = tmp_path / "ga1", tmp_path / "ga2"
+    for out, steps in ((one, 1), (two, 2)):
+        assert train.main([*args, f"run.output_dir={out}", f"run.gradient_accumulation_steps={steps}"]) == 0
+    # GRPO's loss is a mean of +-A rho with A normalised to zero mean: ~1e-5 out of O(1) terms, so compare absolutely
+    assert_same_run(one, two, lora_atol=1e-4, curve_atol=1e-7 if algo == "nft" else 5e-6)
+
+
+def test_batch_that_does_not_split_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="algo.train_batch_size = 2 must be a multiple of 4"):
+        train.main([*NFT, f"run.output_dir={tmp_path}", "run.gradient_accumulation_steps=4"])
+
+
+# ------------------------------------------------------------------------------------------------ two processes
+def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
+    """DDP (gloo) with 2 processes, 2 epochs of DiffusionNFT: each samples and trains on half of every batch."""
+    ddp = tmp_path / "ddp"
+    _run(torchrun("rl/train.py", *NFT, f"run.output_dir={ddp}"), _env(ACCELERATE_USE_CPU="true"))
+    assert_same_run(ddp, single(tmp_path / "one"), lora_atol=1e-3)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_for_draft(tmp_path):
+    """DRaFT: every process draws tau and the noise of the whole step batch; K = 2 forward passes per backward."""
+    args = ["--algo", "draft", "--critic", "tweedie", "--config", TINY, "~algo.group_size", "~algo.rollout_batch_size",
+            "algo.backprop_steps=2", "run.eval_every=1", *SMOOTH]
+    ddp, one = tmp_path / "ddp", tmp_path / "one"
+    _run(torchrun("rl/train.py", *args, f"run.output_dir={ddp}"), _env(ACCELERATE_USE_CPU="true"))
+    assert train.main([*args, f"run.output_dir={one}"]) == 0
+    assert_same_run(ddp, one, lora_atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["grpo", "ddpo"])
+def test_policy_gradient_trainers_run_on_two_processes(tmp_path, algo):
+    """GRPO / DDPO: the same rollouts' z_T and windows, per-process SDE noise, so the curves agree statistically
+    only; the run must complete, train and export."""
+    out = tmp_path / algo
+    _run(torchrun("rl/train.py", "--algo", algo, *NFT[2:], "~algo.tau_min", "~algo.tau_max", f"run.output_dir={out}"),
+         _env(ACCELERATE_USE_CPU="true"))
+    assert max(v.abs().max().item() for v in load_file(out / LORA).values()) > 0.1
+    assert sorted(curves(out)["loss/total"]) == [1, 2]
+
+
+# ------------------------------------------------------------------------------------------------ DeepSpeed
+def _resume_to_three_epochs(cmd_for, out: Path, tmp_path: Path) -> None:
+    """2 epochs, then --resume to 3: each must match the plain single-process run of as many epochs."""
+    _run(cmd_for(f"run.output_dir={out}", "run.max_epochs=2"), _env())
+    assert_same_run(out, single(tmp_path / "plain2", "run.max_epochs=2"), lora_atol=1e-5, curve_rtol=1e-6)
+    _run(cmd_for(f"run.output_dir={out}", "run.max_epochs=3", "--resume", "latest"), _env())
+    assert_same_run(out, single(tmp_path / "plain3", "run.max_epochs=3"), lora_atol=1e-5, curve_rtol=1e-6)
+
+
+def _exported_lora_loads_in_diffusers(run_dir: Path) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from policies.testing import tiny_policy
+
+    policy = tiny_policy()
+    pipe = StableDiffusion3Pipeline(transformer=policy.transformer, vae=policy.vae,
+                                    scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), text_encoder=None,
+                                    tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+                                    tokenizer_3=None)
+    pipe.load_lora_weights(run_dir / "lora")
+    loaded = {n: p for n, p in pipe.transformer.named_parameters() if "lora_" in n}
+    assert loaded and any(p.abs().max() > 0 for n, p in loaded.items() if "lora_B" in n)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_one_process_matches_plain_resumes_and_exports(tmp_path, stage):
+    out = tmp_path / f"zero{stage}"
+    _resume_to_three_epochs(lambda *a: accelerate_launch(f"configs/accelerate/zero{stage}_1cpu.yaml", "rl/train.py",
+                                                         *NFT, *a), out, tmp_path)
+    _exported_lora_loads_in_diffusers(out)
+    _run(accelerate_launch(f"configs/accelerate/zero{stage}_1cpu.yaml", "tests/rl/guard_step.py"), _env())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_two_processes_match_plain_and_resume(tmp_path, stage):
+    """ZeRO-3 with 2 processes really partitions every parameter: the old-policy EMA, checkpoints, resume and
+    export gather the LoRA (policies.lora.gathered)."""
+    out = tmp_path / f"zero{stage}x2"
+    env = _env(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE=str(stage),
+               ACCELERATE_DEEPSPEED_ZERO3_INIT="false")
+
+    def cmd(*a):
+        return torchrun("tests/rl/train_gloo.py", *NFT, *a)
+
+    _run(cmd(f"run.output_dir={out}", "run.max_epochs=2"), env)
+    assert_same_run(out, single(tmp_path / "plain2", "run.max_epochs=2"), lora_atol=1e-3)
+    _run(cmd(f"run.output_dir={out}", "run.max_epochs=3", "--resume", "latest"), env)
+    assert_same_run(out, single(tmp_path / "plain3", "run.max_epochs=3"), lora_atol=1e-3)
+    _exported_lora_loads_in_diffusers(out)
