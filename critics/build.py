@@ -21,7 +21,8 @@ Paper: "Stitched Value Model for Diffusion Alignment" (arXiv 2605.19804), §3 an
               SDE trajectories, same checkpointing. With `init_from: DIR` stages 2-5 are skipped and stage 3
               starts from the critic saved in DIR (its interface.json / heatmap are carried over).
   6. save     output_dir/: stitch.safetensors, tail.safetensors (in `store_dtype`), stitchvm.json (vae_stitch.json),
-              interface.json, interface.png (or at `heatmap`), build.json (resolved config, stage times, loss curve)
+              interface.json, interface.png (or at `heatmap`), build.json (resolved config, stage times, loss curve),
+              manifest.json (sha256 of every file; the loaders verify it)
 
 Exit status: 0 done; 2 a configuration or pairing error, printed as one message; 1 anything else.
 """
@@ -301,7 +302,7 @@ def save_critic_dir(path_dir: str | os.PathLike, model: StitchVM, meta: dict | N
         for name, data in extras.items():
             Path(tmp, name).write_bytes(data)
 
-    write_dir_atomically(path_dir, write)
+    write_dir_atomically(path_dir, write, manifest=True)
 
 
 def say(stage: str, message: str) -> None:

@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn import functional as nnf  # `F` is the paper's F_ψ below
 
-from rl.checkpoint import write_dir_atomically
+from rl.checkpoint import verify_dir, write_dir_atomically
 from critics.tails import TailOutput, VisionTail, make_tail, tail_kind
 
 FORMAT_VERSION = 1
@@ -498,7 +498,7 @@ def save_stitchvm(path_dir: str | os.PathLike, model: StitchVM, meta: dict | Non
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump(info, f, indent=2, sort_keys=True)
 
-    write_dir_atomically(path_dir, write)
+    write_dir_atomically(path_dir, write, manifest=True)
 
 
 def read_critic_file(path: str) -> dict:
@@ -551,6 +551,7 @@ def load_stitchvm(path_dir: str | os.PathLike, transformer: nn.Module, reward: n
         ValueError: the transformer, null conditioning or reward tower is not the one the critic was built for.
     """
     path_dir = os.fspath(path_dir)
+    verify_dir(path_dir)  # sizes + sha256 against manifest.json: a damaged file is named, never half-loaded
     meta = read_stitchvm_meta(path_dir)
     if meta["format_version"] != FORMAT_VERSION:
         raise ValueError(f"{path_dir}: format_version {meta['format_version']}, this code reads {FORMAT_VERSION}")

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from rl.checkpoint import write_dir_atomically
+from rl.checkpoint import verify_dir, write_dir_atomically
 from critics.interface import InterfaceResult, collect_features, fit_linear, MAX_TAIL_BLOCK
 from critics.stitchvm import (CLASS_TOKEN_KEY, STITCH_FILE, TAIL_FILE, Stitch, StitchVM, _versions, make_score,
                               read_critic_file, vision_fingerprint)
@@ -190,7 +190,7 @@ def save_vae_stitch(path_dir: str | os.PathLike, model: StitchVM, meta: dict | N
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump(info, f, indent=2, sort_keys=True)
 
-    write_dir_atomically(path_dir, write)
+    write_dir_atomically(path_dir, write, manifest=True)
 
 
 def read_vae_stitch_meta(path_dir: str | os.PathLike) -> dict:
@@ -213,6 +213,7 @@ def load_vae_stitch(path_dir: str | os.PathLike, policy, reward: nn.Module,
             was built for.
     """
     path_dir = os.fspath(path_dir)
+    verify_dir(path_dir)  # sizes + sha256 against manifest.json
     meta = read_vae_stitch_meta(path_dir)
     if meta.get("format_version") != FORMAT_VERSION or meta.get("kind") != KIND:
         raise ValueError(f"{path_dir}: not a vae_stitch checkpoint of format {FORMAT_VERSION} "

@@ -20,9 +20,6 @@ gather them first (:func:`gathered`); there they are collectives that every proc
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -219,19 +216,8 @@ def export_diffusers(transformer: nn.Module, out_dir: str | Path, name: str = "d
     state = adapter_state_dict(transformer, name) if state is None else state
     metadata = transformer.peft_config[name].to_dict()
     metadata["target_modules"] = sorted(metadata["target_modules"])  # JSON-serialisable (peft keeps a set)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=state,
-                                                   transformer_lora_adapter_metadata=metadata)
-        if out_dir.exists():
-            old = out_dir.with_name(out_dir.name + ".old")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    from rl.checkpoint import write_dir_atomically  # the one directory swap of the project (crash-recoverable)
+
+    write_dir_atomically(out_dir, lambda tmp: StableDiffusion3Pipeline.save_lora_weights(
+        tmp, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata))
     return out_dir

@@ -202,8 +202,35 @@ def recover_dir(path_dir: str | os.PathLike, clean: bool = True) -> bool:
     return recovered
 
 
-def write_dir_atomically(path_dir: str | os.PathLike, write) -> None:
-    """Call write(tmp_dir) on a fresh `.<name>.tmp` next to `path_dir`, then swap it into place.
+def write_manifest(directory: str | Path) -> None:
+    """manifest.json of every file in `directory` (size + sha256), as checkpoints carry; verify_checkpoint reads it."""
+    directory = Path(directory)
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
+    atomic_write_json(directory / MANIFEST, {
+        "format": FORMAT, "files": {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}})
+
+
+def verify_dir(directory: str | Path) -> None:
+    """Check a directory written with manifest=True against its manifest.json: a truncated or corrupted file is a
+    ValueError naming it, a missing one a FileNotFoundError. A directory without a manifest (written before manifests) passes unchecked."""
+    directory = Path(directory)
+    if (directory / MANIFEST).is_file():
+        try:
+            listed = json.loads((directory / MANIFEST).read_text()).get("files", {})
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{directory / MANIFEST} is not valid JSON: {e}") from None
+        for name in listed:
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory / name} is missing (listed in {MANIFEST})")
+        try:
+            verify_checkpoint(directory)
+        except CheckpointError as e:
+            raise ValueError(str(e)) from None
+
+
+def write_dir_atomically(path_dir: str | os.PathLike, write, manifest: bool = False) -> None:
+    """Call write(tmp_dir) on a fresh `.<name>.tmp` next to `path_dir`, then swap it into place (with
+    `manifest=True`, a manifest.json of sizes and sha256 checksums is added last; see verify_dir).
 
     Readers see the old directory or the new one, never a half-written one. A directory cannot be os.replace'd onto
     a non-empty one, so the swap is two renames (path → .<name>.old, tmp → path); a kill between them leaves the
@@ -217,6 +244,8 @@ def write_dir_atomically(path_dir: str | os.PathLike, write) -> None:
     os.makedirs(tmp)
     try:
         write(tmp)
+        if manifest:
+            write_manifest(tmp)
         for name in os.listdir(tmp):
             _fsync_file(os.path.join(tmp, name))
         _fsync_dir(Path(tmp))

@@ -126,6 +126,17 @@ class Run:
         return distributed.any_process(self.accelerator, stop.should_stop or self.out_of_time())
 
 
+def stopped_by_signal(run: "Run", stop) -> bool:
+    """After a trainer's loop: True when SIGTERM/SIGINT (on any process) ended it. The checkpoint is already written;
+    the final evaluation and the export are left to the resumed run, so a preempted job exits within its grace
+    period and `lora/` only ever holds the export of a finished run."""
+    if distributed.any_process(run.accelerator, stop.should_stop):
+        run.accelerator.print(f"stopped by {stop.received or 'a signal'}: checkpoint written in {run.run_dir}; "
+                              f"continue with --resume latest")
+        return True
+    return False
+
+
 def setup_lora(run: "Run", spec: lora.LoraSpec, lr: float, weight_decay: float,
                adapters: tuple[str, ...] = ("default",), max_grad_norm: float | None = None,
                micro_batch_size: int = 1) -> tuple[list[nn.Parameter], torch.optim.Optimizer]:

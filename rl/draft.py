@@ -261,4 +261,6 @@ def train(run: common.Run, cfg: DraftConfig, resume: str | None = None) -> dict[
             if pg.end_epoch(run, epoch, metrics, optimizer, cfg.adapters, history, {}, stop, critic_trainer,
                             cfg.eval_adapter):
                 break
+    if common.stopped_by_signal(run, stop):
+        return {}
     return pg.finish_run(run, epoch + 1, cfg.eval_adapter)

@@ -224,4 +224,6 @@ def train(run: common.Run, cfg: GRPOConfig, resume: str | None = None) -> dict[s
             # 6. evaluate, log, checkpoint
             if pg.end_epoch(run, epoch, metrics, optimizer, ADAPTERS, history, {}, stop, critic_trainer):
                 break
+    if common.stopped_by_signal(run, stop):
+        return {}
     return pg.finish_run(run, epoch + 1)

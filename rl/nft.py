@@ -356,6 +356,8 @@ def train(run: common.Run, cfg: NFTConfig, resume: str | None = None) -> dict[st
                 common.save(run, epoch + 1, optimizer, ADAPTERS, {"history": history})
             if halt:
                 break
+    if common.stopped_by_signal(run, stop):
+        return {}
     final, images = common.evaluate(run)
     run.logger.log(final, epoch + 1)
     common.finish(run)

@@ -220,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         final = algo.train(run, composed.algo_cfg, resume=args.resume)
     finally:
         run.logger.close()
-    run.accelerator.print("final: " + " ".join(f"{k}={v:.4f}" for k, v in final.items()))
+    if final:  # empty: stopped by SIGTERM/SIGINT after its checkpoint (the trainer said so)
+        run.accelerator.print("final: " + " ".join(f"{k}={v:.4f}" for k, v in final.items()))
     return 0
 
 

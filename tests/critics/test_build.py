@@ -29,7 +29,7 @@ PROMPTS = ["a red circle", "two blue squares"]
 def test_build_writes_critic_grid_heatmap_and_record(built, world):
     result, _ = built
     out = result.output_dir
-    assert sorted(p.name for p in out.iterdir()) == ["build.json", "interface.json", "interface.png",
+    assert sorted(p.name for p in out.iterdir()) == ["build.json", "interface.json", "interface.png", "manifest.json",
                                                       "stitch.safetensors", "stitchvm.json", "tail.safetensors"]
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []  # no temp dirs left behind
     grid = json.loads((out / "interface.json").read_text())
@@ -214,3 +214,16 @@ def test_image_folder_resizes_and_crops(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no .png"):
         ImageFolder(tmp_path / "empty", 16)
+
+
+def test_a_flipped_byte_is_caught_by_the_manifest(built, world, tmp_path):
+    import shutil
+
+    broken = tmp_path / "flipped"
+    shutil.copytree(built[0].output_dir, broken)
+    data = bytearray((broken / "tail.safetensors").read_bytes())
+    data[-10] ^= 0xFF  # same size, valid safetensors framing: only the checksum can tell
+    (broken / "tail.safetensors").write_bytes(bytes(data))
+    policy, reward = load_shapes_policy(weights_dir=world), load_shapes_reward(weights_dir=world)
+    with pytest.raises(ValueError, match="tail.safetensors is corrupt"):
+        load.stitchvm(policy, reward, broken)

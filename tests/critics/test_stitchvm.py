@@ -286,7 +286,7 @@ def test_save_load_round_trip(tmp_path, j, hf):
     path = tmp_path / "critic"
     save_stitchvm(path, model, {"image_size": 32})
     save_stitchvm(path, model, {"image_size": 32})  # overwriting an existing checkpoint is atomic too
-    assert sorted(os.listdir(path)) == ["stitch.safetensors", "stitchvm.json", "tail.safetensors"]
+    assert sorted(os.listdir(path)) == ["manifest.json", "stitch.safetensors", "stitchvm.json", "tail.safetensors"]
     assert [p for p in os.listdir(tmp_path) if p != "critic"] == []  # no temp dirs left behind
     loaded = load_stitchvm(path, transformer, reward, embeds, pooled)
     with torch.no_grad():

@@ -1,5 +1,6 @@
 """kill -9 real training runs (NFT, GRPO, DDPO, DRaFT) at several points, `--resume latest` after each kill, and get
-the uninterrupted run's LoRA bit for bit.
+the uninterrupted run's LoRA bit for bit. The second interruption of every run is a SIGTERM instead: the run must
+write a checkpoint of the epoch it was in, exit 0, and resume from there to the same bit-exact result.
 
 Each trainer runs with the state its resume has to restore switched on: NFT its "old" adapter, GRPO a co-trained
 critic (parameters + AdamW) and dense advantages, DDPO its per-prompt reward history (two prompts, so every epoch
@@ -39,7 +40,8 @@ ARGS = {
 LORA = Path("lora") / "pytorch_lora_weights.safetensors"
 # One run per trainer, killed after each of these steps in turn, every kill followed by `--resume latest` (so later
 # kills hit a resumed run). Every step is an interpreter start (~8 s of imports), so the four chains run two at a time.
-KILL_AFTER = {"nft": [1, 3], "grpo": [1, 3], "ddpo": [1, 3], "draft": [1, 3]}
+KILL_AFTER = {"nft": [1, 2], "grpo": [1, 2], "ddpo": [1, 2], "draft": [1, 2]}  # of 4 epochs
+SIGNALS = [signal.SIGKILL, signal.SIGTERM]  # the signal of each interruption of a chain
 
 
 def _cmd(algo, out, *extra):
@@ -55,18 +57,26 @@ def _latest_step(out: Path) -> int:
     return int(latest.read_text().strip().split("_")[-1]) if latest.is_file() else 0
 
 
-def _run_and_kill(cmd, out: Path, kill_after_step: int) -> bool:
-    """Start ``cmd``; SIGKILL it once checkpoint ``kill_after_step`` exists. False if it finished first."""
+def _run_and_kill(cmd, out: Path, kill_after_step: int, sig: int = signal.SIGKILL) -> bool:
+    """Start ``cmd``; send ``sig`` once checkpoint ``kill_after_step`` exists. False if it finished first.
+
+    SIGTERM must end the run cleanly (exit 0) with a checkpoint of the epoch it was in."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 600
     while _latest_step(out) < kill_after_step and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
+    finished = proc.poll() is not None
+    proc.send_signal(sig)
     _, err = proc.communicate()
-    if proc.returncode != -signal.SIGKILL:
+    if finished or (out / LORA).exists():
         assert proc.returncode == 0, err.decode()[-3000:]
         return False
-    assert _latest_step(out) >= kill_after_step
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL, err.decode()[-3000:]
+        assert _latest_step(out) >= kill_after_step
+    else:  # graceful: the epoch in flight is finished and checkpointed, then a clean exit
+        assert proc.returncode == 0, f"SIGTERM: exit {proc.returncode}\n" + err.decode()[-3000:]
+        assert _latest_step(out) >= kill_after_step + 1, "SIGTERM did not checkpoint the epoch it interrupted"
     return True
 
 
@@ -74,7 +84,7 @@ def _kill_chain(algo: str, out: Path) -> tuple[int, dict]:
     """Kill the run after each step of KILL_AFTER[algo], resume, finish; (number of kills, final LoRA)."""
     kills = 0
     for i, step in enumerate(KILL_AFTER[algo]):
-        if not _run_and_kill(_cmd(algo, out, *(["--resume", "latest"] if i else [])), out, step):
+        if not _run_and_kill(_cmd(algo, out, *(["--resume", "latest"] if i else [])), out, step, SIGNALS[i]):
             break  # it finished before it could be killed: nothing left to interrupt
         kills += 1
     if kills and not (out / LORA).exists():
