@@ -143,6 +143,26 @@ def _check_object_node(node, key: str, alternative: str = "") -> None:
         raise ConfigError(f"{key}: needs a node with _component_ (an import path){alternative}, got {node!r}")
 
 
+def check_batch_layout(algo: str, composed: Composed, num_processes: int | None = None) -> None:
+    """rl.distributed.check_layout for the process count the launcher set (WORLD_SIZE; 1 without a launcher), so a
+    batch that does not split over the GPUs is a config error before any model loads (the trainers check again
+    against the real accelerator)."""
+    import os
+    from types import SimpleNamespace
+
+    from rl import distributed
+
+    cfg = composed.algo_cfg
+    world = SimpleNamespace(num_processes=num_processes or int(os.environ.get("WORLD_SIZE", "1")))
+    accumulation = composed.run_cfg.gradient_accumulation_steps
+    if algo == "draft":
+        distributed.check_layout(world, accumulation, cfg.prompts_per_epoch, cfg.train_batch_size,
+                                 rows_name="algo.prompts_per_epoch")
+    else:
+        distributed.check_layout(world, accumulation, cfg.prompts_per_epoch * cfg.group_size, cfg.train_batch_size,
+                                 cfg.rollout_batch_size)
+
+
 def build_run(composed: Composed):
     """Instantiate everything (after validation) and return an rl.common.Run."""
     import torch
@@ -200,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(to_yaml(composed.raw))
         return 0
+    try:  # the global batch must split over the launched processes: checked before any model is built
+        check_batch_layout(args.algo, composed)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     if args.resume is not None:  # before any model is built: a missing checkpoint is a command-line mistake
         from rl.checkpoint import CheckpointError, resolve_checkpoint
 

@@ -166,9 +166,13 @@ def test_gradient_accumulation_leaves_the_update_unchanged(tmp_path, algo):
     assert_same_run(one, two, lora_atol=1e-4, curve_atol=1e-7 if algo == "nft" else 5e-6)
 
 
-def test_batch_that_does_not_split_is_a_config_error(tmp_path):
+def test_batch_that_does_not_split_is_a_config_error(tmp_path, capsys):
+    assert train.main([*NFT, f"run.output_dir={tmp_path}", "run.gradient_accumulation_steps=4"]) == 2
+    assert "algo.train_batch_size = 2 must be a multiple of 4" in capsys.readouterr().err
+    assert not (tmp_path / "config.yaml").exists()  # stopped before anything was built or written
+    composed = train.compose_config(train.parse_args([*NFT, "run.gradient_accumulation_steps=4"]))
     with pytest.raises(ConfigError, match="algo.train_batch_size = 2 must be a multiple of 4"):
-        train.main([*NFT, f"run.output_dir={tmp_path}", "run.gradient_accumulation_steps=4"])
+        train.check_batch_layout("nft", composed)
 
 
 # ------------------------------------------------------------------------------------------------ two processes
@@ -253,3 +257,16 @@ def test_deepspeed_two_processes_match_plain_and_resume(tmp_path, stage):
     _run(cmd(f"run.output_dir={out}", "run.max_epochs=3", "--resume", "latest"), env)
     assert_same_run(out, single(tmp_path / "plain3", "run.max_epochs=3"), lora_atol=1e-3)
     _exported_lora_loads_in_diffusers(out)
+
+
+def test_batch_that_does_not_split_over_the_launched_processes_stops_before_any_model(monkeypatch, capsys):
+    """WORLD_SIZE (set by accelerate / torchrun) is read before anything is built: exit 2, one message."""
+    from rl import train
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    code = train.main(["--algo", "nft", "--critic", "terminal", "--config", TINY, "run.max_epochs=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "must be a multiple of 3" in err and "Traceback" not in err
+    composed = train.compose_config(train.parse_args(["--algo", "draft", "--critic", "terminal", "--config",
+                                                      TINY, "~algo.group_size", "~algo.rollout_batch_size"]))
+    train.check_batch_layout("draft", composed, num_processes=1)
