@@ -18,7 +18,7 @@ an epoch; the default batch (128 prompts x 8 = 1024 rows, one rollout round, 2 o
 GPU busy; ``--prompts`` scales it.
 
     python -m benchmarks.multi_gpu --out $OUT/mg --epochs 6            # 2 GPUs, ~5 minutes
-    python -m benchmarks.multi_gpu --out /tmp/mg --cpu                 # CPU smoke test of this script (tiny model)
+    python -m benchmarks.multi_gpu --out runs/mg_cpu --cpu            # CPU smoke test of this script (tiny model)
 
 Prints a markdown table and writes ``multi_gpu.json`` + ``multi_gpu.md`` (and every run's directory and log) under
 ``--out``.

@@ -157,10 +157,30 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
 
 def lr_factor(step: int, cfg: DistillConfig) -> float:
     """lr multiplier at optimiser step `step` (0-based): linear warm-up, then constant or cosine to 0 at max_steps."""
-    if step < cfg.warmup_steps or cfg.lr_decay == "constant":
-        return warmup_factor(step, cfg.warmup_steps)
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+    return lr_multiplier(step, cfg.warmup_steps, cfg.lr_decay, cfg.max_steps)
+
+
+def lr_multiplier(step: int, warmup_steps: int, decay: str, max_steps: int | None) -> float:
+    """The schedule of lr_factor from its three numbers (shared with stage 3, critics/onpolicy.py)."""
+    if step < warmup_steps or decay == "constant":
+        return warmup_factor(step, warmup_steps)
+    span = max(1, max_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / span)))
+
+
+def stitch_tail_optimizer(model: StitchVM, lr: float, stitch_lr_mult: float,
+                          weight_decay: float) -> tuple[list[nn.Parameter], torch.optim.Optimizer]:
+    """Make the stitch and the tail trainable; AdamW with the stitch at lr × stitch_lr_mult (paper: 5). Returns
+    (trained parameters, optimizer); param group 1 is the tail's (its lr is what gets logged)."""
+    stitch_params = model.stitch_parameters()
+    tail_params = [p for _, p in model.tail_named_parameters()]
+    trained = stitch_params + tail_params
+    for p in trained:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(
+        [{"params": stitch_params, "lr": lr * stitch_lr_mult}, {"params": tail_params, "lr": lr}],
+        lr=lr, weight_decay=weight_decay, fused=model.head.device.type == "cuda")
+    return trained, optimizer
 
 
 def rebatch(data_iter: Iterable, batch_size: int) -> Iterator[Tensor]:
@@ -213,20 +233,13 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
     teacher_reward.requires_grad_(False)
     teacher = make_tail(teacher_reward.vision, model.tail.preprocess)  # the original tower, not the trained copy
     teacher.eval()
-    stitch_params = model.stitch_parameters()
-    tail_params = [p for _, p in model.tail_named_parameters()]
-    for p in stitch_params + tail_params:
-        p.requires_grad_(True)
-    trained = stitch_params + tail_params
+    trained, optimizer = stitch_tail_optimizer(model, cfg.lr, cfg.stitch_lr_mult, cfg.weight_decay)
     head_ids = {id(p) for p in model.head.parameters()}
     if head_ids & {id(p) for p in trained}:
         raise RuntimeError("head parameters found among the trained ones")
     if {id(p) for p in teacher_reward.parameters()} & {id(p) for p in trained}:
         raise ValueError("the StitchVM tail shares parameters with the teacher reward: build it from a copy "
                          "(build_stitchvm deep-copies reward.vision)")
-    optimizer = torch.optim.AdamW(
-        [{"params": stitch_params, "lr": cfg.lr * cfg.stitch_lr_mult}, {"params": tail_params, "lr": cfg.lr}],
-        lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
     generator = torch.Generator().manual_seed(cfg.seed)
     micro = cfg.micro_batch_size or cfg.batch_size

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from critics.distill import LR_DECAYS
+from critics.distill import LR_DECAYS, lr_multiplier, stitch_tail_optimizer
 from critics.stitchvm import StitchVM, save_stitchvm
 from critics.tails import make_tail
 from rl.config import check, option
@@ -168,25 +168,16 @@ def onpolicy_finetune(model: StitchVM, policy, reward: nn.Module, prompts: list[
         prompts: training prompts.
     Returns: per-step lists "onpolicy/{loss,value_loss,embed_loss,token_loss,lr,grad_norm,reward_std}".
     """
-    from critics.distill import lr_factor  # the same warm-up / cosine law as stage 2
-
     if len(prompts) < cfg.trajectories:
         raise ValueError(f"onpolicy: {len(prompts)} prompts < trajectories = {cfg.trajectories}")
-    device = model.head.device
     reward.requires_grad_(False)
     policy.transformer.requires_grad_(False)
     teacher = make_tail(reward.vision, model.tail.preprocess)
     teacher.eval()
-    stitch_params = model.stitch_parameters()
-    tail_params = [p for _, p in model.tail_named_parameters()]
-    for p in stitch_params + tail_params:
-        p.requires_grad_(True)
-    trained = stitch_params + tail_params
-    optimizer = torch.optim.AdamW(
-        [{"params": stitch_params, "lr": cfg.lr * cfg.stitch_lr_mult}, {"params": tail_params, "lr": cfg.lr}],
-        lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
-    sched_cfg = _ScheduleView(cfg.warmup_steps, cfg.lr_decay, cfg.steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, sched_cfg))
+    trained, optimizer = stitch_tail_optimizer(model, cfg.lr, cfg.stitch_lr_mult, cfg.weight_decay)
+    # the same warm-up / cosine law as stage 2
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, cfg.warmup_steps, cfg.lr_decay, cfg.steps))
     generator = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     stats: dict[str, list[float]] = {f"onpolicy/{k}": [] for k in (
@@ -238,11 +229,3 @@ def onpolicy_finetune(model: StitchVM, policy, reward: nn.Module, prompts: list[
     model.eval()
     return stats
 
-
-@dataclass
-class _ScheduleView:
-    """The fields critics.distill.lr_factor reads, for stage 3's own schedule."""
-
-    warmup_steps: int
-    lr_decay: str
-    max_steps: int
