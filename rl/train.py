@@ -245,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         final = algo.train(run, composed.algo_cfg, resume=args.resume)
     finally:
         run.logger.close()
+        # tear the process group down before interpreter exit: a gloo/NCCL group left to the destructors can abort
+        # a rank at exit ("terminate called without an active exception") after a run that finished fine
+        run.accelerator.end_training()
     if final:  # empty: stopped by SIGTERM/SIGINT after its checkpoint (the trainer said so)
         run.accelerator.print("final: " + " ".join(f"{k}={v:.4f}" for k, v in final.items()))
     return 0
