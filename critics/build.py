@@ -494,8 +494,16 @@ def build(cfg: BuildConfig) -> BuildResult:
         say("onpolicy", f"{ocfg.steps} steps of {ocfg.trajectories} SDE trajectories (eta {ocfg.eta:g}, CFG "
                         f"{ocfg.guidance_scales}, steps {ocfg.num_steps}) x {ocfg.latents_per_trajectory} noise "
                         f"levels, {len(prompts)} prompts, lr {ocfg.lr:g}, checkpoints → {ocfg.ckpt_dir}")
+        target = None
+        if ocfg.target is not None:
+            target = instantiate(ocfg.target, _path="onpolicy.target")
+            if not callable(target):
+                raise ConfigError(f"onpolicy.target must give a reward r(images, prompts), got {type(target).__name__}")
+            meta = {**meta, "value_target": ocfg.target}
+            say("onpolicy", f"value target: {ocfg.target.get('_component_')} (the tower {type(reward).__name__} "
+                            f"supplies features and prompt embeddings)")
         onpolicy_stats = onpolicy_finetune(model, policy, reward, prompts, ocfg, callback=log_onpolicy,
-                                           ckpt_meta=meta, save_fn=save_fn)
+                                           ckpt_meta=meta, save_fn=save_fn, target=target)
         times["onpolicy_s"] = time.perf_counter() - t
         _summarise(record, onpolicy_stats, "onpolicy", ocfg.log_every)
         stats.update(onpolicy_stats)

@@ -63,11 +63,20 @@ def reward_preprocess(reward: nn.Module) -> Callable[[Tensor], Tensor]:
     return functools.partial(reward_preprocess_fn, cfg=reward.preprocess_cfg)
 
 
-def stitchvm(policy: nn.Module, reward: nn.Module, path: str | os.PathLike) -> StitchVM:
+def stitchvm(policy: nn.Module, reward: nn.Module, path: str | os.PathLike, tower: nn.Module | None = None) -> StitchVM:
     """Load the StitchVM at `path` around `policy.transformer` (its first i blocks, shared) and `reward`.
 
     The head is conditioned on the policy's own null-text embedding (``policy.null_embeds()``).
+    ``tower``: the reward model the critic was stitched onto, when the run optimises another reward that the
+    critic was regressed onto (a checker without a network; ``onpolicy.target`` in the build, docs/critic.md);
+    it supplies the tail's preprocessing and the prompt embeddings. None: the run's ``reward``.
     """
+    if tower is not None:
+        reward = tower
+    if not hasattr(reward, "vision"):
+        raise ValueError(f"a StitchVM needs the reward model it was stitched onto (an image tower `.vision`); the run's "
+                         f"reward is a {type(reward).__name__}: name the tower in the critic config, e.g. "
+                         f"`critic.tower: {{_component_: shapes.models.load_shapes_reward}}`")
     null = policy.null_embeds()
     return load_stitchvm(resolve_path(path), policy.transformer, reward, null.embeds, null.pooled,
                          preprocess=reward_preprocess(reward))

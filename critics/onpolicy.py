@@ -29,6 +29,11 @@ Choices (not in the paper):
 - The embedding and token terms stay (on-policy targets) so the tail keeps the reward's embedding geometry:
   prompt retrieval from noisy latents (paper Table 5) must not degrade while the score sharpens.
 - Prompts: a train-split node of the build YAML (never the held-out prompts the benchmark scores).
+- Another target (``target``): the value term may regress onto a different reward than the one distilled in
+  stage 2 — e.g. a non-differentiable checker (GenEval-style counting and colour checks) that has no tower to
+  stitch onto. The stitched tower then serves as the feature extractor and prompt encoder, V(z_t) estimates
+  E[r_target(x0) | z_t], and the embedding and token terms (small λ_e, λ_tok) only keep the tail near the
+  tower's geometry. The build records the target in the critic's JSON (``value_target``).
 """
 
 from __future__ import annotations
@@ -78,6 +83,10 @@ class OnPolicyConfig:
     log_every: int = option(50, help="callback(step, stats) every this many steps.")
     ckpt_every: int = option(500, help="save to ckpt_dir every this many steps (0: only at the end).")
     ckpt_dir: str | None = option(None, help="checkpoint directory (the build sets output_dir); None: none.")
+    target: dict[str, Any] | None = option(
+        None, help="node of the reward V regresses onto, r(images, prompts) -> (B,); null: the distilled reward. "
+                   "A programmatic checker (critics.rewards.shapes_eval.ShapesEvalReward, GenEval-style, OCR) "
+                   "gives a critic of a reward that has no network to stitch onto.")
     seed: int = option(0, help="seed of prompts, noise levels and sampler noise.")
     progress: bool = option(True, help="show a progress bar.")
 
@@ -99,6 +108,11 @@ class OnPolicyConfig:
               and self.lambda_value + self.lambda_embed + self.lambda_tok > 0, "lambda_value",
               "the λ weights must be >= 0 and not all 0")
         check(self.grad_clip > 0, "grad_clip", f"must be > 0, got {self.grad_clip}")
+
+
+def value_device(model: StitchVM) -> torch.device:
+    """Where the critic's outputs live (a checker target may return CPU tensors)."""
+    return next(model.stitch.parameters()).device
 
 
 class OnPolicyLoss(NamedTuple):
@@ -158,7 +172,8 @@ def sample_rollouts(policy, prompts: list[str], num_steps: int, guidance: float,
 
 def onpolicy_finetune(model: StitchVM, policy, reward: nn.Module, prompts: list[str], cfg: OnPolicyConfig,
                       callback: Callable[[int, dict], None] | None = None, ckpt_meta: dict | None = None,
-                      save_fn: Callable[[str, StitchVM, dict | None], None] = save_stitchvm) -> dict[str, list]:
+                      save_fn: Callable[[str, StitchVM, dict | None], None] = save_stitchvm,
+                      target: nn.Module | None = None) -> dict[str, list]:
     """Train `model`'s stitch and tail in place on the policy's trajectories (module docstring).
 
     Args:
@@ -166,6 +181,7 @@ def onpolicy_finetune(model: StitchVM, policy, reward: nn.Module, prompts: list[
         policy: the FlowPolicy whose trajectories the critic will value (its transformer is frozen here).
         reward: the reward the critic was distilled from (teacher tower `.vision`, r(images, prompts)).
         prompts: training prompts.
+        target: the reward V regresses onto (r(images, prompts) -> (B,)); None: ``reward``.
     Returns: per-step lists "onpolicy/{loss,value_loss,embed_loss,token_loss,lr,grad_norm,reward_std}".
     """
     if len(prompts) < cfg.trajectories:
@@ -194,7 +210,7 @@ def onpolicy_finetune(model: StitchVM, policy, reward: nn.Module, prompts: list[
         roll = sample_rollouts(policy, batch, num_steps, guidance, cfg.eta, sigmas, generator)
         with torch.no_grad():
             t_out = teacher.encode(roll.images)
-            r = reward(roll.images, roll.prompts_x0).float()  # (b,)
+            r = (reward if target is None else target)(roll.images, roll.prompts_x0).float().to(value_device(model))
         batch_var = r.var().item()
         reward_var = batch_var if reward_var is None else VAR_MOMENTUM * reward_var + (1 - VAR_MOMENTUM) * batch_var
         # 2. the critic on z_t

@@ -61,6 +61,8 @@ class NFTConfig:
     train_batch_size: int = option(16, help="samples per optimisation micro-batch")
     timestep_fraction: float = option(0.9, help="fraction of the rollout's timesteps above sigma_tau trained on")
     max_train_timesteps: int | None = option(None, help="cap on trained timesteps per sample (CPU budgets)")
+    group_noise: bool = option(False, help="common random numbers: a group's samples share their minibatch, "
+                                           "timesteps t and noise eps (a variance reduction; optimise's docstring)")
     inner_epochs: int = option(1, help="passes over each epoch's samples")
     nft_beta: float = option(1.0, help="beta: implicit-policy step v+- = (1 -+ beta) v_old +- beta v_theta (Eq. 77)")
     kl_beta: float = option(1e-4, help="beta_KL: weight of ||v_theta - v_ref||^2, v_ref = adapters disabled")
@@ -160,6 +162,20 @@ def nft_loss(v_theta: Tensor, v_old: Tensor, target: Tensor, r_opt: Tensor, nft_
     return NFTLoss(policy_loss + kl_beta * kl, policy_loss, kl)
 
 
+def group_permutation(n: int, unit: int, generator: torch.Generator) -> Tensor:
+    """A random order of n rows that keeps each block of ``unit`` consecutive rows (a group) together, in order."""
+    blocks = torch.randperm(n // unit, generator=generator, device=generator.device)
+    return (blocks[:, None] * unit + torch.arange(unit, device=blocks.device)).flatten()
+
+
+def first_of_group(idx: Tensor, unit: int) -> Tensor:
+    """For rows ``idx`` (global indices, groups of ``unit`` consecutive rows), the position in ``idx`` of the first
+    row of each one's group: indexing per-row draws with it makes a group share them (common random numbers)."""
+    group = (idx // unit).tolist()
+    first: dict[int, int] = {}
+    return torch.tensor([first.setdefault(g, k) for k, g in enumerate(group)], device=idx.device)
+
+
 def old_decay(cfg: NFTConfig, epoch: int) -> float:
     """rho for the EMA of the old policy after ``epoch`` (0-based): 0 at first (theta_old = theta), ramping up."""
     return min(cfg.old_decay_max, cfg.old_decay_ramp * epoch)
@@ -222,7 +238,15 @@ def optimise(run: common.Run, cfg: NFTConfig, rollout: Rollout, r_opt: Tensor, o
 
     Every process draws the same minibatches, timesteps and noise for the whole (gathered) epoch batch and trains
     on its slice of each minibatch, in ``run.gradient_accumulation_steps`` micro-batches (rl.distributed); each
-    backward pass is one (micro-batch, timestep). The logged losses are means over the global minibatch."""
+    backward pass is one (micro-batch, timestep). The logged losses are means over the global minibatch.
+
+    ``group_noise`` (common random numbers, ours): minibatches hold whole groups and a group's samples share t and
+    eps. At v_theta = v_old the gradient is sum_i (2 r_i - 1)(v_old,i - u_i) dv_i/dtheta, and (2 r_i - 1) sums to
+    ~0 over a group (group-normalised); the eps-part of the target u_i, the largest term, is then common to the
+    group and cancels instead of adding noise. Each row's (t, eps) is still marginally the same law, so the
+    expected gradient is unchanged. Off in this dataclass (the reference behaviour; every recorded GPU figure), on in
+    configs/algo/nft.yaml, the CPU default: at its 64-sample epochs it measured +0.033 against +0.014 without after
+    50 epochs (one seed each, 512 held-out prompts; docs/bench/nft_cpu_session3.md)."""
     policy, accel = run.policy, run.accelerator
     transformer = policy.transformer
     generator = torch.Generator(run.device).manual_seed(int(np.random.default_rng([run.run_cfg.seed, epoch, 2])
@@ -232,14 +256,18 @@ def optimise(run: common.Run, cfg: NFTConfig, rollout: Rollout, r_opt: Tensor, o
     if cfg.max_train_timesteps is not None:
         num_t = min(num_t, cfg.max_train_timesteps)
     loss_sums, norms, skipped = [], [], 0  # loss_sums: per optimizer step (num_t, 3) [total, policy, kl]
+    unit = cfg.group_size if cfg.group_noise else 1  # rows that stay together (and share t, eps)
     for _ in range(cfg.inner_epochs):
-        perm = torch.randperm(n, generator=generator, device=run.device)
+        perm = group_permutation(n, unit, generator)
         for start in range(0, n, cfg.train_batch_size):
             idx = perm[start:start + cfg.train_batch_size]  # the optimizer step's global rows
             t_cols = torch.stack([torch.randperm(rollout.train_sigmas.shape[1], generator=generator,
                                                  device=run.device)[:num_t] for _ in range(len(idx))])
             eps = [torch.randn((len(idx), *rollout.z_tau.shape[1:]), generator=generator, device=run.device,
                                dtype=torch.float32) for _ in range(num_t)]
+            if unit > 1:  # every row takes the draws of its group's first row in this minibatch
+                src = first_of_group(idx, unit)
+                t_cols, eps = t_cols[src], [e[src] for e in eps]
             mine = distributed.process_slice(len(idx), accel)
             micros = distributed.micro_batches(len(idx[mine]), run.run_cfg.gradient_accumulation_steps)
             sums = torch.zeros(num_t, 3, dtype=torch.float64)

@@ -115,3 +115,53 @@ def test_regression_lowers_the_value_error_on_policy_trajectories(built, world, 
     onpolicy_finetune(critic, policy, reward, train, cfg)
     err1 = value_error()
     assert err1 < 0.5 * err0, (err0, err1)
+
+
+class _Brightness(torch.nn.Module):
+    """A planted non-network target: the mean pixel of the finished image (what a checker-style reward is to the
+    critic: a function of x0 with no tower to stitch onto)."""
+
+    differentiable = False
+
+    def forward(self, images, prompts):
+        return images.float().mean((1, 2, 3)) * 4.0
+
+
+def test_regression_onto_another_target_reward(built, world, tmp_path):
+    """onpolicy.target: V regresses onto a reward that is not the stitched tower's; the tower stays the scorer."""
+    from critics.onpolicy import onpolicy_finetune
+    from shapes.data import prompts as shape_prompts
+
+    svm, _ = built
+    policy, reward = load_shapes_policy(weights_dir=world), load_shapes_reward(weights_dir=world)
+    critic, target = load.stitchvm(policy, reward, svm.output_dir), _Brightness()
+    train, held = shape_prompts("train", 256, 0), shape_prompts("train", 64, 99)
+
+    def target_error() -> float:
+        g = torch.Generator().manual_seed(123)
+        roll = sample_rollouts(policy, held, 4, 1.0, 0.0, torch.tensor([0.3, 0.05]), g)
+        with torch.no_grad():
+            return (critic.value(roll.z_t, roll.sigma, roll.prompts) - target(roll.images, roll.prompts_x0)
+                    [roll.index]).pow(2).mean().item()
+
+    err0 = target_error()
+    cfg = OnPolicyConfig(steps=40, trajectories=16, latents_per_trajectory=2, num_steps=[4], guidance_scales=[1.0],
+                         eta=0.0, lr=3e-3, warmup_steps=2, lambda_embed=0.0, lambda_tok=0.0, progress=False)
+    onpolicy_finetune(critic, policy, reward, train, cfg, target=target)
+    assert target_error() < 0.5 * err0
+
+
+def test_build_records_the_value_target_and_the_loader_needs_the_tower(built, world, tmp_path):
+    from critics.rewards.shapes_eval import ShapesEvalReward
+
+    svm, _ = built
+    out = tmp_path / "svm_target"
+    node = "onpolicy.target={_component_: critics.rewards.shapes_eval.ShapesEvalReward, criterion: score}"
+    build(load_config(BUILD_YAML, tiny_overrides(world, out, f"init_from={svm.output_dir}", *ONPOLICY, node)))
+    info = json.loads((out / "stitchvm.json").read_text())
+    assert info["value_target"] == {"_component_": "critics.rewards.shapes_eval.ShapesEvalReward", "criterion": "score"}
+    policy, tower = load_shapes_policy(weights_dir=world), load_shapes_reward(weights_dir=world)
+    with pytest.raises(ValueError, match="critic.tower"):
+        load.stitchvm(policy, ShapesEvalReward("score"), out)  # the run's reward is the checker: name the tower
+    critic = load.stitchvm(policy, ShapesEvalReward("score"), out, tower=tower)
+    assert critic.value(torch.randn(2, 4, 8, 8), 0.5, ["a red circle"] * 2).shape == (2,)

@@ -174,3 +174,29 @@ def test_every_group_is_valued_at_one_tau():
         NFTConfig(group_size=24, rollout_batch_size=16)  # a group would straddle two rounds with different tau
     NFTConfig(group_size=24, rollout_batch_size=8)  # a group spans three whole rounds: they share its tau
     NFTConfig(group_size=8, rollout_batch_size=64)  # a round holds eight whole groups
+
+
+def test_group_noise_keeps_groups_together_and_shares_draws():
+    g = torch.Generator().manual_seed(0)
+    perm = nft.group_permutation(24, 4, g)
+    assert sorted(perm.tolist()) == list(range(24))
+    blocks = perm.view(6, 4)
+    assert ((blocks - blocks[:, :1]) == torch.arange(4)).all()  # each block is one whole group, in order
+    assert (blocks[:, 0] % 4 == 0).all()
+    idx = torch.tensor([9, 3, 8, 1, 11, 0])  # groups of 4: 2, 0, 2, 0, 2, 0
+    src = nft.first_of_group(idx, 4)
+    assert src.tolist() == [0, 1, 0, 1, 0, 1]
+    draws = torch.randn(6, 3, generator=g)[src]
+    assert torch.equal(draws[0], draws[2]) and torch.equal(draws[0], draws[4]) and torch.equal(draws[1], draws[5])
+    assert not torch.equal(draws[0], draws[1])
+
+
+def test_group_noise_run_is_deterministic_and_changes_the_update(tmp_path):
+    def lora_of(name, *extra):
+        out = _run(tmp_path, name, "terminal", "run.max_epochs=1", "run.eval_every=0", *extra)
+        return load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+
+    a, b = lora_of("crn_a", "algo.group_noise=true"), lora_of("crn_b", "algo.group_noise=true")
+    c = lora_of("plain", "algo.group_noise=false")
+    assert all(torch.equal(a[k], b[k]) for k in a)            # same seed, same draws
+    assert any(not torch.equal(a[k], c[k]) for k in a)        # shared (t, eps) is a different estimate

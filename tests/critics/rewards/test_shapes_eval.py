@@ -40,3 +40,16 @@ def test_errors():
         ShapesEvalReward("colour")
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         ShapesEvalReward()(torch.rand(1, 64, 64, 3), PROMPTS[:1])
+
+
+def test_score_is_the_mean_of_the_criteria_that_apply():
+    # the rendered scenes score 1; on the wrong captions, position only counts for the relation prompt
+    images = rendered(PROMPTS)
+    assert ShapesEvalReward("score")(images, PROMPTS).tolist() == [1.0, 1.0]
+    swapped = list(reversed(PROMPTS))  # scene 0 scored as the relation prompt, scene 1 as "two blue squares"
+    r = ShapesEval()(images, swapped)
+    want = torch.stack([(r.count[0] + r.color[0] + r.shape[0] + r.position[0]) / 4,
+                        (r.count[1] + r.color[1] + r.shape[1]) / 3])
+    got = ShapesEvalReward("score")(images, swapped)
+    torch.testing.assert_close(got, want)
+    assert 0 < got.min() and got.max() < 1  # partial credit, not binary
