@@ -200,3 +200,13 @@ def test_group_noise_run_is_deterministic_and_changes_the_update(tmp_path):
     c = lora_of("plain", "algo.group_noise=false")
     assert all(torch.equal(a[k], b[k]) for k in a)            # same seed, same draws
     assert any(not torch.equal(a[k], c[k]) for k in a)        # shared (t, eps) is a different estimate
+
+
+def test_evaluations_do_not_change_training(tmp_path):
+    """The README's CPU figure was measured with run.eval_every=0: the periodic evaluations must not touch the
+    training random streams, so the default job (evaluating every 25 epochs) trains the same LoRA."""
+    a = _run(tmp_path, "evals", "terminal", "run.max_epochs=2", "run.eval_every=1")
+    b = _run(tmp_path, "no_evals", "terminal", "run.max_epochs=2", "run.eval_every=0")
+    la = load_file(a / "lora" / "pytorch_lora_weights.safetensors")
+    lb = load_file(b / "lora" / "pytorch_lora_weights.safetensors")
+    assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
