@@ -120,7 +120,10 @@ def summarise(metrics_path: Path, args) -> dict:
     final = [r for r in rows if r["step"] == max(epochs, default=0) and "loss/total" not in r]
     evals = {k: v for r in final for k, v in r.items() if k.startswith("eval/")}
     rows_per_epoch = 4 if args.cpu else args.prompts * args.group  # tests/rl/tiny.yaml: 2 prompts x 2
-    return {"epochs": len(epochs), "epoch_durations_s": durations, "epoch_s": epoch_s,
+    steady_rows = [epochs[e] for e in sorted(epochs)][1:] or [epochs[e] for e in sorted(epochs)]
+    split_keys = sorted({k for r in steady_rows for k in r if k.startswith("time/") and k != "time/eval"})
+    split = {k.removeprefix("time/"): sum(r.get(k, 0.0) for r in steady_rows) / len(steady_rows) for k in split_keys}
+    return {"epochs": len(epochs), "epoch_durations_s": durations, "epoch_s": epoch_s, "time_split_s": split,
             "samples_per_s": rows_per_epoch / epoch_s if epoch_s == epoch_s else math.nan,
             "loss": [epochs[e]["loss/total"] for e in sorted(epochs)],
             "grad_norm": [epochs[e]["policy/grad_norm"] for e in sorted(epochs)],
@@ -151,6 +154,16 @@ def table(results: dict, args, device: str) -> str:
         lines.append(f"| {backend} | {one.get('epoch_s', math.nan):.3f} | {two.get('epoch_s', math.nan):.3f} | "
                      f"{c['speedup']:.2f}x | {two.get('samples_per_s', math.nan):.0f} | {c['max_abs_dloss']:.2e} | "
                      f"{c['max_rel_dloss']:.2e} | {c['eval_1gpu']:.4f} | {c['eval_2gpu']:.4f} |")
+    # where a steady epoch goes (rl/common.py timers, main process): the time breakdown a speed-up is read against
+    parts = sorted({k for r in results.values() for g in ("1gpu", "2gpu") for k in r[g].get("time_split_s", {})})
+    if parts:
+        lines += ["", "Steady-epoch time split (s, main process): " + ", ".join(parts), "",
+                  "| backend | GPUs | " + " | ".join(parts) + " |", "|---|---|" + "---|" * len(parts)]
+        for backend, r in results.items():
+            for g in ("1gpu", "2gpu"):
+                split = r[g].get("time_split_s", {})
+                lines.append(f"| {backend} | {r[g].get('gpus', g[0])} | "
+                             + " | ".join(f"{split.get(k, math.nan):.3f}" for k in parts) + " |")
     failed = [f"{b} {g}: rc={r[g]['rc']} ({r[g]['log']})" for b, r in results.items() for g in ("1gpu", "2gpu")
               if r[g]["rc"] != 0]
     if failed:

@@ -536,7 +536,10 @@ def _load_init(cfg: BuildConfig, policy, reward, extras: dict[str, bytes], recor
     from critics import load
 
     source = load.resolve_path(cfg.init_from)
-    model = (load.stitchvm if cfg.kind == "stitchvm" else load.vae_stitch)(policy, reward, source)
+    if cfg.kind == "stitchvm":  # it may have been regressed onto another target: the build retargets it anyway
+        model = load.stitchvm(policy, reward, source, check_target=False)
+    else:
+        model = load.vae_stitch(policy, reward, source)
     model.tail.to(policy.device)
     if model.class_token is not None:
         model.class_token.data = model.class_token.data.to(policy.device)

@@ -19,6 +19,7 @@ VAE), with a message that says which is which.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -63,14 +64,20 @@ def reward_preprocess(reward: nn.Module) -> Callable[[Tensor], Tensor]:
     return functools.partial(reward_preprocess_fn, cfg=reward.preprocess_cfg)
 
 
-def stitchvm(policy: nn.Module, reward: nn.Module, path: str | os.PathLike, tower: nn.Module | None = None) -> StitchVM:
+def stitchvm(policy: nn.Module, reward: nn.Module, path: str | os.PathLike, tower: nn.Module | None = None,
+             check_target: bool = True) -> StitchVM:
     """Load the StitchVM at `path` around `policy.transformer` (its first i blocks, shared) and `reward`.
 
     The head is conditioned on the policy's own null-text embedding (``policy.null_embeds()``).
     ``tower``: the reward model the critic was stitched onto, when the run optimises another reward that the
     critic was regressed onto (a checker without a network; ``onpolicy.target`` in the build, docs/critic.md);
     it supplies the tail's preprocessing and the prompt embeddings. None: the run's ``reward``.
+    ``check_target``: refuse a run whose reward is not the one the critic predicts (``check_value_target``); the
+    build turns it off to continue training a critic from ``init_from`` onto any target.
     """
+    path = resolve_path(path)
+    if check_target:
+        check_value_target(path, reward, tower)
     if tower is not None:
         reward = tower
     if not hasattr(reward, "vision"):
@@ -78,8 +85,32 @@ def stitchvm(policy: nn.Module, reward: nn.Module, path: str | os.PathLike, towe
                          f"reward is a {type(reward).__name__}: name the tower in the critic config, e.g. "
                          f"`critic.tower: {{_component_: shapes.models.load_shapes_reward}}`")
     null = policy.null_embeds()
-    return load_stitchvm(resolve_path(path), policy.transformer, reward, null.embeds, null.pooled,
+    return load_stitchvm(path, policy.transformer, reward, null.embeds, null.pooled,
                          preprocess=reward_preprocess(reward))
+
+
+def check_value_target(path: Path, reward: nn.Module, tower: nn.Module | None) -> None:
+    """A critic predicts one reward: its tower's (stages 2-3), or the ``value_target`` stage 3 regressed it onto.
+    Refuse a run whose reward is another one — a critic of the CLIP score silently steering a run that optimises a
+    checker, or the reverse — with what to change."""
+    info_path = path / "stitchvm.json"
+    target = json.loads(info_path.read_text()).get("value_target") if info_path.is_file() else None
+    run_reward = f"{type(reward).__module__}.{type(reward).__qualname__}"
+    if target is None:
+        if tower is not None:
+            raise ValueError(f"critic at {path} predicts the reward of its tower, but critic.tower is set and the run "
+                             f"optimises {run_reward}: drop critic.tower (the run's reward is then the tower), or build "
+                             f"a critic of this reward with onpolicy.target (docs/critic.md)")
+        return
+    component, kwargs = target.get("_component_", "?"), {k: v for k, v in target.items() if k != "_component_"}
+    hint = (f"critic at {path} predicts {component}{kwargs or ''} (its value_target); the run's reward must be that "
+            f"reward and critic.tower the model it was stitched onto (e.g. --config "
+            f"configs/experiments/shapes_checker.yaml --critic stitchvm_checker)")
+    if tower is None or run_reward != component:
+        raise ValueError(f"{hint}; got reward {run_reward}" + ("" if tower is not None else " and no critic.tower"))
+    for key, want in kwargs.items():
+        if hasattr(reward, key) and getattr(reward, key) != want:
+            raise ValueError(f"{hint}; got {key}={getattr(reward, key)!r}")
 
 
 def vae_stitch(policy: nn.Module, reward: nn.Module, path: str | os.PathLike) -> StitchVM:

@@ -165,3 +165,31 @@ def test_build_records_the_value_target_and_the_loader_needs_the_tower(built, wo
         load.stitchvm(policy, ShapesEvalReward("score"), out)  # the run's reward is the checker: name the tower
     critic = load.stitchvm(policy, ShapesEvalReward("score"), out, tower=tower)
     assert critic.value(torch.randn(2, 4, 8, 8), 0.5, ["a red circle"] * 2).shape == (2,)
+
+
+def test_loader_refuses_a_run_reward_that_is_not_the_critics(built, world, tmp_path):
+    from critics.rewards.shapes_eval import ShapesEvalReward
+
+    svm, _ = built
+    out = tmp_path / "svm_target2"
+    node = "onpolicy.target={_component_: critics.rewards.shapes_eval.ShapesEvalReward, criterion: score}"
+    build(load_config(BUILD_YAML, tiny_overrides(world, out, f"init_from={svm.output_dir}", *ONPOLICY, node)))
+    policy, tower = load_shapes_policy(weights_dir=world), load_shapes_reward(weights_dir=world)
+    with pytest.raises(ValueError, match="predicts critics.rewards.shapes_eval.ShapesEvalReward"):
+        load.stitchvm(policy, tower, out)                                         # a checker critic on a CLIP run
+    with pytest.raises(ValueError, match="criterion='overall'"):
+        load.stitchvm(policy, ShapesEvalReward("overall"), out, tower=tower)      # another criterion
+    with pytest.raises(ValueError, match="drop critic.tower"):
+        load.stitchvm(policy, ShapesEvalReward("score"), svm.output_dir, tower=tower)  # a CLIP critic on a checker run
+
+
+def test_a_checker_critic_can_seed_another_build(built, world, tmp_path):
+    svm, _ = built
+    node = "onpolicy.target={_component_: critics.rewards.shapes_eval.ShapesEvalReward, criterion: score}"
+    first, second = tmp_path / "chk1", tmp_path / "chk2"
+    build(load_config(BUILD_YAML, tiny_overrides(world, first, f"init_from={svm.output_dir}", *ONPOLICY, node)))
+    build(load_config(BUILD_YAML, tiny_overrides(world, second, f"init_from={first}", *ONPOLICY)))  # back to CLIP
+    assert "value_target" in json.loads((first / "stitchvm.json").read_text())
+    assert "value_target" not in json.loads((second / "stitchvm.json").read_text())  # regressed onto the tower again
+    policy, tower = load_shapes_policy(weights_dir=world), load_shapes_reward(weights_dir=world)
+    assert load.stitchvm(policy, tower, second).value(torch.randn(1, 4, 8, 8), 0.5, ["a red circle"]).shape == (1,)
