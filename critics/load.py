@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from critics.rewards.base import preprocess as reward_preprocess_fn
 from critics.stitchvm import StitchVM, load_stitchvm
 from critics.vae_stitch import load_vae_stitch
-from rl.checkpoint import interrupted_swap
+from rl.checkpoint import interrupted_swap, verify_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUILD_HINT = "build one with `python -m critics.build --config configs/critic/build_shapes.yaml` (docs/critic.md)"
@@ -93,8 +93,12 @@ def check_value_target(path: Path, reward: nn.Module, tower: nn.Module | None) -
     """A critic predicts one reward: its tower's (stages 2-3), or the ``value_target`` stage 3 regressed it onto.
     Refuse a run whose reward is another one — a critic of the CLIP score silently steering a run that optimises a
     checker, or the reverse — with what to change."""
+    verify_dir(path)  # a damaged stitchvm.json is refused by name (the manifest), before it is parsed here
     info_path = path / "stitchvm.json"
-    target = json.loads(info_path.read_text()).get("value_target") if info_path.is_file() else None
+    try:
+        target = json.loads(info_path.read_text()).get("value_target") if info_path.is_file() else None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{info_path} is not valid JSON ({e}); rebuild the critic ({BUILD_HINT})") from e
     run_reward = f"{type(reward).__module__}.{type(reward).__qualname__}"
     if target is None:
         if tower is not None:
