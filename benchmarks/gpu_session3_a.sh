@@ -5,14 +5,7 @@
 #   measured here is a lower bound). GPU 3: rl.bench_trainers (dense-vs-sparse gradient variance, co-training),
 #   and a stage-2 critic rebuild with a low-sigma-weighted sigma law, benchmarked on validation prompts.
 set -u
-OUT=${1:?out}; mkdir -p $OUT/runs $OUT/log
-M=${MINUTES:-8.5}
-train() {  # gpu algo critic name extra...
-  local g=$1 a=$2 c=$3 n=$4; shift 4
-  CUDA_VISIBLE_DEVICES=$g OMP_NUM_THREADS=4 python rl/train.py --algo $a --critic $c \
-    --config configs/experiments/shapes_gpu_$a.yaml run.output_dir=$OUT/runs/$n run.max_minutes=$M \
-    run.export_lora=false "$@" > $OUT/log/$n.txt 2>&1 &
-}
+OUT=${1:?out}; source benchmarks/session3_lib.sh
 train 0 grpo stitchvm grpo_stitchvm algo.advantages=dense algo.gae_lambda=${GRPO_LAMBDA:-1.0}
 train 0 grpo terminal grpo_terminal algo.advantages=sparse
 train 1 ddpo stitchvm ddpo_stitchvm algo.advantages=dense algo.gae_lambda=${DDPO_LAMBDA:-1.0}

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from critics.rewards.base import preprocess as reward_preprocess_fn
 from critics.stitchvm import StitchVM, load_stitchvm
 from critics.vae_stitch import load_vae_stitch
-from rl.checkpoint import interrupted_swap, verify_dir
+from rl.checkpoint import interrupted_swap
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUILD_HINT = "build one with `python -m critics.build --config configs/critic/build_shapes.yaml` (docs/critic.md)"
@@ -75,30 +75,25 @@ def stitchvm(policy: nn.Module, reward: nn.Module, path: str | os.PathLike, towe
     ``check_target``: refuse a run whose reward is not the one the critic predicts (``check_value_target``); the
     build turns it off to continue training a critic from ``init_from`` onto any target.
     """
-    path = resolve_path(path)
-    if check_target:
-        check_value_target(path, reward, tower)
-    if tower is not None:
-        reward = tower
+    path, run_reward = resolve_path(path), reward
+    reward = tower if tower is not None else reward
     if not hasattr(reward, "vision"):
         raise ValueError(f"a StitchVM needs the reward model it was stitched onto (an image tower `.vision`); the run's "
                          f"reward is a {type(reward).__name__}: name the tower in the critic config, e.g. "
                          f"`critic.tower: {{_component_: shapes.models.load_shapes_reward}}`")
     null = policy.null_embeds()
-    return load_stitchvm(path, policy.transformer, reward, null.embeds, null.pooled,
-                         preprocess=reward_preprocess(reward))
+    model = load_stitchvm(path, policy.transformer, reward, null.embeds, null.pooled,
+                          preprocess=reward_preprocess(reward))  # verifies the manifest, stitchvm.json included
+    if check_target:
+        check_value_target(path, run_reward, tower)
+    return model
 
 
 def check_value_target(path: Path, reward: nn.Module, tower: nn.Module | None) -> None:
     """A critic predicts one reward: its tower's (stages 2-3), or the ``value_target`` stage 3 regressed it onto.
     Refuse a run whose reward is another one — a critic of the CLIP score silently steering a run that optimises a
     checker, or the reverse — with what to change."""
-    verify_dir(path)  # a damaged stitchvm.json is refused by name (the manifest), before it is parsed here
-    info_path = path / "stitchvm.json"
-    try:
-        target = json.loads(info_path.read_text()).get("value_target") if info_path.is_file() else None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{info_path} is not valid JSON ({e}); rebuild the critic ({BUILD_HINT})") from e
+    target = json.loads((path / "stitchvm.json").read_text()).get("value_target")  # verified by load_stitchvm
     run_reward = f"{type(reward).__module__}.{type(reward).__qualname__}"
     if target is None:
         if tower is not None:

@@ -110,11 +110,6 @@ class OnPolicyConfig:
         check(self.grad_clip > 0, "grad_clip", f"must be > 0, got {self.grad_clip}")
 
 
-def value_device(model: StitchVM) -> torch.device:
-    """Where the critic's outputs live (a checker target may return CPU tensors)."""
-    return next(model.stitch.parameters()).device
-
-
 class OnPolicyLoss(NamedTuple):
     loss: Tensor  # λ_v value + λ_e embed + λ_tok token
     value_loss: Tensor  # mean (V − r)² / reward_var
@@ -210,7 +205,8 @@ def onpolicy_finetune(model: StitchVM, policy, reward: nn.Module, prompts: list[
         roll = sample_rollouts(policy, batch, num_steps, guidance, cfg.eta, sigmas, generator)
         with torch.no_grad():
             t_out = teacher.encode(roll.images)
-            r = (reward if target is None else target)(roll.images, roll.prompts_x0).float().to(value_device(model))
+            r = (reward if target is None else target)(roll.images, roll.prompts_x0).float()  # (b,)
+            r = r.to(roll.z_t.device)  # a checker target scores on the CPU
         batch_var = r.var().item()
         reward_var = batch_var if reward_var is None else VAR_MOMENTUM * reward_var + (1 - VAR_MOMENTUM) * batch_var
         # 2. the critic on z_t

@@ -5,8 +5,8 @@
 ``"overall"`` is GenEval-style binary success; ``"count"``, ``"color"``, ``"shape"`` give partial credit and
 a denser signal for RL; ``"position"`` is 1.0 for prompts without a relation (N/A). ``"score"`` is the mean of
 the criteria that apply, (count + colour + shape [+ position]) / (3 [+ 1]), position only for relation prompts
-(the partial-credit score docs/shapes_world.md ranks against; a denser RL signal than binary ``overall``). Not differentiable
-(connected components on thresholded pixels). Prompts must be Shapes captions; ShapesEval raises ValueError
+(the partial-credit score docs/shapes_world.md ranks against; denser than the binary ``overall``). Not
+differentiable (connected components on thresholded pixels). Prompts must be Shapes captions; ShapesEval raises ValueError
 on anything else, the empty unconditional prompt included.
 """
 

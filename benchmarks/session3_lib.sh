@@ -1,0 +1,23 @@
+# Shared by benchmarks/gpu_session3_*.sh (sourced; needs OUT set, writes $OUT/runs/NAME and $OUT/log/NAME.txt).
+#   train GPU ALGO CRITIC NAME [overrides...]  one Shapes GPU-config run in the background; a NAME with "_chk_"
+#                                              optimises the ShapesEval checker (configs/experiments/shapes_checker.yaml)
+#   cpu NAME [overrides...]                    the CPU main job's settings (64-sample epochs) for $E epochs, evaluated
+#                                              every $EVAL_EVERY epochs on 512 held-out prompts
+mkdir -p $OUT/runs $OUT/log
+M=${MINUTES:-8.5}
+E=${EPOCHS:-50}
+EVAL_EVERY=${EVAL_EVERY:-25}
+train() {
+  local g=$1 a=$2 c=$3 n=$4; shift 4
+  local exp=configs/experiments/shapes_gpu_$a.yaml; [ $a = nft ] && exp=configs/experiments/shapes_gpu.yaml
+  local chk=""; case $n in *_chk_*) chk="--config configs/experiments/shapes_checker.yaml";; esac
+  CUDA_VISIBLE_DEVICES=$g OMP_NUM_THREADS=4 python rl/train.py --algo $a --critic $c --config $exp $chk \
+    run.output_dir=$OUT/runs/$n run.max_minutes=$M run.export_lora=false "$@" > $OUT/log/$n.txt 2>&1 &
+}
+cpu() {
+  local n=$1; shift
+  OMP_NUM_THREADS=2 python rl/train.py --algo nft --critic stitchvm run.output_dir=$OUT/runs/$n run.max_epochs=$E \
+    run.eval_every=$EVAL_EVERY run.ckpt_every=1000 run.export_lora=false prompts.eval.n=512 eval.batch_size=512 "$@" \
+    > $OUT/log/$n.txt 2>&1 &
+}
+report() { for f in $OUT/log/*.txt; do echo "== $f"; grep -a "eval/overall" $f | sed 's/.*eval\/overall=/overall=/' | tr '\n' ' '; echo; done; }
