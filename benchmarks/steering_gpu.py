@@ -17,9 +17,17 @@ What is timed (CUDA events, ``--warmup`` untimed calls, median of ``--repeats``)
     stitchvm_dps      guided step, CriticGuide + StitchVM: CFG forward + head (4 blocks) + stitch + tail, backward
     stitchvm_dps_shared  guided step, SharedHeadGuide: the CFG's unconditional blocks 1..4 are the head
     stitchvm_dps_shared_graphed  the same with the stitch + tail forward/backward replayed as CUDA graphs (GPU only)
-    value_stitchvm    V(z) forward, no grad (head + stitch + tail)
-    decode_score      r(D(z)) forward, no grad (the terminal critic)
+    stitchvm_dps_shared_full_graph  the same with the whole step replayed as CUDA graphs (SharedHeadGuide
+                      cuda_graph="full": head + stitch + tail with backward, then the rest of the CFG forward)
+    cfg_graphed       the plain step with its CFG forward replayed as a CUDA graph: the baseline for "full"
+    value_stitchvm    V(z) forward, no grad (head + stitch + tail); value_stitchvm_graphed: as one CUDA graph
+    decode_score      r(D(z)) forward, no grad (the terminal critic); decode_score_graphed: decode + image tower
+                      as one CUDA graph (the text side is cached by both)
     value_tweedie     r(D(z - sigma v_c(z))) forward, no grad (conditional DiT + decode + reward)
+Every ratio compares the best variant of each side (eager or graphed): StitchVM gets no graph its baseline lacks,
+except Tweedie-DPS (its step is ~90% VAE-decoder and reward convolutions/backward, compute-bound at these shapes).
+``--sdpa`` selects the attention kernels of every method alike (torch.nn.attention.sdpa_kernel priority);
+``--profile`` prints the CUDA kernel time table of one plain CFG step and one best StitchVM step.
 Memory: peak ``torch.cuda.max_memory_allocated`` during one call minus the allocated memory before it (weights
 excluded: "working memory" of the step); the critics' own parameters are listed separately.
 FK (batch = one prompt, N = 4 particles, M = 2 proposals on the first 40% of ``--fk-steps`` steps, difference
@@ -34,6 +42,7 @@ writes JSON to ``$OUT/steering_gpu.json`` (or ``--json``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.util
 import json
@@ -65,18 +74,25 @@ from critics.baselines import TweedieCritic  # noqa: E402
 from policies import samplers  # noqa: E402
 from rl.steering.dps import DPSConfig, dps_step  # noqa: E402
 from rl.steering.fk import FKConfig, fk_sample  # noqa: E402
+from policies.flow import PromptEmbeds  # noqa: E402
+from rl.steering.graphs import GraphedNoGrad  # noqa: E402
 from rl.steering.guides import CriticGuide, SharedHeadGuide, TweedieGuide  # noqa: E402
 from rl.steering.testing import random_stitchvm  # noqa: E402
 
 CFG_SCALE = 4.5
 SIGMA, SIGMA_NEXT = 0.7, 0.68  # a mid-trajectory step (costs do not depend on sigma)
 PROMPT = "a red circle to the left of two blue squares"  # also a Shapes caption, for the --tiny tokenizer
-STEP_METHODS = ("cfg", "tweedie_dps", "tweedie_dps_fused", "stitchvm_dps", "stitchvm_dps_shared",
-                "stitchvm_dps_shared_graphed")
-STITCHVM_STEPS = ("stitchvm_dps_shared", "stitchvm_dps_shared_graphed")  # the fused ones
-VALUE_METHODS = ("value_stitchvm", "decode_score", "value_tweedie")
+STEP_METHODS = ("cfg", "cfg_graphed", "tweedie_dps", "tweedie_dps_fused", "stitchvm_dps", "stitchvm_dps_shared",
+                "stitchvm_dps_shared_graphed", "stitchvm_dps_shared_full_graph")
+CFG_STEPS = ("cfg", "cfg_graphed")
+STITCHVM_STEPS = ("stitchvm_dps_shared", "stitchvm_dps_shared_graphed", "stitchvm_dps_shared_full_graph")  # fused
+VALUE_METHODS = ("value_stitchvm", "value_stitchvm_graphed", "decode_score", "decode_score_graphed", "value_tweedie")
 FK_METHODS = ("fk_stitchvm_shared", "fk_tweedie_fused", "plain_n_particles")
 FK_STEPS_REPORTED = 40  # the paper's FK schedule length
+SDPA_PRIORITY = {"default": None,
+                 "cudnn": ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),
+                 "flash": ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),
+                 "efficient": ("EFFICIENT_ATTENTION", "FLASH_ATTENTION", "MATH")}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -204,6 +220,17 @@ def decode_score(policy, reward, z, prompts):
     return reward(policy.decode(z), prompts)
 
 
+@torch.no_grad()
+def cfg_step_graphed(graphed_velocity, z, sigma, cond, dps_cfg, generator):
+    v = graphed_velocity(z, sigma, cond.embeds, cond.pooled)
+    return samplers.sde_step(v, z, SIGMA, SIGMA_NEXT, dps_cfg.eta, generator=generator).prev_sample
+
+
+@torch.no_grad()
+def decode_score_graphed(graphed_embed, reward, z, prompts):
+    return reward.score_from_embeds(graphed_embed(z), reward.text_embed(prompts))
+
+
 def step_closures(policy, reward, stitchvm, tweedie, z, cond, prompts, generator, dps_cfg) -> tuple[dict, dict]:
     """The zero-argument calls timed for one (resolution, batch), and the guides they use."""
     sigma = torch.full((z.shape[0],), SIGMA, device=z.device)
@@ -211,12 +238,23 @@ def step_closures(policy, reward, stitchvm, tweedie, z, cond, prompts, generator
               "tweedie_dps_fused": TweedieGuide(policy, tweedie, CFG_SCALE),
               "stitchvm_dps": CriticGuide(policy, stitchvm, CFG_SCALE),
               "stitchvm_dps_shared": SharedHeadGuide(policy, stitchvm, CFG_SCALE)}
-    if z.device.type == "cuda":
-        guides["stitchvm_dps_shared_graphed"] = SharedHeadGuide(policy, stitchvm, CFG_SCALE, cuda_graph_tail=True)
+    cuda = z.device.type == "cuda"
+    if cuda:
+        guides["stitchvm_dps_shared_graphed"] = SharedHeadGuide(policy, stitchvm, CFG_SCALE, cuda_graph="tail")
+        guides["stitchvm_dps_shared_full_graph"] = SharedHeadGuide(policy, stitchvm, CFG_SCALE, cuda_graph="full")
     calls = {"cfg": partial(cfg_step, policy, z, sigma, cond, dps_cfg, generator)}
+    if cuda:
+        velocity = GraphedNoGrad(lambda z_, s_, e_, p_: policy.velocity(z_, s_, PromptEmbeds(e_, p_), CFG_SCALE))
+        calls["cfg_graphed"] = partial(cfg_step_graphed, velocity, z, sigma, cond, dps_cfg, generator)
     calls.update({k: partial(guided_step, g, z, sigma, cond, prompts, dps_cfg, generator) for k, g in guides.items()})
     calls["value_stitchvm"] = partial(critic_value, stitchvm, z, sigma, prompts)
+    if cuda:
+        calls["value_stitchvm_graphed"] = partial(guides["stitchvm_dps_shared_full_graph"].values, z, sigma, cond,
+                                                  prompts)
     calls["decode_score"] = partial(decode_score, policy, reward, z, prompts)
+    if cuda:
+        embed = GraphedNoGrad(lambda z_: reward._image_embed(policy.decode(z_)))  # no range check: it syncs
+        calls["decode_score_graphed"] = partial(decode_score_graphed, embed, reward, z, prompts)
     calls["value_tweedie"] = partial(critic_value, tweedie, z, sigma, prompts)
     return calls, guides
 
@@ -228,10 +266,13 @@ def consistency(guides: dict, z, cond, prompts) -> dict:
     b = guides["stitchvm_dps"](z, sigma, cond, prompts)
     out = {"grad_cosine_min": grad_cosine(a.grad, b.grad), "value_abs_diff_max": (a.value - b.value).abs().max().item(),
            "velocity_rel_diff": ((a.velocity - b.velocity).float().norm() / b.velocity.float().norm()).item()}
-    if "stitchvm_dps_shared_graphed" in guides:
-        c = guides["stitchvm_dps_shared_graphed"](z, sigma, cond, prompts)
-        out["graphed_grad_cosine_min"] = grad_cosine(c.grad, a.grad)
-        out["graphed_value_abs_diff_max"] = (c.value - a.value).abs().max().item()
+    for name, tag in (("stitchvm_dps_shared_graphed", "graphed"), ("stitchvm_dps_shared_full_graph", "full_graph")):
+        if name in guides:
+            c = guides[name](z, sigma, cond, prompts)
+            out[f"{tag}_grad_cosine_min"] = grad_cosine(c.grad, a.grad)
+            out[f"{tag}_value_abs_diff_max"] = (c.value - a.value).abs().max().item()
+            out[f"{tag}_velocity_rel_diff"] = ((c.velocity - a.velocity).float().norm()
+                                               / a.velocity.float().norm()).item()
     return out
 
 
@@ -262,6 +303,28 @@ def fk_closures(policy, stitchvm, tweedie, latent: int, steps: int, generator) -
             "fk_tweedie_fused": partial(fk_run, fused, z_T, sigmas, cond, prompts, cfg, generator),
             "plain_n_particles": partial(plain_particles, policy, cond.repeat(cfg.num_particles), z_T, sigmas,
                                          cfg.eta, generator)}
+
+
+def sdpa_context(name: str):
+    """torch.nn.attention.sdpa_kernel with a backend priority list (unsupported shapes fall to the next one: the
+    VAE's single 512-wide attention head is not a cuDNN/flash shape and runs memory-efficient attention)."""
+    if SDPA_PRIORITY[name] is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, b) for b in SDPA_PRIORITY[name]], set_priority=True)
+
+
+def profile(name: str, fn, rows: int = 18) -> str:
+    """The CUDA kernel table of one call (after the timing runs warmed it up)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60)
+    return f"\n#### profile: {name}\n{table}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -304,29 +367,40 @@ def best_tweedie(r: dict) -> dict | None:
     return best_of(r, ("tweedie_dps", "tweedie_dps_fused"))
 
 
+def best_value(r: dict) -> dict | None:
+    return best_of(r, ("value_stitchvm", "value_stitchvm_graphed"))
+
+
+def best_decode(r: dict) -> dict | None:
+    return best_of(r, ("decode_score", "decode_score_graphed"))
+
+
 def report(results: dict) -> str:
     lines = [f"Device: {results['device']} | torch {results['torch']} | dtype {results['dtype']} | CFG {CFG_SCALE} "
+             f"| attention {results.get('sdpa', 'default')} "
              f"| StitchVM (i, j) = ({results['i']}, 1)", ""]
     lines += ["### Guided step: ms (working GB)", "",
-              "| res | B | plain CFG | Tweedie-DPS | Tweedie-DPS fused | StitchVM-DPS | StitchVM-DPS shared | "
-              "shared + CUDA-graph tail | best StitchVM vs best Tweedie | best StitchVM / CFG | "
-              "extra GB shared / Tweedie |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| res | B | plain CFG | plain CFG graphed | Tweedie-DPS | Tweedie-DPS fused | StitchVM-DPS | "
+              "StitchVM-DPS shared | shared + CUDA-graph tail | shared, whole step graphed | "
+              "best StitchVM vs best Tweedie | best StitchVM / best CFG | extra GB shared / Tweedie |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in results["configs"].items():
         res, B = key.split("x")
         cells = [f"{cell(r.get(m))} ({cell(r.get(m), 'work_gb', 2)})" for m in STEP_METHODS]
-        shared, cfg, tw = best_of(r, STITCHVM_STEPS), r.get("cfg"), best_tweedie(r)
+        shared, cfg, tw = best_of(r, STITCHVM_STEPS), best_of(r, CFG_STEPS), best_tweedie(r)
         extra = extra_memory(shared, cfg, tw)
         lines.append(f"| {res} | {B} | " + " | ".join(cells) + f" | {fmt(ratio(tw, shared))} | "
                      f"{fmt(ratio(shared, cfg))} | {fmt(extra, '')} |")
     lines += ["", "### Value: V(z) forward vs decode-and-score, ms", "",
-              "| res | B | V(z) StitchVM | decode + score | Tweedie V (DiT + decode + score) | decode+score / V | "
-              "Tweedie / V |", "|---|---|---|---|---|---|---|"]
+              "| res | B | V(z) StitchVM | V(z) graphed | decode + score | decode + score graphed | "
+              "Tweedie V (DiT + decode + score) | best decode+score / best V | Tweedie / best V |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for key, r in results["configs"].items():
         res, B = key.split("x")
-        v = r.get("value_stitchvm")
-        lines.append(f"| {res} | {B} | {cell(v)} | {cell(r.get('decode_score'))} | {cell(r.get('value_tweedie'))} | "
-                     f"{fmt(ratio(r.get('decode_score'), v))} | {fmt(ratio(r.get('value_tweedie'), v))} |")
+        v, d = best_value(r), best_decode(r)
+        lines.append(f"| {res} | {B} | {cell(r.get('value_stitchvm'))} | {cell(r.get('value_stitchvm_graphed'))} | "
+                     f"{cell(r.get('decode_score'))} | {cell(r.get('decode_score_graphed'))} | "
+                     f"{cell(r.get('value_tweedie'))} | {fmt(ratio(d, v))} | {fmt(ratio(r.get('value_tweedie'), v))} |")
     if results["fk"]:
         lines += ["", "### FK steering, one prompt, N = 4, M = 2 (first 40% of steps): time per sample",
                   "", f"| res | steps | StitchVM (shared head) | Tweedie (fused) | plain CFG, 4 particles | "
@@ -342,17 +416,17 @@ def report(results: dict) -> str:
         lines.append(f"shared vs separate head at {key}: " + ", ".join(f"{k} {v:.4g}" for k, v in c.items()))
     target = results["configs"].get(results["target_key"])
     if target:
-        shared, cfg, tw = best_of(target, STITCHVM_STEPS), target.get("cfg"), best_tweedie(target)
-        lines += ["", f"### Targets at {results['target_key']} (issue #7; best StitchVM-DPS = fastest fused variant)",
+        shared, cfg, tw = best_of(target, STITCHVM_STEPS), best_of(target, CFG_STEPS), best_tweedie(target)
+        lines += ["", f"### Targets at {results['target_key']} (issue #7; best = fastest variant of each method)",
                   f"- StitchVM-DPS >= 4.0x faster than Tweedie-DPS: {fmt(ratio(tw, shared))}",
                   f"- StitchVM-DPS <= 1.2x the plain CFG step: {fmt(ratio(shared, cfg))}",
                   f"- extra working memory <= 10% of Tweedie-DPS's: {fmt(extra_memory(shared, cfg, tw), '')}",
                   "- V(z) >= 5x cheaper than decode-and-score: "
-                  f"{fmt(ratio(target.get('decode_score'), target.get('value_stitchvm')))}"]
+                  f"{fmt(ratio(best_decode(target), best_value(target)))}"]
         batch4 = results["configs"].get(results["target_key"].replace("x1", "x4"))
         if batch4:
             lines.append("- V(z) >= 10x cheaper than decode-and-score at batch 4: "
-                         f"{fmt(ratio(batch4.get('decode_score'), batch4.get('value_stitchvm')))}")
+                         f"{fmt(ratio(best_decode(batch4), best_value(batch4)))}")
     return "\n".join(lines)
 
 
@@ -367,12 +441,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fk-steps", type=int, default=None, help="FK run length (default 10; tiny 4)")
     p.add_argument("--fk-repeats", type=int, default=2, help="timed FK runs per method")
     p.add_argument("--budget-s", type=float, default=420.0, help="skip cells that would start after this many seconds")
+    p.add_argument("--sdpa", default="default", choices=sorted(SDPA_PRIORITY),
+                   help="attention kernel priority for every method (default: torch's own choice)")
+    p.add_argument("--profile", action="store_true",
+                   help="print the CUDA kernel table of one plain CFG and one best StitchVM step at the target cell")
     p.add_argument("--json", default=None, help="JSON output path (default $OUT/steering_gpu.json if $OUT is set)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    with sdpa_context(args.sdpa):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
     t_start = time.monotonic()
     tiny = args.tiny
     if not tiny and not torch.cuda.is_available():
@@ -395,7 +478,7 @@ def main(argv=None) -> int:
     dps_cfg = DPSConfig(eta=0.7, guidance_scale=1.0, grad_norm="score")
     generator = torch.Generator(device).manual_seed(0)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})"
-    results = {"device": name,
+    results = {"device": name, "sdpa": args.sdpa,
                "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""), "i": head_depth,
                "configs": {}, "fk": {}, "consistency": {}, "params_gb": {},
                "target_key": f"{max(resolutions)}x1", "settings": vars(args)}
@@ -414,6 +497,12 @@ def main(argv=None) -> int:
             z = policy.noise(B, generator, size=latent)
             closures, guides = step_closures(policy, reward, stitchvm, tweedie, z, cond, prompts, generator, dps_cfg)
             results["configs"][key] = {name: bench.run(name, fn) for name, fn in closures.items()}
+            if args.profile and key == results["target_key"] and not tiny:
+                best = best_of(results["configs"][key], STITCHVM_STEPS)
+                best_name = next((k for k in STITCHVM_STEPS if results["configs"][key].get(k) is best), None)
+                for name in ("cfg", best_name):
+                    if name:
+                        print(profile(f"{name} at {key}", closures[name]))
             if B == 1 and time.monotonic() < bench.deadline:
                 try:
                     results["consistency"][key] = consistency(guides, z, cond, prompts)

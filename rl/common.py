@@ -161,6 +161,7 @@ def setup_lora(run: "Run", spec: lora.LoraSpec, lr: float, weight_decay: float,
         if max_grad_norm is None:
             raise ValueError("setup_lora under DeepSpeed needs max_grad_norm (DeepSpeed clips inside its step)")
         distributed.configure_deepspeed(accel, max_grad_norm, micro_batch_size)
+        distributed.zero3_leaf_blocks(accel, transformer)
     wrapped, optimizer = accel.prepare(transformer, optimizer)
     policy.set_forward_module(wrapped)
     run.trained_module = wrapped
@@ -233,7 +234,7 @@ def all_finite(*tensors: Tensor) -> bool:
 
 
 def clipped_step(accelerator, optimizer, params: list[nn.Parameter], max_grad_norm: float,
-                 loss_finite: bool = True) -> tuple[float, bool]:
+                 loss_finite: bool | Tensor = True) -> tuple[float, bool]:
     """Clip gradients and step, unless the loss or the gradient norm is non-finite: then the gradients are dropped
     so a non-finite update never reaches the weights. Returns (grad norm, stepped).
 
@@ -245,7 +246,7 @@ def clipped_step(accelerator, optimizer, params: list[nn.Parameter], max_grad_no
         return distributed.deepspeed_step_result(accelerator, optimizer)
     norm = accelerator.clip_grad_norm_(params, max_grad_norm)
     norm = float(norm) if norm is not None else grad_norm(params)
-    if not (loss_finite and math.isfinite(norm)):
+    if not (bool(loss_finite) and math.isfinite(norm)):
         optimizer.zero_grad(set_to_none=True)
         if accelerator.scaler is not None:  # fp16: clip_grad_norm_ unscaled (and found the inf); the scale backs off
             accelerator.scaler.update()

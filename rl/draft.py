@@ -196,7 +196,7 @@ def optimise(run: common.Run, cfg: DraftConfig, prompts: list[str], optimizer, p
                         v_ref = v_ref.view_as(roll.velocities)
                 out = draft_loss(value, roll.velocities, v_ref, cfg.reg_lambda)
                 with run.timer("update"):
-                    finite = distributed.backward(accel, out.loss * share) and finite
+                    finite = distributed.backward(accel, out.loss * share) & finite
             step_sums += torch.tensor([out.value.item(), out.loss.item(), out.reg.item()],
                                       dtype=torch.float64) * len(local)
         with run.timer("update"):

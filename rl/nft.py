@@ -270,7 +270,8 @@ def optimise(run: common.Run, cfg: NFTConfig, rollout: Rollout, r_opt: Tensor, o
                 t_cols, eps = t_cols[src], [e[src] for e in eps]
             mine = distributed.process_slice(len(idx), accel)
             micros = distributed.micro_batches(len(idx[mine]), run.run_cfg.gradient_accumulation_steps)
-            sums = torch.zeros(num_t, 3, dtype=torch.float64)
+            # logged sums stay on the device: an .item() per pass would make the host wait for every forward/backward
+            sums = torch.zeros(num_t, 3, dtype=torch.float64, device=run.device)
             optimizer.zero_grad(set_to_none=True)
             finite = True
             for m, micro in enumerate(micros):
@@ -293,14 +294,14 @@ def optimise(run: common.Run, cfg: NFTConfig, rollout: Rollout, r_opt: Tensor, o
                         with accel.autocast():
                             v_theta = policy.velocity(path.z_t, t, cond)
                         out = nft_loss(v_theta, v_old, path.target, r_opt[rows], cfg.nft_beta, v_ref, cfg.kl_beta)
-                        finite = distributed.backward(accel, out.loss * share / num_t) and finite
-                    sums[j] += torch.tensor([out.loss.item(), out.policy_loss.item(), out.kl.item()],
-                                            dtype=torch.float64) * len(rows)
+                        finite = distributed.backward(accel, out.loss * share / num_t) & finite
+                    sums[j] += torch.stack([v.detach().to(torch.float64) for v in (out.loss, out.policy_loss,
+                                                                                     out.kl)]) * len(rows)
             norm, stepped = common.clipped_step(accel, optimizer, params, cfg.max_grad_norm, finite)
             loss_sums.append(sums / len(idx))
             norms.append(norm)
             skipped += not stepped
-    losses = distributed.sum_over_processes(accel, torch.stack(loss_sums)).flatten(0, 1)  # (steps * num_t, 3)
+    losses = distributed.sum_over_processes(accel, torch.stack(loss_sums)).flatten(0, 1).cpu()  # (steps*num_t, 3)
     out = {k: float(np.nanmean(losses[:, i].numpy())) for i, k in enumerate(("loss/total", "loss/policy", "loss/kl"))}
     out["policy/grad_norm"] = float(np.nanmean(norms))
     out["train/skipped_updates"] = float(skipped)

@@ -240,7 +240,8 @@ def ppo_update(run: common.Run, rollout: SDERollout, adv: Tensor, optimizer: tor
         for start in range(0, n, batch_size):
             idx = perm[start:start + batch_size]
             micros = distributed.micro_batches(len(idx), run.run_cfg.gradient_accumulation_steps)
-            sums = torch.zeros(num_t, len(names), dtype=torch.float64)
+            # logged sums stay on the device: an .item() per pass would make the host wait for every forward/backward
+            sums = torch.zeros(num_t, len(names), dtype=torch.float64, device=run.device)
             optimizer.zero_grad(set_to_none=True)
             finite = True
             for m, micro in enumerate(micros):
@@ -259,16 +260,16 @@ def ppo_update(run: common.Run, rollout: SDERollout, adv: Tensor, optimizer: tor
                             out = rescore(policy, rollout, rows, k, cond, s.eta, s.guidance_scale)
                         loss = clipped_pg_loss(out.log_prob, rollout.log_probs[rows, k], adv[rows, k], s.clip_range,
                                                out.mean, mean_ref, out.std, s.kl_beta)
-                        finite = distributed.backward(accel, loss.loss * share / num_t) and finite
+                        finite = distributed.backward(accel, loss.loss * share / num_t) & finite
                     values = (loss.loss, loss.policy_loss, loss.kl, loss.clipfrac, loss.approx_kl, loss.ratio)
-                    sums[j] += torch.tensor([v.item() for v in values], dtype=torch.float64) * len(rows)
+                    sums[j] += torch.stack([v.detach().to(torch.float64) for v in values]) * len(rows)
             norm, stepped = common.clipped_step(accel, optimizer, params, s.max_grad_norm, finite)
             loss_sums.append(sums / (len(idx) * accel.num_processes))
             norms.append(norm)
             skipped += not stepped
     out = {}
     if loss_sums:
-        losses = distributed.sum_over_processes(accel, torch.stack(loss_sums)).flatten(0, 1)  # (steps * num_t, 6)
+        losses = distributed.sum_over_processes(accel, torch.stack(loss_sums)).flatten(0, 1).cpu()  # (steps*num_t, 6)
         out = {name: float(np.nanmean(losses[:, i].numpy())) for i, name in enumerate(names)}
         out["policy/grad_norm"] = float(np.nanmean(norms))
     out["train/skipped_updates"] = float(skipped)

@@ -47,7 +47,9 @@ from torch import Tensor
 from critics.baselines import TweedieCritic
 from critics.stitchvm import NULL_COND_RTOL, StitchVM
 from policies.flow import FlowPolicy, PromptEmbeds
-from rl.steering import mmdit
+from rl.steering import graphs, mmdit
+
+CUDA_GRAPH_MODES = (None, "tail", "full")
 
 
 class GuideOutput(NamedTuple):
@@ -164,12 +166,15 @@ class SharedHeadGuide:
         critic: a StitchVM whose head shares the policy transformer's modules.
         guidance_scale: CFG weight w. With w = 1 there is no unconditional branch to share: the head then runs on
             its own (B rows, i blocks) next to the conditional forward, as in CriticGuide.
-        cuda_graph_tail: replay the stitch + tail forward and backward of the gradient path as CUDA graphs
-            (``torch.cuda.make_graphed_callables``, one capture per input shape). At batch 1 the ~24-block reward
-            tail is bound by kernel-launch overhead, not by the GPU; a graph removes most of it. CUDA only.
+        cuda_graph: None (eager), "tail" or "full" (CUDA only; rl/steering/graphs.py). "tail" replays the stitch
+            + tail forward and backward of the gradient path as CUDA graphs: at batch 1 the ~24-block reward tail
+            is bound by kernel-launch overhead, not by the GPU. "full" replays the whole step as three graphs: the
+            head's i blocks + stitch + tail with their backward to z, the no-grad rest of the CFG forward, and
+            ``values``; only the prompt scoring (cached text embeddings) and the CFG combination run eagerly. One
+            capture per input shape; the conditioning is a graph input (copied in), never frozen.
     """
 
-    def __init__(self, policy: FlowPolicy, critic: StitchVM, guidance_scale: float, cuda_graph_tail: bool = False):
+    def __init__(self, policy: FlowPolicy, critic: StitchVM, guidance_scale: float, cuda_graph: str | None = None):
         if not isinstance(critic, StitchVM):
             raise TypeError(f"SharedHeadGuide needs a StitchVM critic, got {type(critic).__name__}; use CriticGuide")
         transformer, head = policy.transformer, critic.head
@@ -197,14 +202,20 @@ class SharedHeadGuide:
                 raise ValueError(f"the critic's null-text {name} (norm {b:.4g}) are not the policy's empty-prompt "
                                  f"{name} (norm {a:.4g}): the shared head would run another conditioning")
         mmdit.check_plain(transformer)
-        if cuda_graph_tail and policy.device.type != "cuda":
-            raise ValueError(f"cuda_graph_tail needs a CUDA device; the policy is on {policy.device}")
+        if cuda_graph not in CUDA_GRAPH_MODES:
+            raise ValueError(f"cuda_graph must be one of {CUDA_GRAPH_MODES}; got {cuda_graph!r}")
+        if cuda_graph is not None and policy.device.type != "cuda":
+            raise ValueError(f"cuda_graph={cuda_graph!r} needs a CUDA device; the policy is on {policy.device}")
         self.policy, self.critic, self.guidance_scale = policy, critic, float(guidance_scale)
         self.transformer = transformer
         self.depth = critic.i
         self.num_blocks = mmdit.num_blocks(transformer)
-        self.cuda_graph_tail = cuda_graph_tail
+        self.cuda_graph = cuda_graph
         self._graphed: dict[tuple, Callable[[Tensor], Tensor]] = {}
+        if cuda_graph == "full":
+            self._head_graph = graphs.GraphedGrad(self._head_embed)  # with the backward to z
+            self._head_graph_nograd = graphs.GraphedNoGrad(self._head_embed)
+            self._rest_graph = graphs.GraphedNoGrad(self._rest)
 
     def _null(self, batch: int) -> tuple[Tensor, Tensor]:
         head, dtype = self.critic.head, self.policy.dtype
@@ -215,10 +226,26 @@ class SharedHeadGuide:
         return mmdit.run_blocks(self.transformer, mmdit.embed(self.transformer, z, sigma, *self._null(z.shape[0])),
                                 0, self.depth)
 
+    def _head_embed(self, z: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        """Head + stitch + tail: (image embedding, block-i stream detached) — the "full" graph's captured function."""
+        head = self._head(z, sigma)
+        embed = embed_from_block_tokens(self.critic, z.shape[-2], z.shape[-1], head.hidden)
+        head = head.detach()
+        return embed, head.hidden, head.context, head.temb
+
+    def _rest(self, hidden: Tensor, context: Tensor, temb: Tensor, z: Tensor, sigma: Tensor, embeds: Tensor,
+              pooled: Tensor) -> Tensor:
+        """The CFG forward after the unconditional head: conditional blocks 1..i, both halves through i+1..N,
+        final layer; returns (v_u, v_c) stacked as (2B, C, h, w)."""
+        t, (H, W) = self.transformer, z.shape[-2:]
+        cond_head = mmdit.run_blocks(t, mmdit.embed(t, z, sigma, embeds, pooled), 0, self.depth)
+        both = mmdit.run_blocks(t, mmdit.Stream(hidden, context, temb).cat(cond_head), self.depth, self.num_blocks)
+        return mmdit.finish(t, both, H, W)
+
     def _value(self, head: mmdit.Stream, z: Tensor, prompts: Sequence[str]) -> Tensor:
         """V from the head's block-i image tokens: stitch + tail + score, (B,) float32."""
         embed = partial(embed_from_block_tokens, self.critic, z.shape[-2], z.shape[-1])
-        if self.cuda_graph_tail and head.hidden.requires_grad:
+        if self.cuda_graph == "tail" and head.hidden.requires_grad:
             key = (tuple(head.hidden.shape), head.hidden.dtype, tuple(z.shape[-2:]))
             if key not in self._graphed:  # capture: a few warm-up runs on a side stream, then one recorded run
                 sample = torch.randn_like(head.hidden).requires_grad_(True)
@@ -232,6 +259,8 @@ class SharedHeadGuide:
         self.policy.check_latents(z)
         sigma = sigma_batch(sigma, z)
         value = grad = None
+        if self.cuda_graph == "full" and self.guidance_scale != 1.0:
+            return self._call_graphed(z, sigma, cond, prompts, need_value, need_grad)
         # 1. Unconditional blocks 1..i = the StitchVM head. With a gradient: backpropagate V to z right away, so the
         #    head's activations are freed before the rest of the CFG forward runs (peak = max, not sum).
         if need_grad:
@@ -257,11 +286,33 @@ class SharedHeadGuide:
                 v = cfg_combine(v_u, v_c, self.guidance_scale)
         return GuideOutput(v, value, grad)
 
+    def _call_graphed(self, z: Tensor, sigma: Tensor, cond: PromptEmbeds, prompts: Sequence[str], need_value: bool,
+                      need_grad: bool) -> GuideOutput:
+        """The "full" CUDA-graph path: the same arithmetic as ``__call__``'s eager path, replayed."""
+        value = grad = None
+        if need_grad:
+            leaf = grad_leaf(z)
+            with torch.enable_grad():
+                embed, hidden, context, temb = self._head_graph(leaf, sigma)
+                value = self.critic.score(embed, list(prompts)).float()
+                grad = grad_of(value, leaf).clone()  # the graph's static buffer is overwritten by the next call
+            value = value.detach()
+        else:
+            with torch.no_grad():
+                embed, hidden, context, temb = self._head_graph_nograd(z, sigma)
+                value = self.critic.score(embed, list(prompts)).float() if need_value else None
+        with torch.no_grad():
+            v_u, v_c = self._rest_graph(hidden, context, temb, z, sigma, cond.embeds, cond.pooled).chunk(2)
+        return GuideOutput(cfg_combine(v_u, v_c, self.guidance_scale), value, grad)
+
     @torch.no_grad()
     def values(self, z: Tensor, sigma: Tensor, cond: PromptEmbeds | None, prompts: Sequence[str]) -> Tensor:
         """V(z) through the same head code as the fused call (so FK compares like with like)."""
         self.policy.check_latents(z)
-        return self._value(self._head(z, sigma_batch(sigma, z)), z, prompts)
+        sigma = sigma_batch(sigma, z)
+        if self.cuda_graph == "full":
+            return self.critic.score(self._head_graph_nograd(z, sigma)[0], list(prompts)).float()
+        return self._value(self._head(z, sigma), z, prompts)
 
 
 # ---------------------------------------------------------------------------------------------------------------
