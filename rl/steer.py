@@ -52,6 +52,8 @@ class SteerConfig:
     batch_size: int = option(16, help="prompts per batch (FK runs N particles per prompt)")
     seed: int = option(0, help="seed of the initial noise and SDE noise (batch b uses seed + b)")
     fused: bool = option(True, help="use the critic's fused guide (shared head / shared denoiser)")
+    cuda_graph: str | None = option(None, help="StitchVM shared-head guide on CUDA: replay 'tail' or the 'full' "
+                                               "step as CUDA graphs (rl/steering/graphs.py); None: eager")
     stitchvm_path: str | None = option(None, help="saved StitchVM directory (None: configs/critic/stitchvm.yaml's)")
     grid_images: int = option(64, help="images in grid.png (the first ones)")
     dps: DPSConfig = option(default_factory=DPSConfig, help="DPS step form (rl/steering/dps.py)")
@@ -74,6 +76,7 @@ class World:
     num_steps: int
     guidance_scale: float
     prompts: list[str] = field(default_factory=list)
+    guide: object | None = None  # built on the first steered batch (rl.steering.guides.make_guide)
 
 
 def load_config(method: str, config_files: list[str], overrides: list[str]) -> SteerConfig:
@@ -147,7 +150,10 @@ def steer_batch(method: str, world: World, cfg: SteerConfig, prompts: list[str],
         with torch.no_grad():
             return samplers.sample(policy.velocity_fn(cond, world.guidance_scale), z_T, sigmas, eta=cfg.eta,
                                    generator=generator, keep_latents=False).z_tau
-    guide = make_guide(policy, world.critic, world.guidance_scale, fused=cfg.fused)
+    if world.guide is None:  # one guide per run: CUDA-graph captures are kept across batches of the same shape
+        world.guide = make_guide(policy, world.critic, world.guidance_scale, fused=cfg.fused,
+                                 cuda_graph=cfg.cuda_graph)
+    guide = world.guide
     if method == "dps":
         return dps_sample(guide, policy.noise(len(prompts), generator), sigmas, cond, prompts, cfg.dps, generator).z_0
     z_T = policy.noise(len(prompts) * cfg.fk.num_particles, generator)

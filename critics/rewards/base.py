@@ -18,6 +18,7 @@ uint8 pixels, so it differs from this by the 1/255 quantisation and PIL's clampi
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -158,10 +159,17 @@ def preprocess(images: torch.Tensor, cfg: PreprocessCfg, dtype: torch.dtype | No
     stays float64 for gradient checks); the result is cast to ``dtype`` (the tower's dtype) at the end.
     """
     pixels = resize_to_tower(images.to(at_least_float32(images.dtype)), cfg)
-    mean = torch.tensor(cfg.mean, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.std, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+    mean = channel_constants(tuple(cfg.mean), pixels.dtype, pixels.device)
+    std = channel_constants(tuple(cfg.std), pixels.dtype, pixels.device)
     pixels = (pixels - mean) / std
     return pixels if dtype is None else pixels.to(dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def channel_constants(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(1, C, 1, 1) per-channel constants, made once per (values, dtype, device): no host-to-device copy per call,
+    which also lets a CUDA graph capture the preprocessing (rl/steering/graphs.py)."""
+    return torch.tensor(values, dtype=dtype, device=device).view(1, len(values), 1, 1)
 
 
 def at_least_float32(dtype: torch.dtype) -> torch.dtype:

@@ -169,8 +169,8 @@ class SharedHeadGuide:
         cuda_graph: None (eager), "tail" or "full" (CUDA only; rl/steering/graphs.py). "tail" replays the stitch
             + tail forward and backward of the gradient path as CUDA graphs: at batch 1 the ~24-block reward tail
             is bound by kernel-launch overhead, not by the GPU. "full" replays the whole step as three graphs: the
-            head's i blocks + stitch + tail with their backward to z, the no-grad rest of the CFG forward, and
-            ``values``; only the prompt scoring (cached text embeddings) and the CFG combination run eagerly. One
+            head's i blocks + stitch + tail with their backward to z, the no-grad rest of the CFG forward (on a
+            side stream, overlapping that backward), and ``values``; only the prompt scoring (cached text embeddings) and the CFG combination run eagerly. One
             capture per input shape; the conditioning is a graph input (copied in), never frozen.
     """
 
@@ -216,6 +216,7 @@ class SharedHeadGuide:
             self._head_graph = graphs.GraphedGrad(self._head_embed)  # with the backward to z
             self._head_graph_nograd = graphs.GraphedNoGrad(self._head_embed)
             self._rest_graph = graphs.GraphedNoGrad(self._rest)
+            self._side = torch.cuda.Stream(policy.device)  # the rest of the CFG forward overlaps the value backward
 
     def _null(self, batch: int) -> tuple[Tensor, Tensor]:
         head, dtype = self.critic.head, self.policy.dtype
@@ -288,21 +289,33 @@ class SharedHeadGuide:
 
     def _call_graphed(self, z: Tensor, sigma: Tensor, cond: PromptEmbeds, prompts: Sequence[str], need_value: bool,
                       need_grad: bool) -> GuideOutput:
-        """The "full" CUDA-graph path: the same arithmetic as ``__call__``'s eager path, replayed."""
+        """The "full" CUDA-graph path: the same arithmetic as ``__call__``'s eager path, replayed.
+
+        Once the head's block-i stream exists, the rest of the CFG forward and the value's scoring + backward are
+        independent: the rest (large, batch-2B GEMMs) runs on a side stream while the backward through the head and
+        the tail (batch-B, many small kernels) runs on the current one, so the GPU overlaps them."""
         value = grad = None
-        if need_grad:
-            leaf = grad_leaf(z)
-            with torch.enable_grad():
+        leaf = grad_leaf(z) if need_grad else None
+        with torch.set_grad_enabled(need_grad):
+            if need_grad:
                 embed, hidden, context, temb = self._head_graph(leaf, sigma)
+            else:
+                embed, hidden, context, temb = self._head_graph_nograd(z, sigma)
+        main = torch.cuda.current_stream(z.device)
+        self._side.wait_stream(main)
+        with torch.cuda.stream(self._side), torch.no_grad():
+            v_both = self._rest_graph(hidden, context, temb, z, sigma, cond.embeds, cond.pooled)
+        if need_grad:
+            with torch.enable_grad():
                 value = self.critic.score(embed, list(prompts)).float()
                 grad = grad_of(value, leaf).clone()  # the graph's static buffer is overwritten by the next call
             value = value.detach()
-        else:
+        elif need_value:
             with torch.no_grad():
-                embed, hidden, context, temb = self._head_graph_nograd(z, sigma)
-                value = self.critic.score(embed, list(prompts)).float() if need_value else None
-        with torch.no_grad():
-            v_u, v_c = self._rest_graph(hidden, context, temb, z, sigma, cond.embeds, cond.pooled).chunk(2)
+                value = self.critic.score(embed, list(prompts)).float()
+        main.wait_stream(self._side)
+        v_both.record_stream(main)  # allocated on the side stream, used (and freed) on the current one
+        v_u, v_c = v_both.chunk(2)
         return GuideOutput(cfg_combine(v_u, v_c, self.guidance_scale), value, grad)
 
     @torch.no_grad()
@@ -375,11 +388,16 @@ class TweedieGuide:
                            prompts)
 
 
-def make_guide(policy: FlowPolicy, critic, guidance_scale: float, fused: bool = True) -> Guide:
+def make_guide(policy: FlowPolicy, critic, guidance_scale: float, fused: bool = True,
+               cuda_graph: str | None = None) -> Guide:
     """The cheapest exact guide for this critic: SharedHeadGuide for StitchVM, TweedieGuide for a guidance-1
-    TweedieCritic, else (or with ``fused=False``) CriticGuide."""
+    TweedieCritic, else (or with ``fused=False``) CriticGuide. ``cuda_graph`` ("tail" / "full") is a
+    SharedHeadGuide option and an error for any other guide."""
+    if cuda_graph is not None and not (fused and isinstance(critic, StitchVM)):
+        raise ValueError(f"cuda_graph={cuda_graph!r} applies to the StitchVM shared-head guide only (fused: true and "
+                         f"a stitchvm critic); got {type(critic).__name__} with fused={fused}: set cuda_graph: null")
     if fused and isinstance(critic, StitchVM):
-        return SharedHeadGuide(policy, critic, guidance_scale)
+        return SharedHeadGuide(policy, critic, guidance_scale, cuda_graph=cuda_graph)
     if fused and isinstance(critic, TweedieCritic) and critic.guidance_scale == 1.0 and critic.policy is policy:
         return TweedieGuide(policy, critic, guidance_scale)
     return CriticGuide(policy, critic, guidance_scale)

@@ -67,3 +67,13 @@ def test_graphed_guide_equals_eager_guide(mode):
         kept.append((a.grad, b.grad))
     for a_grad, b_grad in kept:  # an earlier call's gradient is not overwritten by a later replay
         torch.testing.assert_close(b_grad, a_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_make_guide_refuses_graphs_for_other_guides():
+    from rl.steering.guides import make_guide
+
+    world = tiny_world()
+    with pytest.raises(ValueError, match="shared-head guide only"):
+        make_guide(world.policy, world.tweedie, 4.5, cuda_graph="full")
+    with pytest.raises(ValueError, match="shared-head guide only"):
+        make_guide(world.policy, world.stitchvm, 4.5, fused=False, cuda_graph="tail")
