@@ -168,7 +168,7 @@ def optimise(run: common.Run, cfg: DraftConfig, prompts: list[str], optimizer, p
         z_T = policy.noise(len(batch), generator)  # every prompt's noise, on every process
         mine = distributed.process_slice(len(batch), accel)
         micros = distributed.micro_batches(mine.stop - mine.start, run.run_cfg.gradient_accumulation_steps)
-        step_sums = torch.zeros(len(names), dtype=torch.float64)
+        step_sums = torch.zeros(len(names), dtype=torch.float64, device=run.device)  # read once, at the end
         optimizer.zero_grad(set_to_none=True)
         finite = True
         for m, micro in enumerate(micros):
@@ -197,8 +197,7 @@ def optimise(run: common.Run, cfg: DraftConfig, prompts: list[str], optimizer, p
                 out = draft_loss(value, roll.velocities, v_ref, cfg.reg_lambda)
                 with run.timer("update"):
                     finite = distributed.backward(accel, out.loss * share) & finite
-            step_sums += torch.tensor([out.value.item(), out.loss.item(), out.reg.item()],
-                                      dtype=torch.float64) * len(local)
+            step_sums += torch.stack([v.detach().to(torch.float64) for v in (out.value, out.loss, out.reg)]) * len(local)
         with run.timer("update"):
             norm, stepped = common.clipped_step(accel, optimizer, params, cfg.max_grad_norm, finite)
         sums.append(step_sums / len(batch))
@@ -209,7 +208,7 @@ def optimise(run: common.Run, cfg: DraftConfig, prompts: list[str], optimizer, p
             continue
         if cfg.ema_decay > 0:
             lora.ema_update(transformer, "default", "ema", cfg.ema_decay)
-    means = distributed.sum_over_processes(accel, torch.stack(sums))  # (steps, 3)
+    means = distributed.sum_over_processes(accel, torch.stack(sums)).cpu()  # (steps, 3)
     out = {name: float(np.nanmean(means[:, i].numpy())) for i, name in enumerate(names)}
     out.update({"policy/grad_norm": float(np.nanmean(norms)), "train/tau": float(np.mean(taus)),
                 "train/skipped_updates": float(skipped)})

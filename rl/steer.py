@@ -63,6 +63,8 @@ class SteerConfig:
         check(self.num_steps is None or self.num_steps >= 1, "num_steps", f"must be >= 1, got {self.num_steps}")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.eta >= 0, "eta", f"must be >= 0, got {self.eta}")
+        check(self.cuda_graph in (None, "tail", "full"), "cuda_graph",
+              f"must be null (eager), 'tail' or 'full', got {self.cuda_graph!r}")
 
 
 @dataclass
@@ -76,7 +78,7 @@ class World:
     num_steps: int
     guidance_scale: float
     prompts: list[str] = field(default_factory=list)
-    guide: object | None = None  # built on the first steered batch (rl.steering.guides.make_guide)
+    guide: object | None = None  # rl.steering.guides.make_guide's, built once per run by main (None: per batch)
 
 
 def load_config(method: str, config_files: list[str], overrides: list[str]) -> SteerConfig:
@@ -150,10 +152,8 @@ def steer_batch(method: str, world: World, cfg: SteerConfig, prompts: list[str],
         with torch.no_grad():
             return samplers.sample(policy.velocity_fn(cond, world.guidance_scale), z_T, sigmas, eta=cfg.eta,
                                    generator=generator, keep_latents=False).z_tau
-    if world.guide is None:  # one guide per run: CUDA-graph captures are kept across batches of the same shape
-        world.guide = make_guide(policy, world.critic, world.guidance_scale, fused=cfg.fused,
-                                 cuda_graph=cfg.cuda_graph)
-    guide = world.guide
+    guide = world.guide or make_guide(policy, world.critic, world.guidance_scale, fused=cfg.fused,
+                                      cuda_graph=cfg.cuda_graph)
     if method == "dps":
         return dps_sample(guide, policy.noise(len(prompts), generator), sigmas, cond, prompts, cfg.dps, generator).z_0
     z_T = policy.noise(len(prompts) * cfg.fk.num_particles, generator)
@@ -170,7 +170,8 @@ def run(method: str, world: World, cfg: SteerConfig, out_dir: Path) -> dict[str,
     device = policy.device
     evaluator, images, seconds = ShapesEval(), [], 0.0
     scores: dict[str, list[torch.Tensor]] = {}
-    steer_batch(method, world, cfg, prompts[:1], torch.Generator(device).manual_seed(cfg.seed))  # warm-up, untimed
+    # warm-up, untimed, on a full batch (CUDA-graph guides capture per batch shape)
+    steer_batch(method, world, cfg, prompts[:cfg.batch_size], torch.Generator(device).manual_seed(cfg.seed))
     for b, start in enumerate(range(0, len(prompts), cfg.batch_size)):
         batch = prompts[start:start + cfg.batch_size]
         generator = torch.Generator(device).manual_seed(cfg.seed + b)
@@ -226,6 +227,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--n must be >= 1, got {args.n}")
         prompts = shapes_prompts(args.prompts, args.n, args.prompt_seed)
         world = build_world(args.world, None if args.method == "none" else args.critic, cfg, torch.device(args.device))
+        if world.critic is not None:  # one guide per run: CUDA-graph captures are kept across batches of a shape
+            from rl.steering.guides import make_guide
+
+            world.guide = make_guide(world.policy, world.critic, world.guidance_scale, fused=cfg.fused,
+                                     cuda_graph=cfg.cuda_graph)
+        elif cfg.cuda_graph is not None:
+            raise ConfigError("cuda_graph applies to steering with a critic (--method dps / fk); method 'none' "
+                              "samples without a guide: drop cuda_graph")
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -170,8 +170,10 @@ class SharedHeadGuide:
             + tail forward and backward of the gradient path as CUDA graphs: at batch 1 the ~24-block reward tail
             is bound by kernel-launch overhead, not by the GPU. "full" replays the whole step as three graphs: the
             head's i blocks + stitch + tail with their backward to z, the no-grad rest of the CFG forward (on a
-            side stream, overlapping that backward), and ``values``; only the prompt scoring (cached text embeddings) and the CFG combination run eagerly. One
-            capture per input shape; the conditioning is a graph input (copied in), never frozen.
+            side stream, overlapping that backward), and ``values``; only the prompt scoring (cached text
+            embeddings) and the CFG combination run eagerly. One capture per input shape; the conditioning is a
+            graph input (copied in), never frozen. With w = 1 there is no unconditional branch to share and
+            "full" runs the eager path.
     """
 
     def __init__(self, policy: FlowPolicy, critic: StitchVM, guidance_scale: float, cuda_graph: str | None = None):
@@ -215,6 +217,7 @@ class SharedHeadGuide:
         if cuda_graph == "full":
             self._head_graph = graphs.GraphedGrad(self._head_embed)  # with the backward to z
             self._head_graph_nograd = graphs.GraphedNoGrad(self._head_embed)
+            self._head_stream_graph = graphs.GraphedNoGrad(lambda z, sigma: tuple(self._head(z, sigma)))
             self._rest_graph = graphs.GraphedNoGrad(self._rest)
             self._side = torch.cuda.Stream(policy.device)  # the rest of the CFG forward overlaps the value backward
 
@@ -294,26 +297,35 @@ class SharedHeadGuide:
         Once the head's block-i stream exists, the rest of the CFG forward and the value's scoring + backward are
         independent: the rest (large, batch-2B GEMMs) runs on a side stream while the backward through the head and
         the tail (batch-B, many small kernels) runs on the current one, so the GPU overlaps them."""
-        value = grad = None
+        value = grad = embed = None
         leaf = grad_leaf(z) if need_grad else None
-        with torch.set_grad_enabled(need_grad):
-            if need_grad:
+        if need_grad:
+            with torch.enable_grad():
                 embed, hidden, context, temb = self._head_graph(leaf, sigma)
-            else:
+            # make_graphed_callables hands every output back through its autograd Function (requires_grad set):
+            # the stream goes on without a graph, and the rest graph keeps one capture for both modes
+            hidden, context, temb = hidden.detach(), context.detach(), temb.detach()
+        elif need_value:
+            with torch.no_grad():
                 embed, hidden, context, temb = self._head_graph_nograd(z, sigma)
+        else:  # the velocity only (e.g. DPS outside its guidance window): no stitch, no tail
+            with torch.no_grad():
+                hidden, context, temb = self._head_stream_graph(z, sigma)
         main = torch.cuda.current_stream(z.device)
         self._side.wait_stream(main)
         with torch.cuda.stream(self._side), torch.no_grad():
             v_both = self._rest_graph(hidden, context, temb, z, sigma, cond.embeds, cond.pooled)
-        if need_grad:
-            with torch.enable_grad():
-                value = self.critic.score(embed, list(prompts)).float()
-                grad = grad_of(value, leaf).clone()  # the graph's static buffer is overwritten by the next call
-            value = value.detach()
-        elif need_value:
-            with torch.no_grad():
-                value = self.critic.score(embed, list(prompts)).float()
-        main.wait_stream(self._side)
+        try:
+            if need_grad:
+                with torch.enable_grad():
+                    value = self.critic.score(embed, list(prompts)).float()
+                    grad = grad_of(value, leaf).clone()  # the graph's static buffer is overwritten by the next call
+                value = value.detach()
+            elif need_value:
+                with torch.no_grad():
+                    value = self.critic.score(embed, list(prompts)).float()
+        finally:  # also on an error: the side stream still reads the head's static outputs
+            main.wait_stream(self._side)
         v_both.record_stream(main)  # allocated on the side stream, used (and freed) on the current one
         v_u, v_c = v_both.chunk(2)
         return GuideOutput(cfg_combine(v_u, v_c, self.guidance_scale), value, grad)

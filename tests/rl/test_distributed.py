@@ -270,3 +270,31 @@ def test_batch_that_does_not_split_over_the_launched_processes_stops_before_any_
     composed = train.compose_config(train.parse_args(["--algo", "draft", "--critic", "terminal", "--config",
                                                       TINY, "~algo.group_size", "~algo.rollout_batch_size"]))
     train.check_batch_layout("draft", composed, num_processes=1)
+
+
+def test_zero3_makes_each_transformer_block_one_fetch():
+    """Under ZeRO-3 each MMDiT block (with its peft layers) is a DeepSpeed leaf module: fetched whole, not through
+    ~60 per-submodule hooks; other backends leave the model alone."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    from deepspeed.utils import z3_leaf_module
+
+    from policies import lora
+    from policies.testing import tiny_policy
+    from rl.distributed import zero3_leaf_blocks
+
+    transformer = tiny_policy().transformer
+    lora.add_lora(transformer, lora.LoraSpec(r=2, alpha=2.0), "default")
+
+    def accel(stage):
+        plugin = SimpleNamespace(zero_stage=stage)
+        kind = DistributedType.DEEPSPEED if stage else DistributedType.NO
+        return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=plugin))
+
+    assert zero3_leaf_blocks(accel(0), transformer) == []
+    assert zero3_leaf_blocks(accel(2), transformer) == []
+    assert not any(z3_leaf_module(b) for b in transformer.transformer_blocks)
+    assert zero3_leaf_blocks(accel(3), transformer) == ["JointTransformerBlock"]
+    assert all(z3_leaf_module(b) for b in transformer.transformer_blocks)
+    assert not z3_leaf_module(transformer) and not z3_leaf_module(transformer.pos_embed)

@@ -64,9 +64,35 @@ def test_graphed_guide_equals_eager_guide(mode):
         torch.testing.assert_close(b.value, a.value, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(graphed.values(z, sigma, cond, PROMPTS), a.value, rtol=1e-5, atol=1e-6)
+        for need_value in (True, False):  # FK and DPS outside its window: no gradient, with or without V
+            c = eager(z, sigma, cond, PROMPTS, need_value=need_value, need_grad=False)
+            d = graphed(z, sigma, cond, PROMPTS, need_value=need_value, need_grad=False)
+            torch.testing.assert_close(d.velocity, c.velocity, rtol=1e-5, atol=1e-5)
+            assert d.grad is None and (d.value is None) == (not need_value)
+            if need_value:
+                torch.testing.assert_close(d.value, c.value, rtol=1e-5, atol=1e-6)
         kept.append((a.grad, b.grad))
     for a_grad, b_grad in kept:  # an earlier call's gradient is not overwritten by a later replay
         torch.testing.assert_close(b_grad, a_grad, rtol=1e-4, atol=1e-6)
+    # the graphs were really used: one capture per graph for the one batch shape
+    captures = ([graphed._graphed] if mode == "tail" else
+                [graphed._head_graph._graphed, graphed._head_graph_nograd._graphs, graphed._head_stream_graph._graphs,
+                 graphed._rest_graph._graphs])
+    assert [len(c) for c in captures] == [1] * len(captures)
+
+
+@cuda
+def test_full_graph_without_cfg_runs_the_eager_path():
+    world = tiny_world()
+    policy, critic = world.policy.to("cuda"), world.stitchvm.to("cuda")
+    cond = policy.encode_prompts(PROMPTS)
+    z = torch.randn(2, 4, 8, 8, device="cuda")
+    sigma = torch.full((2,), 0.5, device="cuda")
+    a = SharedHeadGuide(policy, critic, 1.0)(z, sigma, cond, PROMPTS)
+    graphed = SharedHeadGuide(policy, critic, 1.0, cuda_graph="full")
+    b = graphed(z, sigma, cond, PROMPTS)
+    torch.testing.assert_close(b.grad, a.grad)
+    assert not graphed._head_graph._graphed  # w = 1: nothing to share, nothing captured
 
 
 def test_make_guide_refuses_graphs_for_other_guides():
