@@ -293,7 +293,10 @@ def load_critics(names: Sequence[str], policy, reward, guidance: float, stitchvm
 
     builders = {"stitchvm": lambda: load.stitchvm(policy, reward, stitchvm_path),
                 "vae_stitch": lambda: load.vae_stitch(policy, reward, vae_stitch_path),
-                "tweedie": lambda: TweedieCritic(policy, reward, guidance_scale=guidance)}
+                "tweedie": lambda: TweedieCritic(policy, reward, guidance_scale=guidance),
+                # diagnostic: Tweedie with the unconditional (null-text) denoiser, the conditioning the StitchVM
+                # head sees; the gap to "tweedie" is what the prompt adds to a denoised estimate
+                "tweedie_null": lambda: TweedieCritic(policy, reward, guidance_scale=0.0)}
     unknown = sorted(set(names) - set(builders))
     if unknown:
         raise ValueError(f"unknown critics {unknown}; choose from {sorted(builders)}")

@@ -16,7 +16,8 @@ the Flow-GRPO SDE step, policies/samplers.py). Each epoch:
                               replaces the per-prompt history (see rl/grpo.py for why it reduces variance).
    Both clipped to [-adv_clip, adv_clip].
 4. ``inner_epochs`` passes of PPO-clip over (sample, step) pairs (DDPO Eq. 4, importance sampling):
-     L = mean max(-A rho_k, -A clip(rho_k, 1 - eps, 1 + eps)),  rho_k = pi_theta / pi_old  (no KL term)
+     L = mean max(-A rho_k, -A clip(rho_k, 1 - eps, 1 + eps)),  rho_k = pi_theta / pi_old
+   DDPO has no KL term (``kl_beta`` 0); ``kl_beta`` > 0 adds Flow-GRPO's KL to the reference policy (rl/grpo.py).
    Every pass reshuffles the samples and redraws each sample's ``timestep_fraction`` of steps.
 5. Critic co-training (``critic.cotrain``, rl/cotrain.py).
 6. Log, evaluate, checkpoint (the history buffer is part of the checkpoint).
@@ -72,6 +73,8 @@ class DDPOConfig:
     dense_norm: Literal["global", "group_step", "none"] = option(
         "global", help="dense: after centring per step divide by the global std, the per-step std, or nothing")
     adv_eps: float = option(1e-4, help="dense: eps added to the std")
+    kl_beta: float = option(0.0, help="weight of Flow-GRPO's KL to the reference (adapters off); DDPO has none (0), "
+                                      "> 0 anchors a long run")
     lr: float = option(3e-4, help="AdamW learning rate of the LoRA (ddpo-pytorch: 3e-4)")
     weight_decay: float = option(1e-4, help="AdamW weight decay")
     max_grad_norm: float = option(1.0, help="gradient clipping")
@@ -92,13 +95,14 @@ class DDPOConfig:
         check(self.clip_range > 0, "clip_range", f"must be > 0, got {self.clip_range}")
         check(self.adv_clip > 0, "adv_clip", f"must be > 0, got {self.adv_clip}")
         check(self.adv_eps > 0, "adv_eps", f"must be > 0, got {self.adv_eps}")
+        check(self.kl_beta >= 0, "kl_beta", f"must be >= 0, got {self.kl_beta}")
         check(0 <= self.gae_lambda <= 1, "gae_lambda", f"must be in [0, 1], got {self.gae_lambda}")
         check(self.stat_min_count <= self.stat_buffer_size, "stat_min_count",
               f"must be <= stat_buffer_size ({self.stat_buffer_size}), got {self.stat_min_count}")
         common.check_optimizer_and_lora(self)
 
     def update_settings(self) -> pg.UpdateSettings:
-        return pg.UpdateSettings(self.eta, self.guidance_scale, self.clip_range, 0.0, self.train_batch_size,
+        return pg.UpdateSettings(self.eta, self.guidance_scale, self.clip_range, self.kl_beta, self.train_batch_size,
                                  self.timestep_fraction, self.inner_epochs, self.max_grad_norm)
 
 

@@ -45,6 +45,17 @@ def test_smoke_run(tmp_path, critic, overrides):
     train_rows = [r for r in metrics(out) if "loss/policy" in r]
     assert len(train_rows) == 2 and all("policy/approx_kl" in r for r in train_rows)
     assert ("critic/value_mse" in train_rows[0]) == (critic == "tweedie")
+    assert all(r["loss/kl"] == 0 for r in train_rows)  # DDPO: no KL term by default
+
+
+def test_kl_anchor_is_optional(tmp_path):
+    """kl_beta > 0 adds Flow-GRPO's KL to the reference; it is zero on the first pass (the LoRA starts at the base
+    weights) and positive once the adapter has moved; the total is policy + beta * KL."""
+    out = run_tiny(tmp_path, "ddpo", "terminal", "algo.kl_beta=0.5", "algo.inner_epochs=2", "algo.stat_min_count=2")
+    rows = [r for r in metrics(out) if "loss/policy" in r]
+    assert any(r["loss/kl"] > 0 for r in rows)
+    for r in rows:
+        assert r["loss/total"] == pytest.approx(r["loss/policy"] + 0.5 * r["loss/kl"], rel=1e-4, abs=1e-9)  # float32 sums
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):
