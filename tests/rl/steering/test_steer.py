@@ -45,3 +45,17 @@ def test_cli_missing_stitchvm_is_a_clear_error(tmp_path, capsys):
                      f"stitchvm_path={tmp_path / 'nowhere'}"])
     assert rc == 2
     assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method,critic,value,message", [
+    ("dps", "stitchvm", "bogus", "must be null"),
+    ("dps", "tweedie", "tail", "shared-head guide only"),
+    ("none", "stitchvm", "full", "drop cuda_graph"),
+    ("dps", "stitchvm", "full", "needs a CUDA device"),  # the CPU here; on a GPU this is the fast path
+])
+def test_cli_cuda_graph_errors_exit_2_before_writing(tmp_path, capsys, method, critic, value, message):
+    out = tmp_path / "out"
+    rc = steer.main(["--world", "tiny", "--method", method, "--critic", critic, "--n", "2", "--out", str(out),
+                     "--device", "cpu", f"cuda_graph={value}"])
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not out.exists()
