@@ -14,7 +14,9 @@ Rules a captured function obeys (checked by the tests on the shapes they use): i
 its tensor arguments (anything else, such as the prompt embeddings closed over, is frozen at capture: key the
 cache on it or keep it outside the graph), it does not synchronise with the host, and its outputs are the graph's
 static buffers, overwritten by the next replay. GraphedNoGrad therefore returns clones; GraphedGrad returns the
-static outputs (valid until the next call) and the caller clones what it keeps (SharedHeadGuide clones ∇V).
+static outputs (valid until the next call) and the caller clones what it keeps (SharedHeadGuide clones ∇V). A
+captured graph also reads any tensor it closed over by address (cached constants such as
+critics.rewards.base.channel_constants): such caches must never evict.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ import torch
 from torch import Tensor
 
 
-def signature(args: tuple[Tensor, ...]) -> tuple:
-    return tuple((tuple(a.shape), a.dtype, a.device, a.requires_grad) for a in args)
+def signature(args: tuple[Tensor, ...], with_grad: bool = True) -> tuple:
+    return tuple((tuple(a.shape), a.dtype, a.device) + ((a.requires_grad,) if with_grad else ()) for a in args)
 
 
 def _check_cuda(args: tuple[Tensor, ...]) -> None:
@@ -57,7 +59,7 @@ class GraphedNoGrad:
 
     def __call__(self, *args: Tensor):
         _check_cuda(args)
-        key = signature(args)
+        key = signature(args, with_grad=False)  # runs under no_grad: requires_grad of an input changes nothing
         if key not in self._graphs:
             self._graphs[key] = self._capture(args)
         graph, static, out = self._graphs[key]
@@ -70,8 +72,9 @@ class GraphedNoGrad:
 class GraphedGrad:
     """Replay ``fn(*args)`` and its backward as CUDA graphs (``torch.cuda.make_graphed_callables``).
 
-    Outputs that do not require grad (e.g. detached hidden states handed on) are allowed; their gradient is never
-    asked for. Outputs are the graph's static buffers: use them before the next call, clone what is kept.
+    Outputs may be detached inside ``fn`` (hidden states handed on), but every output comes back through the
+    graphed autograd Function with ``requires_grad`` set: detach what is not differentiated. Outputs are the
+    graph's static buffers: use them before the next call, clone what is kept.
     """
 
     def __init__(self, fn: Callable[..., tuple[Tensor, ...]], warmup: int = 3):
