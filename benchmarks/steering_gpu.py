@@ -14,6 +14,8 @@ What is timed (CUDA events, ``--warmup`` untimed calls, median of ``--repeats``)
     tweedie_dps       guided step, CriticGuide + TweedieCritic: CFG forward, then a conditional DiT forward + VAE
                       decode + CLIP with autograd, backward to z
     tweedie_dps_fused guided step, TweedieGuide: the CFG's conditional half is the denoiser (one DiT pass less)
+    tweedie_dps_fused_graphed  the same as CUDA graphs (GraphedTweedieGuide below): conditional DiT + decode + image
+                      tower with their backward to z as one graph, the unconditional DiT forward as another
     stitchvm_dps      guided step, CriticGuide + StitchVM: CFG forward + head (4 blocks) + stitch + tail, backward
     stitchvm_dps_shared  guided step, SharedHeadGuide: the CFG's unconditional blocks 1..4 are the head
     stitchvm_dps_shared_graphed  the same with the stitch + tail forward/backward replayed as CUDA graphs (GPU only)
@@ -24,8 +26,7 @@ What is timed (CUDA events, ``--warmup`` untimed calls, median of ``--repeats``)
     decode_score      r(D(z)) forward, no grad (the terminal critic); decode_score_graphed: decode + image tower
                       as one CUDA graph (the text side is cached by both)
     value_tweedie     r(D(z - sigma v_c(z))) forward, no grad (conditional DiT + decode + reward)
-Every ratio compares the best variant of each side (eager or graphed): StitchVM gets no graph its baseline lacks,
-except Tweedie-DPS (its step is ~90% VAE-decoder and reward convolutions/backward, compute-bound at these shapes).
+Every ratio compares the best variant of each side (eager or graphed): StitchVM gets no graph its baselines lack.
 ``--sdpa`` selects the attention kernels of every method alike (torch.nn.attention.sdpa_kernel priority);
 ``--profile`` prints the CUDA kernel time table of one plain CFG step and one best StitchVM step.
 Memory: peak ``torch.cuda.max_memory_allocated`` during one call minus the allocated memory before it (weights
@@ -75,15 +76,18 @@ from policies import samplers  # noqa: E402
 from rl.steering.dps import DPSConfig, dps_step  # noqa: E402
 from rl.steering.fk import FKConfig, fk_sample  # noqa: E402
 from policies.flow import PromptEmbeds  # noqa: E402
-from rl.steering.graphs import GraphedNoGrad  # noqa: E402
-from rl.steering.guides import CriticGuide, SharedHeadGuide, TweedieGuide  # noqa: E402
+from rl.steering import mmdit  # noqa: E402
+from rl.steering.graphs import GraphedGrad, GraphedNoGrad  # noqa: E402
+from rl.steering.guides import (CriticGuide, GuideOutput, SharedHeadGuide, TweedieGuide, cfg_combine,  # noqa: E402
+                                grad_leaf, grad_of)
 from rl.steering.testing import random_stitchvm  # noqa: E402
 
 CFG_SCALE = 4.5
 SIGMA, SIGMA_NEXT = 0.7, 0.68  # a mid-trajectory step (costs do not depend on sigma)
 PROMPT = "a red circle to the left of two blue squares"  # also a Shapes caption, for the --tiny tokenizer
-STEP_METHODS = ("cfg", "cfg_graphed", "tweedie_dps", "tweedie_dps_fused", "stitchvm_dps", "stitchvm_dps_shared",
-                "stitchvm_dps_shared_graphed", "stitchvm_dps_shared_full_graph")
+STEP_METHODS = ("cfg", "cfg_graphed", "tweedie_dps", "tweedie_dps_fused", "tweedie_dps_fused_graphed", "stitchvm_dps",
+                "stitchvm_dps_shared", "stitchvm_dps_shared_graphed", "stitchvm_dps_shared_full_graph")
+TWEEDIE_STEPS = ("tweedie_dps", "tweedie_dps_fused", "tweedie_dps_fused_graphed")
 CFG_STEPS = ("cfg", "cfg_graphed")
 STITCHVM_STEPS = ("stitchvm_dps_shared", "stitchvm_dps_shared_graphed", "stitchvm_dps_shared_full_graph")  # fused
 VALUE_METHODS = ("value_stitchvm", "value_stitchvm_graphed", "decode_score", "decode_score_graphed", "value_tweedie")
@@ -220,6 +224,37 @@ def decode_score(policy, reward, z, prompts):
     return reward(policy.decode(z), prompts)
 
 
+class GraphedTweedieGuide:
+    """TweedieGuide's arithmetic as CUDA graphs, so Tweedie-DPS gets the treatment StitchVM's "full" mode gets:
+    V = r(D(z - sigma v_c(z))) with the conditional DiT forward, the VAE decode and the image tower (and their
+    backward to z) replayed as one graph; the prompt scoring (text tower) eager, as in every method; the
+    unconditional DiT forward as a second graph. Benchmark-only (not a library guide)."""
+
+    def __init__(self, policy, reward, guidance_scale: float):
+        self.policy, self.reward, self.guidance_scale = policy, reward, guidance_scale
+        t = policy.transformer
+
+        def embed_and_velocity(z, sigma, embeds, pooled):
+            v_c = mmdit.forward(t, z, sigma, embeds, pooled)
+            z_0 = z - sigma.view(-1, 1, 1, 1).to(v_c.dtype) * v_c
+            return reward._image_embed(policy.decode(z_0)), v_c.detach()  # no range check: it syncs
+
+        self.value_graph = GraphedGrad(embed_and_velocity)
+        self.uncond_graph = GraphedNoGrad(lambda z, sigma, e, p: mmdit.forward(t, z, sigma, e, p))
+
+    def __call__(self, z, sigma, cond, prompts, need_value: bool = True, need_grad: bool = True) -> GuideOutput:
+        leaf = grad_leaf(z)
+        with torch.enable_grad():
+            embed, v_c = self.value_graph(leaf, sigma, cond.embeds, cond.pooled)
+            value = self.reward.score_from_embeds(embed, self.reward.text_embed(list(prompts))).float()
+            grad = grad_of(value, leaf).clone()
+        null = self.policy.null_embeds().expand(z.shape[0])
+        with torch.no_grad():
+            v_u = self.uncond_graph(z, sigma, null.embeds, null.pooled)
+            v = cfg_combine(v_u, v_c.detach(), self.guidance_scale)
+        return GuideOutput(v, value.detach(), grad)
+
+
 @torch.no_grad()
 def cfg_step_graphed(graphed_velocity, z, sigma, cond, dps_cfg, generator):
     v = graphed_velocity(z, sigma, cond.embeds, cond.pooled)
@@ -242,6 +277,7 @@ def step_closures(policy, reward, stitchvm, tweedie, z, cond, prompts, generator
     if cuda:
         guides["stitchvm_dps_shared_graphed"] = SharedHeadGuide(policy, stitchvm, CFG_SCALE, cuda_graph="tail")
         guides["stitchvm_dps_shared_full_graph"] = SharedHeadGuide(policy, stitchvm, CFG_SCALE, cuda_graph="full")
+        guides["tweedie_dps_fused_graphed"] = GraphedTweedieGuide(policy, reward, CFG_SCALE)
     calls = {"cfg": partial(cfg_step, policy, z, sigma, cond, dps_cfg, generator)}
     if cuda:
         velocity = GraphedNoGrad(lambda z_, s_, e_, p_: policy.velocity(z_, s_, PromptEmbeds(e_, p_), CFG_SCALE))
@@ -273,6 +309,11 @@ def consistency(guides: dict, z, cond, prompts) -> dict:
             out[f"{tag}_value_abs_diff_max"] = (c.value - a.value).abs().max().item()
             out[f"{tag}_velocity_rel_diff"] = ((c.velocity - a.velocity).float().norm()
                                                / a.velocity.float().norm()).item()
+    if "tweedie_dps_fused_graphed" in guides:  # the graphed Tweedie baseline computes TweedieGuide's numbers
+        t, g = guides["tweedie_dps_fused"](z, sigma, cond, prompts), guides["tweedie_dps_fused_graphed"](z, sigma, cond,
+                                                                                                         prompts)
+        out["tweedie_graphed_grad_cosine_min"] = grad_cosine(g.grad, t.grad)
+        out["tweedie_graphed_value_abs_diff_max"] = (g.value - t.value).abs().max().item()
     return out
 
 
@@ -364,7 +405,7 @@ def extra_memory(shared: dict | None, cfg: dict | None, tweedie: dict | None) ->
 
 
 def best_tweedie(r: dict) -> dict | None:
-    return best_of(r, ("tweedie_dps", "tweedie_dps_fused"))
+    return best_of(r, TWEEDIE_STEPS)
 
 
 def best_value(r: dict) -> dict | None:
@@ -380,10 +421,10 @@ def report(results: dict) -> str:
              f"| attention {results.get('sdpa', 'default')} "
              f"| StitchVM (i, j) = ({results['i']}, 1)", ""]
     lines += ["### Guided step: ms (working GB)", "",
-              "| res | B | plain CFG | plain CFG graphed | Tweedie-DPS | Tweedie-DPS fused | StitchVM-DPS | "
-              "StitchVM-DPS shared | shared + CUDA-graph tail | shared, whole step graphed | "
+              "| res | B | plain CFG | plain CFG graphed | Tweedie-DPS | Tweedie-DPS fused | Tweedie-DPS fused graphed | "
+              "StitchVM-DPS | StitchVM-DPS shared | shared + CUDA-graph tail | shared, whole step graphed | "
               "best StitchVM vs best Tweedie | best StitchVM / best CFG | extra GB shared / Tweedie |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in results["configs"].items():
         res, B = key.split("x")
         cells = [f"{cell(r.get(m))} ({cell(r.get(m), 'work_gb', 2)})" for m in STEP_METHODS]
