@@ -83,7 +83,7 @@ def run_one(args, backend: str, gpus: int, timeout: float) -> dict:
     out_dir = args.out / "runs" / name
     if timeout < 30:
         print(f"[{name}] skipped: the --budget is spent", flush=True)
-        return {"backend": backend, "gpus": gpus, "rc": "skipped", "log": "", "run_dir": str(out_dir)}
+        return {"backend": backend, "gpus": gpus, "rc": "skipped", "log": "", "run_dir": f"runs/{name}"}
     cmd, env = launch_command(backend, gpus, args.cpu)
     cmd += job_args(args, out_dir)
     log = args.out / "logs" / f"{name}.txt"
@@ -96,8 +96,9 @@ def run_one(args, backend: str, gpus: int, timeout: float) -> dict:
                                 stderr=subprocess.STDOUT, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
-    result = {"backend": backend, "gpus": gpus, "rc": rc, "wall_s": round(time.time() - start, 1), "log": str(log),
-              "run_dir": str(out_dir), **summarise(out_dir / "metrics.jsonl", args)}
+    # paths relative to --out: the records carry no machine paths
+    result = {"backend": backend, "gpus": gpus, "rc": rc, "wall_s": round(time.time() - start, 1),
+              "log": f"logs/{name}.txt", "run_dir": f"runs/{name}", **summarise(out_dir / "metrics.jsonl", args)}
     print(f"[{name}] rc={rc} wall {result['wall_s']} s, steady {result.get('epoch_s', math.nan):.3f} s/epoch",
           flush=True)
     return result

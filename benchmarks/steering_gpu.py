@@ -522,7 +522,7 @@ def run(args: argparse.Namespace) -> int:
     results = {"device": name, "sdpa": args.sdpa,
                "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""), "i": head_depth,
                "configs": {}, "fk": {}, "consistency": {}, "params_gb": {},
-               "target_key": f"{max(resolutions)}x1", "settings": vars(args)}
+               "target_key": f"{max(resolutions)}x1", "settings": {**vars(args), "json": args.json and Path(args.json).name}}
     results["params_gb"]["policy transformer"] = param_gb(policy.transformer)
     results["params_gb"]["VAE"] = param_gb(policy.vae)
     results["params_gb"]["CLIP reward"] = param_gb(reward)
