@@ -36,6 +36,7 @@ from policies.flow import FlowPolicy
 from rl.config import ConfigError, apply_overrides, check, compose, from_dict, load_yaml, option, to_dict
 from rl.steering.dps import DPSConfig
 from rl.steering.fk import FKConfig
+from rl.steering.graphs import CUDA_GRAPH_MODES
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs" / "steer"
 CRITIC_ROOT = CONFIG_ROOT.parent / "critic"
@@ -63,7 +64,7 @@ class SteerConfig:
         check(self.num_steps is None or self.num_steps >= 1, "num_steps", f"must be >= 1, got {self.num_steps}")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.eta >= 0, "eta", f"must be >= 0, got {self.eta}")
-        check(self.cuda_graph in (None, "tail", "full"), "cuda_graph",
+        check(self.cuda_graph in CUDA_GRAPH_MODES, "cuda_graph",
               f"must be null (eager), 'tail' or 'full', got {self.cuda_graph!r}")
 
 
@@ -78,7 +79,7 @@ class World:
     num_steps: int
     guidance_scale: float
     prompts: list[str] = field(default_factory=list)
-    guide: object | None = None  # rl.steering.guides.make_guide's, built once per run by main (None: per batch)
+    guide: object | None = None  # the steering guide, built once per run (guide_for)
 
 
 def load_config(method: str, config_files: list[str], overrides: list[str]) -> SteerConfig:
@@ -137,13 +138,27 @@ def build_world(world: str, critic_name: str | None, cfg: SteerConfig, device: t
                  cfg.guidance_scale if cfg.guidance_scale is not None else w)
 
 
+def guide_for(world: World, cfg: SteerConfig):
+    """The run's guide (rl.steering.guides.make_guide), built on first use and kept: CUDA-graph captures are reused
+    across batches of one shape. Raises ValueError for a critic / cuda_graph combination that cannot work."""
+    from rl.steering.guides import make_guide
+
+    if world.critic is None:
+        if cfg.cuda_graph is not None:
+            raise ConfigError("cuda_graph applies to steering with a critic (--method dps / fk); method 'none' "
+                              "samples without a guide: drop cuda_graph")
+        return None
+    if world.guide is None:
+        world.guide = make_guide(world.policy, world.critic, world.guidance_scale, fused=cfg.fused,
+                                 cuda_graph=cfg.cuda_graph)
+    return world.guide
+
+
 def steer_batch(method: str, world: World, cfg: SteerConfig, prompts: list[str], generator: torch.Generator):
     """Final latents (P, C, h, w) for the prompts with the chosen method."""
     from policies import samplers
     from rl.steering.dps import dps_sample
     from rl.steering.fk import fk_sample
-    from rl.steering.guides import make_guide
-
     policy = world.policy
     sigmas = policy.sigmas(world.num_steps)
     cond = policy.encode_prompts(prompts)
@@ -152,8 +167,7 @@ def steer_batch(method: str, world: World, cfg: SteerConfig, prompts: list[str],
         with torch.no_grad():
             return samplers.sample(policy.velocity_fn(cond, world.guidance_scale), z_T, sigmas, eta=cfg.eta,
                                    generator=generator, keep_latents=False).z_tau
-    guide = world.guide or make_guide(policy, world.critic, world.guidance_scale, fused=cfg.fused,
-                                      cuda_graph=cfg.cuda_graph)
+    guide = guide_for(world, cfg)
     if method == "dps":
         return dps_sample(guide, policy.noise(len(prompts), generator), sigmas, cond, prompts, cfg.dps, generator).z_0
     z_T = policy.noise(len(prompts) * cfg.fk.num_particles, generator)
@@ -227,14 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--n must be >= 1, got {args.n}")
         prompts = shapes_prompts(args.prompts, args.n, args.prompt_seed)
         world = build_world(args.world, None if args.method == "none" else args.critic, cfg, torch.device(args.device))
-        if world.critic is not None:  # one guide per run: CUDA-graph captures are kept across batches of a shape
-            from rl.steering.guides import make_guide
-
-            world.guide = make_guide(world.policy, world.critic, world.guidance_scale, fused=cfg.fused,
-                                     cuda_graph=cfg.cuda_graph)
-        elif cfg.cuda_graph is not None:
-            raise ConfigError("cuda_graph applies to steering with a critic (--method dps / fk); method 'none' "
-                              "samples without a guide: drop cuda_graph")
+        guide_for(world, cfg)  # here, so that a bad combination is an error before anything runs
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

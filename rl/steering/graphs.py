@@ -27,6 +27,9 @@ import torch
 from torch import Tensor
 
 
+CUDA_GRAPH_MODES = (None, "tail", "full")  # rl.steering.guides.SharedHeadGuide's cuda_graph
+
+
 def signature(args: tuple[Tensor, ...], with_grad: bool = True) -> tuple:
     return tuple((tuple(a.shape), a.dtype, a.device) + ((a.requires_grad,) if with_grad else ()) for a in args)
 

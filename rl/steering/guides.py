@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Callable, NamedTuple, Protocol, Sequence
+from typing import NamedTuple, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -48,8 +48,7 @@ from critics.baselines import TweedieCritic
 from critics.stitchvm import NULL_COND_RTOL, StitchVM
 from policies.flow import FlowPolicy, PromptEmbeds
 from rl.steering import graphs, mmdit
-
-CUDA_GRAPH_MODES = (None, "tail", "full")
+from rl.steering.graphs import CUDA_GRAPH_MODES
 
 
 class GuideOutput(NamedTuple):
@@ -213,7 +212,7 @@ class SharedHeadGuide:
         self.depth = critic.i
         self.num_blocks = mmdit.num_blocks(transformer)
         self.cuda_graph = cuda_graph
-        self._graphed: dict[tuple, Callable[[Tensor], Tensor]] = {}
+        self._graphed: dict[tuple[int, int], graphs.GraphedGrad] = {}  # "tail": stitch + tail per latent (h, w)
         if cuda_graph == "full":
             self._head_graph = graphs.GraphedGrad(self._head_embed)  # with the backward to z
             self._head_graph_nograd = graphs.GraphedNoGrad(self._head_embed)
@@ -249,12 +248,8 @@ class SharedHeadGuide:
     def _value(self, head: mmdit.Stream, z: Tensor, prompts: Sequence[str]) -> Tensor:
         """V from the head's block-i image tokens: stitch + tail + score, (B,) float32."""
         embed = partial(embed_from_block_tokens, self.critic, z.shape[-2], z.shape[-1])
-        if self.cuda_graph == "tail" and head.hidden.requires_grad:
-            key = (tuple(head.hidden.shape), head.hidden.dtype, tuple(z.shape[-2:]))
-            if key not in self._graphed:  # capture: a few warm-up runs on a side stream, then one recorded run
-                sample = torch.randn_like(head.hidden).requires_grad_(True)
-                self._graphed[key] = torch.cuda.make_graphed_callables(embed, (sample,))
-            embed = self._graphed[key]
+        if self.cuda_graph == "tail" and head.hidden.requires_grad:  # one graph set per latent size, per input shape
+            embed = self._graphed.setdefault(tuple(z.shape[-2:]), graphs.GraphedGrad(embed))
         # the text side (cached prompt embeddings) stays outside the graph
         return self.critic.score(embed(head.hidden), list(prompts)).float()
 
