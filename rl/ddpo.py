@@ -57,6 +57,8 @@ class DDPOConfig:
     guidance_scale: float = option(1.0, help="CFG weight in rollout and training (1.0 = CFG-free)")
     prompts_per_epoch: int = option(16, help="prompts per epoch")
     group_size: int = option(1, help="samples per prompt (DDPO: 1; the history buffer supplies the prompt's mean)")
+    group_noise: bool = option(False, help="a group's samples share their initial noise z_T (DanceGRPO), so the "
+                                            "rewards within a group differ only through the SDE steps (group_size >= 2)")
     rollout_batch_size: int = option(32, help="samples per rollout forward (a multiple of group_size)")
     train_batch_size: int = option(16, help="samples per optimizer step")
     value_batch_size: int = option(64, help="latents per critic call (dense values)")
@@ -95,6 +97,8 @@ class DDPOConfig:
         check(self.clip_range > 0, "clip_range", f"must be > 0, got {self.clip_range}")
         check(self.adv_clip > 0, "adv_clip", f"must be > 0, got {self.adv_clip}")
         check(self.adv_eps > 0, "adv_eps", f"must be > 0, got {self.adv_eps}")
+        check(not self.group_noise or self.group_size >= 2, "group_noise",
+              f"shares z_T within a prompt's group: needs group_size >= 2, got {self.group_size}")
         check(self.kl_beta >= 0, "kl_beta", f"must be >= 0, got {self.kl_beta}")
         check(0 <= self.gae_lambda <= 1, "gae_lambda", f"must be in [0, 1], got {self.gae_lambda}")
         check(self.stat_min_count <= self.stat_buffer_size, "stat_min_count",
@@ -186,7 +190,8 @@ def train(run: common.Run, cfg: DDPOConfig, resume: str | None = None) -> dict[s
             rng, generator = pg.epoch_generator(run, epoch, 1)
             rollout = pg.collect(run, rows, cfg.num_steps, cfg.eta, cfg.guidance_scale, cfg.rollout_batch_size,
                                  0, (0, 0), rng, generator,
-                                 distributed.process_generator(run.run_cfg.seed, epoch, 1, run.accelerator))
+                                 distributed.process_generator(run.run_cfg.seed, epoch, 1, run.accelerator),
+                                 cfg.group_size if cfg.group_noise else 1)
             rewards = pg.gather(run, rollout.rewards, len(rows), cfg.rollout_batch_size)  # (B,)
             finite = torch.isfinite(rewards)
             metrics = {**common.log_mean_std("reward", rewards), "train/epoch": epoch + 1,

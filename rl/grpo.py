@@ -69,6 +69,8 @@ class GRPOConfig:
     sde_window_start: tuple[int, int] = option((0, 0), help="(lo, hi): the window starts at step U{lo..hi}")
     prompts_per_epoch: int = option(8, help="prompts per epoch")
     group_size: int = option(8, help="G, samples per prompt")
+    group_noise: bool = option(False, help="a group's G samples share their initial noise z_T (DanceGRPO), so the "
+                                            "rewards within a group differ only through the SDE steps")
     rollout_batch_size: int = option(32, help="samples per rollout forward (a multiple of group_size)")
     train_batch_size: int = option(16, help="samples per optimizer step")
     value_batch_size: int = option(64, help="latents per critic call (dense values)")
@@ -182,7 +184,8 @@ def train(run: common.Run, cfg: GRPOConfig, resume: str | None = None) -> dict[s
             rng, generator = pg.epoch_generator(run, epoch, 1)
             rollout = pg.collect(run, rows, cfg.num_steps, cfg.eta, cfg.guidance_scale, cfg.rollout_batch_size,
                                  cfg.sde_window, cfg.sde_window_start, rng, generator,
-                                 distributed.process_generator(run.run_cfg.seed, epoch, 1, run.accelerator))
+                                 distributed.process_generator(run.run_cfg.seed, epoch, 1, run.accelerator),
+                                 cfg.group_size if cfg.group_noise else 1)
             rewards = pg.gather(run, rollout.rewards, len(rows), cfg.rollout_batch_size)  # (B,)
             finite = torch.isfinite(rewards)
             metrics = {**common.log_mean_std("reward", rewards), "train/epoch": epoch + 1,

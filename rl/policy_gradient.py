@@ -87,7 +87,8 @@ def window_steps(num_steps: int, window: int, start: int) -> list[int]:
 @torch.no_grad()
 def collect(run: common.Run, rows: list[str], num_steps: int, eta: float, guidance_scale: float, batch_size: int,
             window: int, window_start: tuple[int, int], rng: np.random.Generator,
-            generator: torch.Generator, sde_generator: torch.Generator | None = None) -> SDERollout:
+            generator: torch.Generator, sde_generator: torch.Generator | None = None,
+            shared_noise_group: int = 1) -> SDERollout:
     """Sample ``rows`` (one prompt per row) with the policy's SDE sampler and score the finished samples.
 
     Rows go in rounds of ``batch_size``, one SDE window per round (callers keep groups inside one round). With
@@ -104,6 +105,9 @@ def collect(run: common.Run, rows: list[str], num_steps: int, eta: float, guidan
         rng, generator: randomness of the windows and of z_T (the same on every process).
         sde_generator: the SDE steps' noise (default ``generator``); give each process its own
             (rl.distributed.process_generator) so that processes do not share noise.
+        shared_noise_group: G > 1: each run of G consecutive rows (a group) starts from one z_T (DanceGRPO's
+            shared initial noise), so the rewards within a group differ only through the SDE steps' noise, the
+            actions the policy gradient credits; 1: every row draws its own z_T.
     """
     policy, accel = run.policy, run.accelerator
     sde_generator = generator if sde_generator is None else sde_generator
@@ -112,7 +116,10 @@ def collect(run: common.Run, rows: list[str], num_steps: int, eta: float, guidan
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         steps = window_steps(num_steps, window, int(rng.integers(window_start[0], window_start[1] + 1)))
-        z_T = policy.noise(len(chunk), generator)  # the whole round's noise, on every process
+        if len(chunk) % shared_noise_group:
+            raise ValueError(f"a rollout round of {len(chunk)} rows does not hold whole groups of {shared_noise_group}")
+        # the whole round's noise, on every process; one draw per group when groups share z_T
+        z_T = policy.noise(len(chunk) // shared_noise_group, generator).repeat_interleave(shared_noise_group, 0)
         mine = distributed.process_slice(len(chunk), accel)
         batch = chunk[mine]
         mine_rows += batch

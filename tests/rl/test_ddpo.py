@@ -73,3 +73,9 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     last = {name: [r for r in metrics(d) if r.get("step") == 3 and "loss/policy" in r][-1]["loss/policy"]
             for name, d in (("full", full), ("part", part))}
     assert last["full"] == last["part"]
+
+
+def test_group_noise_needs_groups(capsys):
+    assert train.main(["--algo", "ddpo", "--critic", "terminal", "--config", TINY, *DROP["ddpo"], "algo.group_size=1",
+                       "algo.rollout_batch_size=4", "algo.group_noise=true"]) == 2
+    assert "group_noise" in capsys.readouterr().err

@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -123,6 +124,39 @@ def test_rescore_unchanged_policy_gives_ratio_one(guidance_scale, window):
     assert (traj.log_probs[:, ~traj.sde_mask] == 0).all()
 
 
+@pytest.mark.parametrize("window", [0, 2])
+def test_group_noise_shares_z_T_within_groups_only(window):
+    """shared_noise_group = G: a group's rows start from one z_T and then differ only through the SDE noise; with a
+    Fast window starting at step 1 they stay identical up to the window (the ODE steps before it are deterministic)."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from rl.metrics import Timer
+
+    policy = tiny_policy()
+    run = SimpleNamespace(policy=policy, accelerator=Accelerator(cpu=True), device=torch.device("cpu"),
+                          timer=Timer(), reward=lambda images, prompts: images.mean(dim=(1, 2, 3)))
+    rows = [p for p in ["a red circle", "two blue squares", "a green triangle"] for _ in range(2)]
+    out = {}
+    for G in (1, 2):
+        rng = np.random.default_rng(0)
+        rollout = pg.collect(run, rows, 4, 0.7, 1.0, 6, window, (1, 1), rng, torch.Generator().manual_seed(0),
+                             shared_noise_group=G)
+        out[G] = rollout
+    z = out[2].latents  # (6, 5, C, h, w)
+    first_sde = 1 if window else 0
+    for g in range(3):
+        a, b = z[2 * g], z[2 * g + 1]
+        torch.testing.assert_close(a[:first_sde + 1], b[:first_sde + 1], rtol=0, atol=0)  # same z_T (and ODE steps)
+        assert (a[-1] - b[-1]).abs().max() > 1e-2  # the SDE steps separate them
+    assert (z[0, 0] - z[2, 0]).abs().max() > 0.5  # other groups: other noise
+    assert (out[1].latents[0, 0] - out[1].latents[1, 0]).abs().max() > 0.5  # G = 1: every row its own z_T
+    torch.testing.assert_close(out[2].rewards, run.reward(policy.decode(z[:, -1]), rows))
+    with pytest.raises(ValueError, match="whole groups of 4"):
+        pg.collect(run, rows, 4, 0.7, 1.0, 6, 0, (0, 0), np.random.default_rng(0),
+                   torch.Generator().manual_seed(0), shared_noise_group=4)
+
+
 def test_gradient_variance_of_identical_samples_is_zero():
     policy = tiny_policy()
     from peft import LoraConfig
@@ -170,7 +204,7 @@ def test_config_errors(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("critic,overrides", [
-    ("terminal", ["algo.guidance_scale=2.0", "algo.sde_window=2", "algo.sde_window_start=[0,2]"]),
+    ("terminal", ["algo.guidance_scale=2.0", "algo.sde_window=2", "algo.sde_window_start=[0,2]", "algo.group_noise=true"]),
     ("tweedie", ["algo.advantages=dense", "algo.gae_lambda=0.5", "algo.timestep_fraction=0.5"]),
     ("mc", ["algo.advantages=dense", "algo.timestep_fraction=0.25", "critic.num_rollouts=2", "critic.num_steps=2"]),
 ])
