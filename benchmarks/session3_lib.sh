@@ -3,6 +3,9 @@
 #                                              optimises the ShapesEval checker (configs/experiments/shapes_checker.yaml)
 #   cpu NAME [overrides...]                    the CPU main job's settings (64-sample epochs) for $E epochs, evaluated
 #                                              every $EVAL_EVERY epochs on 512 held-out prompts
+# configs/experiments/shapes_gpu_{grpo,ddpo}.yaml changed in session 5 (group noise, Fast window, 1024-sample epochs);
+# the session-3 and session-4 scripts ran the earlier ones: `git checkout 55e2c91 -- configs/experiments` reruns them
+# as they were. The session-5 scripts pin every changed key.
 mkdir -p $OUT/runs $OUT/log
 M=${MINUTES:-8.5}
 E=${EPOCHS:-50}
