@@ -45,6 +45,10 @@ class RunConfig:
                 "update is the same whatever this and the number of processes)")
     max_nonfinite: int = option(5, help="stop after this many consecutive skipped (non-finite) updates")
     export_lora: bool = option(True, help="export the trained LoRA in diffusers format at the end")
+    keep_best: bool = option(False, help="early stopping: at every evaluation also score prompts.val, keep the "
+                                         "adapter with the best val score, and finish (final evaluation, export) "
+                                         "with it instead of the last one (rl/selection.py)")
+    best_metric: str = option("overall", help="with keep_best: the eval metric's score that chooses (higher is better)")
 
     def __post_init__(self):
         check(bool(self.output_dir.strip()), "output_dir", "must name a directory, got an empty string")
@@ -58,6 +62,7 @@ class RunConfig:
             check(backend in BACKENDS, "log_backends", f"unknown backend '{backend}'; valid: {', '.join(BACKENDS)}")
         check("wandb" not in self.log_backends or bool(self.wandb_project), "wandb_project",
               "the wandb backend needs a project name: set run.wandb_project")
+        check(bool(self.best_metric.strip()), "best_metric", "must name a score of the eval metric, got ''")
         check(self.mixed_precision in MIXED_PRECISION, "mixed_precision",
               f"must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
 
@@ -105,6 +110,8 @@ class Run:
     reward: Any = None  # the pixel reward r(images, prompts) of finished samples (trainers that need R besides V)
     cotrain: Any = None  # rl.cotrain.CotrainConfig from critic.cotrain (None: off)
     trained_module: Any = None  # the transformer as accelerator.prepare returned it (DDP, a DeepSpeed engine, itself)
+    val_prompts: list[str] = field(default_factory=list)  # prompts.val, without any prompt of eval_prompts
+    best: Any = None  # rl.selection.BestAdapter with run.keep_best (None: off)
     timer: Timer = field(default_factory=Timer)
     start_time: float = field(default_factory=time.time)
 
@@ -192,32 +199,35 @@ def metric_scores(metric: Callable, images: Tensor, prompts: list[str]) -> dict[
 
 
 @torch.no_grad()
-def evaluate(run: Run, adapter: str | None = "default") -> tuple[dict[str, float], Tensor]:
-    """Held-out score of the policy (ODE sampler, fixed noise). Returns (metrics, first images (N,3,H,W)).
+def evaluate(run: Run, adapter: str | None = "default", prompts: list[str] | None = None
+             ) -> tuple[dict[str, float], Tensor]:
+    """Held-out score of the policy (ODE sampler, fixed noise) on ``prompts`` (default: the eval prompts).
+    Returns (metrics, first images (N,3,H,W)).
 
     With several processes each samples its share of every evaluation batch; the noise is drawn for the whole
     batch on every process, so the score does not depend on the number of processes. Every process must call it
     (the per-sample scores are gathered)."""
     policy, cfg, accel = run.policy, run.eval_cfg, run.accelerator
-    if run.eval_metric is None or not run.eval_prompts:
+    prompts = run.eval_prompts if prompts is None else prompts
+    if run.eval_metric is None or not prompts:
         return {}, torch.empty(0)
     generator = torch.Generator(run.device).manual_seed(cfg.seed)
     totals: dict[str, list[Tensor]] = {}
     first = None
-    for start in range(0, len(run.eval_prompts), cfg.batch_size):
-        batch = run.eval_prompts[start:start + cfg.batch_size]
+    for start in range(0, len(prompts), cfg.batch_size):
+        batch = prompts[start:start + cfg.batch_size]
         z_T = policy.noise(len(batch), generator)
         rows, real = distributed.padded_rows(len(batch), accel)
-        prompts = [batch[i] for i in rows]
+        row_prompts = [batch[i] for i in rows]
         if adapter is None:
             with lora.reference_policy(policy.transformer):
-                traj = policy.sample(prompts, cfg.num_steps, cfg.guidance_scale, z_T=z_T[rows], keep_latents=False)
+                traj = policy.sample(row_prompts, cfg.num_steps, cfg.guidance_scale, z_T=z_T[rows], keep_latents=False)
         else:
             with lora.using_adapter(policy.transformer, adapter):
-                traj = policy.sample(prompts, cfg.num_steps, cfg.guidance_scale, z_T=z_T[rows], keep_latents=False)
+                traj = policy.sample(row_prompts, cfg.num_steps, cfg.guidance_scale, z_T=z_T[rows], keep_latents=False)
         images = policy.decode(traj.z_tau)
         index = rows[:real] + [-1] * (len(rows) - real)  # -1: padding rows, dropped by the gather
-        for k, v in metric_scores(run.eval_metric, images, prompts).items():
+        for k, v in metric_scores(run.eval_metric, images, row_prompts).items():
             totals.setdefault(k, []).append(distributed.gather_rows(accel, v, index, len(batch)).cpu())
         if first is None:
             mine = [(i, images[j].cpu()) for j, i in enumerate(rows[:real]) if i < cfg.num_images_logged]
@@ -299,6 +309,10 @@ def save(run: Run, epoch: int, optimizer, adapters: tuple[str, ...], extra: dict
     if accel.is_main_process:
         tensors.update(extra_tensors or {})
         state.update(config=run.config_dict, **(extra or {}))
+        if run.best is not None:  # the adapter kept by validation (rl.selection)
+            best_tensors, best_state = run.best.state()
+            tensors.update(best_tensors)
+            state.update(best_state)
         path = ckpt.save_checkpoint(run.run_dir, epoch, tensors, state, keep=run.run_cfg.keep_checkpoints)
     run.accelerator.wait_for_everyone()
     return path
@@ -317,6 +331,8 @@ def restore(run: Run, source: str, optimizer, adapters: tuple[str, ...]) -> tupl
     opt_state = ckpt.optimizer_state_from_tensors(loaded.tensors["optimizer"], loaded.state["optimizer"])
     distributed.load_optimizer_state_dict(run.accelerator, optimizer, list(trained.values()), opt_state)
     ckpt.restore_rng(loaded.state["rng"])
+    if run.best is not None:
+        run.best.load(loaded.tensors, loaded.state)
     return loaded.step, loaded.state
 
 

@@ -335,6 +335,8 @@ def train(run: common.Run, cfg: NFTConfig, resume: str | None = None) -> dict[st
         accel.print(f"resumed from epoch {start_epoch}")
     else:
         metrics, images = common.evaluate(run)
+        if run.best is not None:
+            metrics.update(run.best.validate(run, 0))
         run.logger.log({**metrics, "train/epoch": 0}, 0)
         if images.numel():
             run.logger.log_images("eval/samples", images, 0)
@@ -376,6 +378,9 @@ def train(run: common.Run, cfg: NFTConfig, resume: str | None = None) -> dict[st
                 history.append(eval_metrics)
                 if images.numel():
                     run.logger.log_images("eval/samples", images, epoch + 1)
+                if run.best is not None:
+                    with run.timer("eval"):
+                        metrics.update(run.best.validate(run, epoch + 1))
             metrics.update(run.timer.summary(reset=True))
             run.logger.log(metrics, epoch + 1)
             accel.print(" ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.split("/")[0] in ("reward", "eval", "loss")))
@@ -387,7 +392,8 @@ def train(run: common.Run, cfg: NFTConfig, resume: str | None = None) -> dict[st
                 break
     if common.stopped_by_signal(run, stop):
         return {}
+    chosen = run.best.apply(run) if run.best is not None else {}  # keep_best: the adapter that validated best
     final, images = common.evaluate(run)
-    run.logger.log(final, epoch + 1)
+    run.logger.log({**final, **chosen}, epoch + 1)
     common.finish(run)
     return final

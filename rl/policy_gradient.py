@@ -348,6 +348,8 @@ def start_run(run: common.Run, optimizer, adapters: tuple[str, ...], resume: str
         run.accelerator.print(f"resumed from epoch {epoch}")
         return epoch, list(state.get("history", [])), state
     metrics, images = common.evaluate(run, eval_adapter)
+    if run.best is not None:
+        metrics.update(run.best.validate(run, 0, eval_adapter))
     run.logger.log({**metrics, "train/epoch": 0}, 0)
     if images.numel():
         run.logger.log_images("eval/samples", images, 0)
@@ -373,6 +375,9 @@ def end_epoch(run: common.Run, epoch: int, metrics: dict, optimizer, adapters: t
         history.append(eval_metrics)
         if images.numel():
             run.logger.log_images("eval/samples", images, epoch + 1)
+        if run.best is not None:
+            with run.timer("eval"):
+                metrics.update(run.best.validate(run, epoch + 1, eval_adapter))
     metrics.update(run.timer.summary(reset=True))
     run.logger.log(metrics, epoch + 1)
     run.accelerator.print(" ".join(f"{k}={v:.4g}" for k, v in metrics.items()
@@ -384,8 +389,10 @@ def end_epoch(run: common.Run, epoch: int, metrics: dict, optimizer, adapters: t
 
 
 def finish_run(run: common.Run, epoch: int, eval_adapter: str = "default") -> dict[str, float]:
-    """Final held-out evaluation, logged at ``epoch``, and the diffusers export of ``eval_adapter``."""
+    """Final held-out evaluation, logged at ``epoch``, and the diffusers export of ``eval_adapter`` (with
+    ``run.keep_best``: of the adapter that validated best, rl.selection)."""
+    chosen = run.best.apply(run, eval_adapter) if run.best is not None else {}
     final, _ = common.evaluate(run, eval_adapter)
-    run.logger.log(final, epoch)
+    run.logger.log({**final, **chosen}, epoch)
     common.finish(run, eval_adapter)
     return final

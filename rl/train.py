@@ -118,18 +118,28 @@ def validate_config(raw: dict, algo: str) -> Composed:
         raise ConfigError(f"prompts: needs a mapping with 'train' (and optionally 'eval') prompt nodes, got "
                           f"{prompts!r}")
     for key in prompts:
-        if key not in ("train", "eval"):
-            raise unknown_choice("prompts", str(key), ["train", "eval"], "keys")
+        if key not in ("train", "eval", "val"):
+            raise unknown_choice("prompts", str(key), ["train", "eval", "val"], "keys")
     _check_object_node(prompts.get("train"), "prompts.train")
-    for key, node in (("prompts.eval", prompts.get("eval")), ("eval_metric", raw.get("eval_metric"))):
-        if node is not None:  # null: no held-out evaluation
+    for key, node in (("prompts.eval", prompts.get("eval")), ("prompts.val", prompts.get("val")),
+                      ("eval_metric", raw.get("eval_metric"))):
+        if node is not None:  # null: no held-out evaluation / validation
             _check_object_node(node, key, "or null (no held-out evaluation)")
+    if run_cfg.keep_best:
+        missing = [k for k, node in (("prompts.val", prompts.get("val")), ("eval_metric", raw.get("eval_metric")))
+                   if node is None]
+        if missing:
+            raise ConfigError(f"run.keep_best chooses the adapter by its score on prompts.val: set {' and '.join(missing)}"
+                              f" (or run.keep_best=false)")
+        if run_cfg.eval_every < 1:
+            raise ConfigError("run.keep_best validates at every evaluation: set run.eval_every >= 1 (or "
+                              "run.keep_best=false)")
     # Last, as it imports the targets (seconds): every node's import path and arguments, before any is built.
     check_node(raw["model"], "model")
     check_node(raw["reward"], "reward")
     check_node({k: v for k, v in raw["critic"].items() if k != "cotrain"}, "critic", injected=("policy", "reward"))
     for key, node in (("prompts.train", prompts["train"]), ("prompts.eval", prompts.get("eval")),
-                      ("eval_metric", raw.get("eval_metric"))):
+                      ("prompts.val", prompts.get("val")), ("eval_metric", raw.get("eval_metric"))):
         if node is not None:
             check_node(node, key)
     return Composed(raw, algo_cfg, run_cfg, eval_cfg, cotrain_cfg)
@@ -172,6 +182,7 @@ def build_run(composed: Composed):
     from rl import common, distributed
     from rl.config import ConfigError, instantiate, to_dict
     from rl.metrics import MetricLogger
+    from rl.selection import BestAdapter
 
     raw, run_cfg = composed.raw, composed.run_cfg
     # run.mixed_precision is the one source of truth; a different one in the accelerate launch config would be
@@ -196,6 +207,13 @@ def build_run(composed: Composed):
         prompts = raw.get("prompts", {})
         train_prompts = instantiate(prompts["train"], _path="prompts.train")
         eval_prompts = instantiate(prompts["eval"], _path="prompts.eval") if prompts.get("eval") else []
+        val_prompts = instantiate(prompts["val"], _path="prompts.val") if prompts.get("val") else []
+        # validation chooses, evaluation reports: no prompt may be in both
+        reported = set(eval_prompts)
+        val_prompts = [p for p in val_prompts if p not in reported]
+        if run_cfg.keep_best and not val_prompts:
+            raise ConfigError("prompts.val: every validation prompt is also an evaluation prompt (they are removed "
+                              "from validation); give prompts.val another split or seed")
         metric = instantiate(raw["eval_metric"], _path="eval_metric") if raw.get("eval_metric") else None
         if isinstance(metric, torch.nn.Module):
             metric.to(accelerator.device)
@@ -205,7 +223,8 @@ def build_run(composed: Composed):
     return common.Run(policy=policy, critic=critic, train_prompts=list(train_prompts), eval_prompts=list(eval_prompts),
                       eval_metric=metric, accelerator=accelerator, logger=logger, run_cfg=run_cfg,
                       eval_cfg=composed.eval_cfg, config_dict=to_dict(raw), reward=reward,
-                      cotrain=composed.cotrain_cfg)
+                      cotrain=composed.cotrain_cfg, val_prompts=val_prompts,
+                      best=BestAdapter(run_cfg.best_metric) if run_cfg.keep_best else None)
 
 
 def main(argv: list[str] | None = None) -> int:

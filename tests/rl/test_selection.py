@@ -1,0 +1,95 @@
+"""run.keep_best (rl/selection.py): the run finishes with the adapter that scored best on prompts.val.
+
+A planted metric scores the validation prompts from a fixed schedule, so the best epoch is known; the final
+held-out evaluation (fixed noise, CPU-deterministic) must then equal that epoch's evaluation exactly."""
+
+import json
+
+import pytest
+import torch
+
+from rl import train
+from tests.rl.test_grpo import DROP, TINY, lora_moved, metrics
+
+VAL = {"_component_": "shapes.data.prompts", "split": "test", "n": 4, "seed": 2}
+SCHEDULE: list[float] = []  # validation scores, consumed one per validation call
+
+
+class PlantedMetric:
+    """'overall': the planted schedule on validation prompts, the mean pixel of each image on the others."""
+
+    def __init__(self):
+        from shapes.data import prompts
+
+        self.val = set(prompts(VAL["split"], VAL["n"], VAL["seed"]))
+
+    def __call__(self, images, prompts):
+        if prompts[0] in self.val:
+            return {"overall": torch.full((len(prompts),), SCHEDULE.pop(0))}
+        return {"overall": images.float().mean(dim=(1, 2, 3))}
+
+
+def config(tmp_path, **run):
+    path = tmp_path / "select.yaml"
+    path.write_text(json.dumps({"prompts": {"val": VAL}, "eval_metric": {"_component_": f"{__name__}.PlantedMetric"},
+                                "run": {"keep_best": True, "keep_checkpoints": 5, **run}}))
+    return str(path)
+
+
+def main(tmp_path, algo, *overrides):
+    drop = DROP.get(algo, [])
+    return train.main(["--algo", algo, "--critic", "terminal", "--config", TINY, "--config", config(tmp_path), *drop,
+                       f"run.output_dir={tmp_path / 'run'}", *overrides])
+
+
+def evals(rows):
+    """{epoch: eval/overall} of the periodic evaluations, and the final one (logged with best/epoch)."""
+    periodic = {r["step"]: r["eval/overall"] for r in rows if "eval/overall" in r and "train/epoch" in r}
+    final = [r for r in rows if "eval/overall" in r and "train/epoch" not in r]
+    return periodic, final[-1]
+
+
+@pytest.mark.parametrize("algo", ["nft", "grpo", "ddpo", "draft"])
+def test_finishes_with_the_adapter_that_validated_best(tmp_path, algo):
+    SCHEDULE[:] = [0.2, 0.9, 0.5, 0.4]  # start, epochs 1-3: epoch 1 is best
+    reward = ["reward._component_=tests.rl.test_draft.Redness"] if algo == "draft" else []  # differentiable
+    assert main(tmp_path, algo, "run.max_epochs=3", *reward) == 0
+    assert SCHEDULE == []  # validated at the start and after every epoch
+    rows = metrics(tmp_path / "run")
+    periodic, final = evals(rows)
+    assert final["best/epoch"] == 1 and final["best/val_overall"] == pytest.approx(0.9)
+    assert final["eval/overall"] == periodic[1]  # the epoch-1 adapter, evaluated again
+    assert final["eval/overall"] != periodic[3]
+    assert [r["val/overall"] for r in rows if "val/overall" in r] == pytest.approx([0.2, 0.9, 0.5, 0.4])
+
+
+def test_the_initial_policy_wins_when_training_never_beats_it(tmp_path):
+    SCHEDULE[:] = [0.9, 0.1, 0.2]
+    assert main(tmp_path, "grpo", "run.max_epochs=2") == 0
+    periodic, final = evals(metrics(tmp_path / "run"))
+    assert final["best/epoch"] == 0 and final["eval/overall"] == periodic[0]
+    assert not lora_moved(tmp_path / "run")  # the exported LoRA is the initial one (B = 0)
+
+
+def test_resume_keeps_the_choice(tmp_path):
+    SCHEDULE[:] = [0.2, 0.9, 0.5]
+    assert main(tmp_path, "grpo", "run.max_epochs=2") == 0
+    SCHEDULE[:] = [0.4]  # the resumed epoch 3 validates lower: the checkpoint's epoch-1 adapter stays the choice
+    assert main(tmp_path, "grpo", "run.max_epochs=3", "--resume", "latest") == 0
+    assert SCHEDULE == []
+    periodic, final = evals(metrics(tmp_path / "run"))
+    assert final["best/epoch"] == 1 and final["eval/overall"] == periodic[1]
+
+
+def test_config_errors(tmp_path, capsys):
+    base = ["--algo", "grpo", "--critic", "terminal", "--config", TINY, *DROP["grpo"],
+            f"run.output_dir={tmp_path / 'run'}"]
+    assert train.main([*base, "run.keep_best=true"]) == 2
+    assert "set prompts.val" in capsys.readouterr().err
+    assert train.main([*base, "--config", config(tmp_path), "run.eval_every=0"]) == 2
+    assert "run.eval_every >= 1" in capsys.readouterr().err
+    assert train.main([*base, "--config", config(tmp_path), "prompts.val.seed=1"]) == 2  # = the eval prompts
+    assert "also an evaluation prompt" in capsys.readouterr().err
+    SCHEDULE[:] = [0.5]
+    with pytest.raises(Exception, match="best_metric='count' is not a score of the eval metric; it gives: overall"):
+        train.main([*base, "--config", config(tmp_path), "run.best_metric=count"])
