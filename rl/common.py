@@ -199,10 +199,10 @@ def metric_scores(metric: Callable, images: Tensor, prompts: list[str]) -> dict[
 
 
 @torch.no_grad()
-def evaluate(run: Run, adapter: str | None = "default", prompts: list[str] | None = None
+def evaluate(run: Run, adapter: str | None = "default", prompts: list[str] | None = None, seed: int | None = None
              ) -> tuple[dict[str, float], Tensor]:
-    """Held-out score of the policy (ODE sampler, fixed noise) on ``prompts`` (default: the eval prompts).
-    Returns (metrics, first images (N,3,H,W)).
+    """Held-out score of the policy (ODE sampler, fixed noise) on ``prompts`` (default: the eval prompts) with the
+    noise of ``seed`` (default: ``eval.seed``). Returns (metrics, first images (N,3,H,W)).
 
     With several processes each samples its share of every evaluation batch; the noise is drawn for the whole
     batch on every process, so the score does not depend on the number of processes. Every process must call it
@@ -211,7 +211,7 @@ def evaluate(run: Run, adapter: str | None = "default", prompts: list[str] | Non
     prompts = run.eval_prompts if prompts is None else prompts
     if run.eval_metric is None or not prompts:
         return {}, torch.empty(0)
-    generator = torch.Generator(run.device).manual_seed(cfg.seed)
+    generator = torch.Generator(run.device).manual_seed(cfg.seed if seed is None else seed)
     totals: dict[str, list[Tensor]] = {}
     first = None
     for start in range(0, len(prompts), cfg.batch_size):

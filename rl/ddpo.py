@@ -98,7 +98,8 @@ class DDPOConfig:
         check(self.adv_clip > 0, "adv_clip", f"must be > 0, got {self.adv_clip}")
         check(self.adv_eps > 0, "adv_eps", f"must be > 0, got {self.adv_eps}")
         check(not self.group_noise or self.group_size >= 2, "group_noise",
-              f"shares z_T within a prompt's group: needs group_size >= 2, got {self.group_size}")
+              f"shares z_T within a prompt's group: set algo.group_size >= 2 or algo.group_noise=false (got "
+              f"group_size {self.group_size})")
         check(self.kl_beta >= 0, "kl_beta", f"must be >= 0, got {self.kl_beta}")
         check(0 <= self.gae_lambda <= 1, "gae_lambda", f"must be in [0, 1], got {self.gae_lambda}")
         check(self.stat_min_count <= self.stat_buffer_size, "stat_min_count",

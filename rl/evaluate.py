@@ -1,8 +1,9 @@
 """Evaluate a trained policy on held-out prompts: ``python -m rl.evaluate --lora runs/shapes/lora``.
 
 Loads the run's model and evaluation metric from the same YAML composition as ``rl/train.py`` (Shapes world by
-default), applies an exported diffusers-format LoRA (``--lora DIR``), a training checkpoint (``--checkpoint DIR``,
-adapter "default") or nothing (the pretrained policy), samples the eval prompts with fixed noise and prints the
+default), applies an exported diffusers-format LoRA (``--lora DIR``), a training checkpoint (``--checkpoint DIR``: the
+adapter a ``run.keep_best`` run chose when the checkpoint holds one, else the trained adapter "default"; ``--last``
+forces the latter) or nothing (the pretrained policy), samples the eval prompts with fixed noise and prints the
 mean of every metric criterion. Exit 2 on a bad config or path.
 """
 
@@ -19,10 +20,15 @@ def main(argv: list[str] | None = None) -> int:
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--lora", type=Path, help="exported LoRA directory (pytorch_lora_weights.safetensors)")
     src.add_argument("--checkpoint", help="checkpoint dir, run dir or 'latest' of run.output_dir")
+    parser.add_argument("--last", action="store_true",
+                        help="with --checkpoint: the last trained adapter even if the run kept a best one (keep_best)")
     parser.add_argument("--config", action="append", default=[], help="extra YAML (as for rl/train.py)")
     parser.add_argument("--json", type=Path, help="also write the metrics here")
     parser.add_argument("overrides", nargs="*", help="key=value (e.g. eval.guidance_scale=4.5 prompts.eval.n=512)")
     args = parser.parse_args(argv)
+    if args.last and args.checkpoint is None:
+        print("error: --last chooses between a checkpoint's adapters: pass --checkpoint DIR too", file=sys.stderr)
+        return 2
 
     import torch
     from accelerate import Accelerator
@@ -32,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from rl import common, train
     from rl.config import ConfigError, instantiate
     from rl.metrics import MetricLogger
+    from rl.selection import GROUP as BEST
 
     try:
         composed = train.compose_config(train.parse_args(["--critic", "terminal", *sum(
@@ -53,8 +60,11 @@ def main(argv: list[str] | None = None) -> int:
             spec = lora.LoraSpec(r=algo.get("lora_rank", 32), alpha=algo.get("lora_alpha", 64.0),
                                  target_modules=tuple(algo.get("lora_targets", lora.SD3_TARGETS)))
             lora.add_lora(transformer, spec, "default")
+            group = "lora_default" if args.last or BEST not in loaded.tensors else BEST
+            print(f"checkpoint {loaded.path}: adapter {'kept by validation (keep_best)' if group == BEST else 'last'}",
+                  file=sys.stderr)
             lora.load_adapter_state_dict(transformer, {k: v.to(accelerator.device)
-                                                       for k, v in loaded.tensors["lora_default"].items()})
+                                                       for k, v in loaded.tensors[group].items()})
         eval_prompts = instantiate(raw["prompts"]["eval"], _path="prompts.eval")
         metric = instantiate(raw["eval_metric"], _path="eval_metric")
         if isinstance(metric, torch.nn.Module):

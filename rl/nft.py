@@ -333,10 +333,13 @@ def train(run: common.Run, cfg: NFTConfig, resume: str | None = None) -> dict[st
         start_epoch, state = common.restore(run, resume, optimizer, ADAPTERS)
         history = state.get("history", [])
         accel.print(f"resumed from epoch {start_epoch}")
+        if run.best is not None and run.best.tensors is None:  # a checkpoint written without keep_best
+            run.logger.log(run.best.validate(run, start_epoch), start_epoch)
     else:
         metrics, images = common.evaluate(run)
         if run.best is not None:
-            metrics.update(run.best.validate(run, 0))
+            with run.timer("eval"):
+                metrics.update(run.best.validate(run, 0))
         run.logger.log({**metrics, "train/epoch": 0}, 0)
         if images.numel():
             run.logger.log_images("eval/samples", images, 0)
@@ -392,7 +395,7 @@ def train(run: common.Run, cfg: NFTConfig, resume: str | None = None) -> dict[st
                 break
     if common.stopped_by_signal(run, stop):
         return {}
-    chosen = run.best.apply(run) if run.best is not None else {}  # keep_best: the adapter that validated best
+    chosen = run.best.finish(run, epoch + 1) if run.best is not None else {}  # keep_best: the best on validation
     final, images = common.evaluate(run)
     run.logger.log({**final, **chosen}, epoch + 1)
     common.finish(run)

@@ -346,10 +346,13 @@ def start_run(run: common.Run, optimizer, adapters: tuple[str, ...], resume: str
         epoch, state = common.restore(run, resume, optimizer, adapters)
         cotrain.restore(critic_trainer, str(run.run_dir) if resume == "latest" else resume)
         run.accelerator.print(f"resumed from epoch {epoch}")
+        if run.best is not None and run.best.tensors is None:  # a checkpoint written without keep_best
+            run.logger.log(run.best.validate(run, epoch, eval_adapter), epoch)
         return epoch, list(state.get("history", [])), state
     metrics, images = common.evaluate(run, eval_adapter)
     if run.best is not None:
-        metrics.update(run.best.validate(run, 0, eval_adapter))
+        with run.timer("eval"):
+            metrics.update(run.best.validate(run, 0, eval_adapter))
     run.logger.log({**metrics, "train/epoch": 0}, 0)
     if images.numel():
         run.logger.log_images("eval/samples", images, 0)
@@ -391,7 +394,7 @@ def end_epoch(run: common.Run, epoch: int, metrics: dict, optimizer, adapters: t
 def finish_run(run: common.Run, epoch: int, eval_adapter: str = "default") -> dict[str, float]:
     """Final held-out evaluation, logged at ``epoch``, and the diffusers export of ``eval_adapter`` (with
     ``run.keep_best``: of the adapter that validated best, rl.selection)."""
-    chosen = run.best.apply(run, eval_adapter) if run.best is not None else {}
+    chosen = run.best.finish(run, epoch, eval_adapter) if run.best is not None else {}
     final, _ = common.evaluate(run, eval_adapter)
     run.logger.log({**final, **chosen}, epoch)
     common.finish(run, eval_adapter)

@@ -214,6 +214,8 @@ def build_run(composed: Composed):
         if run_cfg.keep_best and not val_prompts:
             raise ConfigError("prompts.val: every validation prompt is also an evaluation prompt (they are removed "
                               "from validation); give prompts.val another split or seed")
+        if val_prompts and not run_cfg.keep_best:
+            accelerator.print("note: prompts.val is only used with run.keep_best=true; this run does not validate")
         metric = instantiate(raw["eval_metric"], _path="eval_metric") if raw.get("eval_metric") else None
         if isinstance(metric, torch.nn.Module):
             metric.to(accelerator.device)
@@ -224,7 +226,8 @@ def build_run(composed: Composed):
                       eval_metric=metric, accelerator=accelerator, logger=logger, run_cfg=run_cfg,
                       eval_cfg=composed.eval_cfg, config_dict=to_dict(raw), reward=reward,
                       cotrain=composed.cotrain_cfg, val_prompts=val_prompts,
-                      best=BestAdapter(run_cfg.best_metric) if run_cfg.keep_best else None)
+                      best=BestAdapter(run_cfg.best_metric, val_prompts, composed.eval_cfg)
+                      if run_cfg.keep_best else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     algo = importlib.import_module(ALGOS[args.algo][0])
     try:
         final = algo.train(run, composed.algo_cfg, resume=args.resume)
+    except ConfigError as e:  # a trainer's own checks (critic / reward pairing, run.best_metric): before any update
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         run.logger.close()
         # tear the process group down before interpreter exit: a gloo/NCCL group left to the destructors can abort

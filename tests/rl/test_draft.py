@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from rl import draft, train
-from rl.config import ConfigError
 from tests.rl.test_grpo import DROP, TINY, lora_moved, metrics, run_tiny
 
 SIGMAS = torch.tensor([1.0, 0.8, 0.5, 0.3, 0.1, 0.0])  # Delta = [-.2, -.3, -.2, -.2, -.1]
@@ -76,9 +75,9 @@ def test_smoke_run(tmp_path, critic, overrides):
 
 
 def test_errors(tmp_path, capsys):
-    with pytest.raises(ConfigError, match="not differentiable"):  # tiny.yaml's JPEG reward
-        train.main(["--algo", "draft", "--critic", "terminal", "--config", TINY, *DROP["draft"],
-                    f"run.output_dir={tmp_path}"])
+    assert train.main(["--algo", "draft", "--critic", "terminal", "--config", TINY, *DROP["draft"],
+                       f"run.output_dir={tmp_path}"]) == 2
+    assert "not differentiable" in capsys.readouterr().err  # tiny.yaml's JPEG reward
     assert train.main(["--algo", "draft", "--critic", "terminal", "--config", TINY, *DROP["draft"],
                        "algo.backprop_steps=3"]) == 2  # K = 3 > tau_min = 2
     assert "backprop_steps" in capsys.readouterr().err

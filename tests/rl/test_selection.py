@@ -91,5 +91,54 @@ def test_config_errors(tmp_path, capsys):
     assert train.main([*base, "--config", config(tmp_path), "prompts.val.seed=1"]) == 2  # = the eval prompts
     assert "also an evaluation prompt" in capsys.readouterr().err
     SCHEDULE[:] = [0.5]
-    with pytest.raises(Exception, match="best_metric='count' is not a score of the eval metric; it gives: overall"):
-        train.main([*base, "--config", config(tmp_path), "run.best_metric=count"])
+    assert train.main([*base, "--config", config(tmp_path), "run.best_metric=count"]) == 2  # before any update
+    assert "best_metric='count' is not a score of the eval metric; it gives: overall" in capsys.readouterr().err
+
+
+def test_epochs_after_the_last_evaluation_are_candidates(tmp_path):
+    SCHEDULE[:] = [0.2, 0.5, 0.9]  # start, epoch 2 (eval_every 2), epoch 3 (validated at the end)
+    assert main(tmp_path, "grpo", "run.max_epochs=3", "run.eval_every=2") == 0
+    assert SCHEDULE == []
+    rows = metrics(tmp_path / "run")
+    periodic, final = evals(rows)
+    assert final["best/epoch"] == 3 and sorted(periodic) == [0, 2] and final["eval/overall"] != periodic[2]
+
+
+def test_resume_from_a_checkpoint_without_keep_best_validates_it_first(tmp_path, capsys):
+    assert main(tmp_path, "grpo", "run.max_epochs=1", "run.keep_best=false") == 0  # no validation, no kept adapter
+    SCHEDULE[:] = [0.7, 0.3]  # the restored epoch-1 adapter, then the final epoch 2 (eval_every 3: none between)
+    assert main(tmp_path, "grpo", "run.max_epochs=2", "run.eval_every=3", "--resume", "latest") == 0
+    assert SCHEDULE == []
+    rows = metrics(tmp_path / "run")
+    periodic, final = evals(rows)
+    assert final["best/epoch"] == 1 and final["eval/overall"] == periodic[1]
+
+
+def test_nan_validation_never_wins_and_all_nan_is_an_error(tmp_path):
+    SCHEDULE[:] = [float("nan"), 0.3, float("nan")]
+    assert main(tmp_path, "grpo", "run.max_epochs=2") == 0
+    periodic, final = evals(metrics(tmp_path / "run"))
+    assert final["best/epoch"] == 1 and final["eval/overall"] == periodic[1]
+    SCHEDULE[:] = [float("nan")] * 2
+    (tmp_path / "b").mkdir()
+    with pytest.raises(RuntimeError, match="every validation score of 'overall' was NaN"):
+        main(tmp_path / "b", "grpo", "run.max_epochs=1")
+
+
+def test_evaluate_cli_uses_the_kept_adapter(tmp_path, capsys):
+    from rl import evaluate
+
+    SCHEDULE[:] = [0.2, 0.9, 0.5]
+    assert main(tmp_path, "grpo", "run.max_epochs=2") == 0
+    periodic, final = evals(metrics(tmp_path / "run"))
+    args = ["--config", TINY, "--checkpoint", str(tmp_path / "run"), "eval_metric._component_="
+            "critics.rewards.jpeg.JPEGCompressibility"]
+    capsys.readouterr()
+    outputs = {}
+    for extra in ([], ["--last"]):
+        assert evaluate.main([*args, *extra]) == 0
+        out = capsys.readouterr()
+        outputs[tuple(extra)] = json.loads(out.out)["eval/score"]
+        assert ("kept by validation" in out.err) == (not extra)
+    assert outputs[()] != outputs[("--last",)]  # the epoch-1 adapter vs the epoch-2 one
+    assert evaluate.main(["--last", "--config", TINY]) == 2
