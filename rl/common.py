@@ -285,6 +285,15 @@ def adapter_tensors(run: Run, name: str = "default") -> dict[str, Tensor]:
     return state
 
 
+def load_adapter(run: Run, name: str, state: dict[str, Tensor]) -> None:
+    """Inverse of :func:`adapter_tensors`: load ``state`` into adapter ``name`` (and, for the trained adapter under
+    DeepSpeed, into its fp32 master weights). A collective under DeepSpeed: every process calls it."""
+    transformer = run.policy.transformer
+    lora.load_adapter_state_dict(transformer, {k: v.to(run.device) for k, v in state.items()}, name)
+    if name == "default":
+        distributed.load_master_weights(run.accelerator, lora.adapter_parameters(transformer, name), state)
+
+
 def trained_state(run: Run, optimizer: torch.optim.Optimizer, adapters: tuple[str, ...]) -> tuple[dict, dict]:
     """(tensor groups, JSON state) of everything needed to resume: LoRA adapters and the optimizer (in torch
     AdamW's layout under every backend, so a checkpoint resumes with any number of processes or ZeRO stage)."""
@@ -322,12 +331,9 @@ def restore(run: Run, source: str, optimizer, adapters: tuple[str, ...]) -> tupl
     """Load a checkpoint ('latest', a run dir or a step dir) into the policy and optimizer; returns (epoch, state)."""
     source = str(run.run_dir) if source == "latest" else source
     loaded = ckpt.load_checkpoint(source)
-    transformer = run.policy.transformer
     for name in adapters:
-        lora.load_adapter_state_dict(transformer, {k: v.to(run.device) for k, v in loaded.tensors[f"lora_{name}"].items()},
-                                     name)
-    trained = lora.adapter_parameters(transformer, "default")
-    distributed.load_master_weights(run.accelerator, trained, loaded.tensors["lora_default"])
+        load_adapter(run, name, loaded.tensors[f"lora_{name}"])
+    trained = lora.adapter_parameters(run.policy.transformer, "default")
     opt_state = ckpt.optimizer_state_from_tensors(loaded.tensors["optimizer"], loaded.state["optimizer"])
     distributed.load_optimizer_state_dict(run.accelerator, optimizer, list(trained.values()), opt_state)
     ckpt.restore_rng(loaded.state["rng"])

@@ -27,8 +27,7 @@ import math
 import torch
 from torch import Tensor
 
-from policies import lora
-from rl import common, distributed
+from rl import common
 from rl.config import ConfigError
 
 GROUP = "best_adapter"  # the checkpoint's tensor group
@@ -79,13 +78,7 @@ class BestAdapter:
             raise RuntimeError(f"run.keep_best: every validation score of {self.metric!r} was NaN, so no adapter was "
                                f"chosen and none is exported; the last adapter is in the checkpoints of "
                                f"{run.run_dir} (check the eval metric, or resume with run.keep_best=false)")
-        transformer = run.policy.transformer
-        dtype = next(iter(lora.adapter_parameters(transformer, adapter).values())).dtype
-        lora.load_adapter_state_dict(transformer, {k: v.to(run.device, dtype) for k, v in self.tensors.items()},
-                                     adapter)
-        if adapter == "default":  # the trained adapter: DeepSpeed's fp32 masters too
-            distributed.load_master_weights(run.accelerator, lora.adapter_parameters(transformer, adapter),
-                                            self.tensors)
+        common.load_adapter(run, adapter, self.tensors)
         return {**out, **self.chosen()}
 
     # ---------------------------------------------------------------------------------------- checkpoints
