@@ -93,6 +93,21 @@ def check_optimizer_and_lora(cfg) -> None:
     check(len(cfg.lora_targets) >= 1, "lora_targets", "needs at least one target module name, got none")
 
 
+def ema_adapters(ema_decay: float) -> tuple[str, ...]:
+    """The trained adapter "default", plus "ema" -- its exponential moving average, the adapter that is evaluated,
+    validated and exported -- when ``ema_decay`` > 0 (Flow-GRPO and DiffusionNFT evaluate an EMA too)."""
+    return ("default", "ema") if ema_decay > 0 else ("default",)
+
+
+def ema_decay_at(decay: float, epoch: int) -> float:
+    """Flow-GRPO's EMA warm-up, min(decay, (1 + e) / (10 + e)) at epoch e (0-based).
+
+    Without it the average drags the zero-initialised LoRA along for ~1 / (1 - decay) steps after training
+    starts; with it the EMA follows closely at first and averages over longer windows later. A function of the
+    epoch rather than of a step counter, so a resumed run continues the same schedule."""
+    return min(decay, (1.0 + epoch) / (10.0 + epoch)) if decay > 0 else 0.0
+
+
 @dataclass
 class Run:
     """The built objects a trainer works with (made by rl/train.py)."""

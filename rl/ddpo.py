@@ -44,7 +44,6 @@ from rl.config import check, option
 from rl.grpo import check_critic
 from rl.signals import GracefulExit
 
-ADAPTERS = ("default",)
 STAT_EPS = 1e-6  # ddpo-pytorch's std epsilon
 
 
@@ -80,6 +79,8 @@ class DDPOConfig:
     lr: float = option(3e-4, help="AdamW learning rate of the LoRA (ddpo-pytorch: 3e-4)")
     weight_decay: float = option(1e-4, help="AdamW weight decay")
     max_grad_norm: float = option(1.0, help="gradient clipping")
+    ema_decay: float = option(0.0, help="EMA of the LoRA (adapter 'ema', warm-up min(decay, (1+e)/(10+e)) at epoch "
+                                        "e), the one evaluated, validated and exported; 0 = off, the trained one")
     lora_rank: int = option(32, help="LoRA rank r")
     lora_alpha: float = option(64.0, help="LoRA alpha")
     lora_targets: tuple[str, ...] = option(lora.SD3_TARGETS, help="LoRA target modules")
@@ -101,14 +102,24 @@ class DDPOConfig:
               f"shares z_T within a prompt's group: set algo.group_size >= 2 or algo.group_noise=false (got "
               f"group_size {self.group_size})")
         check(self.kl_beta >= 0, "kl_beta", f"must be >= 0, got {self.kl_beta}")
+        check(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         check(0 <= self.gae_lambda <= 1, "gae_lambda", f"must be in [0, 1], got {self.gae_lambda}")
         check(self.stat_min_count <= self.stat_buffer_size, "stat_min_count",
               f"must be <= stat_buffer_size ({self.stat_buffer_size}), got {self.stat_min_count}")
         common.check_optimizer_and_lora(self)
 
-    def update_settings(self) -> pg.UpdateSettings:
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return common.ema_adapters(self.ema_decay)
+
+    @property
+    def eval_adapter(self) -> str:
+        return self.adapters[-1]
+
+    def update_settings(self, epoch: int) -> pg.UpdateSettings:
         return pg.UpdateSettings(self.eta, self.guidance_scale, self.clip_range, self.kl_beta, self.train_batch_size,
-                                 self.timestep_fraction, self.inner_epochs, self.max_grad_norm)
+                                 self.timestep_fraction, self.inner_epochs, self.max_grad_norm,
+                                 common.ema_decay_at(self.ema_decay, epoch))
 
 
 # ------------------------------------------------------------------------------------------------ advantages
@@ -171,14 +182,16 @@ def train(run: common.Run, cfg: DDPOConfig, resume: str | None = None) -> dict[s
     distributed.check_layout(run.accelerator, accumulation, cfg.prompts_per_epoch * cfg.group_size,
                              cfg.train_batch_size, cfg.rollout_batch_size)
     micro = cfg.train_batch_size // (run.accelerator.num_processes * accumulation)
-    params, optimizer = common.setup_lora(run, spec, cfg.lr, cfg.weight_decay, ADAPTERS, cfg.max_grad_norm, micro)
+    params, optimizer = common.setup_lora(run, spec, cfg.lr, cfg.weight_decay, cfg.adapters, cfg.max_grad_norm,
+                                          micro)
     exclude = cotrain.shared_parameters(run)
     cotrain.freeze(critic, exclude)
     critic_trainer = cotrain.build(run, exclude)
     edges = run.cotrain.sigma_edges if run.cotrain is not None else cotrain.CotrainConfig().sigma_edges
     want_values = critic.dense and (cfg.advantages == "dense" or critic_trainer is not None)
     tracker = PerPromptStatTracker(cfg.stat_buffer_size, cfg.stat_min_count)
-    start_epoch, history, state = pg.start_run(run, optimizer, ADAPTERS, resume, critic_trainer)
+    start_epoch, history, state = pg.start_run(run, optimizer, cfg.adapters, resume, critic_trainer,
+                                               cfg.eval_adapter)
     tracker.load(state.get("stat_tracker", {}))
 
     consecutive_bad, epoch = 0, start_epoch
@@ -214,8 +227,8 @@ def train(run: common.Run, cfg: DDPOConfig, resume: str | None = None) -> dict[s
                 _, generator = pg.epoch_generator(run, epoch, 2)
                 with run.timer("update"):
                     mine = pg.process_rows(len(rows), cfg.rollout_batch_size, run.accelerator)
-                    metrics.update(pg.ppo_update(run, rollout, adv[mine], optimizer, params, cfg.update_settings(),
-                                                 generator))
+                    metrics.update(pg.ppo_update(run, rollout, adv[mine], optimizer, params,
+                                                 cfg.update_settings(epoch), generator))
                 consecutive_bad = consecutive_bad + 1 if metrics["train/skipped_updates"] else 0
             else:
                 metrics["train/skipped_updates"] = 1.0
@@ -228,13 +241,14 @@ def train(run: common.Run, cfg: DDPOConfig, resume: str | None = None) -> dict[s
                                                          rollout.prompts, generator))
             extra = {"stat_tracker": tracker.state()}
             if consecutive_bad >= run.run_cfg.max_nonfinite:
-                pg.save(run, epoch + 1, optimizer, ADAPTERS, {"history": history, **extra}, critic_trainer)
+                pg.save(run, epoch + 1, optimizer, cfg.adapters, {"history": history, **extra}, critic_trainer)
                 raise NonFiniteError(f"{consecutive_bad} consecutive epochs with non-finite rewards, losses or "
                                      f"gradients (last epoch {epoch + 1}); lower algo.lr or check the reward/critic. "
                                      f"The last finite state is checkpointed in {run.run_dir}")
             # 6. evaluate, log, checkpoint
-            if pg.end_epoch(run, epoch, metrics, optimizer, ADAPTERS, history, extra, stop, critic_trainer):
+            if pg.end_epoch(run, epoch, metrics, optimizer, cfg.adapters, history, extra, stop, critic_trainer,
+                            cfg.eval_adapter):
                 break
     if common.stopped_by_signal(run, stop):
         return {}
-    return pg.finish_run(run, epoch + 1)
+    return pg.finish_run(run, epoch + 1, cfg.eval_adapter)

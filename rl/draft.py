@@ -59,7 +59,8 @@ class DraftConfig:
     lr: float = option(5e-5, help="AdamW learning rate of the LoRA (paper: 5e-5)")
     weight_decay: float = option(0.0, help="AdamW weight decay (paper: 0)")
     max_grad_norm: float = option(1.0, help="gradient clipping (paper: 1.0)")
-    ema_decay: float = option(0.0, help="EMA of the LoRA weights used for evaluation / export (0 = off)")
+    ema_decay: float = option(0.0, help="EMA of the LoRA (adapter 'ema', warm-up min(decay, (1+e)/(10+e)) at epoch "
+                                        "e), the one evaluated, validated and exported; 0 = off, the trained one")
     grad_checkpointing: bool = option(False, help="recompute transformer activations in the backward (GPU memory)")
     cotrain_batch_size: int = option(32, help="rollout batch of the co-training refresh (critic.cotrain)")
     lora_rank: int = option(32, help="LoRA rank r (paper: 32)")
@@ -82,7 +83,7 @@ class DraftConfig:
 
     @property
     def adapters(self) -> tuple[str, ...]:
-        return ("default", "ema") if self.ema_decay > 0 else ("default",)
+        return common.ema_adapters(self.ema_decay)
 
     @property
     def eval_adapter(self) -> str:
@@ -207,7 +208,7 @@ def optimise(run: common.Run, cfg: DraftConfig, prompts: list[str], optimizer, p
             skipped += 1
             continue
         if cfg.ema_decay > 0:
-            lora.ema_update(transformer, "default", "ema", cfg.ema_decay)
+            lora.ema_update(transformer, "default", "ema", common.ema_decay_at(cfg.ema_decay, epoch))
     means = distributed.sum_over_processes(accel, torch.stack(sums)).cpu()  # (steps, 3)
     out = {name: float(np.nanmean(means[:, i].numpy())) for i, name in enumerate(names)}
     out.update({"policy/grad_norm": float(np.nanmean(norms)), "train/tau": float(np.mean(taus)),

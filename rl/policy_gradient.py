@@ -207,6 +207,8 @@ class UpdateSettings:
     timestep_fraction: float
     inner_epochs: int
     max_grad_norm: float
+    ema_decay: float = 0.0  # this epoch's decay of the "ema" adapter (common.ema_decay_at); 0 = no EMA
+
 
 
 def train_steps(mask: Tensor, fraction: float, generator: torch.Generator) -> Tensor:
@@ -274,6 +276,8 @@ def ppo_update(run: common.Run, rollout: SDERollout, adv: Tensor, optimizer: tor
             loss_sums.append(sums / (len(idx) * accel.num_processes))
             norms.append(norm)
             skipped += not stepped
+            if stepped and s.ema_decay > 0:
+                lora.ema_update(transformer, "default", "ema", s.ema_decay)
     out = {}
     if loss_sums:
         losses = distributed.sum_over_processes(accel, torch.stack(loss_sums)).flatten(0, 1).cpu()  # (steps*num_t, 6)

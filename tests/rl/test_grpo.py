@@ -238,3 +238,48 @@ def test_smoke_run(tmp_path, critic, overrides):
     assert len(train_rows) == 2 and any("eval/score" in r for r in rows)
     assert all(r["policy/ratio"] == pytest.approx(1.0, abs=1e-3) for r in train_rows)
     assert ("critic/value_mse@sigma<=1.00" in train_rows[0]) == (critic != "terminal")
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ddpo"])
+def test_ema_adapter_is_the_warmed_up_average_and_is_what_is_exported(tmp_path, monkeypatch, algo):
+    """algo.ema_decay: after every optimizer step ema <- d_e ema + (1 - d_e) default with d_e = min(d, (1+e)/(10+e))
+    at epoch e; the checkpoint's "ema" adapter equals that recursion replayed over the recorded "default" states,
+    and the exported LoRA is the EMA, not the trained adapter."""
+    from policies import lora
+    from rl import common
+    from rl.checkpoint import load_checkpoint
+
+    calls, real = [], lora.ema_update
+
+    def recording(transformer, src, dst, decay):
+        if decay == 0:  # lora.copy_adapter: the EMA starts as a copy of the trained adapter
+            return real(transformer, src, dst, decay)
+        if not calls:
+            calls.append(("init", {k: p.detach().double().clone()
+                                   for k, p in lora.adapter_parameters(transformer, dst).items()}))
+        calls.append((decay, {k: p.detach().double().clone()
+                              for k, p in lora.adapter_parameters(transformer, src).items()}))
+        real(transformer, src, dst, decay)
+
+    monkeypatch.setattr(lora, "ema_update", recording)
+    extra = ["algo.group_size=2", "algo.group_noise=true"] if algo == "ddpo" else []
+    out = run_tiny(tmp_path, algo, "terminal", "algo.ema_decay=0.9", "run.max_epochs=3", *extra)
+    per_epoch = (4 // 2) * (2 if algo == "ddpo" else 1)  # steps per epoch: 4 rollouts / train batch 2 x inner epochs
+    assert [d for d, _ in calls[1:]] == pytest.approx(
+        [common.ema_decay_at(0.9, e) for e in range(3) for _ in range(per_epoch)])
+    assert [common.ema_decay_at(0.9, e) for e in (0, 1, 80, 1000)] == pytest.approx([0.1, 2 / 11, 0.9, 0.9])
+    ema = calls[0][1]
+    for decay, default in calls[1:]:
+        ema = {k: decay * ema[k] + (1 - decay) * default[k] for k in ema}
+    ckpt = load_checkpoint(out).tensors
+    # adapter_parameters names carry the adapter name; the checkpoint's peft state dict does not
+    saved = {k: v.double() for k, v in ckpt["lora_ema"].items()}
+    replay = {k.replace(".ema.", ".").replace(".ema", ""): v for k, v in ema.items()}
+    assert sorted(saved) == sorted(replay)
+    for k in saved:
+        torch.testing.assert_close(saved[k], replay[k], rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(ckpt["lora_ema"][k], ckpt["lora_default"][k]) for k in saved if "lora_B" in k)
+    exported = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    assert len(exported) == len(saved)
+    for k, v in saved.items():
+        torch.testing.assert_close(exported[f"transformer.{k}"].double(), v)
