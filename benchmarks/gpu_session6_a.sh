@@ -4,7 +4,7 @@
 # EMA of the LoRA (algo.ema_decay) evaluated, validated and exported.
 #   ALGO=grpo EMA=0.98 bash benchmarks/gpu_session6_a.sh OUT
 set -u
-OUT=${1:?out}; source benchmarks/session3_lib.sh
+OUT=${1:?out}; shift; source benchmarks/session3_lib.sh
 M=${MINUTES:-9}; A=${ALGO:-grpo}; EMA=${EMA:-0.98}
 n=${A}_keepbest_ema${EMA}
 CUDA_VISIBLE_DEVICES=0 OMP_NUM_THREADS=8 python rl/train.py --algo $A --critic stitchvm \
