@@ -322,6 +322,13 @@ def run(args: argparse.Namespace) -> dict:
     num_steps = args.num_steps or cfg.num_steps
     names = [n for n in args.critics.split(",") if n]
     critics = load_critics(names, policy, reward, guidance, args.stitchvm, args.vae_stitch)
+    variants = dict(parse_variant(v) for v in args.variant)
+    for name, path in variants.items():  # more StitchVM builds, benchmarked on the same trajectories and truth
+        if name in critics:
+            raise ValueError(f"--variant name {name!r} is already a critic of --critics; pick another")
+        from critics import load
+        critics[name] = load.stitchvm(policy, reward, path).eval().to(policy.device)
+        names.append(name)
     prompts = shapes_prompts("test", args.n_prompts, args.prompt_seed)
     latents = trajectory_latents(policy, prompts, args.sigmas, num_steps, guidance, args.batch_size)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
@@ -331,12 +338,20 @@ def run(args: argparse.Namespace) -> dict:
               "num_steps": num_steps, "guidance_scale": guidance, "shift": policy.shift,
               "value": value_quality(policy, reward, critics, prompts, latents, args.rollouts, num_steps, guidance,
                                      args.batch_size)}
-    stitched = {n: c for n, c in critics.items() if n in ("stitchvm", "vae_stitch")}
+    stitched = {n: c for n, c in critics.items() if n in ("stitchvm", "vae_stitch") or n in variants}
     if args.retrieval_images and stitched:
         result["retrieval"] = retrieval(policy, reward, stitched, args.sigmas, args.retrieval_images, args.batch_size)
     result["targets"] = [{"check": text, "met": ok} for text, ok in check_targets(result)]
     result["time_s"] = time.perf_counter() - t0
     return result
+
+
+def parse_variant(text: str) -> tuple[str, str]:
+    """'NAME=DIR' of --variant -> (NAME, DIR)."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path or "/" in name:
+        raise ValueError(f"--variant must look like NAME=DIR (a StitchVM directory), got {text!r}")
+    return name, path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -352,6 +367,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--critics", default=",".join(CRITICS), help=f"comma-separated subset of {CRITICS}")
     parser.add_argument("--stitchvm", default="shapes/weights/stitchvm", help="StitchVM directory")
     parser.add_argument("--vae-stitch", default="shapes/weights/vae_stitch", help="vae_stitch directory")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
+                        help="another StitchVM to benchmark alongside, reported as NAME (repeatable)")
     parser.add_argument("--weights-dir", default="", help="Shapes weights directory (default: shapes/weights)")
     parser.add_argument("--num-steps", type=int, default=0, help="schedule length (default: policy.json)")
     parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: policy.json)")

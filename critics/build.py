@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from critics.distill import DistillConfig, distill
+from critics.distill import DistillConfig, caption_metric, distill
 from critics.onpolicy import OnPolicyConfig, onpolicy_finetune
 from critics.interface import InterfaceResult, save_heatmap, search, validate_interface
 from critics.load import reward_preprocess
@@ -108,6 +108,10 @@ class BuildConfig:
     distill: DistillConfig = option(
         default_factory=DistillConfig,
         help="stage 2 (critics.distill.DistillConfig fields); ckpt_dir null = checkpoint into output_dir.")
+    score_captions: dict[str, Any] | None = option(
+        None, help="node giving the captions (a list of str) of distill.lambda_score's caption-score term, "
+                   "M = mean t t^T of their normalised text embeddings, e.g. {_component_: shapes.data.prompts, "
+                   "split: train, n: 4096, seed: 11}; needed when distill.lambda_score > 0.")
     onpolicy: OnPolicyConfig = option(
         default_factory=OnPolicyConfig,
         help="stage 3 (critics.onpolicy.OnPolicyConfig fields): on-policy value regression; off by default.")
@@ -135,6 +139,12 @@ class BuildConfig:
             check(self.onpolicy.enabled, "init_from", "starts stage 3 from a saved critic: set onpolicy.enabled=true")
             check(Path(self.init_from).resolve() != Path(self.output_dir).resolve(), "init_from",
                   "must differ from output_dir (the source critic is never overwritten)")
+        if self.distill.lambda_score > 0:
+            check(self.score == "prompt", "distill.lambda_score",
+                  "the caption-score term is for prompt-dependent rewards (score: prompt); set it to 0")
+            check(self.score_captions is not None, "score_captions",
+                  "distill.lambda_score > 0 weights the embedding error by caption directions: give the captions, "
+                  "e.g. score_captions={_component_: shapes.data.prompts, split: train, n: 4096, seed: 11}")
         if self.kind == "vae_stitch" and self.search.pinned is not None:
             check(self.search.pinned[0] == LATENT_TAP, "search.pinned",
                   f"kind=vae_stitch has no DiT block: pin [0, j], got {list(self.search.pinned)}")
@@ -464,14 +474,26 @@ def build(cfg: BuildConfig) -> BuildResult:
             from tqdm.auto import tqdm
 
             tqdm.write(f"[build:distill] step {step}: loss {stats['distill/loss']:.4g} (embed "
-                       f"{stats['distill/embed_loss']:.4g}, token {stats['distill/token_loss']:.4g}), "
+                       f"{stats['distill/embed_loss']:.4g}, token {stats['distill/token_loss']:.4g}, score "
+                       f"{stats['distill/score_loss']:.4g}), "
                        f"lr {stats['distill/lr']:.3g}, grad norm {stats['distill/grad_norm']:.3g}")
             record["last_step"] = step
 
         steps = dcfg.max_steps if dcfg.max_steps is not None else dcfg.epochs * (len(dataset) // dcfg.batch_size)
         say("distill", f"{steps} steps of {dcfg.batch_size} images, lr {dcfg.lr:g} (stitch "
                        f"x{dcfg.stitch_lr_mult:g}), sigma ~ {dcfg.sigma_sampling}, checkpoints → {dcfg.ckpt_dir}")
-        stats = distill(model, reward, policy.encode, stream, dcfg, callback=log, ckpt_meta=meta, save_fn=save_fn)
+        metric = None
+        if dcfg.lambda_score > 0:
+            captions = instantiate(cfg.score_captions, _path="score_captions")
+            if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
+                raise ConfigError(f"score_captions must give a non-empty list of strings, got "
+                                  f"{type(captions).__name__}")
+            with torch.no_grad():
+                texts = torch.cat([reward.text_embed(captions[k:k + 512]) for k in range(0, len(captions), 512)])
+            metric = caption_metric(texts)
+            say("distill", f"caption-score term: lambda_score {dcfg.lambda_score:g}, M from {len(captions)} captions")
+        stats = distill(model, reward, policy.encode, stream, dcfg, callback=log, ckpt_meta=meta, save_fn=save_fn,
+                        caption_metric=metric)
         times["distill_s"] = time.perf_counter() - t
         _summarise(record, stats, "distill", dcfg.log_every)
 

@@ -3,7 +3,7 @@
 Concept (Eq. 8): L = E ‖V(z_t) − r(x0)‖², minimised by E[r(x0) | z_t]; z_t comes from forward-noising real
 images (off-policy). The loss actually used matches the image side only (the text tower is never run):
 
-    CLIP / HPSv2 ("embed_token"):  L = ‖ẽ_SVM − ẽ_RM‖² + λ_tok ‖h_SVM − h_RM‖²
+    CLIP / HPSv2 ("embed_token"):  L = ‖ẽ_SVM − ẽ_RM‖² + λ_tok ‖h_SVM − h_RM‖² [+ λ_score E Δᵀ M Δ]
     Aesthetic    ("smooth_l1"):    L = SmoothL1(h_SVM, h_RM) + SmoothL1(ẽ_SVM, ẽ_RM) + SmoothL1(a_SVM, a_RM)
 
 Notation          code
@@ -11,6 +11,14 @@ Notation          code
   h               per-token outputs of r^{≥j}: final tokens after the final LayerNorm (B, N+1, D)
   a               aesthetic score reward.score_from_image_embed(e) (B,)
   SVM / RM        student StitchVM on z_t / teacher reward tower on the clean image x0
+
+Caption-score term (ours, off by default; ``lambda_score``): a prompt-dependent value is the cosine ẽ·t of the image
+embedding with the prompt's text embedding t, so what the critic must get right is ẽ along caption directions. With
+Δ = ẽ_SVM − ẽ_RM and M = E_c[t_c t_cᵀ] over a bank of normalised caption embeddings (critics.build:
+``score_captions``), Δᵀ M Δ = E_c[(ẽ_SVM·t_c − ẽ_RM·t_c)²] is the mean squared error of the *score* against every
+caption of the bank at once; the factor E (the embedding width; tr M = 1) makes it equal ‖Δ‖² for isotropic captions.
+On the Shapes StitchVM the embedding error is ~5x more concentrated on caption directions than an isotropic error
+of the same size (docs/critic.md, session 6), which is why ranking lags retrieval.
 
 Reductions: the embedding term sums over E and averages over the batch (‖·‖² of unit vectors, ∈ [0, 4]); the token
 term is a mean over batch, tokens and channels. A summed token norm over 257 × 1024 entries (ViT-L/14) would dwarf
@@ -70,6 +78,9 @@ class DistillConfig:
     """Stop after this many optimiser steps (None: run all epochs)."""
     lambda_tok: float = 1.0
     """Weight λ_tok of the token term of the "embed_token" loss (paper: 1)."""
+    lambda_score: float = 0.0
+    """Weight λ_score of the caption-score term E Δᵀ M Δ of the "embed_token" loss (module docstring; 0: off, the
+    paper's loss). Needs the caption metric M (critics.build computes it from ``score_captions``)."""
     sigma_sampling: str = "logit_normal"
     """Noise-level law of sigma: "logit_normal" (sigmoid of N(sigma_mean, sigma_std)) or "uniform" on [0, 1]."""
     sigma_mean: float = 0.0
@@ -104,14 +115,20 @@ class DistillConfig:
             raise ValueError("lr and stitch_lr_mult must be > 0 and warmup_steps ≥ 0")
         if self.lr_decay not in LR_DECAYS:
             raise ValueError(f"lr_decay must be one of {LR_DECAYS}; got {self.lr_decay!r}")
+        if self.lambda_score < 0:
+            raise ValueError(f"lambda_score must be >= 0, got {self.lambda_score}")
+        if self.lambda_score > 0 and self.loss != "embed_token":
+            raise ValueError("lambda_score is a term of the 'embed_token' loss (prompt-dependent rewards); "
+                             f"loss is {self.loss!r}")
         if self.lr_decay == "cosine" and self.max_steps is None:
             raise ValueError("lr_decay = 'cosine' decays to 0 at max_steps: set max_steps")
 
 
 class DistillLoss(NamedTuple):
-    loss: Tensor  # scalar, embed_loss + λ_tok · token_loss
+    loss: Tensor  # scalar, embed_loss + λ_tok · token_loss + λ_score · score_loss
     embed_loss: Tensor  # mean_B ‖ẽ_SVM − ẽ_RM‖²
     token_loss: Tensor  # mean over B, tokens, channels of (h_SVM − h_RM)²
+    score_loss: Tensor  # mean_B E Δᵀ M Δ (0 without a caption metric)
 
 
 class SmoothL1DistillLoss(NamedTuple):
@@ -122,16 +139,32 @@ class SmoothL1DistillLoss(NamedTuple):
 
 
 def stitchvm_distill_loss(student_emb: Tensor, student_tok: Tensor, teacher_emb: Tensor, teacher_tok: Tensor,
-                          lambda_tok: float = 1.0) -> DistillLoss:
-    """L = ‖ẽ_SVM − ẽ_RM‖² + λ_tok ‖h_SVM − h_RM‖² (App. D.1), reduced as in the module docstring.
+                          lambda_tok: float = 1.0, caption_metric: Tensor | None = None,
+                          lambda_score: float = 0.0) -> DistillLoss:
+    """L = ‖ẽ_SVM − ẽ_RM‖² + λ_tok ‖h_SVM − h_RM‖² (App. D.1) + λ_score E Δᵀ M Δ, reduced as in the module
+    docstring.
 
     Args:
         student_emb, teacher_emb: (B, E) un-normalised image embeddings.
         student_tok, teacher_tok: (B, T, D) per-token outputs.
+        caption_metric: M (E, E) = mean of t tᵀ over normalised caption embeddings (:func:`caption_metric`); None
+            gives a score term of 0.
     """
-    embed = (F.normalize(student_emb, dim=-1) - F.normalize(teacher_emb, dim=-1)).pow(2).sum(-1).mean()
+    delta = F.normalize(student_emb, dim=-1) - F.normalize(teacher_emb, dim=-1)  # (B, E)
+    embed = delta.pow(2).sum(-1).mean()
     token = (student_tok - teacher_tok).pow(2).mean()
-    return DistillLoss(embed + lambda_tok * token, embed, token)
+    if caption_metric is None:
+        score = embed.new_zeros(())
+    else:
+        score = delta.shape[-1] * torch.einsum("be,ef,bf->b", delta, caption_metric.to(delta), delta).mean()
+    return DistillLoss(embed + lambda_tok * token + lambda_score * score, embed, token, score)
+
+
+def caption_metric(text_embeds: Tensor) -> Tensor:
+    """M = mean_c t_c t_cᵀ (E, E), float32, of the normalised caption embeddings (C, E): Δᵀ M Δ is the mean squared
+    change of the score ẽ·t_c over the captions (trace 1)."""
+    t = F.normalize(text_embeds.detach().double(), dim=-1)
+    return (t.T @ t / t.shape[0]).float()
 
 
 def smooth_l1_distill_loss(student_emb: Tensor, student_tok: Tensor, student_score: Tensor, teacher_emb: Tensor,
@@ -211,7 +244,8 @@ def _check_teacher(teacher_emb: Tensor, reward_emb: Tensor) -> None:
 def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Tensor], Tensor], data_iter: Iterable,
             cfg: DistillConfig, callback: Callable[[int, dict], None] | None = None,
             ckpt_meta: dict | None = None,
-            save_fn: Callable[[str, StitchVM, dict | None], None] = save_stitchvm) -> dict[str, list[float]]:
+            save_fn: Callable[[str, StitchVM, dict | None], None] = save_stitchvm,
+            caption_metric: Tensor | None = None) -> dict[str, list[float]]:
     """Train the stitch and the tail of `model` to match `teacher_reward` on forward-noised latents.
 
     Args:
@@ -224,12 +258,18 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
         ckpt_meta: identity fields passed to save_stitchvm.
         save_fn: writes the checkpoints, save_fn(ckpt_dir, model, ckpt_meta); a critic with another head (e.g.
             critics.vae_stitch) passes its own saver.
+        caption_metric: M (E, E) of the caption-score term (:func:`caption_metric`); required when
+            cfg.lambda_score > 0.
     Returns:
-        {"distill/loss": [...], "distill/embed_loss": [...], "distill/token_loss": [...], ("distill/score_loss"),
+        {"distill/loss": [...], "distill/embed_loss": [...], "distill/token_loss": [...], "distill/score_loss",
          "distill/lr": [...], "distill/grad_norm": [...], "distill/sigma_mean": [...]}, one entry per step.
     """
     # ---- setup ----------------------------------------------------------------------------------------------
+    if cfg.lambda_score > 0 and caption_metric is None:
+        raise ValueError("lambda_score > 0 needs the caption metric M: pass caption_metric (critics.build makes it "
+                         "from score_captions)")
     device = model.head.device
+    metric = caption_metric.to(device) if caption_metric is not None and cfg.lambda_score > 0 else None
     teacher_reward.requires_grad_(False)
     teacher = make_tail(teacher_reward.vision, model.tail.preprocess)  # the original tower, not the trained copy
     teacher.eval()
@@ -246,8 +286,7 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
     stats: dict[str, list[float]] = {k: [] for k in (
         "distill/loss", "distill/embed_loss", "distill/token_loss", "distill/lr", "distill/grad_norm",
         "distill/sigma_mean")}
-    if cfg.loss == "smooth_l1":
-        stats["distill/score_loss"] = []
+    stats["distill/score_loss"] = []
     model.train()
     step = 0
     bar = tqdm(total=cfg.max_steps, disable=not cfg.progress, desc="stitchvm distill")
@@ -280,7 +319,8 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
                 s_out = model.features(z_t, sigma)
                 # 3. loss (App. D.1)
                 if cfg.loss == "embed_token":
-                    out = stitchvm_distill_loss(s_out.embed, s_out.tokens, t_out.embed, t_out.tokens, cfg.lambda_tok)
+                    out = stitchvm_distill_loss(s_out.embed, s_out.tokens, t_out.embed, t_out.tokens, cfg.lambda_tok,
+                                                metric, cfg.lambda_score)
                 else:
                     with torch.no_grad():
                         t_score = teacher_reward.score_from_image_embed(t_out.embed)
