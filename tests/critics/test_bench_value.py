@@ -85,3 +85,20 @@ def test_odd_rollouts_are_refused(built, world):
     with pytest.raises(ValueError, match="--rollouts must be even"):
         bv.main(["--quick", "--rollouts", "3", "--weights-dir", str(world), "--stitchvm", str(svm.output_dir),
                  "--critics", "stitchvm", "--out", ""])
+
+
+def test_a_variant_is_benchmarked_on_the_same_trajectories(built, world, capsys):
+    """--variant NAME=DIR: the same StitchVM under another name gets exactly the shipped one's numbers."""
+    svm, _ = built
+    result = bv.main(["--quick", "--weights-dir", str(world), "--stitchvm", str(svm.output_dir), "--critics",
+                      "stitchvm", "--variant", f"again={svm.output_dir}", "--sigmas", "0.5", "--out", ""])
+    row = result["value"]["rows"]["0.5"]
+    assert row["again/rho"] == row["stitchvm/rho"] and row["again/mse"] == row["stitchvm/mse"]
+    assert result["retrieval"]["again@0.5"] == result["retrieval"]["stitchvm@0.5"]
+    assert "again ρ" in capsys.readouterr().out
+    for bad in ("again", "=dir", "a/b=dir"):
+        with pytest.raises(ValueError, match="--variant must look like NAME=DIR"):
+            bv.parse_variant(bad)
+    with pytest.raises(ValueError, match="already a critic"):
+        bv.main(["--quick", "--weights-dir", str(world), "--stitchvm", str(svm.output_dir), "--critics", "stitchvm",
+                 "--variant", f"stitchvm={svm.output_dir}", "--out", ""])

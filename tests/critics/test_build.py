@@ -227,3 +227,56 @@ def test_a_flipped_byte_is_caught_by_the_manifest(built, world, tmp_path):
     policy, reward = load_shapes_policy(weights_dir=world), load_shapes_reward(weights_dir=world)
     with pytest.raises(ValueError, match="tail.safetensors is corrupt"):
         load.stitchvm(policy, reward, broken)
+
+
+def test_mixed_stream_adds_the_policy_samples_at_the_asked_share():
+    from critics.build import MixedStream
+
+    data = [torch.zeros(6, 3, 4, 4) for _ in range(3)]
+    bank = torch.full((5, 3, 4, 4), 255, dtype=torch.uint8)
+    bank[0] = 0  # one dark sample: draws are with replacement and random, so not every sample is bright
+    stream = MixedStream(data, bank, fraction=0.25, seed=3)
+    batches = list(stream)
+    assert [b.shape[0] for b in batches] == [8, 8, 8]  # 6 data + round(6 * 0.25 / 0.75) = 2 samples
+    bright = sum(int((b.flatten(1) == 1).all(1).sum()) for b in batches)
+    assert 0 < bright <= 6 and all(((b == 0) | (b == 1)).all() for b in batches)
+    assert all(torch.equal(a, b) for a, b in zip(batches, MixedStream(data, bank, 0.25, seed=3)))
+    with pytest.raises(ValueError, match="generate at the data's resolution"):
+        list(MixedStream([torch.zeros(2, 3, 8, 8)], bank, 0.5, seed=0))
+    with pytest.raises(ValueError, match="uint8"):
+        MixedStream(data, bank.float(), 0.5, seed=0)
+
+
+def test_generate_samples_cycles_settings_and_is_seeded(world):
+    from critics.build import PolicySampleConfig, generate_samples
+
+    policy = load_shapes_policy(weights_dir=world)
+    cfg = PolicySampleConfig(n=5, prompts={}, num_steps=2, guidance_scales=[1.0, 3.0], etas=[0.0, 0.7],
+                             batch_size=2, seed=4)
+    images = generate_samples(policy, ["two red circles", "a blue square"], cfg)
+    assert images.dtype == torch.uint8 and images.shape == (5, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert torch.equal(images, generate_samples(policy, ["two red circles", "a blue square"], cfg))
+
+
+def test_build_with_policy_samples_and_the_caption_score_term(world, tmp_path):
+    out = tmp_path / "c"
+    result = build(load_config(SHAPES_YAML, tiny_overrides(
+        world, out, "policy_samples.n=6", "policy_samples.batch_size=3", "policy_samples.num_steps=2",
+        "policy_samples.prompts={_component_: shapes.data.prompts, split: train, n: 4, seed: 5}",
+        "distill.lambda_score=2.0", "score_captions={_component_: shapes.data.prompts, split: train, n: 16, seed: 11}",
+        "distill.max_steps=2")))
+    assert len(result.stats["distill/score_loss"]) == 2 and all(v > 0 for v in result.stats["distill/score_loss"])
+    record = json.loads((out / "build.json").read_text())
+    assert record["times"]["policy_samples_s"] > 0 and record["config"]["distill"]["lambda_score"] == 2.0
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["distill.lambda_score=1"], r"config error: score_captions: distill.lambda_score > 0 weights"),
+    (["policy_samples.n=4"], r"config error: policy_samples.prompts: policy_samples.n > 0 needs the prompts"),
+    (["policy_samples.fraction=1.0"], r"config error: policy_samples.fraction: must be in \(0, 1\)"),
+])
+def test_stage_two_option_errors(world, tmp_path, capsys, extra, message):
+    rc = main(["--config", SHAPES_YAML, *tiny_overrides(world, tmp_path / "x", *extra)])
+    err = capsys.readouterr().err
+    assert rc == 2 and re.search(message, err), err
+    assert not (tmp_path / "x").exists()

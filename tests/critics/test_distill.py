@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from critics.distill import (DistillConfig, distill, rebatch, sample_sigmas, smooth_l1_distill_loss,
+from critics.distill import (DistillConfig, caption_metric, distill, rebatch, sample_sigmas, smooth_l1_distill_loss,
                              stitchvm_distill_loss, warmup_factor)
 from critics.stitchvm import load_stitchvm
 from critics.tails import ClipPreprocess
@@ -158,3 +158,34 @@ def test_distill_fails_loudly():
     model, _, reward, _, _ = tiny_stitchvm(j=1)
     with pytest.raises(ValueError, match="encode_fn gives latents"):
         distill(model, reward, lambda x: F.avg_pool2d(x, 4).repeat(1, 2, 1, 1)[:, :4], image_batches(4, 4), cfg)
+
+
+def test_caption_score_term_is_the_mean_squared_score_error_over_the_captions():
+    """E Δᵀ M Δ with M = mean t tᵀ equals E · mean_c (ẽ_S·t_c − ẽ_T·t_c)² (planted captions), M has trace 1, and
+    an isotropic caption set (±e_k) gives back ‖Δ‖²."""
+    g = torch.Generator().manual_seed(0)
+    s_emb, t_emb = torch.randn(5, 6, generator=g), torch.randn(5, 6, generator=g)
+    texts = torch.randn(40, 6, generator=g) * 3  # caption_metric normalises
+    tok = torch.zeros(5, 2, 3)
+    M = caption_metric(texts)
+    assert torch.trace(M).item() == pytest.approx(1.0, abs=1e-6)
+    out = stitchvm_distill_loss(s_emb, tok, t_emb, tok, 1.0, M, lambda_score=2.0)
+    t = F.normalize(texts, dim=-1)
+    scores = (F.normalize(s_emb, dim=-1) @ t.T - F.normalize(t_emb, dim=-1) @ t.T).pow(2).mean()
+    assert out.score_loss.item() == pytest.approx(6 * scores.item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx(out.embed_loss.item() + 2.0 * out.score_loss.item(), rel=1e-6)
+    iso = caption_metric(torch.cat([torch.eye(6), -torch.eye(6)]))
+    iso_out = stitchvm_distill_loss(s_emb, tok, t_emb, tok, 1.0, iso, lambda_score=1.0)
+    assert iso_out.score_loss.item() == pytest.approx(iso_out.embed_loss.item(), rel=1e-5)
+    assert stitchvm_distill_loss(s_emb, tok, t_emb, tok).score_loss.item() == 0.0  # off without a metric
+
+
+def test_caption_score_term_needs_its_metric_and_the_embed_token_loss():
+    with pytest.raises(ValueError, match="lambda_score must be >= 0"):
+        DistillConfig(lambda_score=-1)
+    with pytest.raises(ValueError, match="term of the 'embed_token' loss"):
+        DistillConfig(lambda_score=1, loss="smooth_l1")
+    model, _, reward, _, _ = tiny_stitchvm()
+    with pytest.raises(ValueError, match="needs the caption metric M"):
+        distill(model, reward, TinyEncoder(), image_batches(), DistillConfig(lambda_score=1.0, max_steps=1,
+                                                                             batch_size=4, progress=False))
