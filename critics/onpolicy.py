@@ -20,8 +20,8 @@ Notation          code
 Choices (not in the paper):
 - Trajectories: the policy's SDE sampler (Flow-GRPO form, eta `eta`), CFG drawn per step from `guidance_scales`
   (RL rollouts are CFG-free, evaluation uses CFG), step count drawn from `num_steps`. Each step inserts
-  `latents_per_trajectory` noise levels σ ~ U(0, 1) into the schedule and regresses at exactly those nodes, so
-  σ covers (0, 1) uniformly as in stage 2.
+  `latents_per_trajectory` noise levels σ ~ U(`sigma_range`), U(0, 1) by default, into the schedule and regresses
+  at exactly those nodes, so σ covers (0, 1) uniformly as in stage 2.
 - The value term is divided by Var(r), a running (EMA, momentum 0.99) variance of the rewards seen so far: λ_v = 1
   then weighs a fit at the level of R² against the O(1) embedding term, whatever the reward's scale (CLIP 0..1,
   PickScore ~20, HPS ~0.3). A per-batch variance would blow the term up on batches of near-equal rewards (one
@@ -71,6 +71,9 @@ class OnPolicyConfig:
     guidance_scales: list[float] = option(default_factory=lambda: [1.0, 4.5],
                                           help="CFG weights of the trajectories; one is drawn per optimiser step.")
     eta: float = option(0.7, help="SDE noise level of the trajectories (0 = ODE: x0 is then a function of z_t).")
+    sigma_range: tuple[float, float] = option(
+        (0.0, 1.0), help="(lo, hi): the inserted noise levels are U(lo, hi); e.g. keep a low-sigma critic (stage 2 "
+                         "with a low-sigma law) on the levels it serves.")
     lr: float = option(1e-4, help="AdamW learning rate of the tail.")
     stitch_lr_mult: float = option(5.0, help="the stitch trains at lr × stitch_lr_mult.")
     warmup_steps: int = option(100, help="linear warm-up steps.")
@@ -101,6 +104,8 @@ class OnPolicyConfig:
         check(len(self.guidance_scales) > 0 and all(g >= 0 for g in self.guidance_scales), "guidance_scales",
               f"must be a non-empty list of CFG weights >= 0, got {self.guidance_scales}")
         check(self.eta >= 0, "eta", f"must be >= 0, got {self.eta}")
+        lo, hi = self.sigma_range
+        check(0 <= lo < hi <= 1, "sigma_range", f"need 0 <= lo < hi <= 1, got ({lo}, {hi})")
         check(self.lr > 0 and self.stitch_lr_mult > 0, "lr", "lr and stitch_lr_mult must be > 0")
         check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         check(self.lr_decay in LR_DECAYS, "lr_decay", f"must be one of {LR_DECAYS}, got {self.lr_decay!r}")
@@ -200,7 +205,8 @@ def onpolicy_finetune(model: StitchVM, policy, reward: nn.Module, prompts: list[
         batch = [prompts[k] for k in rng.choice(len(prompts), cfg.trajectories, replace=False)]
         num_steps = int(cfg.num_steps[rng.integers(len(cfg.num_steps))])
         guidance = float(cfg.guidance_scales[rng.integers(len(cfg.guidance_scales))])
-        sigmas = torch.rand(cfg.latents_per_trajectory, generator=generator).clamp(1e-3, 1 - 1e-3)
+        lo, hi = cfg.sigma_range
+        sigmas = (lo + (hi - lo) * torch.rand(cfg.latents_per_trajectory, generator=generator)).clamp(1e-3, 1 - 1e-3)
         model.eval()
         roll = sample_rollouts(policy, batch, num_steps, guidance, cfg.eta, sigmas, generator)
         with torch.no_grad():

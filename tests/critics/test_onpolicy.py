@@ -193,3 +193,22 @@ def test_a_checker_critic_can_seed_another_build(built, world, tmp_path):
     assert "value_target" not in json.loads((second / "stitchvm.json").read_text())  # regressed onto the tower again
     policy, tower = load_shapes_policy(weights_dir=world), load_shapes_reward(weights_dir=world)
     assert load.stitchvm(policy, tower, second).value(torch.randn(1, 4, 8, 8), 0.5, ["a red circle"]).shape == (1,)
+
+
+def test_sigma_range_bounds_the_inserted_noise_levels(built, world, tmp_path, monkeypatch):
+    from critics import onpolicy
+
+    seen, real = [], onpolicy.sample_rollouts
+
+    def recording(policy, prompts, num_steps, guidance, eta, sigmas, generator):
+        seen.append(sigmas.clone())
+        return real(policy, prompts, num_steps, guidance, eta, sigmas, generator)
+
+    monkeypatch.setattr(onpolicy, "sample_rollouts", recording)
+    svm, _ = built
+    build(load_config(BUILD_YAML, tiny_overrides(world, tmp_path / "low", f"init_from={svm.output_dir}", *ONPOLICY,
+                                                 "onpolicy.sigma_range=[0.2,0.4]")))
+    levels = torch.cat(seen)
+    assert len(seen) == 3 and levels.numel() == 6 and bool(((levels >= 0.2) & (levels <= 0.4)).all())
+    with pytest.raises(ConfigError, match=r"sigma_range: need 0 <= lo < hi <= 1"):
+        load_config(BUILD_YAML, tiny_overrides(world, tmp_path / "a", "onpolicy.sigma_range=[0.5,0.5]"))
