@@ -5,7 +5,8 @@
 #                                              every $EVAL_EVERY epochs on 512 held-out prompts
 # configs/experiments/shapes_gpu_{grpo,ddpo}.yaml changed in session 5 (group noise, Fast window, 1024-sample epochs);
 # the session-3 and session-4 scripts ran the earlier ones: `git checkout 55e2c91 -- configs/experiments` reruns them
-# as they were. The session-5 scripts pin every changed key.
+# as they were. The session-5 scripts pin every changed key. Since session 6 algo.ema_decay (DRaFT's runs here) warms up
+# as min(d, (1+s)/(10+s)) over optimizer steps s; it was a constant d before.
 mkdir -p $OUT/runs $OUT/log
 M=${MINUTES:-8.5}
 E=${EPOCHS:-50}

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -194,7 +195,9 @@ def retrieval(policy, reward, critics: dict, sigmas: Sequence[float], n_images: 
 # ---------------------------------------------------------------------------------------------------------------
 def check_targets(result: dict) -> list[tuple[str, bool]]:
     """The issue's targets, each (description with the measured numbers, met?). Skips those whose critics are absent."""
-    rows, names = result["value"]["rows"], result["critics"]
+    rows = result["value"]["rows"]
+    variants = set(result.get("variants", {}))  # other StitchVM builds: compared, not competitors of the targets
+    names = [n for n in result["critics"] if n not in variants]
     checks = []
     if "stitchvm" in names and len(names) > 1:
         for key, row in rows.items():
@@ -287,7 +290,8 @@ def plot(result: dict, path: str | Path) -> None:
 # Entry point
 # ---------------------------------------------------------------------------------------------------------------
 def load_critics(names: Sequence[str], policy, reward, guidance: float, stitchvm_path: str,
-                 vae_stitch_path: str) -> dict:
+                 vae_stitch_path: str, variants: dict[str, str] | None = None) -> dict:
+    """The named critics, plus ``variants`` {name: StitchVM directory}, in eval mode on the policy's device."""
     from critics import load
     from critics.baselines import TweedieCritic
 
@@ -301,6 +305,10 @@ def load_critics(names: Sequence[str], policy, reward, guidance: float, stitchvm
     if unknown:
         raise ValueError(f"unknown critics {unknown}; choose from {sorted(builders)}")
     critics = {n: builders[n]() for n in names}
+    for name, path in (variants or {}).items():  # more StitchVM builds, benchmarked on the same trajectories
+        if name in builders or name == "mc":
+            raise ValueError(f"--variant name {name!r} is taken by a critic of the benchmark; pick another")
+        critics[name] = load.stitchvm(policy, reward, path)
     for critic in critics.values():
         critic.eval()
         critic.to(policy.device)
@@ -321,19 +329,14 @@ def run(args: argparse.Namespace) -> dict:
     guidance = cfg.guidance_scale if args.guidance is None else args.guidance
     num_steps = args.num_steps or cfg.num_steps
     names = [n for n in args.critics.split(",") if n]
-    critics = load_critics(names, policy, reward, guidance, args.stitchvm, args.vae_stitch)
-    variants = dict(parse_variant(v) for v in args.variant)
-    for name, path in variants.items():  # more StitchVM builds, benchmarked on the same trajectories and truth
-        if name in critics:
-            raise ValueError(f"--variant name {name!r} is already a critic of --critics; pick another")
-        from critics import load
-        critics[name] = load.stitchvm(policy, reward, path).eval().to(policy.device)
-        names.append(name)
+    variants = parse_variants(args.variant)
+    critics = load_critics(names, policy, reward, guidance, args.stitchvm, args.vae_stitch, variants)
+    names += list(variants)
     prompts = shapes_prompts("test", args.n_prompts, args.prompt_seed)
     latents = trajectory_latents(policy, prompts, args.sigmas, num_steps, guidance, args.batch_size)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
               f"cpu ({torch.get_num_threads()} threads)",
-              "critics": names, "sigmas": list(args.sigmas), "n_prompts": args.n_prompts, "rollouts": args.rollouts,
+              "critics": names, "variants": variants, "sigmas": list(args.sigmas), "n_prompts": args.n_prompts, "rollouts": args.rollouts,
               "prompt_seed": args.prompt_seed,
               "num_steps": num_steps, "guidance_scale": guidance, "shift": policy.shift,
               "value": value_quality(policy, reward, critics, prompts, latents, args.rollouts, num_steps, guidance,
@@ -346,12 +349,18 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def parse_variant(text: str) -> tuple[str, str]:
-    """'NAME=DIR' of --variant -> (NAME, DIR)."""
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path or "/" in name:
-        raise ValueError(f"--variant must look like NAME=DIR (a StitchVM directory), got {text!r}")
-    return name, path
+def parse_variants(texts: Sequence[str]) -> dict[str, str]:
+    """The 'NAME=DIR' values of --variant -> {NAME: DIR}; NAME is [A-Za-z0-9_.-]+ and used once."""
+    variants: dict[str, str] = {}
+    for text in texts:
+        name, sep, path = text.partition("=")
+        if not sep or not path or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ValueError(f"--variant must look like NAME=DIR (NAME of letters, digits, _ . -; DIR a StitchVM "
+                             f"directory), got {text!r}")
+        if name in variants:
+            raise ValueError(f"--variant name {name!r} given twice")
+        variants[name] = path
+    return variants
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

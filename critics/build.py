@@ -113,7 +113,10 @@ class PolicySampleConfig:
         check(0 < self.fraction < 1, "fraction", f"must be in (0, 1), got {self.fraction}")
         check(self.num_steps >= 1, "num_steps", f"must be >= 1, got {self.num_steps}")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        check(len(self.guidance_scales) >= 1 and len(self.etas) >= 1, "guidance_scales/etas", "need >= 1 value each")
+        check(len(self.guidance_scales) >= 1 and all(g >= 0 for g in self.guidance_scales), "guidance_scales",
+              f"must be a non-empty list of CFG weights >= 0, got {self.guidance_scales}")
+        check(len(self.etas) >= 1 and all(e >= 0 for e in self.etas), "etas",
+              f"must be a non-empty list of noise levels >= 0, got {self.etas}")
         check(self.n == 0 or self.prompts is not None, "prompts",
               "policy_samples.n > 0 needs the prompts to generate from, e.g. {_component_: shapes.data.prompts, "
               "split: train, n: 65536, seed: 5}")
@@ -302,8 +305,9 @@ def generate_samples(policy, prompts: list[str], cfg: PolicySampleConfig) -> Ten
         rows = [prompts[(start + i) % len(prompts)] for i in range(size)]
         guidance = cfg.guidance_scales[b % len(cfg.guidance_scales)]
         eta = cfg.etas[(b // len(cfg.guidance_scales)) % len(cfg.etas)]
-        traj = policy.sample(rows, num_steps=cfg.num_steps, guidance_scale=guidance, eta=eta, generator=generator)
-        images = policy.decode(traj.latents[:, -1])  # (b, 3, H, W) in [0, 1]
+        traj = policy.sample(rows, num_steps=cfg.num_steps, guidance_scale=guidance, eta=eta, generator=generator,
+                             keep_latents=False)
+        images = policy.decode(traj.z_tau)  # (b, 3, H, W) in [0, 1]
         out.append(images.mul(255).round().to(torch.uint8).cpu())
     return torch.cat(out)
 
@@ -547,10 +551,12 @@ def build(cfg: BuildConfig) -> BuildResult:
                     not all(isinstance(p, str) for p in sample_prompts):
                 raise ConfigError(f"policy_samples.prompts must give a non-empty list of strings, got "
                                   f"{type(sample_prompts).__name__}")
+            # (stage 1 has already checked that the data's resolution is the policy's)
             t_gen = time.perf_counter()
             bank = generate_samples(policy, sample_prompts, ps)
             times["policy_samples_s"] = time.perf_counter() - t_gen
-            stream = MixedStream(stream, bank, ps.fraction, cfg.seed)
+            # its own seed: the data loader's shuffle already draws from cfg.seed
+            stream = MixedStream(stream, bank, ps.fraction, ps.seed)
             say("distill", f"{ps.n} policy samples ({ps.num_steps} steps, CFG {ps.guidance_scales}, eta {ps.etas}) "
                            f"in {times['policy_samples_s']:.0f} s; {ps.fraction:.0%} of every batch")
 

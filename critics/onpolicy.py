@@ -20,8 +20,8 @@ Notation          code
 Choices (not in the paper):
 - Trajectories: the policy's SDE sampler (Flow-GRPO form, eta `eta`), CFG drawn per step from `guidance_scales`
   (RL rollouts are CFG-free, evaluation uses CFG), step count drawn from `num_steps`. Each step inserts
-  `latents_per_trajectory` noise levels σ ~ U(`sigma_range`), U(0, 1) by default, into the schedule and regresses
-  at exactly those nodes, so σ covers (0, 1) uniformly as in stage 2.
+  `latents_per_trajectory` noise levels σ ~ U(`sigma_range`) into the schedule and regresses at exactly those
+  nodes; the default U(0, 1) covers every level uniformly, as stage 2's default law does.
 - The value term is divided by Var(r), a running (EMA, momentum 0.99) variance of the rewards seen so far: λ_v = 1
   then weighs a fit at the level of R² against the O(1) embedding term, whatever the reward's scale (CLIP 0..1,
   PickScore ~20, HPS ~0.3). A per-batch variance would blow the term up on batches of near-equal rewards (one

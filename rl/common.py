@@ -19,7 +19,7 @@ from policies import lora
 from policies.flow import FlowPolicy
 from rl import checkpoint as ckpt
 from rl import distributed
-from rl.config import check, option
+from rl.config import ConfigError, check, option
 from rl.metrics import BACKENDS, MetricLogger, Timer
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -99,13 +99,14 @@ def ema_adapters(ema_decay: float) -> tuple[str, ...]:
     return ("default", "ema") if ema_decay > 0 else ("default",)
 
 
-def ema_decay_at(decay: float, epoch: int) -> float:
-    """Flow-GRPO's EMA warm-up, min(decay, (1 + e) / (10 + e)) at epoch e (0-based).
+def ema_decay_at(decay: float, step: int) -> float:
+    """Flow-GRPO's EMA warm-up, min(decay, (1 + s) / (10 + s)) at optimizer step s (0-based, counted over the run).
 
     Without it the average drags the zero-initialised LoRA along for ~1 / (1 - decay) steps after training
-    starts; with it the EMA follows closely at first and averages over longer windows later. A function of the
-    epoch rather than of a step counter, so a resumed run continues the same schedule."""
-    return min(decay, (1.0 + epoch) / (10.0 + epoch)) if decay > 0 else 0.0
+    starts; with it the EMA follows closely at first and averages over longer windows later (0.9 from step 80, 0.99
+    from step 890). Trainers derive s from the epoch and the fixed number of steps per epoch, so a resumed run
+    continues the same schedule."""
+    return min(decay, (1.0 + step) / (10.0 + step)) if decay > 0 else 0.0
 
 
 @dataclass
@@ -346,7 +347,11 @@ def restore(run: Run, source: str, optimizer, adapters: tuple[str, ...]) -> tupl
     """Load a checkpoint ('latest', a run dir or a step dir) into the policy and optimizer; returns (epoch, state)."""
     source = str(run.run_dir) if source == "latest" else source
     loaded = ckpt.load_checkpoint(source)
+    held = sorted(k.removeprefix("lora_") for k in loaded.tensors if k.startswith("lora_"))
     for name in adapters:
+        if f"lora_{name}" not in loaded.tensors:  # e.g. algo.ema_decay turned on for a run saved without it
+            raise ConfigError(f"checkpoint {source} has no adapter '{name}' (it holds {held}); resume with the "
+                              f"settings it was saved with (algo.ema_decay > 0 adds 'ema') or start a new run")
         load_adapter(run, name, loaded.tensors[f"lora_{name}"])
     trained = lora.adapter_parameters(run.policy.transformer, "default")
     opt_state = ckpt.optimizer_state_from_tensors(loaded.tensors["optimizer"], loaded.state["optimizer"])

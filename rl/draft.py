@@ -28,6 +28,7 @@ Notation:  K = ``backprop_steps``, lambda = ``reg_lambda``, tau the stop step, V
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -59,8 +60,8 @@ class DraftConfig:
     lr: float = option(5e-5, help="AdamW learning rate of the LoRA (paper: 5e-5)")
     weight_decay: float = option(0.0, help="AdamW weight decay (paper: 0)")
     max_grad_norm: float = option(1.0, help="gradient clipping (paper: 1.0)")
-    ema_decay: float = option(0.0, help="EMA of the LoRA (adapter 'ema', warm-up min(decay, (1+e)/(10+e)) at epoch "
-                                        "e), the one evaluated, validated and exported; 0 = off, the trained one")
+    ema_decay: float = option(0.0, help="EMA of the LoRA (adapter 'ema', warm-up min(decay, (1+s)/(10+s)) at optimizer "
+                                        "step s), the one evaluated, validated and exported; 0 = off, the trained one")
     grad_checkpointing: bool = option(False, help="recompute transformer activations in the backward (GPU memory)")
     cotrain_batch_size: int = option(32, help="rollout batch of the co-training refresh (critic.cotrain)")
     lora_rank: int = option(32, help="LoRA rank r (paper: 32)")
@@ -163,6 +164,7 @@ def optimise(run: common.Run, cfg: DraftConfig, prompts: list[str], optimizer, p
     sigmas = policy.sigmas(cfg.num_steps, run.device)
     names = ("reward/mean", "loss/total", "loss/reg")
     sums, norms, taus, skipped = [], [], [], 0
+    first_step = epoch * math.ceil(len(prompts) / cfg.train_batch_size)  # the EMA warm-up's clock (resume-safe)
     for start in range(0, len(prompts), cfg.train_batch_size):
         batch = prompts[start:start + cfg.train_batch_size]  # the optimizer step's global prompts
         tau = int(rng.integers(cfg.tau_min, cfg.tau_max + 1)) if critic.dense else cfg.num_steps
@@ -208,7 +210,8 @@ def optimise(run: common.Run, cfg: DraftConfig, prompts: list[str], optimizer, p
             skipped += 1
             continue
         if cfg.ema_decay > 0:
-            lora.ema_update(transformer, "default", "ema", common.ema_decay_at(cfg.ema_decay, epoch))
+            decay = common.ema_decay_at(cfg.ema_decay, first_step + len(norms) - 1)
+            lora.ema_update(transformer, "default", "ema", decay)
     means = distributed.sum_over_processes(accel, torch.stack(sums)).cpu()  # (steps, 3)
     out = {name: float(np.nanmean(means[:, i].numpy())) for i, name in enumerate(names)}
     out.update({"policy/grad_norm": float(np.nanmean(norms)), "train/tau": float(np.mean(taus)),

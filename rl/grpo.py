@@ -55,7 +55,6 @@ from rl.config import ConfigError, check, option
 from rl.signals import GracefulExit
 
 
-
 @dataclass
 class GRPOConfig:
     """Flow-GRPO hyper-parameters (the paper's defaults where it gives them; Shapes sizes in configs/algo/grpo.yaml)."""
@@ -89,8 +88,8 @@ class GRPOConfig:
     lr: float = option(3e-4, help="AdamW learning rate of the LoRA (Flow-GRPO: 3e-4)")
     weight_decay: float = option(1e-4, help="AdamW weight decay")
     max_grad_norm: float = option(1.0, help="gradient clipping")
-    ema_decay: float = option(0.0, help="EMA of the LoRA (adapter 'ema', warm-up min(decay, (1+e)/(10+e)) at epoch "
-                                        "e), the one evaluated, validated and exported; 0 = off, the trained one")
+    ema_decay: float = option(0.0, help="EMA of the LoRA (adapter 'ema', warm-up min(decay, (1+s)/(10+s)) at optimizer "
+                                        "step s), the one evaluated, validated and exported; 0 = off, the trained one")
     lora_rank: int = option(32, help="LoRA rank r")
     lora_alpha: float = option(64.0, help="LoRA alpha")
     lora_targets: tuple[str, ...] = option(lora.SD3_TARGETS, help="LoRA target modules")
@@ -134,9 +133,10 @@ class GRPOConfig:
         return self.adapters[-1]
 
     def update_settings(self, epoch: int) -> pg.UpdateSettings:
+        per_epoch = pg.steps_per_epoch(self.prompts_per_epoch * self.group_size, self.train_batch_size, self.inner_epochs)
         return pg.UpdateSettings(self.eta, self.guidance_scale, self.clip_range, self.kl_beta, self.train_batch_size,
-                                 self.timestep_fraction, self.inner_epochs, self.max_grad_norm,
-                                 common.ema_decay_at(self.ema_decay, epoch))
+                                 self.timestep_fraction, self.inner_epochs, self.max_grad_norm, self.ema_decay,
+                                 epoch * per_epoch)
 
 
 def check_critic(critic, advantages: str) -> None:

@@ -207,7 +207,8 @@ class UpdateSettings:
     timestep_fraction: float
     inner_epochs: int
     max_grad_norm: float
-    ema_decay: float = 0.0  # this epoch's decay of the "ema" adapter (common.ema_decay_at); 0 = no EMA
+    ema_decay: float = 0.0  # decay d of the "ema" adapter (0 = no EMA), warmed up by common.ema_decay_at
+    ema_step: int = 0  # the run's optimizer-step index of this call's first step (the warm-up's clock)
 
 
 
@@ -242,6 +243,7 @@ def ppo_update(run: common.Run, rollout: SDERollout, adv: Tensor, optimizer: tor
     batch_size = s.train_batch_size // accel.num_processes
     names = ("loss/total", "loss/policy", "loss/kl", "policy/clipfrac", "policy/approx_kl", "policy/ratio")
     loss_sums, norms, skipped = [], [], 0  # loss_sums: per optimizer step (num_t, len(names))
+    ema_decay = math.nan
     for _ in range(s.inner_epochs):
         perm = torch.randperm(n, generator=generator, device=generator.device).to(run.device)
         steps_all = train_steps(rollout.sde_mask, s.timestep_fraction, generator)  # (B, n_t)
@@ -277,14 +279,23 @@ def ppo_update(run: common.Run, rollout: SDERollout, adv: Tensor, optimizer: tor
             norms.append(norm)
             skipped += not stepped
             if stepped and s.ema_decay > 0:
-                lora.ema_update(transformer, "default", "ema", s.ema_decay)
+                ema_decay = common.ema_decay_at(s.ema_decay, s.ema_step + len(norms) - 1)
+                lora.ema_update(transformer, "default", "ema", ema_decay)
     out = {}
     if loss_sums:
         losses = distributed.sum_over_processes(accel, torch.stack(loss_sums)).flatten(0, 1).cpu()  # (steps*num_t, 6)
         out = {name: float(np.nanmean(losses[:, i].numpy())) for i, name in enumerate(names)}
         out["policy/grad_norm"] = float(np.nanmean(norms))
     out["train/skipped_updates"] = float(skipped)
+    if s.ema_decay > 0:
+        out["train/ema_decay"] = ema_decay  # the last step's
     return out
+
+
+def steps_per_epoch(rows: int, train_batch_size: int, inner_epochs: int) -> int:
+    """Optimizer steps ``ppo_update`` takes for an epoch of ``rows`` samples (global): one per minibatch of
+    ``train_batch_size``, per inner epoch, stepped or skipped."""
+    return inner_epochs * math.ceil(rows / train_batch_size)
 
 
 # ------------------------------------------------------------------------------------------------ diagnostics

@@ -96,9 +96,12 @@ def test_a_variant_is_benchmarked_on_the_same_trajectories(built, world, capsys)
     assert row["again/rho"] == row["stitchvm/rho"] and row["again/mse"] == row["stitchvm/mse"]
     assert result["retrieval"]["again@0.5"] == result["retrieval"]["stitchvm@0.5"]
     assert "again ρ" in capsys.readouterr().out
-    for bad in ("again", "=dir", "a/b=dir"):
+    assert not any("> others" in t["check"] for t in result["targets"])  # a variant is compared, not a competitor
+    for bad in ("again", "=dir", "a/b=dir", "a@b=dir"):
         with pytest.raises(ValueError, match="--variant must look like NAME=DIR"):
-            bv.parse_variant(bad)
-    with pytest.raises(ValueError, match="already a critic"):
+            bv.parse_variants([bad])
+    with pytest.raises(ValueError, match="given twice"):
+        bv.parse_variants(["a=x", "a=y"])
+    with pytest.raises(ValueError, match="taken by a critic"):
         bv.main(["--quick", "--weights-dir", str(world), "--stitchvm", str(svm.output_dir), "--critics", "stitchvm",
                  "--variant", f"stitchvm={svm.output_dir}", "--out", ""])

@@ -253,12 +253,31 @@ def test_generate_samples_cycles_settings_and_is_seeded(world):
     policy = load_shapes_policy(weights_dir=world)
     cfg = PolicySampleConfig(n=5, prompts={}, num_steps=2, guidance_scales=[1.0, 3.0], etas=[0.0, 0.7],
                              batch_size=2, seed=4)
-    images = generate_samples(policy, ["two red circles", "a blue square"], cfg)
+    prompts = ["two red circles", "a blue square"]
+    seen, real = [], policy.sample
+
+    def recording(rows, **kw):
+        seen.append((list(rows), kw["guidance_scale"], kw["eta"], kw["num_steps"]))
+        return real(rows, **kw)
+
+    policy.sample = recording
+    images = generate_samples(policy, prompts, cfg)
     assert images.dtype == torch.uint8 and images.shape == (5, 3, IMAGE_SIZE, IMAGE_SIZE)
-    assert torch.equal(images, generate_samples(policy, ["two red circles", "a blue square"], cfg))
+    # batches of 2, 2, 1; prompts cycled; (CFG, eta) = (1, 0), (3, 0), (1, 0.7): every pair gets its share
+    assert seen == [(prompts, 1.0, 0.0, 2), (prompts, 3.0, 0.0, 2), (prompts[:1], 1.0, 0.7, 2)]
+    assert torch.equal(images, generate_samples(policy, prompts, cfg))
 
 
-def test_build_with_policy_samples_and_the_caption_score_term(world, tmp_path):
+def test_build_with_policy_samples_and_the_caption_score_term(world, tmp_path, monkeypatch):
+    from critics import build as build_module
+
+    streams, real = [], build_module.distill
+
+    def spy(model, reward, encode_fn, data_iter, cfg, **kw):
+        streams.append(data_iter)
+        return real(model, reward, encode_fn, data_iter, cfg, **kw)
+
+    monkeypatch.setattr(build_module, "distill", spy)
     out = tmp_path / "c"
     result = build(load_config(SHAPES_YAML, tiny_overrides(
         world, out, "policy_samples.n=6", "policy_samples.batch_size=3", "policy_samples.num_steps=2",
@@ -268,12 +287,18 @@ def test_build_with_policy_samples_and_the_caption_score_term(world, tmp_path):
     assert len(result.stats["distill/score_loss"]) == 2 and all(v > 0 for v in result.stats["distill/score_loss"])
     record = json.loads((out / "build.json").read_text())
     assert record["times"]["policy_samples_s"] > 0 and record["config"]["distill"]["lambda_score"] == 2.0
+    (stream,) = streams
+    assert isinstance(stream, build_module.MixedStream) and stream.bank.shape[0] == 6 and stream.fraction == 0.5
+    assert next(iter(stream)).shape[0] == 16  # loader batches of 8 renders + 8 policy samples
 
 
 @pytest.mark.parametrize("extra,message", [
     (["distill.lambda_score=1"], r"config error: score_captions: distill.lambda_score > 0 weights"),
     (["policy_samples.n=4"], r"config error: policy_samples.prompts: policy_samples.n > 0 needs the prompts"),
     (["policy_samples.fraction=1.0"], r"config error: policy_samples.fraction: must be in \(0, 1\)"),
+    (["policy_samples.etas=[-0.1]"], r"config error: policy_samples.etas: must be a non-empty list of noise levels"),
+    (["policy_samples.n=4", "policy_samples.prompts={_component_: shapes.data.prompts, split: train, n: 4, seed: 5}",
+      "data.size=64"], r"error: data images are \(64, 64\).*set the data resolution"),  # before any generation
 ])
 def test_stage_two_option_errors(world, tmp_path, capsys, extra, message):
     rc = main(["--config", SHAPES_YAML, *tiny_overrides(world, tmp_path / "x", *extra)])

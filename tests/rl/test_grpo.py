@@ -242,9 +242,9 @@ def test_smoke_run(tmp_path, critic, overrides):
 
 @pytest.mark.parametrize("algo", ["grpo", "ddpo"])
 def test_ema_adapter_is_the_warmed_up_average_and_is_what_is_exported(tmp_path, monkeypatch, algo):
-    """algo.ema_decay: after every optimizer step ema <- d_e ema + (1 - d_e) default with d_e = min(d, (1+e)/(10+e))
-    at epoch e; the checkpoint's "ema" adapter equals that recursion replayed over the recorded "default" states,
-    and the exported LoRA is the EMA, not the trained adapter."""
+    """algo.ema_decay: after optimizer step s, ema <- d_s ema + (1 - d_s) default with d_s = min(d, (1+s)/(10+s))
+    counted over the run; the checkpoint's "ema" adapter equals that recursion replayed over the recorded "default"
+    states, and the exported LoRA is the EMA, not the trained adapter."""
     from policies import lora
     from rl import common
     from rl.checkpoint import load_checkpoint
@@ -264,10 +264,11 @@ def test_ema_adapter_is_the_warmed_up_average_and_is_what_is_exported(tmp_path, 
     monkeypatch.setattr(lora, "ema_update", recording)
     extra = ["algo.group_size=2", "algo.group_noise=true"] if algo == "ddpo" else []
     out = run_tiny(tmp_path, algo, "terminal", "algo.ema_decay=0.9", "run.max_epochs=3", *extra)
-    per_epoch = (4 // 2) * (2 if algo == "ddpo" else 1)  # steps per epoch: 4 rollouts / train batch 2 x inner epochs
-    assert [d for d, _ in calls[1:]] == pytest.approx(
-        [common.ema_decay_at(0.9, e) for e in range(3) for _ in range(per_epoch)])
-    assert [common.ema_decay_at(0.9, e) for e in (0, 1, 80, 1000)] == pytest.approx([0.1, 2 / 11, 0.9, 0.9])
+    per_epoch = (4 // 2) * (2 if algo == "ddpo" else 1)  # 4 rollouts / train batch 2, x inner epochs
+    assert pg.steps_per_epoch(4, 2, 2 if algo == "ddpo" else 1) == per_epoch
+    assert [d for d, _ in calls[1:]] == pytest.approx([common.ema_decay_at(0.9, s) for s in range(3 * per_epoch)])
+    assert [common.ema_decay_at(0.9, s) for s in (0, 1, 80, 1000)] == pytest.approx([0.1, 2 / 11, 0.9, 0.9])
+    assert metrics(out)[-2]["train/ema_decay"] == pytest.approx(common.ema_decay_at(0.9, 3 * per_epoch - 1))
     ema = calls[0][1]
     for decay, default in calls[1:]:
         ema = {k: decay * ema[k] + (1 - decay) * default[k] for k in ema}
@@ -283,3 +284,11 @@ def test_ema_adapter_is_the_warmed_up_average_and_is_what_is_exported(tmp_path, 
     assert len(exported) == len(saved)
     for k, v in saved.items():
         torch.testing.assert_close(exported[f"transformer.{k}"].double(), v)
+
+
+def test_resume_with_another_adapter_set_is_a_clear_error(tmp_path, capsys):
+    out = run_tiny(tmp_path, "grpo", "terminal", "run.max_epochs=1")
+    rc = train.main(["--algo", "grpo", "--critic", "terminal", "--config", TINY, *DROP["grpo"], f"run.output_dir={out}",
+                     "algo.ema_decay=0.9", "run.max_epochs=2", "--resume", "latest"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "has no adapter 'ema'" in err and "Traceback" not in err, err
