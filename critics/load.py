@@ -89,6 +89,17 @@ def stitchvm(policy: nn.Module, reward: nn.Module, path: str | os.PathLike, towe
     return model
 
 
+def stitchvm_experts(policy: nn.Module, reward: nn.Module, paths: list[str], upper: list[float],
+                     tower: nn.Module | None = None) -> nn.Module:
+    """Noise-level experts (critics/routed.py): the StitchVM at ``paths[k]`` values latents with sigma in
+    (upper[k-1], upper[k]]. Each loads as :func:`stitchvm` does; they share the policy's transformer blocks."""
+    from critics.routed import SigmaRoutedCritic
+
+    if len(paths) != len(upper):
+        raise ValueError(f"critic.paths and critic.upper need one entry per expert, got {len(paths)} and {len(upper)}")
+    return SigmaRoutedCritic([stitchvm(policy, reward, p, tower) for p in paths], upper)
+
+
 def check_value_target(path: Path, reward: nn.Module, tower: nn.Module | None) -> None:
     """A critic predicts one reward: its tower's (stages 2-3), or the ``value_target`` stage 3 regressed it onto.
     Refuse a run whose reward is another one — a critic of the CLIP score silently steering a run that optimises a
