@@ -336,8 +336,8 @@ def run(args: argparse.Namespace) -> dict:
     latents = trajectory_latents(policy, prompts, args.sigmas, num_steps, guidance, args.batch_size)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
               f"cpu ({torch.get_num_threads()} threads)",
-              "critics": names, "variants": variants, "sigmas": list(args.sigmas), "n_prompts": args.n_prompts, "rollouts": args.rollouts,
-              "prompt_seed": args.prompt_seed,
+              "critics": names, "variants": variants, "sigmas": list(args.sigmas), "n_prompts": args.n_prompts,
+              "rollouts": args.rollouts, "prompt_seed": args.prompt_seed,
               "num_steps": num_steps, "guidance_scale": guidance, "shift": policy.shift,
               "value": value_quality(policy, reward, critics, prompts, latents, args.rollouts, num_steps, guidance,
                                      args.batch_size)}

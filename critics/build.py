@@ -270,6 +270,14 @@ class ImageStream:
         yield from loader
 
 
+def prompt_list(node: dict, path: str) -> list[str]:
+    """Instantiate a config node that must give prompts or captions: a non-empty list of strings."""
+    prompts = instantiate(node, _path=path)
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ConfigError(f"{path} must give a non-empty list of strings, got {type(prompts).__name__}")
+    return prompts
+
+
 class MixedStream:
     """Re-iterable stream of the data's batches, each extended with policy samples so that they make up
     ``fraction`` of it (drawn with replacement from ``bank``, (N, 3, H, W) uint8), then shuffled."""
@@ -546,11 +554,7 @@ def build(cfg: BuildConfig) -> BuildResult:
         stream = ImageStream(dataset, cfg.loader_batch_size, cfg.seed, cfg.num_workers)
         ps = cfg.policy_samples
         if ps.n > 0:
-            sample_prompts = instantiate(ps.prompts, _path="policy_samples.prompts")
-            if not isinstance(sample_prompts, list) or not sample_prompts or \
-                    not all(isinstance(p, str) for p in sample_prompts):
-                raise ConfigError(f"policy_samples.prompts must give a non-empty list of strings, got "
-                                  f"{type(sample_prompts).__name__}")
+            sample_prompts = prompt_list(ps.prompts, "policy_samples.prompts")
             # (stage 1 has already checked that the data's resolution is the policy's)
             t_gen = time.perf_counter()
             bank = generate_samples(policy, sample_prompts, ps)
@@ -574,10 +578,7 @@ def build(cfg: BuildConfig) -> BuildResult:
                        f"x{dcfg.stitch_lr_mult:g}), sigma ~ {dcfg.sigma_sampling}, checkpoints → {dcfg.ckpt_dir}")
         metric = None
         if dcfg.lambda_score > 0:
-            captions = instantiate(cfg.score_captions, _path="score_captions")
-            if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
-                raise ConfigError(f"score_captions must give a non-empty list of strings, got "
-                                  f"{type(captions).__name__}")
+            captions = prompt_list(cfg.score_captions, "score_captions")
             with torch.no_grad():
                 texts = torch.cat([reward.text_embed(captions[k:k + 512]) for k in range(0, len(captions), 512)])
             metric = caption_metric(texts)
@@ -591,9 +592,7 @@ def build(cfg: BuildConfig) -> BuildResult:
     if cfg.onpolicy.enabled:
         t = time.perf_counter()
         ocfg = cfg.onpolicy if cfg.onpolicy.ckpt_dir is not None else replace(cfg.onpolicy, ckpt_dir=str(output_dir))
-        prompts = instantiate(ocfg.prompts, _path="onpolicy.prompts")
-        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-            raise ConfigError(f"onpolicy.prompts must give a list of strings, got {type(prompts).__name__}")
+        prompts = prompt_list(ocfg.prompts, "onpolicy.prompts")
 
         def log_onpolicy(step: int, s: dict) -> None:
             from tqdm.auto import tqdm

@@ -95,8 +95,6 @@ def stitchvm_experts(policy: nn.Module, reward: nn.Module, paths: list[str], upp
     (upper[k-1], upper[k]]. Each loads as :func:`stitchvm` does; they share the policy's transformer blocks."""
     from critics.routed import SigmaRoutedCritic
 
-    if len(paths) != len(upper):
-        raise ValueError(f"critic.paths and critic.upper need one entry per expert, got {len(paths)} and {len(upper)}")
     return SigmaRoutedCritic([stitchvm(policy, reward, p, tower) for p in paths], upper)
 
 

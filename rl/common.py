@@ -93,10 +93,21 @@ def check_optimizer_and_lora(cfg) -> None:
     check(len(cfg.lora_targets) >= 1, "lora_targets", "needs at least one target module name, got none")
 
 
-def ema_adapters(ema_decay: float) -> tuple[str, ...]:
-    """The trained adapter "default", plus "ema" -- its exponential moving average, the adapter that is evaluated,
+class EMAAdapters:
+    """For trainer configs with an ``ema_decay`` field: the adapters to create and the one to evaluate.
+
+    The trained adapter "default", plus "ema" -- its exponential moving average, the adapter that is evaluated,
     validated and exported -- when ``ema_decay`` > 0 (Flow-GRPO and DiffusionNFT evaluate an EMA too)."""
-    return ("default", "ema") if ema_decay > 0 else ("default",)
+
+    ema_decay: float
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return ("default", "ema") if self.ema_decay > 0 else ("default",)
+
+    @property
+    def eval_adapter(self) -> str:
+        return self.adapters[-1]
 
 
 def ema_decay_at(decay: float, step: int) -> float:

@@ -48,7 +48,7 @@ STAT_EPS = 1e-6  # ddpo-pytorch's std epsilon
 
 
 @dataclass
-class DDPOConfig:
+class DDPOConfig(common.EMAAdapters):
     """DDPO hyper-parameters (ddpo-pytorch's defaults where they exist; Shapes sizes in configs/algo/ddpo.yaml)."""
 
     num_steps: int = option(10, help="sampler steps N")
@@ -107,14 +107,6 @@ class DDPOConfig:
         check(self.stat_min_count <= self.stat_buffer_size, "stat_min_count",
               f"must be <= stat_buffer_size ({self.stat_buffer_size}), got {self.stat_min_count}")
         common.check_optimizer_and_lora(self)
-
-    @property
-    def adapters(self) -> tuple[str, ...]:
-        return common.ema_adapters(self.ema_decay)
-
-    @property
-    def eval_adapter(self) -> str:
-        return self.adapters[-1]
 
     def update_settings(self, epoch: int) -> pg.UpdateSettings:
         per_epoch = pg.steps_per_epoch(self.prompts_per_epoch * self.group_size, self.train_batch_size, self.inner_epochs)

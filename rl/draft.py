@@ -45,7 +45,7 @@ from rl.signals import GracefulExit
 
 
 @dataclass
-class DraftConfig:
+class DraftConfig(common.EMAAdapters):
     """DRaFT-K hyper-parameters (StitchVM Table 3's setup where given; Shapes sizes in configs/algo/draft.yaml)."""
 
     num_steps: int = option(10, help="sampler steps N (paper: 10)")
@@ -81,14 +81,6 @@ class DraftConfig:
         common.check_optimizer_and_lora(self)
         for key in ("prompts_per_epoch", "train_batch_size", "cotrain_batch_size"):
             check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
-
-    @property
-    def adapters(self) -> tuple[str, ...]:
-        return common.ema_adapters(self.ema_decay)
-
-    @property
-    def eval_adapter(self) -> str:
-        return self.adapters[-1]
 
 
 # ------------------------------------------------------------------------------------------------ pure parts

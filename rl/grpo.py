@@ -56,7 +56,7 @@ from rl.signals import GracefulExit
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(common.EMAAdapters):
     """Flow-GRPO hyper-parameters (the paper's defaults where it gives them; Shapes sizes in configs/algo/grpo.yaml)."""
 
     num_steps: int = option(10, help="sampler steps N (Flow-GRPO: 10 for training)")
@@ -123,14 +123,6 @@ class GRPOConfig:
         common.check_optimizer_and_lora(self)
         for key in ("prompts_per_epoch", "train_batch_size", "value_batch_size", "inner_epochs"):
             check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
-
-    @property
-    def adapters(self) -> tuple[str, ...]:
-        return common.ema_adapters(self.ema_decay)
-
-    @property
-    def eval_adapter(self) -> str:
-        return self.adapters[-1]
 
     def update_settings(self, epoch: int) -> pg.UpdateSettings:
         per_epoch = pg.steps_per_epoch(self.prompts_per_epoch * self.group_size, self.train_batch_size, self.inner_epochs)

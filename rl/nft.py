@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from policies import lora, samplers
-from rl import common, distributed
+from rl import common, distributed, selection
 from rl.advantages import group_normalize, optimality_probability
 from rl.checkpoint import NonFiniteError
 from rl.config import ConfigError, check, option
@@ -333,13 +333,10 @@ def train(run: common.Run, cfg: NFTConfig, resume: str | None = None) -> dict[st
         start_epoch, state = common.restore(run, resume, optimizer, ADAPTERS)
         history = state.get("history", [])
         accel.print(f"resumed from epoch {start_epoch}")
-        if run.best is not None and run.best.tensors is None:  # a checkpoint written without keep_best
-            run.logger.log(run.best.validate(run, start_epoch), start_epoch)
+        selection.on_resume(run, start_epoch)
     else:
         metrics, images = common.evaluate(run)
-        if run.best is not None:
-            with run.timer("eval"):
-                metrics.update(run.best.validate(run, 0))
+        metrics.update(selection.on_evaluation(run, 0))
         run.logger.log({**metrics, "train/epoch": 0}, 0)
         if images.numel():
             run.logger.log_images("eval/samples", images, 0)
@@ -381,9 +378,7 @@ def train(run: common.Run, cfg: NFTConfig, resume: str | None = None) -> dict[st
                 history.append(eval_metrics)
                 if images.numel():
                     run.logger.log_images("eval/samples", images, epoch + 1)
-                if run.best is not None:
-                    with run.timer("eval"):
-                        metrics.update(run.best.validate(run, epoch + 1))
+                metrics.update(selection.on_evaluation(run, epoch + 1))
             metrics.update(run.timer.summary(reset=True))
             run.logger.log(metrics, epoch + 1)
             accel.print(" ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.split("/")[0] in ("reward", "eval", "loss")))
@@ -395,7 +390,7 @@ def train(run: common.Run, cfg: NFTConfig, resume: str | None = None) -> dict[st
                 break
     if common.stopped_by_signal(run, stop):
         return {}
-    chosen = run.best.finish(run, epoch + 1) if run.best is not None else {}  # keep_best: the best on validation
+    chosen = selection.on_finish(run, epoch + 1)  # keep_best: the adapter that validated best
     final, images = common.evaluate(run)
     run.logger.log({**final, **chosen}, epoch + 1)
     common.finish(run)

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from policies import lora, samplers
 from policies.flow import FlowPolicy, PromptEmbeds
-from rl import common, cotrain, distributed
+from rl import common, cotrain, distributed, selection
 from rl.cotrain import CriticTrainer, realised_reward
 
 
@@ -211,7 +211,6 @@ class UpdateSettings:
     ema_step: int = 0  # the run's optimizer-step index of this call's first step (the warm-up's clock)
 
 
-
 def train_steps(mask: Tensor, fraction: float, generator: torch.Generator) -> Tensor:
     """Per row, a random subset of its stochastic steps: (B, n) step indices, n = max(1, round(fraction * #SDE)).
 
@@ -361,13 +360,10 @@ def start_run(run: common.Run, optimizer, adapters: tuple[str, ...], resume: str
         epoch, state = common.restore(run, resume, optimizer, adapters)
         cotrain.restore(critic_trainer, str(run.run_dir) if resume == "latest" else resume)
         run.accelerator.print(f"resumed from epoch {epoch}")
-        if run.best is not None and run.best.tensors is None:  # a checkpoint written without keep_best
-            run.logger.log(run.best.validate(run, epoch, eval_adapter), epoch)
+        selection.on_resume(run, epoch, eval_adapter)
         return epoch, list(state.get("history", [])), state
     metrics, images = common.evaluate(run, eval_adapter)
-    if run.best is not None:
-        with run.timer("eval"):
-            metrics.update(run.best.validate(run, 0, eval_adapter))
+    metrics.update(selection.on_evaluation(run, 0, eval_adapter))
     run.logger.log({**metrics, "train/epoch": 0}, 0)
     if images.numel():
         run.logger.log_images("eval/samples", images, 0)
@@ -393,9 +389,7 @@ def end_epoch(run: common.Run, epoch: int, metrics: dict, optimizer, adapters: t
         history.append(eval_metrics)
         if images.numel():
             run.logger.log_images("eval/samples", images, epoch + 1)
-        if run.best is not None:
-            with run.timer("eval"):
-                metrics.update(run.best.validate(run, epoch + 1, eval_adapter))
+        metrics.update(selection.on_evaluation(run, epoch + 1, eval_adapter))
     metrics.update(run.timer.summary(reset=True))
     run.logger.log(metrics, epoch + 1)
     run.accelerator.print(" ".join(f"{k}={v:.4g}" for k, v in metrics.items()
@@ -409,7 +403,7 @@ def end_epoch(run: common.Run, epoch: int, metrics: dict, optimizer, adapters: t
 def finish_run(run: common.Run, epoch: int, eval_adapter: str = "default") -> dict[str, float]:
     """Final held-out evaluation, logged at ``epoch``, and the diffusers export of ``eval_adapter`` (with
     ``run.keep_best``: of the adapter that validated best, rl.selection)."""
-    chosen = run.best.finish(run, epoch, eval_adapter) if run.best is not None else {}
+    chosen = selection.on_finish(run, epoch, eval_adapter)
     final, _ = common.evaluate(run, eval_adapter)
     run.logger.log({**final, **chosen}, epoch)
     common.finish(run, eval_adapter)

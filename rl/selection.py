@@ -7,7 +7,7 @@ rl/train.py removes every prompt of ``prompts.eval``, sampled with other noise (
 
     at the start, at every evaluation (every ``run.eval_every`` epochs) and at the end:
         s_e = metric(policy_e, prompts.val)[run.best_metric]
-        if s_e > best: best, theta_best = s_e, theta_e          (ties keep the earlier, smaller change; NaN never wins)
+        if s_e > best: best, theta_best = s_e, theta_e     (ties keep the earlier, smaller change; NaN never wins)
     at the end: theta <- theta_best, then the final held-out evaluation and the diffusers export
 
 The start counts: if training never beats the initial policy on validation, the run finishes with the initial
@@ -99,7 +99,29 @@ class BestAdapter:
                               f"resume with run.best_metric={best['metric']}")
         if best["fingerprint"] != self.fingerprint:
             raise ConfigError("the checkpoint's kept adapter was scored on other validation prompts or another eval "
-                              "sampler (prompts.val, eval.num_steps / guidance_scale / seed): resume with the same ones, "
-                              "or start a new run")
+                              "sampler (prompts.val, eval.num_steps / guidance_scale / seed): resume with the same "
+                              "ones, or start a new run")
         self.score, self.epoch = float(best["score"]), int(best["epoch"])
         self.tensors = {k: v.float() for k, v in tensors[GROUP].items()}
+
+
+# -------------------------------------------------------------------------------------------- trainer hooks
+# One call each at the places every trainer loop shares; all are no-ops without run.keep_best.
+def on_evaluation(run: common.Run, epoch: int, adapter: str = "default") -> dict[str, float]:
+    """After the held-out evaluation at ``epoch`` (0: the initial policy): validate, timed as evaluation."""
+    if run.best is None:
+        return {}
+    with run.timer("eval"):
+        return run.best.validate(run, epoch, adapter)
+
+
+def on_resume(run: common.Run, epoch: int, adapter: str = "default") -> None:
+    """After a restore: a checkpoint written without keep_best holds no kept adapter, so the restored one is
+    validated (and logged at ``epoch``) to become the first candidate."""
+    if run.best is not None and run.best.tensors is None:
+        run.logger.log(run.best.validate(run, epoch, adapter), epoch)
+
+
+def on_finish(run: common.Run, epoch: int, adapter: str = "default") -> dict[str, float]:
+    """Before the final evaluation: load the kept adapter into ``adapter`` (BestAdapter.finish)."""
+    return run.best.finish(run, epoch, adapter) if run.best is not None else {}
