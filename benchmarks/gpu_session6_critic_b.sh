@@ -6,18 +6,11 @@
 # validation prompts.
 #   bash benchmarks/gpu_session6_critic_b.sh OUT
 set -u
-OUT=${1:?out}; mkdir -p $OUT/log
+OUT=${1:?out}; source benchmarks/session6_critic_lib.sh
 S=${STEPS:-3000}
-B() { local n=$1; shift; timeout ${BUILD_S:-400} env OMP_NUM_THREADS=4 python -m critics.build --config configs/critic/build_shapes.yaml \
-  device=cuda num_workers=4 distill.progress=false distill.max_steps=$S distill.log_every=500 \
-  output_dir=$OUT/$n heatmap=$OUT/$n.png "$@" > $OUT/log/$n.txt 2>&1 & }
 LOW="distill.sigma_sampling=logit_normal distill.sigma_mean=-2.2 distill.sigma_std=0.6"
-B low_7_4 $LOW 'search.pinned=[7,4]'
-B low_7_1 $LOW 'search.pinned=[7,1]'
-B full_8_4 'search.pinned=[8,4]'
+build low_7_4 distill.max_steps=$S $LOW 'search.pinned=[7,4]'
+build low_7_1 distill.max_steps=$S $LOW 'search.pinned=[7,1]'
+build full_8_4 distill.max_steps=$S 'search.pinned=[8,4]'
 wait
-grep -h "build:save\|step $S\|rror" $OUT/log/*.txt
-V="python -m critics.bench_value --device cuda --n-prompts 128 --batch-size 256 --critics stitchvm,tweedie --sigmas 0.1,0.25,0.5"
-for n in low_7_4 low_7_1 full_8_4; do [ -f $OUT/$n/stitchvm.json ] && V="$V --variant $n=$OUT/$n"; done
-$V --prompt-seed 1 --retrieval-images 0 --out "" --json $OUT/bench_val.json > $OUT/bench_val.md 2>$OUT/log/bench_val.err
-cat $OUT/bench_val.md
+VAL_ONLY=1 RETRIEVAL=0 bench "low_7_4 low_7_1 full_8_4" --sigmas 0.1,0.25,0.5
