@@ -291,6 +291,7 @@ def vocabulary() -> list[str]:
 
 _PROMPT_STREAM = 1  # keeps prompts(seed) and ShapesDataset(seed) on different random streams
 _DATASET_STREAM = 0
+_MIXTURE_STREAM = 2  # the split draw of ShapesMixture, independent of the scenes it then renders
 
 
 def prompts(split: str, n: int, seed: int) -> list[str]:
@@ -548,3 +549,42 @@ class ShapesDataset(Dataset):
         text = caption(spec, rng)
         image = render(spec, rng, self.size)  # (H, W, 3) uint8
         return {"image": torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0), "caption": text}
+
+
+class ShapesMixture(Dataset):
+    """``num_samples`` pairs drawn from several splits at fixed shares, e.g. ``{"train": 0.7, "test": 0.3}``: the
+    Shapes CLIP's own training mix (shapes/train_clip.py renders 70k train- and 30k test-split scenes).
+
+    A critic distilled from that reward should see the reward's whole domain: the held-out colour-shape pairs are
+    held out from the *policy's* prompts, not from the images the reward model knows. Item i draws its split from
+    (seed, i) and is then item i of ``ShapesDataset(split, num_samples, seed)``, so it is a pure function of
+    (splits, seed, i).
+    """
+
+    def __init__(self, splits: dict[str, float], num_samples: int, seed: int, size: int = 64):
+        if not isinstance(splits, dict) or not splits:
+            raise ValueError(f"splits must map split names {SPLITS} to shares, e.g. {{'train': 0.7, 'test': 0.3}}; "
+                             f"got {splits!r}")
+        for name, share in splits.items():
+            _check_split(name)
+            if not isinstance(share, (int, float)) or not share > 0:
+                raise ValueError(f"the share of split {name!r} must be a number > 0, got {share!r}")
+        if abs(sum(splits.values()) - 1.0) > 1e-6:
+            raise ValueError(f"the split shares must sum to 1, got {sum(splits.values())} from {splits}")
+        self.parts = [ShapesDataset(name, num_samples, seed, size) for name in splits]
+        self.cumulative = np.cumsum([float(v) for v in splits.values()])
+        self.splits, self.num_samples, self.seed, self.size = dict(splits), num_samples, seed, size
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def split_of(self, index: int) -> str:
+        u = np.random.default_rng((self.seed, _MIXTURE_STREAM, index)).random()
+        k = min(int(np.searchsorted(self.cumulative, u, side="right")), len(self.parts) - 1)
+        return self.parts[k].split
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"index {index} out of range for {self.num_samples} samples")
+        name = self.split_of(index)
+        return next(p for p in self.parts if p.split == name)[index]

@@ -19,6 +19,7 @@ from shapes.data import (
     ObjectGroup,
     PromptSpec,
     ShapesDataset,
+    ShapesMixture,
     caption,
     in_split,
     parse_caption,
@@ -291,3 +292,24 @@ def test_dataset_items_are_deterministic_and_batch():
     assert batch["image"].shape == (8, 3, 64, 64) and len(batch["caption"]) == 8
     with pytest.raises(IndexError):
         ds[64]
+
+
+def test_mixture_draws_its_splits_at_their_shares_and_renders_that_splits_scene():
+    mix = ShapesMixture({"train": 0.7, "test": 0.3}, 4000, seed=3)
+    names = [mix.split_of(i) for i in range(4000)]
+    share = names.count("test") / 4000
+    assert abs(share - 0.3) < 4 * (0.3 * 0.7 / 4000) ** 0.5  # binomial, 4 standard errors
+    for i in range(8):  # item i is item i of the chosen split's dataset
+        ref = ShapesDataset(names[i], 4000, 3)[i]
+        got = mix[i]
+        assert got["caption"] == ref["caption"] and torch.equal(got["image"], ref["image"])
+    assert ShapesMixture({"train": 0.7, "test": 0.3}, 4000, seed=3)[5]["caption"] == mix[5]["caption"]
+    assert {ShapesMixture({"test": 1.0}, 50, 0).split_of(i) for i in range(50)} == {"test"}
+
+
+@pytest.mark.parametrize("splits, match", [({}, "splits must map"), ({"val": 1.0}, "split must be one of"),
+                                           ({"train": 0.7, "test": 0.2}, "sum to 1"),
+                                           ({"train": 1.2, "test": -0.2}, "must be a number > 0")])
+def test_mixture_rejects_bad_shares(splits, match):
+    with pytest.raises(ValueError, match=match):
+        ShapesMixture(splits, 10, 0)
