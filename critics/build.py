@@ -48,7 +48,8 @@ from critics.distill import DistillConfig, caption_metric, distill
 from critics.onpolicy import OnPolicyConfig, onpolicy_finetune
 from critics.interface import InterfaceResult, save_heatmap, search, validate_interface
 from critics.load import reward_preprocess
-from critics.stitchvm import CLASS_TOKEN_KEY, STITCH_FILE, TAIL_FILE, DiTHead, StitchVM, build_stitchvm, save_stitchvm
+from critics.stitchvm import (CLASS_TOKEN_KEY, STITCH_FILE, TAIL_FILE, DiTHead, HeadText, StitchVM, build_stitchvm,
+                              save_stitchvm)
 from critics.tails import make_tail
 from critics.vae_stitch import LATENT_TAP, build_vae_stitch, latent_head, save_vae_stitch, search_latent
 from rl.checkpoint import atomic_write_bytes, write_dir_atomically
@@ -157,6 +158,10 @@ class BuildConfig:
         "float32", help="dtype of the frozen policy transformer (the head); the stitch and tail train in float32.")
     store_dtype: Literal["float32", "float16"] = option(
         "float32", help="dtype of the saved stitch and tail tensors (they train in float32; the loader casts back).")
+    head_conditioning: Literal["null_text", "prompt"] = option(
+        "null_text", help="text the DiT head runs on: null_text (\"\", the paper) or prompt (each image's caption, the policy "
+                     "samples' prompts; distill.caption_dropout of them dropped to \"\"): V then sees the prompt the "
+                     "policy denoises towards. Needs captioned data.")
     heatmap: str | None = option(
         None, help="where the stage-1 heatmap PNG goes (default: output_dir/interface.png).")
     device: str = option("cpu", help="torch device, e.g. cpu or cuda.")
@@ -178,6 +183,9 @@ class BuildConfig:
             check(self.score_captions is not None, "score_captions",
                   "distill.lambda_score > 0 weights the embedding error by caption directions: give the captions, "
                   "e.g. score_captions={_component_: shapes.data.prompts, split: train, n: 4096, seed: 11}")
+        if self.kind == "vae_stitch":
+            check(self.head_conditioning == "null_text", "head_conditioning",
+                  "kind=vae_stitch has no DiT head to condition: leave it null_text")
         if self.kind == "vae_stitch" and self.search.pinned is not None:
             check(self.search.pinned[0] == LATENT_TAP, "search.pinned",
                   f"kind=vae_stitch has no DiT block: pin [0, j], got {list(self.search.pinned)}")
@@ -254,19 +262,37 @@ def collate_images(items: list[Any]) -> Tensor:
     return torch.stack([image_of(it) for it in items])  # (B, 3, H, W)
 
 
-class ImageStream:
-    """Re-iterable stream of image batches (B, 3, H, W) over a map-style dataset, reshuffled every pass."""
+def caption_of(item: Any) -> str:
+    """The caption of a dataset item: {'caption': str} or (image, str)."""
+    text = item.get("caption") if isinstance(item, dict) else (
+        item[1] if isinstance(item, (tuple, list)) and len(item) > 1 else None)
+    if not isinstance(text, str):
+        raise ValueError("head_conditioning 'prompt' needs a caption for every training image: data items must be "
+                         "{'image': ..., 'caption': str} dicts or (image, caption) tuples (shapes.data.ShapesDataset "
+                         "gives them); use head_conditioning 'null_text' for images without captions")
+    return text
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0, shuffle: bool = True):
+
+def collate_captioned(items: list[Any]) -> tuple[Tensor, list[str]]:
+    return collate_images(items), [caption_of(it) for it in items]
+
+
+class ImageStream:
+    """Re-iterable stream of image batches (B, 3, H, W) over a map-style dataset, reshuffled every pass; with
+    ``captions``, of (images, captions) pairs."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0, shuffle: bool = True,
+                 captions: bool = False):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
-        self.num_workers, self.shuffle = num_workers, shuffle
+        self.num_workers, self.shuffle, self.captions = num_workers, shuffle, captions
         self.passes = 0
 
     def __iter__(self) -> Iterator[Tensor]:
         generator = torch.Generator().manual_seed(self.seed + self.passes)
         self.passes += 1
         loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=self.shuffle, generator=generator,
-                            num_workers=self.num_workers, collate_fn=collate_images)
+                            num_workers=self.num_workers,
+                            collate_fn=collate_captioned if self.captions else collate_images)
         yield from loader
 
 
@@ -280,26 +306,40 @@ def prompt_list(node: dict, path: str) -> list[str]:
 
 class MixedStream:
     """Re-iterable stream of the data's batches, each extended with policy samples so that they make up
-    ``fraction`` of it (drawn with replacement from ``bank``, (N, 3, H, W) uint8), then shuffled."""
+    ``fraction`` of it (drawn with replacement from ``bank``, (N, 3, H, W) uint8), then shuffled. When the data
+    yields (images, captions), ``bank_prompts`` (the N samples' prompts) extend the captions the same way."""
 
-    def __init__(self, stream: Iterable[Tensor], bank: Tensor, fraction: float, seed: int):
+    def __init__(self, stream: Iterable, bank: Tensor, fraction: float, seed: int,
+                 bank_prompts: list[str] | None = None):
         if bank.dtype != torch.uint8 or bank.dim() != 4 or bank.shape[0] == 0:
             raise ValueError(f"bank must be a non-empty (N, 3, H, W) uint8 tensor, got {bank.dtype} "
                              f"{tuple(bank.shape)}")
+        if bank_prompts is not None and len(bank_prompts) != bank.shape[0]:
+            raise ValueError(f"{len(bank_prompts)} prompts for {bank.shape[0]} policy samples")
         self.stream, self.bank, self.fraction, self.seed = stream, bank, fraction, seed
+        self.bank_prompts = bank_prompts
         self.passes = 0
 
     def __iter__(self) -> Iterator[Tensor]:
         generator = torch.Generator().manual_seed(self.seed + self.passes)
         self.passes += 1
-        for images in self.stream:
+        for item in self.stream:
+            images, captions = item if isinstance(item, (tuple, list)) else (item, None)
             k = round(len(images) * self.fraction / (1 - self.fraction))
-            extra = self.bank[torch.randint(len(self.bank), (k,), generator=generator)].float().div_(255.0)
+            rows = torch.randint(len(self.bank), (k,), generator=generator)
+            extra = self.bank[rows].float().div_(255.0)
             if extra.shape[1:] != images.shape[1:]:
                 raise ValueError(f"policy samples are {tuple(extra.shape[1:])}, the data's images "
                                  f"{tuple(images.shape[1:])}: generate at the data's resolution")
             both = torch.cat([images, extra])
-            yield both[torch.randperm(len(both), generator=generator)]
+            order = torch.randperm(len(both), generator=generator)
+            if captions is None:
+                yield both[order]
+                continue
+            if self.bank_prompts is None:
+                raise ValueError("the data yields captions but the policy samples have no prompts: pass bank_prompts")
+            texts = list(captions) + [self.bank_prompts[r] for r in rows.tolist()]
+            yield both[order], [texts[o] for o in order.tolist()]
 
 
 @torch.no_grad()
@@ -307,10 +347,10 @@ def generate_samples(policy, prompts: list[str], cfg: PolicySampleConfig) -> Ten
     """``cfg.n`` decoded policy samples (n, 3, H, W) uint8 on the CPU: prompts cycled, and per batch the next
     (CFG scale, eta) of the cycles, so every setting gets its share."""
     generator = torch.Generator(policy.device).manual_seed(cfg.seed)
+    every = sample_prompts(prompts, cfg.n)
     out = []
     for b, start in enumerate(range(0, cfg.n, cfg.batch_size)):
-        size = min(cfg.batch_size, cfg.n - start)
-        rows = [prompts[(start + i) % len(prompts)] for i in range(size)]
+        rows = every[start:start + cfg.batch_size]
         guidance = cfg.guidance_scales[b % len(cfg.guidance_scales)]
         eta = cfg.etas[(b // len(cfg.guidance_scales)) % len(cfg.etas)]
         traj = policy.sample(rows, num_steps=cfg.num_steps, guidance_scale=guidance, eta=eta, generator=generator,
@@ -318,6 +358,11 @@ def generate_samples(policy, prompts: list[str], cfg: PolicySampleConfig) -> Ten
         images = policy.decode(traj.z_tau)  # (b, 3, H, W) in [0, 1]
         out.append(images.mul(255).round().to(torch.uint8).cpu())
     return torch.cat(out)
+
+
+def sample_prompts(prompts: list[str], n: int) -> list[str]:
+    """The prompts of generate_samples' n samples, in order: the list cycled."""
+    return [prompts[k % len(prompts)] for k in range(n)]
 
 
 def first_images(dataset: Dataset, n: int) -> Tensor:
@@ -489,6 +534,9 @@ def build(cfg: BuildConfig) -> BuildResult:
         t = time.perf_counter()
         generator = torch.Generator().manual_seed(cfg.seed)
         images = first_images(dataset, cfg.probe.n)  # (N, 3, H, W)
+        prompted = cfg.kind == "stitchvm" and cfg.head_conditioning == "prompt"
+        head_text = HeadText(policy.encode_prompts) if prompted else None
+        probe_cond = head_text([caption_of(dataset[k]) for k in range(cfg.probe.n)]) if prompted else None
         latents = encode_images(policy, images, cfg.probe.batch_size)  # (N, C, h, w)
         want = (policy.latent_channels, policy.latent_size, policy.latent_size)
         if tuple(latents.shape[1:]) != want:
@@ -510,7 +558,7 @@ def build(cfg: BuildConfig) -> BuildResult:
                           f"({cfg.probe.n} probes x {teacher.num_tokens} tokens = {cfg.probe.n * teacher.num_tokens} "
                           f"rows, {head.width} features)")
             result = search(head, teacher, images, latents, i_values, j_values, cfg.search.pinned, sigmas, generator,
-                            cfg.probe.batch_size, cfg.search.criterion)
+                            cfg.probe.batch_size, cfg.search.criterion, cond=probe_cond)
         else:
             head = latent_head(policy)
             say("search", f"fitting Eq. 7 with the identity head (C = {head.width} features) for j in "
@@ -538,7 +586,8 @@ def build(cfg: BuildConfig) -> BuildResult:
             null = policy.null_embeds()
             model = build_stitchvm(policy.transformer, reward, best_i, best_j, fit.W, fit.b, null.embeds, null.pooled,
                                    cfg.score, latent_size=policy.latent_size, probe_pixels=probe_pixels,
-                                   preprocess=preprocess, bottleneck_ratio=cfg.bottleneck_ratio, meta=meta)
+                                   preprocess=preprocess, bottleneck_ratio=cfg.bottleneck_ratio, meta=meta,
+                                   encode_prompts=policy.encode_prompts if prompted else None)
         else:
             model = build_vae_stitch(policy, reward, best_j, fit.W, fit.b, cfg.score, probe_pixels=probe_pixels,
                                      preprocess=preprocess, bottleneck_ratio=cfg.bottleneck_ratio, meta=meta)
@@ -551,16 +600,17 @@ def build(cfg: BuildConfig) -> BuildResult:
         # 5. distill --------------------------------------------------------------------------------------------
         t = time.perf_counter()
         dcfg = cfg.distill if cfg.distill.ckpt_dir is not None else replace(cfg.distill, ckpt_dir=str(output_dir))
-        stream = ImageStream(dataset, cfg.loader_batch_size, cfg.seed, cfg.num_workers)
+        stream = ImageStream(dataset, cfg.loader_batch_size, cfg.seed, cfg.num_workers, captions=prompted)
         ps = cfg.policy_samples
         if ps.n > 0:
-            sample_prompts = prompt_list(ps.prompts, "policy_samples.prompts")
+            ps_prompts = prompt_list(ps.prompts, "policy_samples.prompts")
             # (stage 1 has already checked that the data's resolution is the policy's)
             t_gen = time.perf_counter()
-            bank = generate_samples(policy, sample_prompts, ps)
+            bank = generate_samples(policy, ps_prompts, ps)
             times["policy_samples_s"] = time.perf_counter() - t_gen
             # its own seed: the data loader's shuffle already draws from cfg.seed
-            stream = MixedStream(stream, bank, ps.fraction, ps.seed)
+            stream = MixedStream(stream, bank, ps.fraction, ps.seed,
+                                 sample_prompts(ps_prompts, ps.n) if prompted else None)
             say("distill", f"{ps.n} policy samples ({ps.num_steps} steps, CFG {ps.guidance_scales}, eta {ps.etas}) "
                            f"in {times['policy_samples_s']:.0f} s; {ps.fraction:.0%} of every batch")
 
@@ -651,6 +701,9 @@ def _load_init(cfg: BuildConfig, policy, reward, extras: dict[str, bytes], recor
         model = load.stitchvm(policy, reward, source, check_target=False)
     else:
         model = load.vae_stitch(policy, reward, source)
+    if cfg.kind == "stitchvm" and model.head_conditioning != cfg.head_conditioning:
+        raise ConfigError(f"head_conditioning: the critic at {source} has a {model.head_conditioning} head; set "
+                          f"head_conditioning={model.head_conditioning} (stage 3 keeps the head it was distilled with)")
     model.tail.to(policy.device)
     if model.class_token is not None:
         model.class_token.data = model.class_token.data.to(policy.device)

@@ -97,6 +97,10 @@ class DistillConfig:
     """Save to `ckpt_dir` every this many steps (0: only at the end); ignored without ckpt_dir."""
     ckpt_dir: str | None = None
     """Directory for save_stitchvm checkpoints (overwritten atomically); None: no checkpoints."""
+    caption_dropout: float = 0.1
+    """Prompt-conditioned head only: the share of captions replaced by "" (as text-to-image training drops
+    captions for CFG), so that the head also runs on null text (the image-only embedding of the retrieval check,
+    and prompts a user leaves empty)."""
     seed: int = 0
     """Seed of the sigma / ε generator."""
     check_teacher: bool = True
@@ -120,6 +124,8 @@ class DistillConfig:
         if self.lambda_score > 0 and self.loss != "embed_token":
             raise ValueError("lambda_score is a term of the 'embed_token' loss (prompt-dependent rewards); "
                              f"loss is {self.loss!r}")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if self.lr_decay == "cosine" and self.max_steps is None:
             raise ValueError("lr_decay = 'cosine' decays to 0 at max_steps: set max_steps")
 
@@ -216,21 +222,30 @@ def stitch_tail_optimizer(model: StitchVM, lr: float, stitch_lr_mult: float,
     return trained, optimizer
 
 
-def rebatch(data_iter: Iterable, batch_size: int) -> Iterator[Tensor]:
-    """Re-chunk a stream of image batches (Tensor or a tuple/list whose first item is the Tensor) into batches of
-    exactly `batch_size` images; an incomplete last chunk is dropped."""
+def rebatch(data_iter: Iterable, batch_size: int) -> Iterator[tuple[Tensor, list[str] | None]]:
+    """Re-chunk a stream of image batches into (images, captions) of exactly `batch_size` images; an incomplete last
+    chunk is dropped. Items are a Tensor (B, 3, H, W), or a tuple/list whose first item is one and whose second,
+    if a list of B strings, gives their captions (None when any item has none)."""
     buf: list[Tensor] = []
+    caps: list[str] | None = []
     held = 0
     for item in data_iter:
         images = item[0] if isinstance(item, (tuple, list)) else item
         if not isinstance(images, Tensor) or images.dim() != 4:
             raise TypeError("data_iter must yield image tensors (B, 3, H, W) in [0, 1] (or tuples starting with one)")
+        text = item[1] if isinstance(item, (tuple, list)) and len(item) > 1 else None
+        if caps is not None and isinstance(text, list) and len(text) == images.shape[0]:
+            caps.extend(text)
+        else:
+            caps = None
         buf.append(images)
         held += images.shape[0]
         while held >= batch_size:
             cat = torch.cat(buf)
-            yield cat[:batch_size]
+            yield cat[:batch_size], (caps[:batch_size] if caps is not None else None)
             buf, held = [cat[batch_size:]], held - batch_size
+            if caps is not None:
+                caps = caps[batch_size:]
 
 
 def _check_teacher(teacher_emb: Tensor, reward_emb: Tensor) -> None:
@@ -289,11 +304,19 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
     stats["distill/score_loss"] = []
     model.train()
     step = 0
+    prompted = getattr(model, "head_text", None) is not None
     bar = tqdm(total=cfg.max_steps, disable=not cfg.progress, desc="stitchvm distill")
     for _epoch in range(cfg.epochs):
-        for images in rebatch(data_iter, cfg.batch_size):
+        for images, captions in rebatch(data_iter, cfg.batch_size):
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 break
+            if prompted:  # the head sees each image's caption, a share of them dropped to ""
+                if captions is None:
+                    raise ValueError("a prompt-conditioned head needs each training image's caption: the data must "
+                                     "yield (images, captions) (dataset items {'image', 'caption'}; policy samples "
+                                     "carry their prompts)")
+                keep = torch.rand(len(captions), generator=generator) >= cfg.caption_dropout
+                captions = [c if k else "" for c, k in zip(captions, keep.tolist())]
             step_stats: dict[str, float] = {}
             # noise for the whole step, drawn before splitting into micro-batches, so that gradient accumulation
             # sees exactly the same (σ, ε) as one big batch
@@ -316,7 +339,7 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
                 sigma = sigma_all[s:s + micro].to(device, z0.dtype)
                 eps = eps_all[s:s + micro].to(device, z0.dtype)
                 z_t = (1 - sigma.view(-1, 1, 1, 1)) * z0 + sigma.view(-1, 1, 1, 1) * eps
-                s_out = model.features(z_t, sigma)
+                s_out = model.features(z_t, sigma, captions[s:s + micro] if prompted else None)
                 # 3. loss (App. D.1)
                 if cfg.loss == "embed_token":
                     out = stitchvm_distill_loss(s_out.embed, s_out.tokens, t_out.embed, t_out.tokens, cfg.lambda_tok,

@@ -77,7 +77,8 @@ def validate_interface(i: int, j: int, num_dit_blocks: int, num_tail_blocks: int
 @torch.no_grad()
 def collect_features(head: DiTHead, tail: VisionTail, images: Tensor, latents: Tensor, i_values: Sequence[int],
                      j_values: Sequence[int], sigmas: Tensor | None = None, generator: torch.Generator | None = None,
-                     batch_size: int = 16, dtype: torch.dtype = torch.float32) -> ProbeFeatures:
+                     batch_size: int = 16, dtype: torch.dtype = torch.float32,
+                     cond: tuple[Tensor, Tensor] | None = None) -> ProbeFeatures:
     """Cache u^{≤i}(z_t) for every i and r^{≤j−1}(x0) for every j (Eq. 7's regressors and targets).
 
     Each batch takes ONE DiT pass tapped after every requested block and ONE tail pass tapped at every j.
@@ -89,6 +90,7 @@ def collect_features(head: DiTHead, tail: VisionTail, images: Tensor, latents: T
         latents: (N, C, h, w) their normalised latents z0 = E(x0).
         sigmas: (N,) noise levels t; default t ~ U[0, 1] drawn from `generator`.
         generator: CPU generator for t and ε.
+        cond: (embeds (N, L, D), pooled (N, P)) for a prompt-conditioned head (the probes' captions); None: null text.
     """
     N = images.shape[0]
     if latents.shape[0] != N:
@@ -107,7 +109,8 @@ def collect_features(head: DiTHead, tail: VisionTail, images: Tensor, latents: T
         eps = torch.randn(z0.shape, generator=generator, dtype=z0.dtype).to(device)
         t = sigmas[s:s + batch_size].to(device, z0.dtype).view(-1, 1, 1, 1)
         z_t = (1 - t) * z0 + t * eps  # forward process, sigma = t
-        for i, h in head.forward_taps(z_t, t.flatten(), list(i_values)).items():
+        extra = () if cond is None else (tuple(x[s:s + batch_size].to(device) for x in cond),)
+        for i, h in head.forward_taps(z_t, t.flatten(), list(i_values), *extra).items():
             h = grid_to_tokens(resample_grid(h, tail.grid))  # (b, N_tok, D_dit)
             dit[i].append(h.reshape(-1, h.shape[-1]).to("cpu", dtype))
         pixels = tail.preprocess(images[s:s + batch_size].to(device))
@@ -159,7 +162,8 @@ def fit_linear(X: Tensor, Y: Tensor) -> LinearFit:
 def search(head: DiTHead, tail: VisionTail, images: Tensor, latents: Tensor, i_values: Sequence[int] | None = None,
            j_values: Sequence[int] | None = None, pinned: tuple[int, int] | None = None,
            sigmas: Tensor | None = None, generator: torch.Generator | None = None, batch_size: int = 16,
-           criterion: str = "rel_mse", keep_all_fits: bool = False) -> InterfaceResult:
+           criterion: str = "rel_mse", keep_all_fits: bool = False,
+           cond: tuple[Tensor, Tensor] | None = None) -> InterfaceResult:
     """Sweep (i, j), fit Eq. 7 for each, pick the best (or validate and use `pinned`).
 
     Args:
@@ -169,6 +173,7 @@ def search(head: DiTHead, tail: VisionTail, images: Tensor, latents: Tensor, i_v
         pinned: a fixed (i, j) from the config; validated, fitted, and returned as `best`.
         criterion: "rel_mse" (default) or "mse".
         keep_all_fits: keep W, b of every (i, j) (memory: D_tail·D_dit float64 each); else only the best.
+        cond: the head's text conditioning per probe (collect_features); None: null text.
     """
     if criterion not in ("rel_mse", "mse"):
         raise ValueError(f"criterion must be 'rel_mse' or 'mse'; got {criterion!r}")
@@ -185,7 +190,8 @@ def search(head: DiTHead, tail: VisionTail, images: Tensor, latents: Tensor, i_v
         for j in j_values:
             validate_interface(i, j, head.i, tail.num_blocks)
 
-    feats = collect_features(head, tail, images, latents, i_values, j_values, sigmas, generator, batch_size)
+    feats = collect_features(head, tail, images, latents, i_values, j_values, sigmas, generator, batch_size,
+                             cond=cond)
     Y_all = torch.cat([feats.tail[j] for j in j_values], dim=1)  # (R, J·D_tail): all j in one solve per i
     D = tail.width
     mse = torch.zeros(len(i_values), len(j_values), dtype=torch.float64)

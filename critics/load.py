@@ -68,7 +68,8 @@ def stitchvm(policy: nn.Module, reward: nn.Module, path: str | os.PathLike, towe
              check_target: bool = True) -> StitchVM:
     """Load the StitchVM at `path` around `policy.transformer` (its first i blocks, shared) and `reward`.
 
-    The head is conditioned on the policy's own null-text embedding (``policy.null_embeds()``).
+    The head is conditioned on the policy's own null-text embedding (``policy.null_embeds()``) or, for a critic
+    built with ``head_conditioning: prompt``, on the prompt being valued through the policy's text encoder.
     ``tower``: the reward model the critic was stitched onto, when the run optimises another reward that the
     critic was regressed onto (a checker without a network; ``onpolicy.target`` in the build, docs/critic.md);
     it supplies the tail's preprocessing and the prompt embeddings. None: the run's ``reward``.
@@ -83,7 +84,8 @@ def stitchvm(policy: nn.Module, reward: nn.Module, path: str | os.PathLike, towe
                          f"`critic.tower: {{_component_: shapes.models.load_shapes_reward}}`")
     null = policy.null_embeds()
     model = load_stitchvm(path, policy.transformer, reward, null.embeds, null.pooled,
-                          preprocess=reward_preprocess(reward))  # verifies the manifest, stitchvm.json included
+                          preprocess=reward_preprocess(reward),  # verifies the manifest, stitchvm.json included
+                          encode_prompts=policy.encode_prompts)
     if check_target:
         check_value_target(path, run_reward, tower)
     return model

@@ -13,7 +13,7 @@ one stochastic trajectory of the policy, so r(x0) is an unbiased one-rollout sam
 
 Notation          code
   z_t             the trajectory's latent at noise level σ (B, C, h, w); x0 = D(z_0) its decoded end
-  V(z_t)          model.score(model.features(z_t, σ).embed, prompts): the critic's value
+  V(z_t)          model.score(model.features(z_t, σ, prompts).embed, prompts): the critic's value
   r(x0)           reward(x0, prompts): the frozen reward on the finished sample (what RL optimises)
   ẽ, h            normalised image embedding and final tokens, student on z_t / teacher (original tower) on x0
 
@@ -217,7 +217,7 @@ def onpolicy_finetune(model: StitchVM, policy, reward: nn.Module, prompts: list[
         reward_var = batch_var if reward_var is None else VAR_MOMENTUM * reward_var + (1 - VAR_MOMENTUM) * batch_var
         # 2. the critic on z_t
         model.train()
-        s_out = model.features(roll.z_t, roll.sigma)
+        s_out = model.features(roll.z_t, roll.sigma, roll.prompts)  # a prompt-conditioned head sees the prompt
         value = model.score(s_out.embed, roll.prompts).float()
         out = onpolicy_loss(value, r[roll.index], s_out.embed, s_out.tokens, t_out.embed[roll.index],
                             t_out.tokens[roll.index], reward_var, cfg)

@@ -6,8 +6,9 @@ Paper: "Stitched Value Model for Diffusion Alignment" (arXiv 2605.19804), Eq. 6 
     s_ψ(h) = Up(F_ψ(h)) + G_ψ(Up(F_ψ(h)))                                                    (Eq. 57)
 
 Notation          code
-  u_θ^{≤i}        DiTHead: SD3 MMDiT patchify + timestep/null-text embedding + joint blocks 1..i (frozen, shared
-                  with the policy transformer, not copied)
+  u_θ^{≤i}        DiTHead: SD3 MMDiT patchify + timestep/text embedding + joint blocks 1..i (frozen, shared
+                  with the policy transformer, not copied), on the null prompt "" or (head_conditioning "prompt")
+                  on the prompt being valued
   s_ψ             Stitch: F_ψ = 1×1 conv initialised with the stage-1 fit (W*, b*), Up = fixed bilinear
                   resampling of the DiT token grid to the reward patch grid, G_ψ = Conv1×1 ∘ SiLU ∘ Conv1×1 ∘ SiLU
                   (bottleneck 1:8, last conv zero-initialised, so s_ψ = Up(F_ψ(h)) at initialisation)
@@ -15,8 +16,12 @@ Notation          code
   V               StitchVM.value: reward score of the stitched image embedding (prompt-dependent rewards take the
                   inner product with the untouched text tower's prompt embedding)
 
-Conventions: latents are normalised SD3 latents, sigma ∈ [0, 1] (1 = noise), DiT timestep = sigma · 1000, the head
-is conditioned on the null prompt "" (paper: fixed null-text conditioning).
+Conventions: latents are normalised SD3 latents, sigma ∈ [0, 1] (1 = noise), DiT timestep = sigma · 1000. The head
+is conditioned on the null prompt "" (the paper's fixed null-text conditioning) or, for a critic built with
+head_conditioning "prompt" (ours), on the prompt being valued: V(z_t) = E[r(x0) | z_t, c] depends on where the
+policy will take z_t, which the prompt c decides (a null-text Tweedie estimate ranks worse than the prompted one,
+docs/critic.md), so the head sees what the policy sees. Such a critic was distilled with caption dropout, so its
+head also runs on "" (the image-only embedding of the retrieval check).
 
 Files written by `save_stitchvm` (only the trained parts; the head is the backbone's own first i blocks):
   stitch.safetensors, tail.safetensors (tail parameters used from block j on, + `class_token` for j > 1),
@@ -52,6 +57,9 @@ CLASS_TOKEN_KEY = "class_token"
 # Relative tolerance when checking that the null conditioning at load time is the one the critic was trained with
 # (text encoders run in bf16 vs fp32 or on another device differ by ~1e-3).
 NULL_COND_RTOL = 2e-2
+
+
+HEAD_CONDITIONINGS = ("null_text", "prompt")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,13 +195,16 @@ class DiTHead(nn.Module):
         if z_t.dim() != 4 or z_t.shape[1] != self.latent_channels:
             raise ValueError(f"z_t must be (B, {self.latent_channels}, h, w); got {tuple(z_t.shape)}")
 
-    def forward_taps(self, z_t: Tensor, sigma: Tensor | float, taps: Sequence[int]) -> dict[int, Tensor]:
+    def forward_taps(self, z_t: Tensor, sigma: Tensor | float, taps: Sequence[int],
+                     cond: tuple[Tensor, Tensor] | None = None) -> dict[int, Tensor]:
         """One forward pass returning the image-stream output of every requested block.
 
         Args:
             z_t: (B, C, h, w) normalised noisy latents.
             sigma: (B,) or scalar noise level in [0, 1].
             taps: 1-based block indices ≤ i.
+            cond: (embeds (B, L, joint_attention_dim), pooled (B, pooled_projection_dim)) of the policy's text
+                encoder, one row per latent; None: the null prompt (the buffers).
         Returns:
             {i': (B, D_dit, h/p, w/p)} token grids after block i'.
         """
@@ -206,10 +217,19 @@ class DiTHead(nn.Module):
         sigma = torch.as_tensor(sigma, device=z_t.device, dtype=torch.float32).expand(B)
         timestep = sigma * 1000.0
         out: dict[int, Tensor] = {}
+        if cond is None:
+            embeds, pooled = self.null_embeds.expand(B, -1, -1), self.null_pooled.expand(B, -1)
+        else:
+            embeds, pooled = cond
+            if embeds.shape[1:] != self.null_embeds.shape[1:] or tuple(pooled.shape[1:]) != self.null_pooled.shape[1:] \
+                    or embeds.shape[0] != B or pooled.shape[0] != B:
+                raise ValueError(f"cond must be ({B}, {', '.join(map(str, self.null_embeds.shape[1:]))}) embeds and "
+                                 f"({B}, {self.null_pooled.shape[1]}) pooled from the policy's text encoder; got "
+                                 f"{tuple(embeds.shape)} and {tuple(pooled.shape)}")
         with peft_adapters_disabled(self):
             hidden = self.pos_embed(z_t).contiguous()  # (B, N, D_dit), pos-embed added
-            temb = self.time_text_embed(timestep, self.null_pooled.to(z_t.dtype).expand(B, -1))  # (B, D_dit)
-            context = self.context_embedder(self.null_embeds.to(z_t.dtype)).expand(B, -1, -1)  # (B, L, D_dit)
+            temb = self.time_text_embed(timestep, pooled.to(z_t.dtype))  # (B, D_dit)
+            context = self.context_embedder(embeds.to(z_t.dtype))  # (B, L, D_dit)
             for k, block in enumerate(self.transformer_blocks[: max(taps)]):
                 # joint blocks return (encoder_hidden_states, hidden_states); the last block of the full model
                 # (context_pre_only) returns None for the text stream, which is never used after it
@@ -218,9 +238,9 @@ class DiTHead(nn.Module):
                     out[k + 1] = self.features_from_block_outputs(hidden, h, w)
         return out
 
-    def forward(self, z_t: Tensor, sigma: Tensor | float) -> Tensor:
-        """u_θ^{≤i}(z_t): (B, C, h, w) → (B, D_dit, h/p, w/p)."""
-        return self.forward_taps(z_t, sigma, [self.i])[self.i]
+    def forward(self, z_t: Tensor, sigma: Tensor | float, cond: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """u_θ^{≤i}(z_t): (B, C, h, w) → (B, D_dit, h/p, w/p); cond as in forward_taps."""
+        return self.forward_taps(z_t, sigma, [self.i], cond)[self.i]
 
     def features_from_block_outputs(self, hidden_states: Tensor, height: int, width: int) -> Tensor:
         """Image-stream tokens (B, N, D_dit) of a latent of size (height, width) → grid (B, D_dit, h/p, w/p).
@@ -327,6 +347,38 @@ class ImageScore:
         return self.reward.score_from_image_embed(image_embed)
 
 
+class HeadText:
+    """The policy's text encoder for a prompt-conditioned head: prompts → (embeds (B, L, D), pooled (B, P)),
+    cached per prompt string (LRU; trainers value the same prompts at every step of a group's trajectories).
+
+    Not an nn.Module, and a deep copy of the critic shares it (``__deepcopy__`` returns self): the encoder is the
+    policy's, as PromptScore's reward stays outside the critic's parameters.
+    """
+
+    def __init__(self, encode: Callable[[list[str]], object], cache_size: int = 4096):
+        self.encode, self.cache_size = encode, cache_size
+        self._cache: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
+
+    def __deepcopy__(self, memo: dict) -> "HeadText":
+        return self
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        if isinstance(prompts, str):
+            raise TypeError(f"prompts must be a list of strings, got a single str: {prompts!r:.80}")
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        if missing:
+            out = self.encode(missing)  # PromptEmbeds
+            for p, e, q in zip(missing, out.embeds, out.pooled):
+                self._cache[p] = (e.detach(), q.detach())
+        for p in prompts:
+            self._cache.move_to_end(p)
+        rows = [self._cache[p] for p in prompts]
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return torch.stack([e for e, _ in rows]), torch.stack([q for _, q in rows])
+
+
 def make_score(reward: nn.Module, kind: str) -> PromptScore | ImageScore:
     """kind: "prompt" (score_from_embeds with the text tower) or "image" (score_from_image_embed)."""
     if kind == "prompt":
@@ -347,12 +399,14 @@ class StitchVM(nn.Module):
         j: 1-based first tail block.  score: PromptScore | ImageScore.
         class_token: (D,) class token entering block j, required for j > 1 (learned), None for j = 1.
         meta: identity of the backbone / reward (free-form, stored in stitchvm.json).
+        head_text: the policy's text encoder (HeadText) for a prompt-conditioned head; None: the null-text head.
     """
 
     dense = True  # a value exists at every sigma (critics/base.py)
 
     def __init__(self, head: DiTHead, stitch: Stitch, tail: VisionTail, j: int,
-                 score: PromptScore | ImageScore, class_token: Tensor | None = None, meta: dict | None = None):
+                 score: PromptScore | ImageScore, class_token: Tensor | None = None, meta: dict | None = None,
+                 head_text: HeadText | None = None):
         super().__init__()
         tail.check_block(j)
         if (stitch.in_dim, stitch.in_grid) != (head.width, head.grid):
@@ -366,6 +420,7 @@ class StitchVM(nn.Module):
         self.head, self.stitch, self.tail, self.j, self.score = head, stitch, tail, j, score
         self.class_token = nn.Parameter(class_token.detach().clone()) if class_token is not None else None
         self.meta = dict(meta or {})
+        self.head_text = head_text
 
     @property
     def i(self) -> int:
@@ -379,9 +434,28 @@ class StitchVM(nn.Module):
     def latent_size(self) -> int:
         return self.head.latent_size
 
-    def features(self, z_t: Tensor, sigma: Tensor | float) -> TailOutput:
-        """(B, C, h, w) → TailOutput(embed (B, E), tokens (B, N+1, D))."""
-        return self.features_from_head(self.head(z_t, sigma))
+    @property
+    def head_conditioning(self) -> str:
+        """"prompt": the head runs on the prompt being valued; "null_text": on "" (the paper's setting)."""
+        return "null_text" if self.head_text is None else "prompt"
+
+    def head_cond(self, prompts: Sequence[str] | None, batch: int) -> tuple[Tensor, Tensor] | None:
+        """The head's conditioning for a batch: None (null text) for a null-text head or prompts=None, else the
+        prompts' text-encoder rows (one prompt per latent)."""
+        if self.head_text is None or prompts is None:
+            return None
+        if len(prompts) != batch:
+            raise ValueError(f"a prompt-conditioned StitchVM head needs one prompt per latent ({batch}); got "
+                             f"{len(prompts)}")
+        embeds, pooled = self.head_text(prompts)
+        device = self.head.device
+        return embeds.to(device), pooled.to(device)
+
+    def features(self, z_t: Tensor, sigma: Tensor | float, prompts: Sequence[str] | None = None) -> TailOutput:
+        """(B, C, h, w) → TailOutput(embed (B, E), tokens (B, N+1, D)). A prompt-conditioned head runs on
+        ``prompts``; with prompts=None it runs on "" (the image-only embedding it was also distilled for)."""
+        cond = self.head_cond(prompts, z_t.shape[0])
+        return self.features_from_head(self.head(z_t, sigma) if cond is None else self.head(z_t, sigma, cond))
 
     def features_from_head(self, h: Tensor) -> TailOutput:
         """Stitch + tail on precomputed head features (B, D_dit, h/p, w/p) (see DiTHead.features_from_block_outputs)."""
@@ -390,7 +464,10 @@ class StitchVM(nn.Module):
 
     def value(self, z_t: Tensor, sigma: Tensor | float, prompts: Sequence[str] | None = None) -> Tensor:
         """V(z_t): (B,) float32, differentiable in z_t."""
-        return self.score(self.features(z_t, sigma).embed, prompts).float()
+        if self.head_text is not None and prompts is None:
+            raise ValueError("this StitchVM's head is prompt-conditioned (head_conditioning 'prompt'): pass the "
+                             "prompts being valued, one per latent")
+        return self.score(self.features(z_t, sigma, prompts).embed, prompts).float()
 
     def forward(self, z_t: Tensor, sigma: Tensor | float, prompts: Sequence[str] | None = None) -> Tensor:
         return self.value(z_t, sigma, prompts)
@@ -409,7 +486,8 @@ class StitchVM(nn.Module):
 def build_stitchvm(transformer: nn.Module, reward: nn.Module, i: int, j: int, W: Tensor, b: Tensor,
                    null_embeds: Tensor, null_pooled: Tensor, score_kind: str, *, latent_size: int | None = None,
                    probe_pixels: Tensor | None = None, preprocess: Callable[[Tensor], Tensor] | None = None,
-                   bottleneck_ratio: int = 8, meta: dict | None = None) -> StitchVM:
+                   bottleneck_ratio: int = 8, meta: dict | None = None,
+                   encode_prompts: Callable[[list[str]], object] | None = None) -> StitchVM:
     """Assemble a StitchVM at initialisation from a stage-1 fit.
 
     The head shares the transformer's modules; the tail is a deep copy of `reward.vision` (trained in stage 2
@@ -419,6 +497,8 @@ def build_stitchvm(transformer: nn.Module, reward: nn.Module, i: int, j: int, W:
         W, b: stage-1 fit for (i, j), (D_tail, D_dit) and (D_tail,).
         probe_pixels: normalised probe images (B, 3, H, W); required for j > 1 to initialise the class token.
         score_kind: "prompt" | "image" (see make_score).
+        encode_prompts: the policy's text encoder (FlowPolicy.encode_prompts) for a prompt-conditioned head;
+            None: the null-text head.
     """
     head = DiTHead(transformer, i, null_embeds, null_pooled, latent_size)
     teacher_tail = make_tail(reward.vision, preprocess)
@@ -432,7 +512,8 @@ def build_stitchvm(transformer: nn.Module, reward: nn.Module, i: int, j: int, W:
     stitch.to(device=head.null_embeds.device)
     meta = dict(meta or {})
     meta["reward_fingerprint"] = vision_fingerprint(teacher_tail)
-    return StitchVM(head, stitch, tail, j, make_score(reward, score_kind), class_token, meta)
+    head_text = HeadText(encode_prompts) if encode_prompts is not None else None
+    return StitchVM(head, stitch, tail, j, make_score(reward, score_kind), class_token, meta, head_text)
 
 
 def vision_fingerprint(tail: VisionTail) -> str:
@@ -480,6 +561,7 @@ def save_stitchvm(path_dir: str | os.PathLike, model: StitchVM, meta: dict | Non
         "format_version": FORMAT_VERSION,
         "i": model.i, "j": model.j,
         "score_kind": model.score.kind,
+        "head_conditioning": model.head_conditioning,
         "latent_channels": head.latent_channels, "latent_size": head.latent_size,
         "dit_width": head.width, "dit_grid": list(head.grid), "dit_num_layers": head.num_layers,
         "backbone_config": head.backbone_config,
@@ -543,8 +625,12 @@ def _check_pairing(meta: dict, head: DiTHead, path_dir: str) -> None:
 
 
 def load_stitchvm(path_dir: str | os.PathLike, transformer: nn.Module, reward: nn.Module, null_embeds: Tensor,
-                  null_pooled: Tensor, preprocess: Callable[[Tensor], Tensor] | None = None) -> StitchVM:
+                  null_pooled: Tensor, preprocess: Callable[[Tensor], Tensor] | None = None,
+                  encode_prompts: Callable[[list[str]], object] | None = None) -> StitchVM:
     """Rebuild a saved StitchVM around `transformer` (head, shared) and a copy of `reward.vision` (tail).
+
+    A critic saved with head_conditioning "prompt" needs ``encode_prompts``, the policy's text encoder
+    (FlowPolicy.encode_prompts); critics saved before that field existed have a null-text head.
 
     Raises:
         FileNotFoundError: a checkpoint file is missing (the message names it).
@@ -561,6 +647,12 @@ def load_stitchvm(path_dir: str | os.PathLike, transformer: nn.Module, reward: n
                          f"has {transformer.config.in_channels}")
     head = DiTHead(transformer, meta["i"], null_embeds, null_pooled, meta["latent_size"])
     _check_pairing(meta, head, path_dir)
+    conditioning = meta.get("head_conditioning", "null_text")
+    if conditioning not in HEAD_CONDITIONINGS:
+        raise ValueError(f"{path_dir}: head_conditioning {conditioning!r}; this code reads {HEAD_CONDITIONINGS}")
+    if conditioning == "prompt" and encode_prompts is None:
+        raise ValueError(f"critic at {path_dir} has a prompt-conditioned head: pass encode_prompts (the policy's "
+                         f"text encoder, policy.encode_prompts); critics.load.stitchvm does")
 
     teacher = make_tail(reward.vision, preprocess)
     got = (tail_kind(teacher), teacher.width, list(teacher.grid), teacher.num_blocks, teacher.embed_dim)
@@ -597,4 +689,5 @@ def load_stitchvm(path_dir: str | os.PathLike, transformer: nn.Module, reward: n
     if class_token is not None:
         class_token = class_token.to(device)
     keep = {k: v for k, v in meta.items() if k in ("backbone", "reward", "image_size", "reward_fingerprint")}
-    return StitchVM(head, stitch, tail, j, make_score(reward, meta["score_kind"]), class_token, keep)
+    head_text = HeadText(encode_prompts) if conditioning == "prompt" else None
+    return StitchVM(head, stitch, tail, j, make_score(reward, meta["score_kind"]), class_token, keep, head_text)

@@ -178,6 +178,9 @@ class SharedHeadGuide:
     def __init__(self, policy: FlowPolicy, critic: StitchVM, guidance_scale: float, cuda_graph: str | None = None):
         if not isinstance(critic, StitchVM):
             raise TypeError(f"SharedHeadGuide needs a StitchVM critic, got {type(critic).__name__}; use CriticGuide")
+        if critic.head_conditioning != "null_text":
+            raise ValueError("SharedHeadGuide reuses CFG's unconditional (null-text) branch as the StitchVM head; this "
+                             "critic's head runs on the prompt: use CriticGuide (rl.steer picks it for such critics)")
         transformer, head = policy.transformer, critic.head
         shared = (head.pos_embed is transformer.pos_embed and head.time_text_embed is transformer.time_text_embed
                   and head.context_embedder is transformer.context_embedder
@@ -397,13 +400,15 @@ class TweedieGuide:
 
 def make_guide(policy: FlowPolicy, critic, guidance_scale: float, fused: bool = True,
                cuda_graph: str | None = None) -> Guide:
-    """The cheapest exact guide for this critic: SharedHeadGuide for StitchVM, TweedieGuide for a guidance-1
-    TweedieCritic, else (or with ``fused=False``) CriticGuide. ``cuda_graph`` ("tail" / "full") is a
+    """The cheapest exact guide for this critic: SharedHeadGuide for a null-text-head StitchVM, TweedieGuide for a
+    guidance-1 TweedieCritic, else (or with ``fused=False``) CriticGuide. ``cuda_graph`` ("tail" / "full") is a
     SharedHeadGuide option and an error for any other guide."""
-    if cuda_graph is not None and not (fused and isinstance(critic, StitchVM)):
+    shared = fused and isinstance(critic, StitchVM) and critic.head_conditioning == "null_text"
+    if cuda_graph is not None and not shared:
         raise ValueError(f"cuda_graph={cuda_graph!r} applies to the StitchVM shared-head guide only (fused: true and "
-                         f"a stitchvm critic); got {type(critic).__name__} with fused={fused}: set cuda_graph: null")
-    if fused and isinstance(critic, StitchVM):
+                         f"a stitchvm critic with a null-text head); got {type(critic).__name__} with fused={fused}: "
+                         f"set cuda_graph: null")
+    if shared:
         return SharedHeadGuide(policy, critic, guidance_scale, cuda_graph=cuda_graph)
     if fused and isinstance(critic, TweedieCritic) and critic.guidance_scale == 1.0 and critic.policy is policy:
         return TweedieGuide(policy, critic, guidance_scale)

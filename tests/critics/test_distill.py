@@ -80,8 +80,15 @@ def test_schedule_noise_law_and_rebatch():
     assert un.mean().item() == pytest.approx(0.5, abs=0.01) and un.std().item() == pytest.approx(math.sqrt(1 / 12),
                                                                                                   abs=0.01)
     chunks = list(rebatch([torch.zeros(3, 3, 2, 2), (torch.ones(4, 3, 2, 2), ["p"] * 4), torch.zeros(2, 3, 2, 2)], 4))
-    assert [c.shape[0] for c in chunks] == [4, 4]  # 9 images → two batches of 4, the last one dropped
-    assert chunks[0][3].sum() == 12 and chunks[1][:3].sum() == 36
+    assert [c.shape[0] for c, _ in chunks] == [4, 4]  # 9 images → two batches of 4, the last one dropped
+    assert chunks[0][0][3].sum() == 12 and chunks[1][0][:3].sum() == 36
+    assert [caps for _, caps in chunks] == [None, None]  # one item without captions: none for the stream
+    captioned = [(torch.full((3, 3, 2, 2), float(k)), [f"p{k}"] * 3) for k in range(3)]
+    chunks = list(rebatch(captioned, 4))  # captions follow their images across the re-chunking
+    assert [caps for _, caps in chunks] == [["p0", "p0", "p0", "p1"], ["p1", "p1", "p2", "p2"]]
+    assert [c[:, 0, 0, 0].tolist() for c, _ in chunks] == [[0, 0, 0, 1], [1, 1, 2, 2]]
+    with pytest.raises(ValueError, match="caption_dropout"):
+        DistillConfig(caption_dropout=1.0)
     with pytest.raises(ValueError, match="loss must be one of"):
         DistillConfig(loss="mse")
     with pytest.raises(ValueError, match="sigma_sampling must be one of"):
