@@ -5,6 +5,7 @@
 #   GPU 1  DDPO, the ShapesEval checker as the reward (configs/experiments/shapes_checker.yaml) with its StitchVM
 #          (--critic stitchvm_checker, regressed onto the checker), group noise, dense lambda 0, KL 0.04
 #   bash benchmarks/gpu_session7_a.sh OUT
+# (the session-7 call ran it without the last two lines, so its records did not come back: docs/bench/trainers_session7_h100x2.md)
 set -u
 OUT=${1:?out}; MINUTES=${MINUTES:-9}; source benchmarks/session3_lib.sh
 K="--config configs/experiments/keep_best.yaml prompts.val.n=${VAL_N:-1000} run.ckpt_every=100000"
@@ -16,3 +17,6 @@ for n in grpo_fast_ema98 ddpo_chk_ema99; do
   grep -a "eval/overall\|val/overall\|best/" $OUT/log/$n.txt | grep -o "train/epoch=[0-9]*\|eval/overall=[0-9.]*\|val/overall=[0-9.]*" | tr '\n' ' '; echo
   grep -a "^final\|best\|rror" $OUT/log/$n.txt | tail -4
 done
+# only the metrics come back: the run directories (checkpoints) would push the call's archive over the transfer limit
+for n in grpo_fast_ema98 ddpo_chk_ema99; do cp $OUT/runs/$n/metrics.jsonl $OUT/s7_$n.jsonl 2>/dev/null; done
+rm -rf $OUT/runs

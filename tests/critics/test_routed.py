@@ -86,7 +86,10 @@ def test_shipped_experts_config_equals_its_stitchvms_on_their_rows():
     node = load_yaml(train.CONFIG_ROOT / "critic" / "stitchvm_experts.yaml")
     critic = instantiate(node, _path="critic", policy=policy, reward=reward)
     low, high = (load.stitchvm(policy, reward, p) for p in node["paths"])
-    assert json.loads((load.resolve_path(node["paths"][0]) / "stitchvm.json").read_text())["j"] == 1
+    for path in node["paths"]:  # session 7: both experts have the prompt-conditioned head, (7, 1)
+        meta = json.loads((load.resolve_path(path) / "stitchvm.json").read_text())
+        assert (meta["i"], meta["j"], meta["head_conditioning"]) == (7, 1, "prompt")
+    assert low.head_conditioning == high.head_conditioning == "prompt"
     z = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     sigma, prompts = torch.tensor([0.2, 0.8, 0.5, 0.95]), ["a red circle", "two blue squares", "a green triangle", "three red squares"]
     with torch.no_grad():

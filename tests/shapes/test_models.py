@@ -13,8 +13,9 @@ from shapes import bench_world, models
 from shapes.data import vocabulary
 
 # 23 MB of world models + the shipped critics in float16: stitchvm, stitchvm_checker, vae_stitch (2.7-2.8 MB each)
-# and stitchvm_low (5.4 MB: its tail is the whole CLIP tower, j = 1), the low-sigma expert of stitchvm_experts
-WEIGHT_BUDGET_BYTES = 40 * 10**6
+# and the two prompt-conditioned experts of stitchvm_experts, stitchvm_prompt_low and stitchvm_prompt (5.3 MB each:
+# their tail is the whole CLIP tower, j = 1; session 7 replaced session 6's single null-text low-sigma expert)
+WEIGHT_BUDGET_BYTES = 45 * 10**6
 
 
 @pytest.fixture(scope="module")
