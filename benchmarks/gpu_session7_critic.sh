@@ -4,6 +4,8 @@
 # policy's samples on train prompts, (7, 1), at three noise-level laws; then the value benchmark on validation
 # (seed 1) and test (seed 0) prompts against the shipped StitchVM, its low-sigma expert and Tweedie.
 #   bash benchmarks/gpu_session7_critic.sh OUT
+# It compares with session 6's low-sigma expert shapes/weights/stitchvm_low, retired in session 7: restore it first
+# with `git checkout 68a9538 -- shapes/weights/stitchvm_low`.
 set -u
 OUT=${1:?out}; source benchmarks/session6_critic_lib.sh
 S=${STEPS:-4000}

@@ -121,8 +121,9 @@ def value_quality(policy, reward, critics: dict, prompts: list[str], latents: di
     device = policy.device
     mc_batch = max(1, batch_size // rollouts)  # rows per MC call: K rollouts each
     sigma0, z0 = next(iter(latents.items()))
-    for critic in critics.values():  # warm-up: first-call overheads are not a cost per value
-        batched_values(critic.value, z0[:2], sigma0, prompts[:2], batch_size, device)
+    for critic in critics.values():  # warm-up: first-call overheads and the per-prompt text caches (of the reward,
+        # and of a prompt-conditioned head) are not a cost per value; a trainer values the same prompts all run long
+        batched_values(critic.value, z0, sigma0, prompts, batch_size, device)
     rows, seconds = {}, {name: 0.0 for name in ("mc", *critics)}
     for sigma, z in latents.items():
         v_a, t_a = batched_values(halves[0].value, z, sigma, prompts, mc_batch, device)
@@ -166,7 +167,9 @@ def top1_in_groups(img: Tensor, txt: Tensor, captions: list[str], group: int = R
 
 @torch.no_grad()
 def retrieval(policy, reward, critics: dict, sigmas: Sequence[float], n_images: int, batch_size: int) -> dict:
-    """Top-1 of the clean CLIP and of each stitched critic's image embedding at each sigma."""
+    """Top-1 of the clean CLIP and of each stitched critic's image embedding at each sigma. A prompt-conditioned
+    head embeds without its caption (on null text; it would otherwise be told the answer): listed in
+    ``null_text_heads``."""
     if n_images < RETRIEVAL_GROUP:
         raise ValueError(f"--retrieval-images must be >= {RETRIEVAL_GROUP}; got {n_images}")
     n_images = (n_images // RETRIEVAL_GROUP) * RETRIEVAL_GROUP
@@ -177,7 +180,8 @@ def retrieval(policy, reward, critics: dict, sigmas: Sequence[float], n_images: 
     txt = torch.stack([table[c] for c in captions])
     clean = torch.cat([reward.image_embed(images[s:s + batch_size].to(device)).float().cpu()
                        for s in range(0, n_images, batch_size)])
-    out = {"clean": top1_in_groups(F.normalize(clean, dim=-1), txt, captions), "n_images": n_images}
+    out = {"clean": top1_in_groups(F.normalize(clean, dim=-1), txt, captions), "n_images": n_images,
+           "null_text_heads": [n for n, c in critics.items() if getattr(c, "head_conditioning", "") == "prompt"]}
     z0 = torch.cat([policy.encode(images[s:s + batch_size].to(device)).float().cpu()
                     for s in range(0, n_images, batch_size)])
     eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(NOISE_SEED))
@@ -247,6 +251,9 @@ def format_report(result: dict) -> str:
             vals = [ret[f"{n}@{sigma:g}"] for n in stitched]
             lines.append(f"| {sigma:g} | " + " | ".join(f"{v:.3f}" for v in vals) + " | "
                          + " | ".join(f"{v / ret['clean']:.1%}" if ret["clean"] > 0 else "n/a" for v in vals) + " |")
+        if ret.get("null_text_heads"):
+            lines += ["", f"{', '.join(ret['null_text_heads'])}: prompt-conditioned heads, which embed these images on "
+                          f"null text (their caption would be the answer)."]
     checks = check_targets(result)
     if checks:
         lines += ["", "Targets:"] + [f"- [{'x' if ok else ' '}] {text}" for text, ok in checks]

@@ -234,7 +234,8 @@ def rebatch(data_iter: Iterable, batch_size: int) -> Iterator[tuple[Tensor, list
         if not isinstance(images, Tensor) or images.dim() != 4:
             raise TypeError("data_iter must yield image tensors (B, 3, H, W) in [0, 1] (or tuples starting with one)")
         text = item[1] if isinstance(item, (tuple, list)) and len(item) > 1 else None
-        if caps is not None and isinstance(text, list) and len(text) == images.shape[0]:
+        if caps is not None and isinstance(text, list) and len(text) == images.shape[0] \
+                and all(isinstance(t, str) for t in text):
             caps.extend(text)
         else:
             caps = None

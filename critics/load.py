@@ -28,7 +28,7 @@ from typing import Callable
 from torch import Tensor, nn
 
 from critics.rewards.base import preprocess as reward_preprocess_fn
-from critics.stitchvm import StitchVM, load_stitchvm
+from critics.stitchvm import HeadText, StitchVM, load_stitchvm
 from critics.vae_stitch import load_vae_stitch
 from rl.checkpoint import interrupted_swap
 
@@ -65,7 +65,7 @@ def reward_preprocess(reward: nn.Module) -> Callable[[Tensor], Tensor]:
 
 
 def stitchvm(policy: nn.Module, reward: nn.Module, path: str | os.PathLike, tower: nn.Module | None = None,
-             check_target: bool = True) -> StitchVM:
+             check_target: bool = True, head_text: HeadText | None = None) -> StitchVM:
     """Load the StitchVM at `path` around `policy.transformer` (its first i blocks, shared) and `reward`.
 
     The head is conditioned on the policy's own null-text embedding (``policy.null_embeds()``) or, for a critic
@@ -75,6 +75,8 @@ def stitchvm(policy: nn.Module, reward: nn.Module, path: str | os.PathLike, towe
     it supplies the tail's preprocessing and the prompt embeddings. None: the run's ``reward``.
     ``check_target``: refuse a run whose reward is not the one the critic predicts (``check_value_target``); the
     build turns it off to continue training a critic from ``init_from`` onto any target.
+    ``head_text``: the text cache a prompt-conditioned head uses (default: its own over ``policy.encode_prompts``);
+    critics of one policy may share one.
     """
     path, run_reward = resolve_path(path), reward
     reward = tower if tower is not None else reward
@@ -85,7 +87,7 @@ def stitchvm(policy: nn.Module, reward: nn.Module, path: str | os.PathLike, towe
     null = policy.null_embeds()
     model = load_stitchvm(path, policy.transformer, reward, null.embeds, null.pooled,
                           preprocess=reward_preprocess(reward),  # verifies the manifest, stitchvm.json included
-                          encode_prompts=policy.encode_prompts)
+                          encode_prompts=head_text if head_text is not None else policy.encode_prompts)
     if check_target:
         check_value_target(path, run_reward, tower)
     return model
@@ -97,7 +99,8 @@ def stitchvm_experts(policy: nn.Module, reward: nn.Module, paths: list[str], upp
     (upper[k-1], upper[k]]. Each loads as :func:`stitchvm` does; they share the policy's transformer blocks."""
     from critics.routed import SigmaRoutedCritic
 
-    return SigmaRoutedCritic([stitchvm(policy, reward, p, tower) for p in paths], upper)
+    text = HeadText(policy.encode_prompts)  # one text cache for the experts: a prompt is encoded once, not per band
+    return SigmaRoutedCritic([stitchvm(policy, reward, p, tower, head_text=text) for p in paths], upper)
 
 
 def check_value_target(path: Path, reward: nn.Module, tower: nn.Module | None) -> None:

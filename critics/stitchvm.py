@@ -50,6 +50,9 @@ from rl.checkpoint import verify_dir, write_dir_atomically
 from critics.tails import TailOutput, VisionTail, make_tail, tail_kind
 
 FORMAT_VERSION = 1
+# Version 2 = a prompt-conditioned head. Null-text critics keep writing version 1 (the shipped files stay as they are);
+# a reader that knows only version 1 thus refuses a prompt-conditioned critic instead of running it on null text.
+FORMAT_VERSION_PROMPT_HEAD = 2
 STITCH_FILE = "stitch.safetensors"
 TAIL_FILE = "tail.safetensors"
 META_FILE = "stitchvm.json"
@@ -217,9 +220,7 @@ class DiTHead(nn.Module):
         sigma = torch.as_tensor(sigma, device=z_t.device, dtype=torch.float32).expand(B)
         timestep = sigma * 1000.0
         out: dict[int, Tensor] = {}
-        if cond is None:
-            embeds, pooled = self.null_embeds.expand(B, -1, -1), self.null_pooled.expand(B, -1)
-        else:
+        if cond is not None:
             embeds, pooled = cond
             if embeds.shape[1:] != self.null_embeds.shape[1:] or tuple(pooled.shape[1:]) != self.null_pooled.shape[1:] \
                     or embeds.shape[0] != B or pooled.shape[0] != B:
@@ -228,8 +229,12 @@ class DiTHead(nn.Module):
                                  f"{tuple(embeds.shape)} and {tuple(pooled.shape)}")
         with peft_adapters_disabled(self):
             hidden = self.pos_embed(z_t).contiguous()  # (B, N, D_dit), pos-embed added
-            temb = self.time_text_embed(timestep, pooled.to(z_t.dtype))  # (B, D_dit)
-            context = self.context_embedder(embeds.to(z_t.dtype))  # (B, L, D_dit)
+            if cond is None:  # the null prompt: embedded once, broadcast to the batch
+                temb = self.time_text_embed(timestep, self.null_pooled.to(z_t.dtype).expand(B, -1))  # (B, D_dit)
+                context = self.context_embedder(self.null_embeds.to(z_t.dtype)).expand(B, -1, -1)  # (B, L, D_dit)
+            else:
+                temb = self.time_text_embed(timestep, pooled.to(z_t.dtype))
+                context = self.context_embedder(embeds.to(z_t.dtype))
             for k, block in enumerate(self.transformer_blocks[: max(taps)]):
                 # joint blocks return (encoder_hidden_states, hidden_states); the last block of the full model
                 # (context_pre_only) returns None for the text stream, which is never used after it
@@ -319,7 +324,7 @@ class PromptScore:
         missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
         if missing:
             for p, e in zip(missing, self.reward.text_embed(missing)):
-                self._cache[p] = e.detach()
+                self._cache[p] = e.detach().clone()  # a row of its own: a view would keep the whole batch alive
         for p in prompts:
             self._cache.move_to_end(p)
         out = torch.stack([self._cache[p] for p in prompts])
@@ -352,7 +357,9 @@ class HeadText:
     cached per prompt string (LRU; trainers value the same prompts at every step of a group's trajectories).
 
     Not an nn.Module, and a deep copy of the critic shares it (``__deepcopy__`` returns self): the encoder is the
-    policy's, as PromptScore's reward stays outside the critic's parameters.
+    policy's, as PromptScore's reward stays outside the critic's parameters. Several critics of one policy (the
+    noise-level experts) may share one instance. ``cache_size`` counts prompts: at SD3.5 size a prompt's rows are
+    333 x 4096 bf16 (2.7 MB), so lower it there when many distinct prompts are valued.
     """
 
     def __init__(self, encode: Callable[[list[str]], object], cache_size: int = 4096):
@@ -370,7 +377,7 @@ class HeadText:
         if missing:
             out = self.encode(missing)  # PromptEmbeds
             for p, e, q in zip(missing, out.embeds, out.pooled):
-                self._cache[p] = (e.detach(), q.detach())
+                self._cache[p] = (e.detach().clone(), q.detach().clone())  # own rows, not views of the batch
         for p in prompts:
             self._cache.move_to_end(p)
         rows = [self._cache[p] for p in prompts]
@@ -558,7 +565,7 @@ def save_stitchvm(path_dir: str | os.PathLike, model: StitchVM, meta: dict | Non
         raise ValueError("model.meta lacks 'reward_fingerprint' (the teacher's identity, checked at load): build the "
                          "critic with build_stitchvm, or set it to vision_fingerprint(make_tail(reward.vision))")
     info.update({
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if model.head_text is None else FORMAT_VERSION_PROMPT_HEAD,
         "i": model.i, "j": model.j,
         "score_kind": model.score.kind,
         "head_conditioning": model.head_conditioning,
@@ -626,7 +633,7 @@ def _check_pairing(meta: dict, head: DiTHead, path_dir: str) -> None:
 
 def load_stitchvm(path_dir: str | os.PathLike, transformer: nn.Module, reward: nn.Module, null_embeds: Tensor,
                   null_pooled: Tensor, preprocess: Callable[[Tensor], Tensor] | None = None,
-                  encode_prompts: Callable[[list[str]], object] | None = None) -> StitchVM:
+                  encode_prompts: Callable[[list[str]], object] | HeadText | None = None) -> StitchVM:
     """Rebuild a saved StitchVM around `transformer` (head, shared) and a copy of `reward.vision` (tail).
 
     A critic saved with head_conditioning "prompt" needs ``encode_prompts``, the policy's text encoder
@@ -639,8 +646,9 @@ def load_stitchvm(path_dir: str | os.PathLike, transformer: nn.Module, reward: n
     path_dir = os.fspath(path_dir)
     verify_dir(path_dir)  # sizes + sha256 against manifest.json: a damaged file is named, never half-loaded
     meta = read_stitchvm_meta(path_dir)
-    if meta["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"{path_dir}: format_version {meta['format_version']}, this code reads {FORMAT_VERSION}")
+    if meta["format_version"] not in (FORMAT_VERSION, FORMAT_VERSION_PROMPT_HEAD):
+        raise ValueError(f"{path_dir}: format_version {meta['format_version']}, this code reads "
+                         f"{FORMAT_VERSION} and {FORMAT_VERSION_PROMPT_HEAD}")
     if transformer.config.in_channels != meta["latent_channels"]:
         raise ValueError(f"critic at {path_dir} was built for another latent space: {meta['latent_channels']} "
                          f"latent channels (backbone {meta.get('backbone', '<unnamed>')}); the given transformer "
@@ -650,6 +658,10 @@ def load_stitchvm(path_dir: str | os.PathLike, transformer: nn.Module, reward: n
     conditioning = meta.get("head_conditioning", "null_text")
     if conditioning not in HEAD_CONDITIONINGS:
         raise ValueError(f"{path_dir}: head_conditioning {conditioning!r}; this code reads {HEAD_CONDITIONINGS}")
+    if (conditioning == "prompt") != (meta["format_version"] == FORMAT_VERSION_PROMPT_HEAD):
+        raise ValueError(f"{path_dir}/{META_FILE} is inconsistent: head_conditioning {conditioning!r} with "
+                         f"format_version {meta['format_version']} (a prompt-conditioned head is version "
+                         f"{FORMAT_VERSION_PROMPT_HEAD}); rebuild the critic")
     if conditioning == "prompt" and encode_prompts is None:
         raise ValueError(f"critic at {path_dir} has a prompt-conditioned head: pass encode_prompts (the policy's "
                          f"text encoder, policy.encode_prompts); critics.load.stitchvm does")
@@ -689,5 +701,7 @@ def load_stitchvm(path_dir: str | os.PathLike, transformer: nn.Module, reward: n
     if class_token is not None:
         class_token = class_token.to(device)
     keep = {k: v for k, v in meta.items() if k in ("backbone", "reward", "image_size", "reward_fingerprint")}
-    head_text = HeadText(encode_prompts) if conditioning == "prompt" else None
+    head_text = None
+    if conditioning == "prompt":  # a HeadText is shared as given (its cache too); a bare encoder gets its own
+        head_text = encode_prompts if isinstance(encode_prompts, HeadText) else HeadText(encode_prompts)
     return StitchVM(head, stitch, tail, j, make_score(reward, meta["score_kind"]), class_token, keep, head_text)

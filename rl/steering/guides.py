@@ -405,8 +405,10 @@ def make_guide(policy: FlowPolicy, critic, guidance_scale: float, fused: bool = 
     SharedHeadGuide option and an error for any other guide."""
     shared = fused and isinstance(critic, StitchVM) and critic.head_conditioning == "null_text"
     if cuda_graph is not None and not shared:
+        what = (f"a StitchVM with a {critic.head_conditioning}-conditioned head" if isinstance(critic, StitchVM)
+                else type(critic).__name__)
         raise ValueError(f"cuda_graph={cuda_graph!r} applies to the StitchVM shared-head guide only (fused: true and "
-                         f"a stitchvm critic with a null-text head); got {type(critic).__name__} with fused={fused}: "
+                         f"a stitchvm critic with a null-text head); got {what} with fused={fused}: "
                          f"set cuda_graph: null")
     if shared:
         return SharedHeadGuide(policy, critic, guidance_scale, cuda_graph=cuda_graph)

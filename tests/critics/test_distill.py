@@ -87,6 +87,8 @@ def test_schedule_noise_law_and_rebatch():
     chunks = list(rebatch(captioned, 4))  # captions follow their images across the re-chunking
     assert [caps for _, caps in chunks] == [["p0", "p0", "p0", "p1"], ["p1", "p1", "p2", "p2"]]
     assert [c[:, 0, 0, 0].tolist() for c, _ in chunks] == [[0, 0, 0, 1], [1, 1, 2, 2]]
+    labels = [(torch.zeros(4, 3, 2, 2), [0, 1, 2, 3])]  # a list that is not of strings is not captions
+    assert [caps for _, caps in rebatch(labels, 4)] == [None]
     with pytest.raises(ValueError, match="caption_dropout"):
         DistillConfig(caption_dropout=1.0)
     with pytest.raises(ValueError, match="loss must be one of"):

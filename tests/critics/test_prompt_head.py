@@ -89,6 +89,12 @@ def test_prompt_conditioned_value_follows_the_prompt_row_by_row():
     torch.testing.assert_close(v.detach(), one_by_one, rtol=1e-5, atol=1e-6)
     assert (v.detach() - swapped).abs()[[0, 2]].min() > 1e-4 and (v.detach() - swapped)[1].abs() < 1e-6
     torch.testing.assert_close(null, null_ref)  # prompts=None: the head on "" (the retrieval embedding)
+    with torch.no_grad():  # the embedding itself follows the prompt (the score alone would, even on null text)
+        red = model.features(z, 0.4, ["a red circle"] * 3).embed
+        blue = model.features(z, 0.4, ["two blue squares"] * 3).embed
+    assert (red - blue).abs().amax(-1).min() > 1e-4 and (red - null).abs().amax(-1).min() > 1e-4
+    cached = model.head_text._cache["a red circle"]
+    assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in cached)  # own rows, not views
     (grad,) = torch.autograd.grad(v.sum(), z)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
     assert encoder.encoded.count("a red circle") == 1  # cached per prompt string
@@ -104,13 +110,22 @@ def test_prompt_head_save_load_round_trip(tmp_path):
     embeds, pooled = null_cond()
     save_stitchvm(tmp_path / "c", model)
     meta = json.loads((tmp_path / "c" / "stitchvm.json").read_text())
-    assert meta["head_conditioning"] == "prompt"
+    assert (meta["head_conditioning"], meta["format_version"]) == ("prompt", 2)  # version 1 readers refuse it
     loaded = load_stitchvm(tmp_path / "c", transformer, reward, embeds, pooled, encode_prompts=encoder)
     z = torch.randn(3, 4, LATENT, LATENT)
     with torch.no_grad():
         assert torch.equal(loaded.value(z, 0.3, PROMPTS), model.value(z, 0.3, PROMPTS))
+    shared = HeadText(encoder)
+    assert load_stitchvm(tmp_path / "c", transformer, reward, embeds, pooled, encode_prompts=shared).head_text is shared
     with pytest.raises(ValueError, match="pass encode_prompts"):
         load_stitchvm(tmp_path / "c", transformer, reward, embeds, pooled)
+    from rl.checkpoint import write_manifest
+
+    meta["format_version"] = 1  # a prompt head written as version 1: refused, never run on null text
+    (tmp_path / "c" / "stitchvm.json").write_text(json.dumps(meta))
+    write_manifest(tmp_path / "c")
+    with pytest.raises(ValueError, match="inconsistent"):
+        load_stitchvm(tmp_path / "c", transformer, reward, embeds, pooled, encode_prompts=encoder)
 
 
 def test_stage2_feeds_the_captions_with_dropout():
@@ -155,7 +170,7 @@ def test_mixed_stream_gives_policy_samples_their_prompts():
 
 def test_build_and_load_a_prompt_conditioned_critic(world, tmp_path):
     from critics import load
-    from rl.steering.guides import CriticGuide, make_guide
+    from rl.steering.guides import CriticGuide, SharedHeadGuide, make_guide
     from shapes.models import load_shapes_policy, load_shapes_reward
 
     out = tmp_path / "c"
@@ -170,9 +185,13 @@ def test_build_and_load_a_prompt_conditioned_critic(world, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(critic.value(z, 0.5, ["a red circle"] * 2),
                                    result.model.value(z, 0.5, ["a red circle"] * 2), rtol=1e-5, atol=1e-6)
-        assert (critic.value(z, 0.5, ["a red circle"] * 2) - critic.value(z, 0.5, ["three green stars"] * 2)
-                ).abs().max() > 0
+        red, green = (critic.features(z, 0.5, [p] * 2).embed for p in ("a red circle", "three green stars"))
+        assert (red - green).abs().amax(-1).min() > 1e-5  # the loaded head runs on the prompt
     assert isinstance(make_guide(policy, critic, 4.5), CriticGuide)  # no shared null branch for this head
+    with pytest.raises(ValueError, match="SharedHeadGuide reuses CFG's unconditional"):
+        SharedHeadGuide(policy, critic, 4.5)
+    with pytest.raises(ValueError, match="prompt-conditioned head with fused=True"):
+        make_guide(policy, critic, 4.5, cuda_graph="tail")
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -184,3 +203,20 @@ def test_build_rejects_bad_head_conditioning(world, tmp_path, extra, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config(BUILD_YAML, tiny_overrides(world, tmp_path / "c", *extra))
+
+
+def test_stage1_fits_the_conditioned_features():
+    from critics.interface import collect_features
+    from critics.tails import make_tail
+
+    transformer, reward = tiny_sd3(), TinyReward()
+    embeds, pooled = null_cond()
+    head = DiTHead(transformer, 2, embeds, pooled, LATENT)
+    tail = make_tail(reward.vision, reward.preprocess)
+    g = torch.Generator().manual_seed(0)
+    images, latents = torch.rand(4, 3, 32, 32, generator=g), torch.randn(4, 4, LATENT, LATENT, generator=g)
+    cond = WordEncoder()(PROMPTS + ["three green stars"])
+    feats = [collect_features(head, tail, images, latents, [2], [1], torch.full((4,), 0.5),
+                              torch.Generator().manual_seed(1), 2, cond=c) for c in ((cond.embeds, cond.pooled), None)]
+    assert not torch.allclose(feats[0].dit[2], feats[1].dit[2], atol=1e-4)  # the probes' captions reach the head
+    torch.testing.assert_close(feats[0].tail[1], feats[1].tail[1])  # the reward's targets do not depend on them

@@ -90,6 +90,7 @@ def test_shipped_experts_config_equals_its_stitchvms_on_their_rows():
         meta = json.loads((load.resolve_path(path) / "stitchvm.json").read_text())
         assert (meta["i"], meta["j"], meta["head_conditioning"]) == (7, 1, "prompt")
     assert low.head_conditioning == high.head_conditioning == "prompt"
+    assert critic.experts[0].head_text is critic.experts[1].head_text  # one text cache for the experts
     z = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     sigma, prompts = torch.tensor([0.2, 0.8, 0.5, 0.95]), ["a red circle", "two blue squares", "a green triangle", "three red squares"]
     with torch.no_grad():
