@@ -14,7 +14,9 @@ gradient never flows into it (docs: rl/steering/dps.py). Three implementations, 
                                             blocks 1..i run once with autograd and ARE the StitchVM head
                                             (null text, same weights); their block-i tokens feed the stitch +
                                             tail for V and are then detached and continue through blocks
-                                            i+1..N with the conditional half, without gradients
+                                            i+1..N with the conditional half, without gradients. A
+                                            prompt-conditioned head (critics/stitchvm.py) is the *conditional*
+                                            half's blocks 1..i instead (eager only)
     TweedieGuide       TweedieCritic        the CFG forward split by halves: the conditional half runs with
                                             autograd and is the Tweedie denoiser (z_hat_0 = z - sigma v_c), the
                                             unconditional half without; then VAE decode + reward, backpropagated
@@ -178,9 +180,11 @@ class SharedHeadGuide:
     def __init__(self, policy: FlowPolicy, critic: StitchVM, guidance_scale: float, cuda_graph: str | None = None):
         if not isinstance(critic, StitchVM):
             raise TypeError(f"SharedHeadGuide needs a StitchVM critic, got {type(critic).__name__}; use CriticGuide")
-        if critic.head_conditioning != "null_text":
-            raise ValueError("SharedHeadGuide reuses CFG's unconditional (null-text) branch as the StitchVM head; this "
-                             "critic's head runs on the prompt: use CriticGuide (rl.steer picks it for such critics)")
+        # which CFG half the head is: the unconditional one (null text, the paper's head) or the conditional one
+        self.branch = "cond" if critic.head_conditioning == "prompt" else "uncond"
+        if self.branch == "cond" and cuda_graph is not None:
+            raise ValueError(f"cuda_graph={cuda_graph!r} replays the null-text head; this StitchVM's head is "
+                             f"prompt-conditioned (it shares CFG's conditional half, eagerly): set cuda_graph: null")
         transformer, head = policy.transformer, critic.head
         shared = (head.pos_embed is transformer.pos_embed and head.time_text_embed is transformer.time_text_embed
                   and head.context_embedder is transformer.context_embedder
@@ -227,10 +231,15 @@ class SharedHeadGuide:
         head, dtype = self.critic.head, self.policy.dtype
         return head.null_embeds.to(dtype).expand(batch, -1, -1), head.null_pooled.to(dtype).expand(batch, -1)
 
-    def _head(self, z: Tensor, sigma: Tensor) -> mmdit.Stream:
-        """Unconditional stream after block i: the StitchVM head u^{≤i}(z) (grad follows the ambient mode)."""
-        return mmdit.run_blocks(self.transformer, mmdit.embed(self.transformer, z, sigma, *self._null(z.shape[0])),
-                                0, self.depth)
+    def _head(self, z: Tensor, sigma: Tensor, prompts: Sequence[str] | None = None) -> mmdit.Stream:
+        """The StitchVM head u^{≤i}(z) as a CFG half after block i (grad follows the ambient mode): the unconditional
+        stream, or for a prompt-conditioned head the conditional one, on the critic's own text rows."""
+        if self.branch == "cond":
+            embeds, pooled = self.critic.head_cond(list(prompts), z.shape[0])
+            text = embeds.to(self.policy.dtype), pooled.to(self.policy.dtype)
+        else:
+            text = self._null(z.shape[0])
+        return mmdit.run_blocks(self.transformer, mmdit.embed(self.transformer, z, sigma, *text), 0, self.depth)
 
     def _head_embed(self, z: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
         """Head + stitch + tail: (image embedding, block-i stream detached) — the "full" graph's captured function."""
@@ -261,6 +270,8 @@ class SharedHeadGuide:
         self.policy.check_latents(z)
         sigma = sigma_batch(sigma, z)
         value = grad = None
+        if self.branch == "cond":
+            return self._call_cond_branch(z, sigma, cond, prompts, need_value, need_grad)
         if self.cuda_graph == "full" and self.guidance_scale != 1.0:
             return self._call_graphed(z, sigma, cond, prompts, need_value, need_grad)
         # 1. Unconditional blocks 1..i = the StitchVM head. With a gradient: backpropagate V to z right away, so the
@@ -287,6 +298,38 @@ class SharedHeadGuide:
                 v_u, v_c = mmdit.finish(t, both, H, W).chunk(2)
                 v = cfg_combine(v_u, v_c, self.guidance_scale)
         return GuideOutput(v, value, grad)
+
+    def _call_cond_branch(self, z: Tensor, sigma: Tensor, cond: PromptEmbeds, prompts: Sequence[str],
+                          need_value: bool, need_grad: bool) -> GuideOutput:
+        """A prompt-conditioned head is CFG's conditional half up to block i: it runs once (with autograd when a
+        gradient is asked for), feeds V, and continues detached through blocks i+1..N next to the unconditional
+        half, which runs without gradients. With w = 1 it is the whole forward."""
+        embeds, pooled = self.critic.head_cond(list(prompts), z.shape[0])
+        if not (torch.equal(embeds.to(cond.embeds), cond.embeds) and torch.equal(pooled.to(cond.pooled), cond.pooled)):
+            raise ValueError("the sampler's prompt embeddings are not the critic head's encoding of `prompts`: pass "
+                             "cond = policy.encode_prompts(prompts) (the head shares that CFG half), or use "
+                             "CriticGuide")
+        value = grad = None
+        if need_grad:
+            leaf = grad_leaf(z)
+            with torch.enable_grad():
+                head = self._head(leaf, sigma, prompts)
+                value = self._value(head, z, prompts)
+                grad = grad_of(value, leaf)
+            head, value = head.detach(), value.detach()
+        else:
+            with torch.no_grad():
+                head = self._head(z, sigma, prompts)
+                value = self._value(head, z, prompts) if need_value else None
+        with torch.no_grad():
+            t, (H, W) = self.transformer, z.shape[-2:]
+            if self.guidance_scale == 1.0:
+                return GuideOutput(mmdit.finish(t, mmdit.run_blocks(t, head, self.depth, self.num_blocks), H, W),
+                                   value, grad)
+            uncond_head = mmdit.run_blocks(t, mmdit.embed(t, z, sigma, *self._null(z.shape[0])), 0, self.depth)
+            both = mmdit.run_blocks(t, uncond_head.cat(head), self.depth, self.num_blocks)  # unconditional first
+            v_u, v_c = mmdit.finish(t, both, H, W).chunk(2)
+        return GuideOutput(cfg_combine(v_u, v_c, self.guidance_scale), value, grad)
 
     def _call_graphed(self, z: Tensor, sigma: Tensor, cond: PromptEmbeds, prompts: Sequence[str], need_value: bool,
                       need_grad: bool) -> GuideOutput:
@@ -335,7 +378,7 @@ class SharedHeadGuide:
         sigma = sigma_batch(sigma, z)
         if self.cuda_graph == "full":
             return self.critic.score(self._head_graph_nograd(z, sigma)[0], list(prompts)).float()
-        return self._value(self._head(z, sigma), z, prompts)
+        return self._value(self._head(z, sigma, prompts), z, prompts)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -400,11 +443,11 @@ class TweedieGuide:
 
 def make_guide(policy: FlowPolicy, critic, guidance_scale: float, fused: bool = True,
                cuda_graph: str | None = None) -> Guide:
-    """The cheapest exact guide for this critic: SharedHeadGuide for a null-text-head StitchVM, TweedieGuide for a
-    guidance-1 TweedieCritic, else (or with ``fused=False``) CriticGuide. ``cuda_graph`` ("tail" / "full") is a
-    SharedHeadGuide option and an error for any other guide."""
-    shared = fused and isinstance(critic, StitchVM) and critic.head_conditioning == "null_text"
-    if cuda_graph is not None and not shared:
+    """The cheapest exact guide for this critic: SharedHeadGuide for a StitchVM, TweedieGuide for a guidance-1
+    TweedieCritic, else (or with ``fused=False``) CriticGuide. ``cuda_graph`` ("tail" / "full") is an option of
+    SharedHeadGuide with a null-text head and an error for any other guide."""
+    shared = fused and isinstance(critic, StitchVM)
+    if cuda_graph is not None and not (shared and critic.head_conditioning == "null_text"):
         what = (f"a StitchVM with a {critic.head_conditioning}-conditioned head" if isinstance(critic, StitchVM)
                 else type(critic).__name__)
         raise ValueError(f"cuda_graph={cuda_graph!r} applies to the StitchVM shared-head guide only (fused: true and "

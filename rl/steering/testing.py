@@ -45,9 +45,11 @@ def tiny_clip_reward(seed: int = 0, image_size: int = 16, patch_size: int = 4) -
 
 
 def random_stitchvm(policy: FlowPolicy, reward: nn.Module, i: int, j: int = 1, seed: int = 0,
-                    latent_size: int | None = None, zero_stitch: bool = False, probe_pixels=None) -> StitchVM:
+                    latent_size: int | None = None, zero_stitch: bool = False, probe_pixels=None,
+                    head_conditioning: str = "null_text") -> StitchVM:
     """A StitchVM on ``policy.transformer`` with a random (or zero) stitch W of the right shape: for timing and for
-    exactness tests, not for quality. ``probe_pixels`` are needed for j > 1 (the class token's initial value)."""
+    exactness tests, not for quality. ``probe_pixels`` are needed for j > 1 (the class token's initial value);
+    ``head_conditioning`` "prompt" runs the head on the prompt through ``policy.encode_prompts``."""
     transformer = policy.transformer
     d_dit = transformer.config.num_attention_heads * transformer.config.attention_head_dim
     d_tail = reward.vision.conv1.out_channels
@@ -56,7 +58,8 @@ def random_stitchvm(policy: FlowPolicy, reward: nn.Module, i: int, j: int = 1, s
     b = torch.zeros(d_tail)
     null = policy.null_embeds()
     critic = build_stitchvm(transformer, reward, i, j, W, b, null.embeds, null.pooled, "prompt",
-                            latent_size=latent_size, probe_pixels=probe_pixels)
+                            latent_size=latent_size, probe_pixels=probe_pixels,
+                            encode_prompts=policy.encode_prompts if head_conditioning == "prompt" else None)
     device, dtype = policy.device, next(reward.parameters()).dtype
     critic.stitch.to(device=device, dtype=dtype)
     critic.tail.to(device=device, dtype=dtype)

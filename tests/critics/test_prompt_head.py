@@ -187,9 +187,11 @@ def test_build_and_load_a_prompt_conditioned_critic(world, tmp_path):
                                    result.model.value(z, 0.5, ["a red circle"] * 2), rtol=1e-5, atol=1e-6)
         red, green = (critic.features(z, 0.5, [p] * 2).embed for p in ("a red circle", "three green stars"))
         assert (red - green).abs().amax(-1).min() > 1e-5  # the loaded head runs on the prompt
-    assert isinstance(make_guide(policy, critic, 4.5), CriticGuide)  # no shared null branch for this head
-    with pytest.raises(ValueError, match="SharedHeadGuide reuses CFG's unconditional"):
-        SharedHeadGuide(policy, critic, 4.5)
+    guide = make_guide(policy, critic, 4.5)  # the head is CFG's conditional half (tests/rl/steering/test_guides.py)
+    assert isinstance(guide, SharedHeadGuide) and guide.branch == "cond"
+    assert isinstance(make_guide(policy, critic, 4.5, fused=False), CriticGuide)
+    with pytest.raises(ValueError, match="replays the null-text head"):
+        SharedHeadGuide(policy, critic, 4.5, cuda_graph="tail")
     with pytest.raises(ValueError, match="prompt-conditioned head with fused=True"):
         make_guide(policy, critic, 4.5, cuda_graph="tail")
 

@@ -40,9 +40,20 @@ def test_split_forward_equals_transformer_forward_exactly():
     assert torch.equal(resumed, ref)
 
 
+@pytest.fixture(scope="module")
+def prompt_critic(world64):
+    """The world's StitchVM with a prompt-conditioned head (the conditional CFG half is its head)."""
+    critic = random_stitchvm(world64.policy, world64.reward, i=1, seed=3, head_conditioning="prompt").double()
+    critic.stitch.load_state_dict(world64.stitchvm.stitch.state_dict())  # the exercised G of the world's critic
+    return critic
+
+
+@pytest.mark.parametrize("head", ["null_text", "prompt"])
 @pytest.mark.parametrize("guidance_scale", [4.5, 1.0])
-def test_shared_head_equals_separate_value_gradient_velocity(world64, guidance_scale):
-    policy, critic = world64.policy, world64.stitchvm
+def test_shared_head_equals_separate_value_gradient_velocity(world64, prompt_critic, guidance_scale, head):
+    policy = world64.policy
+    critic = world64.stitchvm if head == "null_text" else prompt_critic
+    assert SharedHeadGuide(policy, critic, guidance_scale).branch == ("uncond" if head == "null_text" else "cond")
     z, sigma, cond = inputs(policy)
     shared = SharedHeadGuide(policy, critic, guidance_scale)(z, sigma, cond, PROMPTS)
     separate = CriticGuide(policy, critic, guidance_scale)(z, sigma, cond, PROMPTS)
@@ -110,3 +121,12 @@ def test_shared_head_refuses_enabled_lora_adapters():
     add_lora(world.policy.transformer, LoraSpec(r=2, alpha=2.0))
     with pytest.raises(ValueError, match="peft adapters are enabled"):
         SharedHeadGuide(world.policy, world.stitchvm, 4.5)
+
+
+def test_prompt_head_guide_refuses_other_prompt_embeddings(world64, prompt_critic):
+    """The conditional half is shared only if it is the head's own conditioning: other embeddings are an error."""
+    policy = world64.policy
+    z, sigma, _ = inputs(policy)
+    other = policy.encode_prompts(list(reversed(PROMPTS)))
+    with pytest.raises(ValueError, match="not the critic head's encoding"):
+        SharedHeadGuide(policy, prompt_critic, 4.5)(z, sigma, other, PROMPTS)
