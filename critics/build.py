@@ -287,7 +287,7 @@ class ImageStream:
         self.num_workers, self.shuffle, self.captions = num_workers, shuffle, captions
         self.passes = 0
 
-    def __iter__(self) -> Iterator[Tensor]:
+    def __iter__(self) -> Iterator[Tensor | tuple[Tensor, list[str]]]:
         generator = torch.Generator().manual_seed(self.seed + self.passes)
         self.passes += 1
         loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=self.shuffle, generator=generator,
@@ -320,7 +320,7 @@ class MixedStream:
         self.bank_prompts = bank_prompts
         self.passes = 0
 
-    def __iter__(self) -> Iterator[Tensor]:
+    def __iter__(self) -> Iterator[Tensor | tuple[Tensor, list[str]]]:
         generator = torch.Generator().manual_seed(self.seed + self.passes)
         self.passes += 1
         for item in self.stream:
@@ -365,11 +365,11 @@ def sample_prompts(prompts: list[str], n: int) -> list[str]:
     return [prompts[k % len(prompts)] for k in range(n)]
 
 
-def first_images(dataset: Dataset, n: int) -> Tensor:
-    """The first n images of `dataset`, (n, 3, H, W)."""
+def first_items(dataset: Dataset, n: int) -> list[Any]:
+    """The first n items of `dataset` (the probes: rendered once, for their images and, if needed, captions)."""
     if len(dataset) < n:
         raise ValueError(f"probe.n = {n} but the data has only {len(dataset)} images")
-    return collate_images([dataset[k] for k in range(n)])
+    return [dataset[k] for k in range(n)]
 
 
 @torch.no_grad()
@@ -533,10 +533,11 @@ def build(cfg: BuildConfig) -> BuildResult:
         # 2. probe --------------------------------------------------------------------------------------------------
         t = time.perf_counter()
         generator = torch.Generator().manual_seed(cfg.seed)
-        images = first_images(dataset, cfg.probe.n)  # (N, 3, H, W)
+        probes = first_items(dataset, cfg.probe.n)
+        images = collate_images(probes)  # (N, 3, H, W)
         prompted = cfg.kind == "stitchvm" and cfg.head_conditioning == "prompt"
-        head_text = HeadText(policy.encode_prompts) if prompted else None
-        probe_cond = head_text([caption_of(dataset[k]) for k in range(cfg.probe.n)]) if prompted else None
+        head_text = HeadText(policy.encode_prompts) if prompted else None  # stage 1's text rows, reused by the critic
+        probe_cond = head_text([caption_of(item) for item in probes]) if prompted else None
         latents = encode_images(policy, images, cfg.probe.batch_size)  # (N, C, h, w)
         want = (policy.latent_channels, policy.latent_size, policy.latent_size)
         if tuple(latents.shape[1:]) != want:
@@ -587,7 +588,7 @@ def build(cfg: BuildConfig) -> BuildResult:
             model = build_stitchvm(policy.transformer, reward, best_i, best_j, fit.W, fit.b, null.embeds, null.pooled,
                                    cfg.score, latent_size=policy.latent_size, probe_pixels=probe_pixels,
                                    preprocess=preprocess, bottleneck_ratio=cfg.bottleneck_ratio, meta=meta,
-                                   encode_prompts=policy.encode_prompts if prompted else None)
+                                   encode_prompts=head_text)
         else:
             model = build_vae_stitch(policy, reward, best_j, fit.W, fit.b, cfg.score, probe_pixels=probe_pixels,
                                      preprocess=preprocess, bottleneck_ratio=cfg.bottleneck_ratio, meta=meta)

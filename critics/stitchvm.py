@@ -386,6 +386,11 @@ class HeadText:
         return torch.stack([e for e, _ in rows]), torch.stack([q for _, q in rows])
 
 
+def as_head_text(encode: Callable[[list[str]], object] | HeadText | None) -> HeadText | None:
+    """A HeadText as given (shared, its cache too), a bare text encoder wrapped in its own, None as None."""
+    return encode if encode is None or isinstance(encode, HeadText) else HeadText(encode)
+
+
 def make_score(reward: nn.Module, kind: str) -> PromptScore | ImageScore:
     """kind: "prompt" (score_from_embeds with the text tower) or "image" (score_from_image_embed)."""
     if kind == "prompt":
@@ -494,7 +499,7 @@ def build_stitchvm(transformer: nn.Module, reward: nn.Module, i: int, j: int, W:
                    null_embeds: Tensor, null_pooled: Tensor, score_kind: str, *, latent_size: int | None = None,
                    probe_pixels: Tensor | None = None, preprocess: Callable[[Tensor], Tensor] | None = None,
                    bottleneck_ratio: int = 8, meta: dict | None = None,
-                   encode_prompts: Callable[[list[str]], object] | None = None) -> StitchVM:
+                   encode_prompts: Callable[[list[str]], object] | HeadText | None = None) -> StitchVM:
     """Assemble a StitchVM at initialisation from a stage-1 fit.
 
     The head shares the transformer's modules; the tail is a deep copy of `reward.vision` (trained in stage 2
@@ -504,8 +509,8 @@ def build_stitchvm(transformer: nn.Module, reward: nn.Module, i: int, j: int, W:
         W, b: stage-1 fit for (i, j), (D_tail, D_dit) and (D_tail,).
         probe_pixels: normalised probe images (B, 3, H, W); required for j > 1 to initialise the class token.
         score_kind: "prompt" | "image" (see make_score).
-        encode_prompts: the policy's text encoder (FlowPolicy.encode_prompts) for a prompt-conditioned head;
-            None: the null-text head.
+        encode_prompts: the policy's text encoder (FlowPolicy.encode_prompts), or a HeadText over it (shared as
+            given), for a prompt-conditioned head; None: the null-text head.
     """
     head = DiTHead(transformer, i, null_embeds, null_pooled, latent_size)
     teacher_tail = make_tail(reward.vision, preprocess)
@@ -519,8 +524,8 @@ def build_stitchvm(transformer: nn.Module, reward: nn.Module, i: int, j: int, W:
     stitch.to(device=head.null_embeds.device)
     meta = dict(meta or {})
     meta["reward_fingerprint"] = vision_fingerprint(teacher_tail)
-    head_text = HeadText(encode_prompts) if encode_prompts is not None else None
-    return StitchVM(head, stitch, tail, j, make_score(reward, score_kind), class_token, meta, head_text)
+    return StitchVM(head, stitch, tail, j, make_score(reward, score_kind), class_token, meta,
+                    as_head_text(encode_prompts))
 
 
 def vision_fingerprint(tail: VisionTail) -> str:
@@ -701,7 +706,5 @@ def load_stitchvm(path_dir: str | os.PathLike, transformer: nn.Module, reward: n
     if class_token is not None:
         class_token = class_token.to(device)
     keep = {k: v for k, v in meta.items() if k in ("backbone", "reward", "image_size", "reward_fingerprint")}
-    head_text = None
-    if conditioning == "prompt":  # a HeadText is shared as given (its cache too); a bare encoder gets its own
-        head_text = encode_prompts if isinstance(encode_prompts, HeadText) else HeadText(encode_prompts)
-    return StitchVM(head, stitch, tail, j, make_score(reward, meta["score_kind"]), class_token, keep, head_text)
+    return StitchVM(head, stitch, tail, j, make_score(reward, meta["score_kind"]), class_token, keep,
+                    as_head_text(encode_prompts) if conditioning == "prompt" else None)
