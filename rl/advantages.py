@@ -136,8 +136,38 @@ def normalize_step_advantages(adv: Tensor, mask: Tensor, group_size: int, scale:
     return centred.view_as(adv)
 
 
+def ode_values(values: Tensor, rewards: Tensor, mask: Tensor) -> Tensor:
+    """Exact values across the sampler's deterministic steps: V(z_N) = R and V(z_k) = V(z_{k+1}) wherever step k
+    is an ODE step (``mask`` False), the critic's V(z_k) only where step k is stochastic.
+
+    Under the rollout policy an ODE step is a deterministic map, so E[R | z_k] = E[R | z_{k+1}]: after the last
+    stochastic step of a Flow-GRPO-Fast window the value *is* the realised reward, and no critic estimate is
+    needed (or wanted) there. The advantages of the window's steps then sum to R - V(z_window start) exactly.
+
+    Args:
+        values: (B, N+1) V(z_0)..V(z_N) from the critic; entries at latents that begin an ODE step (and the last)
+            are not read, so they may be NaN (``value_steps`` lists the ones that are).
+        rewards: (B,) realised rewards R.  mask: (B, N) bool, the stochastic steps.
+    Returns:
+        (B, N+1) float32.
+    """
+    if values.ndim != 2 or mask.shape != (values.shape[0], values.shape[1] - 1):
+        raise ValueError(f"values (B, N+1) and mask (B, N) disagree: {tuple(values.shape)}, {tuple(mask.shape)}")
+    v = values.float().clone()
+    v[:, -1] = rewards.float()
+    for k in range(mask.shape[1] - 1, -1, -1):
+        v[:, k] = torch.where(mask[:, k], v[:, k], v[:, k + 1])
+    return v
+
+
+def value_steps(mask: Tensor) -> list[int]:
+    """The latents whose critic value :func:`ode_values` reads: z_k for every k that is a stochastic step of some
+    row of ``mask`` (B, N). With a 2-step Fast window that is 2 of the N+1 latents."""
+    return [int(k) for k in torch.nonzero(mask.any(0)).flatten()]
+
+
 def dense_advantages(values: Tensor, rewards: Tensor, mask: Tensor, lam: float, group_size: int,
-                     scale: str = "global", eps: float = 1e-4) -> Tensor:
+                     scale: str = "global", eps: float = 1e-4, exact_ode: bool = True) -> Tensor:
     """Per-step advantages from a critic: GAE(lambda) on V along the trajectory, ending at the realised reward,
     then centred per (group, step) and rescaled (see :func:`gae_advantages`, :func:`normalize_step_advantages`).
 
@@ -145,9 +175,14 @@ def dense_advantages(values: Tensor, rewards: Tensor, mask: Tensor, lam: float, 
         values: (B, N+1) V(z_0)..V(z_N); the last column is replaced by ``rewards``.
         rewards: (B,) realised rewards R.
         mask: (B, N) stochastic steps (the others get 0).
+        exact_ode: V carried exactly across ODE steps (:func:`ode_values`); False uses the critic at every latent
+            (then ``values`` must be finite everywhere).
     Returns:
         (B, N) float32.
     """
-    v = values.float().clone()
-    v[:, -1] = rewards.float()
+    if exact_ode:
+        v = ode_values(values, rewards, mask)
+    else:
+        v = values.float().clone()
+        v[:, -1] = rewards.float()
     return normalize_step_advantages(gae_advantages(v, lam), mask, group_size, scale, eps)

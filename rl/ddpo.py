@@ -4,7 +4,8 @@ Denoising as a multi-step MDP, optimised by PPO on the per-step log-probs of the
 the Flow-GRPO SDE step, policies/samplers.py). Each epoch:
 
 1. Rollout. ``prompts_per_epoch`` prompts, ``group_size`` samples each, SDE at every step, keeping every latent
-   and log pi_old(z_{k+1} | z_k).
+   and log pi_old(z_{k+1} | z_k). ``sde_window`` > 0 borrows Flow-GRPO-Fast's window (rl/grpo.py): SDE only in
+   that many consecutive steps, ODE elsewhere, and only the window is trained.
 2. Reward R = r(D(z_N)); with a value critic also V(z_k) along the trajectories.
 3. Advantages (``advantages``):
      sparse  (DDPO Sec. 4.3)  A = (R - mu_prompt) / (sigma_prompt + 1e-6) from a per-prompt history buffer of the
@@ -13,7 +14,8 @@ the Flow-GRPO SDE step, policies/samplers.py). Each epoch:
      dense   (critic)         A_k = GAE_lambda(delta)_k, delta_k = V(z_{k+1}) - V(z_k), V(z_N) := R, centred per
                               step (within each prompt's group when group_size >= 2, else over the batch) and
                               divided by the global std. V(z_k) is a prompt- *and state*-dependent baseline, so it
-                              replaces the per-prompt history (see rl/grpo.py for why it reduces variance).
+                              replaces the per-prompt history (see rl/grpo.py for why it reduces variance). V is
+                              carried exactly across ODE steps (``exact_ode``, as in rl/grpo.py).
    Both clipped to [-adv_clip, adv_clip].
 4. ``inner_epochs`` passes of PPO-clip over (sample, step) pairs (DDPO Eq. 4, importance sampling):
      L = mean max(-A rho_k, -A clip(rho_k, 1 - eps, 1 + eps)),  rho_k = pi_theta / pi_old
@@ -54,6 +56,9 @@ class DDPOConfig(common.EMAAdapters):
     num_steps: int = option(10, help="sampler steps N")
     eta: float = option(0.7, help="SDE noise level; must be > 0 (an ODE step has no log-prob)")
     guidance_scale: float = option(1.0, help="CFG weight in rollout and training (1.0 = CFG-free)")
+    sde_window: int = option(0, help="stochastic steps only in a window of this many steps, ODE elsewhere "
+                                     "(Flow-GRPO-Fast's window; 0 = SDE at every step, DDPO)")
+    sde_window_start: tuple[int, int] = option((0, 0), help="(lo, hi): the window starts at step U{lo..hi}")
     prompts_per_epoch: int = option(16, help="prompts per epoch")
     group_size: int = option(1, help="samples per prompt (DDPO: 1; the history buffer supplies the prompt's mean)")
     group_noise: bool = option(False, help="a group's samples share their initial noise z_T (DanceGRPO), so the "
@@ -73,6 +78,7 @@ class DDPOConfig(common.EMAAdapters):
     gae_lambda: float = option(0.0, help="dense: lambda of GAE (0: V(z_k+1) - V(z_k); 1: R - V(z_k))")
     dense_norm: Literal["global", "group_step", "none"] = option(
         "global", help="dense: after centring per step divide by the global std, the per-step std, or nothing")
+    exact_ode: bool = option(True, help=pg.EXACT_ODE_HELP)
     adv_eps: float = option(1e-4, help="dense: eps added to the std")
     kl_beta: float = option(0.0, help="weight of Flow-GRPO's KL to the reference (adapters off); DDPO has none (0), "
                                       "> 0 anchors a long run")
@@ -94,6 +100,7 @@ class DDPOConfig(common.EMAAdapters):
             check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         check(self.rollout_batch_size % self.group_size == 0, "rollout_batch_size",
               f"must be a multiple of group_size ({self.group_size}), got {self.rollout_batch_size}")
+        pg.check_window(self.num_steps, self.sde_window, self.sde_window_start)
         check(0 < self.timestep_fraction <= 1, "timestep_fraction", f"must be in (0, 1], got {self.timestep_fraction}")
         check(self.clip_range > 0, "clip_range", f"must be > 0, got {self.clip_range}")
         check(self.adv_clip > 0, "adv_clip", f"must be > 0, got {self.adv_clip}")
@@ -161,7 +168,8 @@ def ddpo_advantages(rewards: Tensor, values: Tensor | None, sde_mask: Tensor, pr
         if values is None:
             raise ValueError("dense advantages need the critic's values along the trajectories")
         groups = cfg.group_size if cfg.group_size >= 2 else rewards.shape[0]
-        adv = dense_advantages(values, rewards, sde_mask, cfg.gae_lambda, groups, cfg.dense_norm, cfg.adv_eps)
+        adv = dense_advantages(values, rewards, sde_mask, cfg.gae_lambda, groups, cfg.dense_norm, cfg.adv_eps,
+                               cfg.exact_ode)
     return torch.where(sde_mask, adv.clamp(-cfg.adv_clip, cfg.adv_clip), torch.zeros_like(adv))
 
 
@@ -196,7 +204,7 @@ def train(run: common.Run, cfg: DDPOConfig, resume: str | None = None) -> dict[s
             # (this process's slice of the rows; rewards, values and masks gathered for every row)
             rng, generator = pg.epoch_generator(run, epoch, 1)
             rollout = pg.collect(run, rows, cfg.num_steps, cfg.eta, cfg.guidance_scale, cfg.rollout_batch_size,
-                                 0, (0, 0), rng, generator,
+                                 cfg.sde_window, cfg.sde_window_start, rng, generator,
                                  distributed.process_generator(run.run_cfg.seed, epoch, 1, run.accelerator),
                                  cfg.group_size if cfg.group_noise else 1)
             rewards = pg.gather(run, rollout.rewards, len(rows), cfg.rollout_batch_size)  # (B,)
@@ -208,7 +216,8 @@ def train(run: common.Run, cfg: DDPOConfig, resume: str | None = None) -> dict[s
             if want_values:
                 with run.timer("value"):
                     values = pg.gather(run, cotrain.trajectory_values(critic, rollout.latents, rollout.sigmas,
-                                                                      rollout.prompts, cfg.value_batch_size),
+                                                                      rollout.prompts, cfg.value_batch_size,
+                                                                      pg.critic_steps(rollout, cfg.exact_ode)),
                                        len(rows), cfg.rollout_batch_size)  # (B, N+1)
                 metrics.update(cotrain.trajectory_calibration(values, rollout.sigmas, rewards, edges))
             if finite.all():

@@ -11,7 +11,10 @@ Group relative policy optimisation on the flow SDE. Each epoch:
      sparse  (Flow-GRPO)  A_k = (R - mean_group R) / (std + eps), the same for every step of a sample;
      dense   (critic)     A_k = GAE_lambda(delta)_k, delta_k = V(z_{k+1}) - V(z_k), V(z_N) := R
                           (lambda = 0: the value gained by step k; lambda = 1: R - V(z_k)), centred per
-                          (group, step) and divided by the global std (``dense_norm``).
+                          (group, step) and divided by the global std (``dense_norm``). Across ODE steps V is
+                          carried exactly, V(z_k) = V(z_{k+1}) (``exact_ode``): after a Fast window's last
+                          stochastic step the value is R itself, so the critic is called only at the window's
+                          latents and the window's advantages sum to R - V(z_window start).
    Both clipped to [-adv_clip, adv_clip].
 4. Policy update on a random ``timestep_fraction`` of each sample's stochastic steps (Eq. 8):
      rho_k = pi_theta(z_{k+1} | z_k) / pi_old(z_{k+1} | z_k)
@@ -85,6 +88,7 @@ class GRPOConfig(common.EMAAdapters):
     dense_norm: Literal["global", "group_step", "none"] = option(
         "global", help="dense: after centring per (group, step) divide by the global std, the (group, step) std, "
                        "or nothing")
+    exact_ode: bool = option(True, help=pg.EXACT_ODE_HELP)
     lr: float = option(3e-4, help="AdamW learning rate of the LoRA (Flow-GRPO: 3e-4)")
     weight_decay: float = option(1e-4, help="AdamW weight decay")
     max_grad_norm: float = option(1.0, help="gradient clipping")
@@ -104,15 +108,7 @@ class GRPOConfig(common.EMAAdapters):
         check(self.rollout_batch_size % self.group_size == 0, "rollout_batch_size",
               f"must be a multiple of group_size ({self.group_size}) so a group shares one SDE window, got "
               f"{self.rollout_batch_size}")
-        check(0 <= self.sde_window <= self.num_steps, "sde_window", f"must be in 0..num_steps ({self.num_steps}), "
-                                                                    f"got {self.sde_window}")
-        lo, hi = self.sde_window_start
-        # drawn for every rollout batch, with or without a window (rl.policy_gradient.collect)
-        check(0 <= lo <= hi, "sde_window_start", f"need 0 <= lo <= hi, got ({lo}, {hi})")
-        if self.sde_window:
-            last = self.num_steps - self.sde_window
-            check(hi <= last, "sde_window_start",
-                  f"need 0 <= lo <= hi <= num_steps - sde_window ({last}), got ({lo}, {hi})")
+        pg.check_window(self.num_steps, self.sde_window, self.sde_window_start)
         check(0 < self.timestep_fraction <= 1, "timestep_fraction", f"must be in (0, 1], got {self.timestep_fraction}")
         check(self.clip_range > 0, "clip_range", f"must be > 0, got {self.clip_range}")
         check(self.adv_clip > 0, "adv_clip", f"must be > 0, got {self.adv_clip}")
@@ -155,7 +151,7 @@ def grpo_advantages(rewards: Tensor, values: Tensor | None, sde_mask: Tensor, cf
         if values is None:
             raise ValueError("dense advantages need the critic's values along the trajectories")
         adv = dense_advantages(values, rewards, sde_mask, cfg.gae_lambda, cfg.group_size, cfg.dense_norm,
-                               cfg.adv_eps)
+                               cfg.adv_eps, cfg.exact_ode)
     return torch.where(sde_mask, adv.clamp(-cfg.adv_clip, cfg.adv_clip), torch.zeros_like(adv))
 
 
@@ -200,7 +196,8 @@ def train(run: common.Run, cfg: GRPOConfig, resume: str | None = None) -> dict[s
             if want_values:
                 with run.timer("value"):
                     values = pg.gather(run, cotrain.trajectory_values(critic, rollout.latents, rollout.sigmas,
-                                                                      rollout.prompts, cfg.value_batch_size),
+                                                                      rollout.prompts, cfg.value_batch_size,
+                                                                      pg.critic_steps(rollout, cfg.exact_ode)),
                                        len(rows), cfg.rollout_batch_size)  # (B, N+1)
                 metrics.update(cotrain.trajectory_calibration(values, rollout.sigmas, rewards, edges))
             if finite.all():

@@ -40,6 +40,8 @@ from torch import Tensor, nn
 from policies import lora, samplers
 from policies.flow import FlowPolicy, PromptEmbeds
 from rl import common, cotrain, distributed, selection
+from rl.advantages import value_steps
+from rl.config import check
 from rl.cotrain import CriticTrainer, realised_reward
 
 
@@ -73,6 +75,28 @@ class SDERollout(NamedTuple):
     log_probs: Tensor    # (B, N) log pi_old(z_{k+1} | z_k), mean over elements; 0 on ODE steps
     sde_mask: Tensor     # (B, N) bool, the stochastic (trainable) steps
     rewards: Tensor      # (B,) realised reward r(D(z_N)), float32
+
+
+EXACT_ODE_HELP = ("dense: V carried exactly across ODE steps, V(z_k) = V(z_k+1) (after a Fast window's last "
+                  "stochastic step V = R), the critic only at latents that begin a stochastic step; false: the "
+                  "critic at every latent (the sessions-5-7 runs)")
+
+
+def check_window(num_steps: int, window: int, window_start: tuple[int, int]) -> None:
+    """Config check of a Flow-GRPO-Fast window (``window`` steps starting at U{lo..hi}) for a ``num_steps`` sampler."""
+    check(0 <= window <= num_steps, "sde_window", f"must be in 0..num_steps ({num_steps}), got {window}")
+    lo, hi = window_start
+    # drawn for every rollout batch, with or without a window (collect)
+    check(0 <= lo <= hi, "sde_window_start", f"need 0 <= lo <= hi, got ({lo}, {hi})")
+    if window:
+        last = num_steps - window
+        check(hi <= last, "sde_window_start", f"need 0 <= lo <= hi <= num_steps - sde_window ({last}), got ({lo}, {hi})")
+
+
+def critic_steps(rollout: "SDERollout", exact_ode: bool) -> list[int] | None:
+    """The latents a dense trainer asks the critic for: with ``exact_ode`` only those that begin a stochastic step
+    (rl.advantages.ode_values carries V exactly across the rest), else all of them (None)."""
+    return value_steps(rollout.sde_mask) if exact_ode else None
 
 
 def window_steps(num_steps: int, window: int, start: int) -> list[int]:

@@ -38,6 +38,8 @@ def test_dense_advantages_centre_per_step_over_the_batch():
 @pytest.mark.parametrize("critic,overrides", [
     ("terminal", ["algo.inner_epochs=2", "algo.stat_min_count=2"]),
     ("tweedie", ["algo.advantages=dense", "algo.inner_epochs=1", "algo.timestep_fraction=0.5"]),
+    ("tweedie", ["algo.advantages=dense", "algo.sde_window=2", "algo.sde_window_start=[0,2]", "algo.group_noise=true",
+                 "algo.kl_beta=0.04"]),
 ])
 def test_smoke_run(tmp_path, critic, overrides):
     out = run_tiny(tmp_path, "ddpo", critic, *overrides)
@@ -45,7 +47,8 @@ def test_smoke_run(tmp_path, critic, overrides):
     train_rows = [r for r in metrics(out) if "loss/policy" in r]
     assert len(train_rows) == 2 and all("policy/approx_kl" in r for r in train_rows)
     assert ("critic/value_mse" in train_rows[0]) == (critic == "tweedie")
-    assert all(r["loss/kl"] == 0 for r in train_rows)  # DDPO: no KL term by default
+    if "algo.kl_beta=0.04" not in overrides:
+        assert all(r["loss/kl"] == 0 for r in train_rows)  # DDPO: no KL term by default
 
 
 def test_kl_anchor_is_optional(tmp_path):
@@ -73,6 +76,12 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     last = {name: [r for r in metrics(d) if r.get("step") == 3 and "loss/policy" in r][-1]["loss/policy"]
             for name, d in (("full", full), ("part", part))}
     assert last["full"] == last["part"]
+
+
+def test_window_config_errors(capsys):
+    assert train.main(["--algo", "ddpo", "--critic", "terminal", "--config", TINY, *DROP["ddpo"],
+                       "algo.sde_window=2", "algo.sde_window_start=[1,3]"]) == 2
+    assert "num_steps - sde_window (2)" in capsys.readouterr().err
 
 
 def test_group_noise_needs_groups(capsys):

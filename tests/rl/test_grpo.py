@@ -14,7 +14,8 @@ from policies import samplers
 from policies.testing import tiny_policy
 from rl import grpo, train
 from rl import policy_gradient as pg
-from rl.advantages import dense_step_advantages, gae_advantages, normalize_step_advantages
+from rl.advantages import (dense_advantages, dense_step_advantages, gae_advantages, normalize_step_advantages,
+                           ode_values, value_steps)
 
 TINY = str(Path(__file__).with_name("tiny.yaml"))
 # tiny.yaml's algo node is DiffusionNFT's; these are the keys each trainer does not have
@@ -82,6 +83,50 @@ def test_dense_advantages_telescope():
     torch.testing.assert_close(gae_advantages(values, 1.0), values[:, -1:] - values[:, :-1])  # R - V(z_k)
     # lambda = 1/2 by hand on [0, 1, 3]: delta = [1, 2]; A_1 = 2, A_0 = 1 + 2 / 2 = 2
     torch.testing.assert_close(gae_advantages(torch.tensor([[0.0, 1.0, 3.0]]), 0.5), torch.tensor([[2.0, 2.0]]))
+
+
+def test_ode_values_carry_V_exactly_across_deterministic_steps():
+    """V(z_N) = R and V(z_k) = V(z_k+1) across ODE steps; the critic is read only where a stochastic step begins
+    (NaN elsewhere is never read), so a Fast window's advantages sum to R - V(z_window start)."""
+    nan = math.nan
+    values = torch.tensor([[nan, 0.2, 0.5, nan, nan], [nan, 1.0, -1.0, nan, 7.0]])  # (B, N+1), N = 4
+    mask = torch.tensor([False, True, True, False]).expand(2, -1)                   # window = steps 1, 2
+    rewards = torch.tensor([0.9, 3.0])
+    v = ode_values(values, rewards, mask)
+    torch.testing.assert_close(v, torch.tensor([[0.2, 0.2, 0.5, 0.9, 0.9], [1.0, 1.0, -1.0, 3.0, 3.0]]))
+    assert value_steps(mask) == [1, 2]
+    adv = gae_advantages(v, 0.0)  # window: [V(z_2) - V(z_1), R - V(z_2)], ODE steps 0
+    torch.testing.assert_close(adv, torch.tensor([[0.0, 0.3, 0.4, 0.0], [0.0, -2.0, 4.0, 0.0]]))
+    torch.testing.assert_close(adv.sum(1), rewards - values[:, 1])
+    # every step stochastic: only the last latent changes (V(z_N) = R), as before exact_ode existed
+    full = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5]])
+    torch.testing.assert_close(ode_values(full, torch.tensor([2.0]), torch.ones(1, 4, dtype=torch.bool)),
+                               torch.tensor([[0.1, 0.2, 0.3, 0.4, 2.0]]))
+    # the critic-everywhere variant reads the ODE tail's values instead of R
+    finite = torch.tensor([[0.0, 0.2, 0.5, 0.6, 0.7], [0.0, 1.0, -1.0, 2.0, 7.0]])
+    crit = dense_advantages(finite, rewards, mask, 0.0, 2, "none", exact_ode=False)
+    torch.testing.assert_close(crit[:, 1:3], torch.tensor([[0.3, 0.1], [-2.0, 3.0]]) - torch.tensor([[-0.85, 1.55]]))  # centred per step
+    with pytest.raises(ValueError, match="disagree"):
+        ode_values(values, rewards, mask[:, :3])
+
+
+def test_dense_fast_window_calls_the_critic_only_in_the_window(tmp_path, monkeypatch):
+    from rl import cotrain
+
+    asked = []
+    real = cotrain.trajectory_values
+
+    def spy(critic, latents, sigmas, prompts, batch_size, steps=None):
+        asked.append(steps)
+        return real(critic, latents, sigmas, prompts, batch_size, steps)
+
+    monkeypatch.setattr(cotrain, "trajectory_values", spy)
+    out = run_tiny(tmp_path, "grpo", "tweedie", "algo.advantages=dense", "algo.sde_window=2",
+                   "algo.sde_window_start=[0,2]", "algo.group_noise=true")
+    assert lora_moved(out) and len(asked) == 2
+    assert all(len(s) == 2 and s[1] == s[0] + 1 for s in asked)  # the window's two latents, not all N + 1
+    rows = [r for r in metrics(out) if "loss/policy" in r]
+    assert all(math.isfinite(r["adv/abs_mean"]) and r["adv/abs_mean"] > 0 for r in rows)
 
 
 def test_normalize_step_advantages():
