@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -292,6 +292,7 @@ def vocabulary() -> list[str]:
 _PROMPT_STREAM = 1  # keeps prompts(seed) and ShapesDataset(seed) on different random streams
 _DATASET_STREAM = 0
 _MIXTURE_STREAM = 2  # the split draw of ShapesMixture, independent of the scenes it then renders
+_MISMATCH_STREAM = 3  # ShapesDataset(mismatch=...): whether and how item i's image departs from its caption
 
 
 def prompts(split: str, n: int, seed: int) -> list[str]:
@@ -522,6 +523,68 @@ def render(spec: PromptSpec, rng: np.random.Generator, size: int = 64) -> np.nda
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Mismatched scenes: an image that departs from its caption the way a policy's sample does
+# ---------------------------------------------------------------------------------------------------------
+
+# How ``mismatched_render`` departs from the caption, with its probability. "drift" keeps the scene and blends one
+# group's fill towards another palette colour (a policy asked for an unseen colour-shape pair paints it off-palette,
+# e.g. an orange "yellow square"); the others render a spec with one thing changed.
+MISMATCH_PROBS = {"drift": 0.3, "color": 0.2, "shape": 0.15, "count": 0.15, "layout": 0.2}
+DRIFT_RANGE = (0.25, 0.75)  # blend weight t of the other colour: (1 - t) * own + t * other
+
+
+def perturb_spec(spec: PromptSpec, kind: str, rng: np.random.Generator) -> PromptSpec:
+    """``spec`` with one thing changed: a group's colour, shape or count, or (``layout``) the relation flipped, a
+    group dropped, or (one group) a second group added. Always a valid spec that differs from ``spec``."""
+    groups = list(spec.groups)
+    g = int(rng.integers(len(groups)))
+    if kind in ("color", "shape"):
+        for _ in range(100):
+            if kind == "color":
+                new = ObjectGroup(groups[g].count, str(rng.choice(list(COLORS))), groups[g].shape)
+            else:
+                new = ObjectGroup(groups[g].count, groups[g].color, str(rng.choice(SHAPES)))
+            other = [_pair(h) for i, h in enumerate(groups) if i != g]
+            if _pair(new) != _pair(groups[g]) and _pair(new) not in other:
+                groups[g] = new
+                return PromptSpec(tuple(groups), spec.relation)
+        raise AssertionError("unreachable: every group has another valid colour and shape")
+    if kind == "count":
+        top = MAX_COUNT if len(groups) == 1 else max(GROUP_COUNT_PROBS)
+        counts = [n for n in range(1, top + 1) if n != groups[g].count]
+        groups[g] = ObjectGroup(int(rng.choice(counts)), groups[g].color, groups[g].shape)
+        return PromptSpec(tuple(groups), spec.relation)
+    if kind == "layout":
+        if len(groups) == 1:  # an extra group the caption does not mention
+            pair = TRAIN_PAIRS[int(rng.integers(len(TRAIN_PAIRS)))]
+            while pair == _pair(groups[0]):
+                pair = TRAIN_PAIRS[int(rng.integers(len(TRAIN_PAIRS)))]
+            return PromptSpec((groups[0], ObjectGroup(1, *pair)))
+        if spec.relation is not None and rng.random() < 0.5:  # the groups on the wrong sides
+            flipped = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+            return PromptSpec(tuple(groups), flipped[spec.relation])
+        return PromptSpec((groups[g],))  # a group missing
+    raise ValueError(f"unknown mismatch kind {kind!r}; valid: {list(MISMATCH_PROBS)}")
+
+
+def mismatched_render(spec: PromptSpec, rng: np.random.Generator, size: int = 64) -> tuple[np.ndarray, str]:
+    """A scene that departs from ``spec`` in one way (``MISMATCH_PROBS``); returns the (size, size, 3) uint8 image
+    and the kind of departure."""
+    kind = _choice(rng, MISMATCH_PROBS)
+    if kind != "drift":
+        return render(perturb_spec(spec, kind, rng), rng, size), kind
+    objects = sample_layout(spec, rng, size)
+    g = int(rng.integers(len(spec.groups)))
+    own = spec.groups[g].color
+    other = np.array(COLORS[str(rng.choice([c for c in COLORS if c != own]))], dtype=np.float64)
+    t = rng.uniform(*DRIFT_RANGE)
+    objects = tuple(
+        replace(o, rgb=tuple(int(c) for c in np.clip(np.rint((1 - t) * np.array(o.rgb) + t * other), 0, 255)))
+        if o.group == g else o for o in objects)
+    return draw(objects, _background(rng, size)), kind
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Dataset
 # ---------------------------------------------------------------------------------------------------------
 
@@ -530,13 +593,22 @@ class ShapesDataset(Dataset):
     """``num_samples`` (image, caption) pairs of ``split``; item i is a pure function of (split, seed, i).
 
     Items are {"image": float32 (3, size, size) in [0, 1], "caption": str}; captions use varied phrasing.
+
+    ``mismatch`` > 0: that share of the items keep their caption but show a scene that departs from it in one way
+    (``mismatched_render``: an off-palette colour, another colour, shape or count, a missing or extra group, the
+    relation flipped), drawn from an independent stream, so items that stay matched are the same as with 0. For
+    distilling a prompt-conditioned critic: with every caption true to its image, the student can read the image
+    embedding off the caption and overrates a policy sample that misses its prompt.
     """
 
-    def __init__(self, split: str, num_samples: int, seed: int, size: int = 64):
+    def __init__(self, split: str, num_samples: int, seed: int, size: int = 64, mismatch: float = 0.0):
         _check_split(split)
         if num_samples < 0:
             raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+        if not 0 <= mismatch <= 1:
+            raise ValueError(f"mismatch is the share of mismatched items, in [0, 1]; got {mismatch}")
         self.split, self.num_samples, self.seed, self.size = split, num_samples, seed, size
+        self.mismatch = float(mismatch)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -548,6 +620,10 @@ class ShapesDataset(Dataset):
         spec = sample_spec(rng, self.split)
         text = caption(spec, rng)
         image = render(spec, rng, self.size)  # (H, W, 3) uint8
+        if self.mismatch:
+            mrng = np.random.default_rng((self.seed, SPLITS.index(self.split), _MISMATCH_STREAM, index))
+            if mrng.random() < self.mismatch:
+                image, _ = mismatched_render(spec, mrng, self.size)
         return {"image": torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0), "caption": text}
 
 
@@ -561,7 +637,7 @@ class ShapesMixture(Dataset):
     (splits, seed, i).
     """
 
-    def __init__(self, splits: dict[str, float], num_samples: int, seed: int, size: int = 64):
+    def __init__(self, splits: dict[str, float], num_samples: int, seed: int, size: int = 64, mismatch: float = 0.0):
         if not isinstance(splits, dict) or not splits:
             raise ValueError(f"splits must map split names {SPLITS} to shares, e.g. {{'train': 0.7, 'test': 0.3}}; "
                              f"got {splits!r}")
@@ -571,7 +647,7 @@ class ShapesMixture(Dataset):
                 raise ValueError(f"the share of split {name!r} must be a number > 0, got {share!r}")
         if abs(sum(splits.values()) - 1.0) > 1e-6:
             raise ValueError(f"the split shares must sum to 1, got {sum(splits.values())} from {splits}")
-        self.parts = [ShapesDataset(name, num_samples, seed, size) for name in splits]
+        self.parts = [ShapesDataset(name, num_samples, seed, size, mismatch) for name in splits]
         self.cumulative = np.cumsum([float(v) for v in splits.values()])
         self.splits, self.num_samples, self.seed, self.size = dict(splits), num_samples, seed, size
 

@@ -10,7 +10,9 @@ import torch
 from shapes.data import (
     COLORS,
     CONJUNCTIONS,
+    DRIFT_RANGE,
     HELD_OUT_PAIRS,
+    MISMATCH_PROBS,
     PREFIXES,
     RELATION_PHRASES,
     RELATIONS,
@@ -20,9 +22,12 @@ from shapes.data import (
     PromptSpec,
     ShapesDataset,
     ShapesMixture,
+    _choice,
     caption,
     in_split,
+    mismatched_render,
     parse_caption,
+    perturb_spec,
     prompts,
     relation_axis,
     render,
@@ -313,3 +318,62 @@ def test_mixture_draws_its_splits_at_their_shares_and_renders_that_splits_scene(
 def test_mixture_rejects_bad_shares(splits, match):
     with pytest.raises(ValueError, match=match):
         ShapesMixture(splits, 10, 0)
+
+
+@pytest.mark.parametrize("kind", ["color", "shape", "count", "layout"])
+def test_perturb_spec_changes_exactly_the_asked_thing(kind):
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        spec = sample_spec(rng, "train")
+        new = perturb_spec(spec, kind, rng)
+        assert new != spec  # a valid spec (PromptSpec checks itself) that no longer matches the caption
+        if kind in ("color", "shape", "count"):
+            assert len(new.groups) == len(spec.groups) and new.relation == spec.relation
+            changed = [(a, b) for a, b in zip(spec.groups, new.groups) if a != b]
+            assert len(changed) == 1
+            (a, b), = changed
+            keep = {"color": ("shape", "count"), "shape": ("color", "count"), "count": ("color", "shape")}[kind]
+            assert all(getattr(a, f) == getattr(b, f) for f in keep)
+        elif len(spec.groups) == 1:
+            assert new.groups[0] == spec.groups[0] and len(new.groups) == 2  # an extra group
+        else:
+            assert (new.groups == spec.groups and new.relation != spec.relation) or \
+                (len(new.groups) == 1 and new.groups[0] in spec.groups)  # flipped, or a group missing
+
+
+def test_drift_blends_one_groups_fill_towards_another_colour():
+    """Replaying the draws: the square's fill is (1 - t) * its jittered yellow + t * another palette colour, with t
+    in DRIFT_RANGE; the other kinds are left to their spec tests."""
+    spec = PromptSpec((ObjectGroup(1, "yellow", "square"),))
+    rng = np.random.default_rng(3)
+    seen = 0
+    while seen < 5:
+        state = rng.bit_generator.state
+        image, kind = mismatched_render(spec, rng)
+        if kind != "drift":
+            continue
+        seen += 1
+        replay = np.random.default_rng(0)
+        replay.bit_generator.state = state
+        _choice(replay, MISMATCH_PROBS)
+        (o,) = sample_layout(spec, replay)
+        assert replay.integers(1) == 0  # the group
+        other = np.array(COLORS[str(replay.choice([c for c in COLORS if c != "yellow"]))], dtype=float)
+        t = replay.uniform(*DRIFT_RANGE)
+        expected = np.rint((1 - t) * np.array(o.rgb) + t * other)
+        np.testing.assert_array_equal(image[int(o.cy), int(o.cx)], expected)  # the square's centre is all fill
+        assert np.abs(expected - np.array(COLORS["yellow"])).max() > 12  # off the palette's jitter
+
+
+def test_dataset_mismatch_keeps_captions_and_the_matched_items():
+    plain = ShapesDataset("train", 400, seed=5)
+    mixed = ShapesDataset("train", 400, seed=5, mismatch=0.25)
+    same = [bool((plain[i]["image"] == mixed[i]["image"]).all()) for i in range(400)]
+    assert all(plain[i]["caption"] == mixed[i]["caption"] for i in range(400))
+    assert 0.18 < 1 - np.mean(same) < 0.32  # the share departs by sampling noise only (sd 0.022)
+    all_mixed = ShapesDataset("train", 50, seed=5, mismatch=1.0)
+    assert not any(bool((plain[i]["image"] == all_mixed[i]["image"]).all()) for i in range(50))
+    mixture = ShapesMixture({"train": 0.5, "test": 0.5}, 20, seed=5, mismatch=1.0)
+    assert all(p.mismatch == 1.0 for p in mixture.parts)
+    with pytest.raises(ValueError, match="share of mismatched items"):
+        ShapesDataset("train", 4, seed=0, mismatch=1.5)
