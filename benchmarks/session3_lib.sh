@@ -6,7 +6,10 @@
 # configs/experiments/shapes_gpu_{grpo,ddpo}.yaml changed in session 5 (group noise, Fast window, 1024-sample epochs);
 # the session-3 and session-4 scripts ran the earlier ones: `git checkout 55e2c91 -- configs/experiments` reruns them
 # as they were. The session-5 scripts pin every changed key. Since session 6 algo.ema_decay (DRaFT's runs here) warms up
-# as min(d, (1+s)/(10+s)) over optimizer steps s; it was a constant d before.
+# as min(d, (1+s)/(10+s)) over optimizer steps s; it was a constant d before. Since session 8 dense GRPO / DDPO carry
+# V exactly across ODE steps (algo.exact_ode, default on; the session 5-7 runs had the critic at every latent: add
+# algo.exact_ode=false to rerun them as they were), shapes_gpu_grpo.yaml sets algo.ema_decay 0.98 and keep_best.yaml
+# draws 1000 validation prompts (400 before).
 mkdir -p $OUT/runs $OUT/log
 M=${MINUTES:-8.5}
 E=${EPOCHS:-50}
