@@ -142,7 +142,8 @@ def ode_values(values: Tensor, rewards: Tensor, mask: Tensor) -> Tensor:
 
     Under the rollout policy an ODE step is a deterministic map, so E[R | z_k] = E[R | z_{k+1}]: after the last
     stochastic step of a Flow-GRPO-Fast window the value *is* the realised reward, and no critic estimate is
-    needed (or wanted) there. The advantages of the window's steps then sum to R - V(z_window start) exactly.
+    needed (or wanted) there. With GAE lambda = 0 the window's advantages (before centring and scaling) then sum
+    to R - V(z_window start) exactly.
 
     Args:
         values: (B, N+1) V(z_0)..V(z_N) from the critic; entries at latents that begin an ODE step (and the last)
@@ -162,7 +163,8 @@ def ode_values(values: Tensor, rewards: Tensor, mask: Tensor) -> Tensor:
 
 def value_steps(mask: Tensor) -> list[int]:
     """The latents whose critic value :func:`ode_values` reads: z_k for every k that is a stochastic step of some
-    row of ``mask`` (B, N). With a 2-step Fast window that is 2 of the N+1 latents."""
+    row of ``mask`` (B, N). With one 2-step Fast window for every row that is 2 of the N+1 latents; rows of
+    several rollout rounds (several windows) need the union."""
     return [int(k) for k in torch.nonzero(mask.any(0)).flatten()]
 
 

@@ -47,6 +47,8 @@ TINY_DROP = {"nft": [], "grpo": ["~algo.tau_min", "~algo.tau_max"], "ddpo": ["~a
              "draft": ["~algo.group_size", "~algo.rollout_batch_size"]}
 TINY_CRITIC = ["critic._component_=tests.rl.test_cotrain.tiny_stitchvm_critic"]  # on top of --critic terminal
 ESTIMATORS = {"sparse": ("sparse", 0.0), "dense-l0": ("dense", 0.0), "dense-l1": ("dense", 1.0)}
+# the dense estimators follow the run's algo.exact_ode (on since session 8; off in the session 3-4 figures, which
+# used configs without a Fast window, where it changes nothing)
 VARIANCE_ESTIMATORS = {"sparse": ("sparse", 0.0), "dense-l0": ("dense", 0.0), "dense-l0.5": ("dense", 0.5),
                        "dense-l1": ("dense", 1.0)}
 UNLIMITED = 10**9

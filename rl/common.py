@@ -4,6 +4,7 @@ on one process, under DDP and under DeepSpeed ZeRO-2/3 (the backend-specific par
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -354,6 +355,21 @@ def save(run: Run, epoch: int, optimizer, adapters: tuple[str, ...], extra: dict
     return path
 
 
+def check_same_algo(saved: dict | None, now: dict | None, source: str) -> None:
+    """A resumed run must go on with the algorithm settings it was saved with: a changed or newly added ``algo``
+    key (e.g. ``exact_ode``, which a run saved before it existed ran as false) would silently change the
+    estimator half-way. Raises ConfigError naming every differing key; None on either side (no record) passes."""
+    if saved is None or now is None:
+        return
+    now = json.loads(json.dumps(now))  # the checkpoint's JSON round trip: tuples become lists
+    missing = object()
+    keys = sorted(k for k in set(saved) | set(now) if saved.get(k, missing) != now.get(k, missing))
+    if keys:
+        diff = ", ".join(f"{k} (saved {saved.get(k, '<absent>')!r}, now {now.get(k, '<absent>')!r})" for k in keys)
+        raise ConfigError(f"checkpoint {source} was trained with other algo settings: {diff}. Resume with the "
+                          f"settings it was saved with (override each key back) or start a new run")
+
+
 def restore(run: Run, source: str, optimizer, adapters: tuple[str, ...]) -> tuple[int, dict]:
     """Load a checkpoint ('latest', a run dir or a step dir) into the policy and optimizer; returns (epoch, state)."""
     source = str(run.run_dir) if source == "latest" else source
@@ -364,6 +380,7 @@ def restore(run: Run, source: str, optimizer, adapters: tuple[str, ...]) -> tupl
             raise ConfigError(f"checkpoint {source} has no adapter '{name}' (it holds {held}); resume with the "
                               f"settings it was saved with (algo.ema_decay > 0 adds 'ema') or start a new run")
         load_adapter(run, name, loaded.tensors[f"lora_{name}"])
+    check_same_algo(loaded.state.get("config", {}).get("algo"), run.config_dict.get("algo"), source)
     trained = lora.adapter_parameters(run.policy.transformer, "default")
     opt_state = ckpt.optimizer_state_from_tensors(loaded.tensors["optimizer"], loaded.state["optimizer"])
     distributed.load_optimizer_state_dict(run.accelerator, optimizer, list(trained.values()), opt_state)

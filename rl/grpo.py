@@ -14,7 +14,7 @@ Group relative policy optimisation on the flow SDE. Each epoch:
                           (group, step) and divided by the global std (``dense_norm``). Across ODE steps V is
                           carried exactly, V(z_k) = V(z_{k+1}) (``exact_ode``): after a Fast window's last
                           stochastic step the value is R itself, so the critic is called only at the window's
-                          latents and the window's advantages sum to R - V(z_window start).
+                          latents, and with lambda = 0 the window's raw advantages sum to R - V(z_window start).
    Both clipped to [-adv_clip, adv_clip].
 4. Policy update on a random ``timestep_fraction`` of each sample's stochastic steps (Eq. 8):
      rho_k = pi_theta(z_{k+1} | z_k) / pi_old(z_{k+1} | z_k)
@@ -197,7 +197,7 @@ def train(run: common.Run, cfg: GRPOConfig, resume: str | None = None) -> dict[s
                 with run.timer("value"):
                     values = pg.gather(run, cotrain.trajectory_values(critic, rollout.latents, rollout.sigmas,
                                                                       rollout.prompts, cfg.value_batch_size,
-                                                                      pg.critic_steps(rollout, cfg.exact_ode)),
+                                                                      pg.critic_steps(rollout, cfg.exact_ode and cfg.advantages == "dense")),
                                        len(rows), cfg.rollout_batch_size)  # (B, N+1)
                 metrics.update(cotrain.trajectory_calibration(values, rollout.sigmas, rewards, edges))
             if finite.all():

@@ -78,8 +78,8 @@ class SDERollout(NamedTuple):
 
 
 EXACT_ODE_HELP = ("dense: V carried exactly across ODE steps, V(z_k) = V(z_k+1) (after a Fast window's last "
-                  "stochastic step V = R), the critic only at latents that begin a stochastic step; false: the "
-                  "critic at every latent (the sessions-5-7 runs)")
+                  "stochastic step V = R), the critic only at latents that begin a stochastic step (its calibration "
+                  "metrics too); false: the critic at every latent (the sessions-5-7 runs)")
 
 
 def check_window(num_steps: int, window: int, window_start: tuple[int, int]) -> None:
@@ -95,7 +95,9 @@ def check_window(num_steps: int, window: int, window_start: tuple[int, int]) -> 
 
 def critic_steps(rollout: "SDERollout", exact_ode: bool) -> list[int] | None:
     """The latents a dense trainer asks the critic for: with ``exact_ode`` only those that begin a stochastic step
-    (rl.advantages.ode_values carries V exactly across the rest), else all of them (None)."""
+    of some row (rl.advantages.ode_values carries V exactly across the rest), else all of them (None). Trainers
+    pass exact_ode only for dense advantages: a sparse run that co-trains its critic logs calibration at every
+    latent."""
     return value_steps(rollout.sde_mask) if exact_ode else None
 
 

@@ -539,16 +539,13 @@ def perturb_spec(spec: PromptSpec, kind: str, rng: np.random.Generator) -> Promp
     groups = list(spec.groups)
     g = int(rng.integers(len(groups)))
     if kind in ("color", "shape"):
-        for _ in range(100):
-            if kind == "color":
-                new = ObjectGroup(groups[g].count, str(rng.choice(list(COLORS))), groups[g].shape)
-            else:
-                new = ObjectGroup(groups[g].count, groups[g].color, str(rng.choice(SHAPES)))
-            other = [_pair(h) for i, h in enumerate(groups) if i != g]
-            if _pair(new) != _pair(groups[g]) and _pair(new) not in other:
-                groups[g] = new
-                return PromptSpec(tuple(groups), spec.relation)
-        raise AssertionError("unreachable: every group has another valid colour and shape")
+        taken = {_pair(h) for h in groups}  # its own pair and the other group's (two groups must differ)
+        old = groups[g]
+        options = ([ObjectGroup(old.count, c, old.shape) for c in COLORS] if kind == "color"
+                   else [ObjectGroup(old.count, old.color, sh) for sh in SHAPES])
+        options = [o for o in options if _pair(o) not in taken]  # >= 4 colours / 3 shapes are always left
+        groups[g] = options[int(rng.integers(len(options)))]
+        return PromptSpec(tuple(groups), spec.relation)
     if kind == "count":
         top = MAX_COUNT if len(groups) == 1 else max(GROUP_COUNT_PROBS)
         counts = [n for n in range(1, top + 1) if n != groups[g].count]

@@ -38,8 +38,6 @@ def test_dense_advantages_centre_per_step_over_the_batch():
 @pytest.mark.parametrize("critic,overrides", [
     ("terminal", ["algo.inner_epochs=2", "algo.stat_min_count=2"]),
     ("tweedie", ["algo.advantages=dense", "algo.inner_epochs=1", "algo.timestep_fraction=0.5"]),
-    ("tweedie", ["algo.advantages=dense", "algo.sde_window=2", "algo.sde_window_start=[0,2]", "algo.group_noise=true",
-                 "algo.kl_beta=0.04"]),
 ])
 def test_smoke_run(tmp_path, critic, overrides):
     out = run_tiny(tmp_path, "ddpo", critic, *overrides)
@@ -47,8 +45,7 @@ def test_smoke_run(tmp_path, critic, overrides):
     train_rows = [r for r in metrics(out) if "loss/policy" in r]
     assert len(train_rows) == 2 and all("policy/approx_kl" in r for r in train_rows)
     assert ("critic/value_mse" in train_rows[0]) == (critic == "tweedie")
-    if "algo.kl_beta=0.04" not in overrides:
-        assert all(r["loss/kl"] == 0 for r in train_rows)  # DDPO: no KL term by default
+    assert all(r["loss/kl"] == 0 for r in train_rows)  # DDPO: no KL term by default
 
 
 def test_kl_anchor_is_optional(tmp_path):
@@ -82,6 +79,38 @@ def test_window_config_errors(capsys):
     assert train.main(["--algo", "ddpo", "--critic", "terminal", "--config", TINY, *DROP["ddpo"],
                        "algo.sde_window=2", "algo.sde_window_start=[1,3]"]) == 2
     assert "num_steps - sde_window (2)" in capsys.readouterr().err
+    # group_size 1 centres dense advantages over the batch: its rounds must share one window
+    assert train.main(["--algo", "ddpo", "--critic", "tweedie", "--config", TINY, *DROP["ddpo"], "algo.group_size=1",
+                       "algo.prompts_per_epoch=4", "algo.rollout_batch_size=2", "algo.advantages=dense",
+                       "algo.sde_window=2", "algo.sde_window_start=[0,2]"]) == 2
+    assert "draw different windows" in capsys.readouterr().err
+
+
+def test_window_trains_only_the_window_and_asks_the_critic_there(tmp_path, monkeypatch):
+    from rl import cotrain
+    from rl import policy_gradient as pg
+
+    asked, masks = [], []
+    real_values, real_update = cotrain.trajectory_values, pg.ppo_update
+
+    def spy_values(critic, latents, sigmas, prompts, batch_size, steps=None):
+        asked.append(steps)
+        return real_values(critic, latents, sigmas, prompts, batch_size, steps)
+
+    def spy_update(run, rollout, adv, *args, **kwargs):
+        masks.append(rollout.sde_mask.clone())
+        assert (adv[~rollout.sde_mask] == 0).all()  # ODE steps carry no advantage
+        return real_update(run, rollout, adv, *args, **kwargs)
+
+    monkeypatch.setattr(cotrain, "trajectory_values", spy_values)
+    monkeypatch.setattr(pg, "ppo_update", spy_update)
+    out = run_tiny(tmp_path, "ddpo", "tweedie", "algo.advantages=dense", "algo.sde_window=2",
+                   "algo.sde_window_start=[0,2]", "algo.group_noise=true")
+    assert lora_moved(out) and len(masks) == 2
+    for steps, mask in zip(asked, masks):
+        window = torch.nonzero(mask[0]).flatten().tolist()
+        assert len(window) == 2 and window[1] == window[0] + 1 and (mask == mask[:1]).all()
+        assert steps == window  # the critic only where a stochastic step begins
 
 
 def test_group_noise_needs_groups(capsys):

@@ -129,6 +129,17 @@ def test_dense_fast_window_calls_the_critic_only_in_the_window(tmp_path, monkeyp
     assert all(math.isfinite(r["adv/abs_mean"]) and r["adv/abs_mean"] > 0 for r in rows)
 
 
+def test_resume_with_other_algo_settings_is_a_clear_error():
+    from rl.common import check_same_algo
+    from rl.config import ConfigError
+
+    saved = {"lr": 0.0003, "sde_window_start": [0, 4], "advantages": "dense"}
+    check_same_algo(saved, {"lr": 3e-4, "sde_window_start": (0, 4), "advantages": "dense"}, "ckpt")  # same after JSON
+    check_same_algo(None, {"lr": 1.0}, "ckpt")  # nothing recorded: nothing to compare
+    with pytest.raises(ConfigError, match=r"exact_ode \(saved '<absent>', now True\), lr \(saved 0.0003, now 0.0001\)"):
+        check_same_algo(saved, {"lr": 1e-4, "sde_window_start": [0, 4], "advantages": "dense", "exact_ode": True}, "ckpt")
+
+
 def test_normalize_step_advantages():
     adv = torch.tensor([[1.0, 5.0, 9.0], [3.0, 1.0, 9.0], [0.0, 2.0, 9.0], [4.0, 2.0, 9.0]])
     mask = torch.tensor([True, True, False]).expand(4, -1)
@@ -337,3 +348,8 @@ def test_resume_with_another_adapter_set_is_a_clear_error(tmp_path, capsys):
                      "algo.ema_decay=0.9", "run.max_epochs=2", "--resume", "latest"])
     err = capsys.readouterr().err
     assert rc == 2 and "has no adapter 'ema'" in err and "Traceback" not in err, err
+    # the same adapters, another estimator: refused before anything is loaded into the optimizer
+    rc = train.main(["--algo", "grpo", "--critic", "terminal", "--config", TINY, *DROP["grpo"], f"run.output_dir={out}",
+                     "algo.exact_ode=false", "run.max_epochs=2", "--resume", "latest"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "other algo settings: exact_ode (saved True, now False)" in err and "Traceback" not in err, err
