@@ -12,11 +12,4 @@ K="--config configs/experiments/keep_best.yaml prompts.val.n=${VAL_N:-1000} run.
 train 0 grpo stitchvm grpo_fast_ema98 $K algo.ema_decay=0.98
 train 1 ddpo stitchvm_checker ddpo_chk_ema99 $K algo.ema_decay=0.99
 wait
-for n in grpo_fast_ema98 ddpo_chk_ema99; do
-  echo "== $n"
-  grep -a "eval/overall\|val/overall\|best/" $OUT/log/$n.txt | grep -o "train/epoch=[0-9]*\|eval/overall=[0-9.]*\|val/overall=[0-9.]*" | tr '\n' ' '; echo
-  grep -a "^final\|best\|rror" $OUT/log/$n.txt | tail -4
-done
-# only the metrics come back: the run directories (checkpoints) would push the call's archive over the transfer limit
-for n in grpo_fast_ema98 ddpo_chk_ema99; do cp $OUT/runs/$n/metrics.jsonl $OUT/s7_$n.jsonl 2>/dev/null; done
-rm -rf $OUT/runs
+SESSION=7 finish grpo_fast_ema98 ddpo_chk_ema99

@@ -13,11 +13,4 @@ W="algo.sde_window=2 algo.sde_window_start=[0,4] algo.timestep_fraction=1.0 algo
 train 0 grpo stitchvm grpo_fast_exact $K algo.ema_decay=0.98
 train 1 ddpo stitchvm ddpo_fast_exact $K $W algo.ema_decay=0.98
 wait
-for n in grpo_fast_exact ddpo_fast_exact; do
-  echo "== $n"
-  grep -a "eval/overall\|val/overall\|best/" $OUT/log/$n.txt | grep -o "train/epoch=[0-9]*\|eval/overall=[0-9.]*\|val/overall=[0-9.]*" | tr '\n' ' '; echo
-  grep -a "^final\|best\|rror" $OUT/log/$n.txt | tail -4
-done
-# only the metrics come back: the run directories (checkpoints) would push the call's archive over the transfer limit
-for n in grpo_fast_exact ddpo_fast_exact; do cp $OUT/runs/$n/metrics.jsonl $OUT/s8_$n.jsonl 2>/dev/null; done
-rm -rf $OUT/runs
+SESSION=8 finish grpo_fast_exact ddpo_fast_exact

@@ -14,10 +14,4 @@ W="algo.sde_window=2 algo.sde_window_start=[0,4] algo.timestep_fraction=1.0 algo
 train 0 ddpo stitchvm ddpo_fast_lr15 $K $W algo.ema_decay=0.98 algo.lr=1.5e-4
 train 1 ddpo stitchvm ddpo_fast_lr10 $K $W algo.ema_decay=0.98 algo.lr=1e-4
 wait
-for n in ddpo_fast_lr15 ddpo_fast_lr10; do
-  echo "== $n"
-  grep -a "eval/overall" $OUT/log/$n.txt | grep -o "eval/overall=[0-9.]*" | sed 's/eval.overall=//' | tr '\n' ' '; echo
-  grep -a "^final\|rror" $OUT/log/$n.txt | tail -3
-done
-for n in ddpo_fast_lr15 ddpo_fast_lr10; do cp $OUT/runs/$n/metrics.jsonl $OUT/s8_$n.jsonl 2>/dev/null; done
-rm -rf $OUT/runs
+SESSION=8 finish ddpo_fast_lr15 ddpo_fast_lr10

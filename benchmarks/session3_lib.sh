@@ -28,3 +28,15 @@ cpu() {
     > $OUT/log/$n.txt 2>&1 &
 }
 report() { for f in $OUT/log/*.txt; do echo "== $f"; grep -a "eval/overall" $f | sed 's/.*eval\/overall=/overall=/' | tr '\n' ' '; echo; done; }
+# finish NAME...: after `wait`, each run's held-out evaluations and final line, then keep only its metrics.jsonl
+# ($OUT/sN_NAME.jsonl with N = $SESSION) -- the run directories (checkpoints) would push the call's archive over the
+# transfer limit
+finish() {
+  for n in "$@"; do
+    echo "== $n"
+    grep -a "eval/overall" $OUT/log/$n.txt | grep -o "eval/overall=[0-9.]*" | sed 's/eval.overall=//' | tr '\n' ' '; echo
+    grep -a "^final\|best\|rror" $OUT/log/$n.txt | tail -4
+    cp $OUT/runs/$n/metrics.jsonl $OUT/s${SESSION:-8}_$n.jsonl 2>/dev/null
+  done
+  rm -rf $OUT/runs
+}
