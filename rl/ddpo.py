@@ -101,13 +101,13 @@ class DDPOConfig(common.EMAAdapters):
         check(self.rollout_batch_size % self.group_size == 0, "rollout_batch_size",
               f"must be a multiple of group_size ({self.group_size}), got {self.rollout_batch_size}")
         pg.check_window(self.num_steps, self.sde_window, self.sde_window_start)
-        lo, hi = self.sde_window_start
-        several_windows = self.sde_window and lo < hi and self.rollout_batch_size < self.prompts_per_epoch * self.group_size
-        check(not (several_windows and self.advantages == "dense" and self.group_size < 2), "sde_window",
-              f"dense advantages with group_size 1 are centred per step over the whole batch, whose "
-              f"{self.prompts_per_epoch * self.group_size // self.rollout_batch_size} rollout rounds draw different "
-              f"windows: use one round (rollout_batch_size >= prompts_per_epoch * group_size), group_size >= 2 or a "
-              f"fixed window start (sde_window_start [k, k])")
+        rounds = -(-self.prompts_per_epoch * self.group_size // self.rollout_batch_size)  # each draws its window
+        if self.advantages == "dense" and self.group_size < 2 and self.sde_window:
+            lo, hi = self.sde_window_start
+            check(lo == hi or rounds == 1, "sde_window",
+                  f"dense advantages with group_size 1 are centred per step over the whole batch, whose {rounds} "
+                  f"rollout rounds draw different windows: use one round (rollout_batch_size >= prompts_per_epoch * "
+                  f"group_size), group_size >= 2 or a fixed window start (sde_window_start [k, k])")
         check(0 < self.timestep_fraction <= 1, "timestep_fraction", f"must be in (0, 1], got {self.timestep_fraction}")
         check(self.clip_range > 0, "clip_range", f"must be > 0, got {self.clip_range}")
         check(self.adv_clip > 0, "adv_clip", f"must be > 0, got {self.adv_clip}")
@@ -221,12 +221,8 @@ def train(run: common.Run, cfg: DDPOConfig, resume: str | None = None) -> dict[s
             # 2. V(z_k) along every trajectory (calibration before any update on these trajectories)
             values = None
             if want_values:
-                with run.timer("value"):
-                    values = pg.gather(run, cotrain.trajectory_values(critic, rollout.latents, rollout.sigmas,
-                                                                      rollout.prompts, cfg.value_batch_size,
-                                                                      pg.critic_steps(rollout, cfg.exact_ode and cfg.advantages == "dense")),
-                                       len(rows), cfg.rollout_batch_size)  # (B, N+1)
-                metrics.update(cotrain.trajectory_calibration(values, rollout.sigmas, rewards, edges))
+                values, calibration = pg.trajectory_values(run, critic, rollout, rewards, cfg, edges)  # (B, N+1)
+                metrics.update(calibration)
             if finite.all():
                 # 3. advantages: per-prompt history (sparse) or per-step from V (dense)
                 sde_mask = pg.gather(run, rollout.sde_mask, len(rows), cfg.rollout_batch_size)

@@ -194,12 +194,8 @@ def train(run: common.Run, cfg: GRPOConfig, resume: str | None = None) -> dict[s
             # 2. V(z_k) along every trajectory (calibration logged before any update on these trajectories)
             values = None
             if want_values:
-                with run.timer("value"):
-                    values = pg.gather(run, cotrain.trajectory_values(critic, rollout.latents, rollout.sigmas,
-                                                                      rollout.prompts, cfg.value_batch_size,
-                                                                      pg.critic_steps(rollout, cfg.exact_ode and cfg.advantages == "dense")),
-                                       len(rows), cfg.rollout_batch_size)  # (B, N+1)
-                metrics.update(cotrain.trajectory_calibration(values, rollout.sigmas, rewards, edges))
+                values, calibration = pg.trajectory_values(run, critic, rollout, rewards, cfg, edges)  # (B, N+1)
+                metrics.update(calibration)
             if finite.all():
                 # 3. advantages: sparse group-normalised R, or dense per-step from V
                 sde_mask = pg.gather(run, rollout.sde_mask, len(rows), cfg.rollout_batch_size)

@@ -93,12 +93,20 @@ def check_window(num_steps: int, window: int, window_start: tuple[int, int]) -> 
         check(hi <= last, "sde_window_start", f"need 0 <= lo <= hi <= num_steps - sde_window ({last}), got ({lo}, {hi})")
 
 
-def critic_steps(rollout: "SDERollout", exact_ode: bool) -> list[int] | None:
-    """The latents a dense trainer asks the critic for: with ``exact_ode`` only those that begin a stochastic step
-    of some row (rl.advantages.ode_values carries V exactly across the rest), else all of them (None). Trainers
-    pass exact_ode only for dense advantages: a sparse run that co-trains its critic logs calibration at every
+def trajectory_values(run: common.Run, critic, rollout: SDERollout, rewards: Tensor, cfg, edges) -> tuple[Tensor, dict]:
+    """Stage 2 of GRPO / DDPO: V(z_k) along this process's trajectories, gathered for every row (B, N+1), and its
+    calibration against the realised ``rewards`` (B,) per sigma bucket ``edges``.
+
+    With dense advantages and ``cfg.exact_ode`` the critic is asked only at latents that begin a stochastic step
+    of some row (NaN elsewhere: rl.advantages.ode_values carries V exactly across the rest, and the calibration
+    skips them); otherwise (the critic-everywhere estimator, or a sparse run that co-trains its critic) at every
     latent."""
-    return value_steps(rollout.sde_mask) if exact_ode else None
+    steps = value_steps(rollout.sde_mask) if cfg.exact_ode and cfg.advantages == "dense" else None
+    with run.timer("value"):
+        local = cotrain.trajectory_values(critic, rollout.latents, rollout.sigmas, rollout.prompts,
+                                          cfg.value_batch_size, steps)
+        values = gather(run, local, len(rewards), cfg.rollout_batch_size)
+    return values, cotrain.trajectory_calibration(values, rollout.sigmas, rewards, edges)
 
 
 def window_steps(num_steps: int, window: int, start: int) -> list[int]:
