@@ -38,7 +38,7 @@ import json
 import math
 import os
 from collections import OrderedDict
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -305,10 +305,38 @@ class Stitch(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # Scores: how an image embedding becomes a value
 # ---------------------------------------------------------------------------------------------------------------
+class PromptRows:
+    """Per-prompt rows of a text encoder, cached by prompt string (LRU of ``cache_size`` prompts).
+
+    ``encode_rows(prompts)`` gives one row per prompt: a tensor or a tuple of tensors. Each is stored as a copy of
+    its own (a view would keep the whole encoded batch alive), without gradients.
+    """
+
+    def __init__(self, encode_rows: Callable[[list[str]], Iterable], cache_size: int = 4096):
+        self.encode_rows, self.cache_size = encode_rows, cache_size
+        self._cache: OrderedDict[str, Tensor | tuple[Tensor, ...]] = OrderedDict()
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str]) -> list:
+        if isinstance(prompts, str):
+            raise TypeError(f"prompts must be a list of strings, got a single str: {prompts!r:.80}")
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        if missing:
+            for p, row in zip(missing, self.encode_rows(missing)):
+                self._cache[p] = (tuple(t.detach().clone() for t in row) if isinstance(row, tuple)
+                                  else row.detach().clone())
+        for p in prompts:
+            self._cache.move_to_end(p)
+        rows = [self._cache[p] for p in prompts]
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return rows
+
+
 class PromptScore:
     """Prompt-dependent reward (CLIP score, HPSv2): V = reward.score_from_embeds(e_img, reward.text_embed(p)).
 
-    The text tower is never run with gradients; its embeddings are cached per prompt string (LRU).
+    The text tower is never run with gradients; its embeddings are cached per prompt string (PromptRows).
     Not an nn.Module on purpose: the reward stays outside StitchVM's parameters and state_dict.
     """
 
@@ -316,21 +344,10 @@ class PromptScore:
 
     def __init__(self, reward: nn.Module, cache_size: int = 4096):
         self.reward = reward
-        self.cache_size = cache_size
-        self._cache: OrderedDict[str, Tensor] = OrderedDict()
+        self._text = PromptRows(reward.text_embed, cache_size)
 
-    @torch.no_grad()
     def text_embeds(self, prompts: Sequence[str]) -> Tensor:
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-        if missing:
-            for p, e in zip(missing, self.reward.text_embed(missing)):
-                self._cache[p] = e.detach().clone()  # a row of its own: a view would keep the whole batch alive
-        for p in prompts:
-            self._cache.move_to_end(p)
-        out = torch.stack([self._cache[p] for p in prompts])
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        return out
+        return torch.stack(self._text(prompts))
 
     def __call__(self, image_embed: Tensor, prompts: Sequence[str] | None) -> Tensor:
         if prompts is None or len(prompts) != image_embed.shape[0]:
@@ -352,9 +369,9 @@ class ImageScore:
         return self.reward.score_from_image_embed(image_embed)
 
 
-class HeadText:
+class HeadText(PromptRows):
     """The policy's text encoder for a prompt-conditioned head: prompts → (embeds (B, L, D), pooled (B, P)),
-    cached per prompt string (LRU; trainers value the same prompts at every step of a group's trajectories).
+    cached per prompt string (PromptRows; trainers value the same prompts at every step of a group's trajectories).
 
     Not an nn.Module, and a deep copy of the critic shares it (``__deepcopy__`` returns self): the encoder is the
     policy's, as PromptScore's reward stays outside the critic's parameters. Several critics of one policy (the
@@ -363,26 +380,18 @@ class HeadText:
     """
 
     def __init__(self, encode: Callable[[list[str]], object], cache_size: int = 4096):
-        self.encode, self.cache_size = encode, cache_size
-        self._cache: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
+        self.encode = encode  # -> PromptEmbeds
+        super().__init__(self._rows_of, cache_size)
+
+    def _rows_of(self, prompts: list[str]) -> list[tuple[Tensor, Tensor]]:
+        out = self.encode(prompts)
+        return list(zip(out.embeds, out.pooled))
 
     def __deepcopy__(self, memo: dict) -> "HeadText":
         return self
 
-    @torch.no_grad()
     def __call__(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        if isinstance(prompts, str):
-            raise TypeError(f"prompts must be a list of strings, got a single str: {prompts!r:.80}")
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-        if missing:
-            out = self.encode(missing)  # PromptEmbeds
-            for p, e, q in zip(missing, out.embeds, out.pooled):
-                self._cache[p] = (e.detach().clone(), q.detach().clone())  # own rows, not views of the batch
-        for p in prompts:
-            self._cache.move_to_end(p)
-        rows = [self._cache[p] for p in prompts]
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        rows = super().__call__(prompts)
         return torch.stack([e for e, _ in rows]), torch.stack([q for _, q in rows])
 
 
