@@ -1,6 +1,9 @@
 """Compare training runs by held-out score against wall-clock, from their metrics.jsonl.
 
     python benchmarks/compare_runs.py runs/nft_stitchvm runs/nft_terminal --metric eval/overall
+    python benchmarks/compare_runs.py docs/bench/s9_grpo_fast_exact.jsonl docs/bench/s9_grpo_fast_terminal.jsonl
+
+Each argument is a run directory or its metrics.jsonl (the GPU scripts keep only that file).
 
 Prints, per run: the score at start and end, the gain, wall-clock, and the time each run needed to reach the
 other's final score (within --tol), so "the same final score in <= 1/2 of the wall-clock" is read off directly.
@@ -13,11 +16,14 @@ import json
 from pathlib import Path
 
 
-def curve(run_dir: Path, metric: str) -> list[tuple[float, float]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+def curve(run: Path, metric: str) -> list[tuple[float, float]]:
+    path = run / "metrics.jsonl" if run.is_dir() else run
+    if not path.is_file():
+        raise SystemExit(f"{run}: not a run directory with a metrics.jsonl, nor a metrics file")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     points = [(r["wall_time"], r[metric]) for r in rows if metric in r]
     if not points:
-        raise SystemExit(f"{run_dir}: no '{metric}' in metrics.jsonl")
+        raise SystemExit(f"{path}: no '{metric}' in it")
     return points
 
 

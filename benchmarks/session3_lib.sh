@@ -9,7 +9,9 @@
 # as min(d, (1+s)/(10+s)) over optimizer steps s; it was a constant d before. Since session 8 dense GRPO / DDPO carry
 # V exactly across ODE steps (algo.exact_ode, default on; the session 5-7 runs had the critic at every latent: add
 # algo.exact_ode=false to rerun them as they were), shapes_gpu_grpo.yaml sets algo.ema_decay 0.98 and keep_best.yaml
-# draws 1000 validation prompts (400 before).
+# draws 1000 validation prompts (400 before). Since session 9 shapes_gpu_ddpo.yaml is DDPO-Fast (2-step window, clip 1e-3,
+# lr 1e-4, EMA 0.98; full-SDE DDPO before): `git checkout 7241c74 -- configs/experiments/shapes_gpu_ddpo.yaml` reruns
+# the session 5-8 DDPO runs that did not pin those keys as they were.
 mkdir -p $OUT/runs $OUT/log
 M=${MINUTES:-8.5}
 E=${EPOCHS:-50}
