@@ -68,7 +68,9 @@ class DDPOConfig(common.EMAAdapters):
     value_batch_size: int = option(64, help="latents per critic call (dense values)")
     timestep_fraction: float = option(1.0, help="fraction of each sample's steps trained on per inner epoch")
     inner_epochs: int = option(2, help="PPO passes over each batch of samples (importance-sampled)")
-    clip_range: float = option(1e-4, help="eps of the ratio clip (ddpo-pytorch: 1e-4)")
+    clip_range: float = option(1e-4, help="eps of the ratio clip (ddpo-pytorch: 1e-4). With inner_epochs >= 2 "
+                                          "watch policy/clipfrac_pass2: near 1, the later passes are mostly "
+                                          "clipped (the Shapes GPU config uses 1e-3)")
     adv_clip: float = option(5.0, help="advantages clipped to [-adv_clip, adv_clip] (ddpo-pytorch: 5)")
     per_prompt_stats: bool = option(True, help="sparse: normalise by per-prompt history statistics (else batch)")
     stat_buffer_size: int = option(32, help="rewards kept per prompt in the history buffer")

@@ -319,6 +319,11 @@ def ppo_update(run: common.Run, rollout: SDERollout, adv: Tensor, optimizer: tor
         losses = distributed.sum_over_processes(accel, torch.stack(loss_sums)).flatten(0, 1).cpu()  # (steps*num_t, 6)
         out = {name: float(np.nanmean(losses[:, i].numpy())) for i, name in enumerate(names)}
         out["policy/grad_norm"] = float(np.nanmean(norms))
+        if s.inner_epochs > 1:
+            # per pass: with a clip range near one step's ratio change (ddpo-pytorch's 1e-4), the later passes are
+            # mostly clipped and add little but the KL term; this shows it (every pass has the same row count)
+            clipped = losses[:, names.index("policy/clipfrac")].view(s.inner_epochs, -1).numpy()
+            out.update({f"policy/clipfrac_pass{p + 1}": float(np.nanmean(c)) for p, c in enumerate(clipped)})
     out["train/skipped_updates"] = float(skipped)
     if s.ema_decay > 0:
         out["train/ema_decay"] = ema_decay  # the last step's

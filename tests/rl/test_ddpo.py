@@ -75,6 +75,18 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert last["full"] == last["part"]
 
 
+def test_clip_fraction_is_logged_per_pass(tmp_path):
+    # one minibatch per pass: the first pass scores the rollout's own policy (ratio 1, nothing clipped), the second
+    # the policy after that pass's step, whose ratios leave a clip range far below one step's change
+    out = run_tiny(tmp_path, "ddpo", "terminal",
+                   "algo.inner_epochs=2", "algo.train_batch_size=4", "algo.stat_min_count=2", "algo.clip_range=1e-9",
+                   "run.max_epochs=1")
+    row = [r for r in metrics(out) if "loss/policy" in r][-1]
+    assert row["policy/clipfrac_pass1"] == 0.0
+    assert row["policy/clipfrac_pass2"] > 0.5
+    assert row["policy/clipfrac"] == pytest.approx((row["policy/clipfrac_pass1"] + row["policy/clipfrac_pass2"]) / 2)
+
+
 def test_window_config_errors(capsys):
     assert train.main(["--algo", "ddpo", "--critic", "terminal", "--config", TINY, *DROP["ddpo"],
                        "algo.sde_window=2", "algo.sde_window_start=[1,3]"]) == 2
