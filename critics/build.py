@@ -108,6 +108,11 @@ class PolicySampleConfig:
                                help="sampler noise levels, cycled over batches (0: ODE; 0.7: the RL / MC SDE).")
     batch_size: int = option(256, help="images per generation batch.")
     seed: int = option(0, help="seed of the initial noise and of the draws into batches.")
+    student_latents: Literal["encoded", "own"] = option(
+        "encoded", help="what the student's z_t is built from for these samples: 'encoded', E(D(z0)) of the decoded "
+                        "image, as for the data; 'own', the policy's own final latent z0, the latent the critic is "
+                        "used on (on Shapes E(D(z0)) differs from z0 by 14-16 % of its norm). The teacher scores "
+                        "D(z0) either way.")
 
     def __post_init__(self) -> None:
         check(self.n >= 0, "n", f"must be >= 0, got {self.n}")
@@ -307,20 +312,25 @@ def prompt_list(node: dict, path: str) -> list[str]:
 class MixedStream:
     """Re-iterable stream of the data's batches, each extended with policy samples so that they make up
     ``fraction`` of it (drawn with replacement from ``bank``, (N, 3, H, W) uint8), then shuffled. When the data
-    yields (images, captions), ``bank_prompts`` (the N samples' prompts) extend the captions the same way."""
+    yields (images, captions), ``bank_prompts`` (the N samples' prompts) extend the captions the same way. With
+    ``bank_latents`` (N, C, h, w), the samples' own latents, items are (images, captions, latents, own): the
+    student starts a sample's z_t from its latent (``own`` True) and a data row's from E(image) (critics.distill)."""
 
     def __init__(self, stream: Iterable, bank: Tensor, fraction: float, seed: int,
-                 bank_prompts: list[str] | None = None):
+                 bank_prompts: list[str] | None = None, bank_latents: Tensor | None = None):
         if bank.dtype != torch.uint8 or bank.dim() != 4 or bank.shape[0] == 0:
             raise ValueError(f"bank must be a non-empty (N, 3, H, W) uint8 tensor, got {bank.dtype} "
                              f"{tuple(bank.shape)}")
         if bank_prompts is not None and len(bank_prompts) != bank.shape[0]:
             raise ValueError(f"{len(bank_prompts)} prompts for {bank.shape[0]} policy samples")
+        if bank_latents is not None and (bank_latents.dim() != 4 or bank_latents.shape[0] != bank.shape[0]):
+            raise ValueError(f"bank_latents must be (N, C, h, w) with one row per policy sample ({bank.shape[0]}), "
+                             f"got {tuple(bank_latents.shape)}")
         self.stream, self.bank, self.fraction, self.seed = stream, bank, fraction, seed
-        self.bank_prompts = bank_prompts
+        self.bank_prompts, self.bank_latents = bank_prompts, bank_latents
         self.passes = 0
 
-    def __iter__(self) -> Iterator[Tensor | tuple[Tensor, list[str]]]:
+    def __iter__(self) -> Iterator[Tensor | tuple]:
         generator = torch.Generator().manual_seed(self.seed + self.passes)
         self.passes += 1
         for item in self.stream:
@@ -333,22 +343,32 @@ class MixedStream:
                                  f"{tuple(images.shape[1:])}: generate at the data's resolution")
             both = torch.cat([images, extra])
             order = torch.randperm(len(both), generator=generator)
-            if captions is None:
+            texts = None
+            if captions is not None:
+                if self.bank_prompts is None:
+                    raise ValueError("the data yields captions but the policy samples have no prompts: pass "
+                                     "bank_prompts")
+                texts = list(captions) + [self.bank_prompts[r] for r in rows.tolist()]
+                texts = [texts[o] for o in order.tolist()]
+            if self.bank_latents is not None:
+                own_latents = self.bank_latents[rows].float()
+                latents = torch.cat([own_latents.new_zeros((len(images), *own_latents.shape[1:])), own_latents])
+                own = torch.cat([torch.zeros(len(images), dtype=torch.bool), torch.ones(k, dtype=torch.bool)])
+                yield both[order], texts, latents[order], own[order]
+            elif texts is None:
                 yield both[order]
-                continue
-            if self.bank_prompts is None:
-                raise ValueError("the data yields captions but the policy samples have no prompts: pass bank_prompts")
-            texts = list(captions) + [self.bank_prompts[r] for r in rows.tolist()]
-            yield both[order], [texts[o] for o in order.tolist()]
+            else:
+                yield both[order], texts
 
 
 @torch.no_grad()
-def generate_samples(policy, prompts: list[str], cfg: PolicySampleConfig) -> Tensor:
-    """``cfg.n`` decoded policy samples (n, 3, H, W) uint8 on the CPU: prompts cycled, and per batch the next
-    (CFG scale, eta) of the cycles, so every setting gets its share."""
+def generate_samples(policy, prompts: list[str], cfg: PolicySampleConfig) -> tuple[Tensor, Tensor]:
+    """``cfg.n`` policy samples on the CPU: decoded images (n, 3, H, W) uint8 and the final latents z0 they decode
+    from (n, C, h, w) float16. Prompts cycled, and per batch the next (CFG scale, eta) of the cycles, so every
+    setting gets its share."""
     generator = torch.Generator(policy.device).manual_seed(cfg.seed)
     every = sample_prompts(prompts, cfg.n)
-    out = []
+    out, latents = [], []
     for b, start in enumerate(range(0, cfg.n, cfg.batch_size)):
         rows = every[start:start + cfg.batch_size]
         guidance = cfg.guidance_scales[b % len(cfg.guidance_scales)]
@@ -357,7 +377,8 @@ def generate_samples(policy, prompts: list[str], cfg: PolicySampleConfig) -> Ten
                              keep_latents=False)
         images = policy.decode(traj.z_tau)  # (b, 3, H, W) in [0, 1]
         out.append(images.mul(255).round().to(torch.uint8).cpu())
-    return torch.cat(out)
+        latents.append(traj.z_tau.to(torch.float16).cpu())
+    return torch.cat(out), torch.cat(latents)
 
 
 def sample_prompts(prompts: list[str], n: int) -> list[str]:
@@ -607,13 +628,15 @@ def build(cfg: BuildConfig) -> BuildResult:
             ps_prompts = prompt_list(ps.prompts, "policy_samples.prompts")
             # (stage 1 has already checked that the data's resolution is the policy's)
             t_gen = time.perf_counter()
-            bank = generate_samples(policy, ps_prompts, ps)
+            bank, bank_latents = generate_samples(policy, ps_prompts, ps)
             times["policy_samples_s"] = time.perf_counter() - t_gen
             # its own seed: the data loader's shuffle already draws from cfg.seed
             stream = MixedStream(stream, bank, ps.fraction, ps.seed,
-                                 sample_prompts(ps_prompts, ps.n) if prompted else None)
+                                 sample_prompts(ps_prompts, ps.n) if prompted else None,
+                                 bank_latents if ps.student_latents == "own" else None)
             say("distill", f"{ps.n} policy samples ({ps.num_steps} steps, CFG {ps.guidance_scales}, eta {ps.etas}) "
-                           f"in {times['policy_samples_s']:.0f} s; {ps.fraction:.0%} of every batch")
+                           f"in {times['policy_samples_s']:.0f} s; {ps.fraction:.0%} of every batch; the student "
+                           f"starts from {'their own latents' if ps.student_latents == 'own' else 'E(image)'}")
 
         def log(step: int, stats: dict) -> None:
             from tqdm.auto import tqdm

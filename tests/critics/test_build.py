@@ -247,6 +247,36 @@ def test_mixed_stream_adds_the_policy_samples_at_the_asked_share():
         MixedStream(data, bank.float(), 0.5, seed=0)
 
 
+def test_mixed_stream_carries_the_samples_own_latents():
+    from critics.build import MixedStream
+    from critics.distill import rebatch
+
+    data = [(torch.zeros(6, 3, 4, 4), [f"d{b}"] * 6) for b in range(3)]
+    bank = torch.stack([torch.full((3, 4, 4), 10 * (k + 1), dtype=torch.uint8) for k in range(5)])
+    latents = torch.arange(5, dtype=torch.float16).view(5, 1, 1, 1).expand(5, 2, 2, 2) + 1
+    prompts = [f"p{k}" for k in range(5)]
+    items = list(MixedStream(data, bank, 0.25, seed=3, bank_prompts=prompts, bank_latents=latents))
+    for images, texts, lat, own in items:
+        assert images.shape[0] == texts.__len__() == lat.shape[0] == own.shape[0] == 8 and int(own.sum()) == 2
+        for x, text, z, mine in zip(images, texts, lat, own):
+            if mine:  # a policy sample: its image, prompt and latent are one bank row's
+                k = int(round(x[0, 0, 0].item() * 255)) // 10 - 1
+                assert text == f"p{k}" and torch.equal(z, latents[k].float())
+            else:
+                assert x.abs().sum() == 0 and text.startswith("d") and z.abs().sum() == 0
+    # the same rows without latents; and rebatch keeps each row's latent and flag with its image across re-chunking
+    plain = list(MixedStream(data, bank, 0.25, seed=3, bank_prompts=prompts))
+    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(items, plain))
+    for batch in rebatch(items, 5):
+        assert batch.latents.shape == (5, 2, 2, 2) and batch.own.shape == (5,)
+        assert torch.equal(batch.own, batch.images.flatten(1).amax(1) > 0)
+        assert torch.equal(batch.own, batch.latents.flatten(1).amax(1) > 0)
+    with pytest.raises(ValueError, match="one row per policy sample"):
+        MixedStream(data, bank, 0.5, seed=0, bank_latents=latents[:3])
+    with pytest.raises(ValueError, match="mixes items with and without"):
+        list(rebatch([items[0], (torch.zeros(2, 3, 4, 4), ["x"] * 2)], 4))
+
+
 def test_generate_samples_cycles_settings_and_is_seeded(world):
     from critics.build import PolicySampleConfig, generate_samples
 
@@ -261,11 +291,18 @@ def test_generate_samples_cycles_settings_and_is_seeded(world):
         return real(rows, **kw)
 
     policy.sample = recording
-    images = generate_samples(policy, prompts, cfg)
+    images, latents = generate_samples(policy, prompts, cfg)
     assert images.dtype == torch.uint8 and images.shape == (5, 3, IMAGE_SIZE, IMAGE_SIZE)
     # batches of 2, 2, 1; prompts cycled; (CFG, eta) = (1, 0), (3, 0), (1, 0.7): every pair gets its share
     assert seen == [(prompts, 1.0, 0.0, 2), (prompts, 3.0, 0.0, 2), (prompts[:1], 1.0, 0.7, 2)]
-    assert torch.equal(images, generate_samples(policy, prompts, cfg))
+    again = generate_samples(policy, prompts, cfg)
+    assert torch.equal(images, again[0]) and torch.equal(latents, again[1])
+    # the latents are the ones the images decode from (up to the uint8 and float16 roundings)
+    assert latents.dtype == torch.float16 and latents.shape == (5, policy.latent_channels, policy.latent_size,
+                                                                policy.latent_size)
+    with torch.no_grad():
+        decoded = policy.decode(latents.float().to(policy.device)).cpu()
+    assert (decoded - images.float() / 255).abs().max() < 0.02
 
 
 def test_build_with_policy_samples_and_the_caption_score_term(world, tmp_path, monkeypatch):
@@ -290,6 +327,28 @@ def test_build_with_policy_samples_and_the_caption_score_term(world, tmp_path, m
     (stream,) = streams
     assert isinstance(stream, build_module.MixedStream) and stream.bank.shape[0] == 6 and stream.fraction == 0.5
     assert next(iter(stream)).shape[0] == 16  # loader batches of 8 renders + 8 policy samples
+    assert stream.bank_latents is None  # student_latents: encoded (the default)
+
+
+def test_build_with_the_policy_samples_own_latents(world, tmp_path, monkeypatch):
+    from critics import build as build_module
+
+    batches, real = [], build_module.distill
+
+    def spy(model, reward, encode_fn, data_iter, cfg, **kw):
+        batches.append(next(iter(data_iter)))
+        return real(model, reward, encode_fn, data_iter, cfg, **kw)
+
+    monkeypatch.setattr(build_module, "distill", spy)
+    out = tmp_path / "c"
+    build(load_config(SHAPES_YAML, tiny_overrides(
+        world, out, "policy_samples.n=4", "policy_samples.batch_size=2", "policy_samples.num_steps=2",
+        "policy_samples.prompts={_component_: shapes.data.prompts, split: train, n: 4, seed: 5}",
+        "policy_samples.student_latents=own", "distill.max_steps=1")))
+    images, texts, lat, own = batches[0]  # a null-text head: no captions
+    assert texts is None and own.sum() == 8 and lat.shape[0] == images.shape[0] == 16 and lat.dim() == 4
+    assert (lat[~own] == 0).all() and (lat[own].flatten(1).abs().amax(1) > 0).all()
+    assert json.loads((out / "build.json").read_text())["config"]["policy_samples"]["student_latents"] == "own"
 
 
 @pytest.mark.parametrize("extra,message", [

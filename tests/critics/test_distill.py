@@ -80,15 +80,16 @@ def test_schedule_noise_law_and_rebatch():
     assert un.mean().item() == pytest.approx(0.5, abs=0.01) and un.std().item() == pytest.approx(math.sqrt(1 / 12),
                                                                                                   abs=0.01)
     chunks = list(rebatch([torch.zeros(3, 3, 2, 2), (torch.ones(4, 3, 2, 2), ["p"] * 4), torch.zeros(2, 3, 2, 2)], 4))
-    assert [c.shape[0] for c, _ in chunks] == [4, 4]  # 9 images → two batches of 4, the last one dropped
-    assert chunks[0][0][3].sum() == 12 and chunks[1][0][:3].sum() == 36
-    assert [caps for _, caps in chunks] == [None, None]  # one item without captions: none for the stream
+    assert [c.images.shape[0] for c in chunks] == [4, 4]  # 9 images → two batches of 4, the last one dropped
+    assert chunks[0].images[3].sum() == 12 and chunks[1].images[:3].sum() == 36
+    assert [c.captions for c in chunks] == [None, None]  # one item without captions: none for the stream
+    assert all(c.latents is None and c.own is None for c in chunks)
     captioned = [(torch.full((3, 3, 2, 2), float(k)), [f"p{k}"] * 3) for k in range(3)]
     chunks = list(rebatch(captioned, 4))  # captions follow their images across the re-chunking
-    assert [caps for _, caps in chunks] == [["p0", "p0", "p0", "p1"], ["p1", "p1", "p2", "p2"]]
-    assert [c[:, 0, 0, 0].tolist() for c, _ in chunks] == [[0, 0, 0, 1], [1, 1, 2, 2]]
+    assert [c.captions for c in chunks] == [["p0", "p0", "p0", "p1"], ["p1", "p1", "p2", "p2"]]
+    assert [c.images[:, 0, 0, 0].tolist() for c in chunks] == [[0, 0, 0, 1], [1, 1, 2, 2]]
     labels = [(torch.zeros(4, 3, 2, 2), [0, 1, 2, 3])]  # a list that is not of strings is not captions
-    assert [caps for _, caps in rebatch(labels, 4)] == [None]
+    assert [c.captions for c in rebatch(labels, 4)] == [None]
     with pytest.raises(ValueError, match="caption_dropout"):
         DistillConfig(caption_dropout=1.0)
     with pytest.raises(ValueError, match="loss must be one of"):
@@ -141,6 +142,33 @@ def test_gradient_accumulation_matches_one_big_batch():
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
     for p, q in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_rows_with_their_own_latent_start_from_it():
+    # the encoder maps every image to zeros; rows flagged `own` carry a latent of 1000s, so the student's
+    # z_t = (1 - σ) z0 + σ ε is ~1000 exactly on those rows, and only noise on the others
+    model, _, reward, _, _ = tiny_stitchvm(j=1)
+    seen, real = [], model.features
+
+    def spy(z_t, sigma, *args, **kwargs):
+        seen.append((z_t.detach().clone(), sigma.detach().clone()))
+        return real(z_t, sigma, *args, **kwargs)
+
+    model.features = spy
+    images = torch.rand(8, 3, 32, 32)
+    own = torch.tensor([True, False, False, True, False, True, False, False])
+    latents = torch.where(own.view(-1, 1, 1, 1), 1000.0, 0.0).expand(8, 4, LATENT, LATENT).clone()
+    zeros = lambda x: torch.zeros(x.shape[0], 4, LATENT, LATENT)  # noqa: E731
+    cfg = DistillConfig(lr=1e-3, warmup_steps=0, batch_size=8, micro_batch_size=4, max_steps=1, progress=False,
+                        sigma_sampling="uniform")
+    distill(model, reward, zeros, [(images, None, latents, own)], cfg)
+    z_t = torch.cat([z for z, _ in seen])
+    sigma = torch.cat([t for _, t in seen]).view(-1, 1, 1, 1)
+    noise_part = z_t - (1 - sigma) * latents
+    assert noise_part.abs().max() < 10 * sigma.max()  # σ ε with |ε| < 10: z0 was 1000 on own rows, 0 elsewhere
+    assert (z_t[own].abs().mean() > 100) and (z_t[~own].abs().mean() < 5)
+    with pytest.raises(ValueError, match="carries latents"):
+        distill(model, reward, zeros, [(images, None, latents[:, :2], own)], cfg)
 
 
 def test_smooth_l1_loss_runs_and_reports_score_loss():
