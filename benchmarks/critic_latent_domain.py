@@ -12,31 +12,17 @@ and bias against the reference for either latent. CPU: ~2 minutes at the default
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from critic_split_gap import CRITICS, SPLIT_SEEDS  # this directory (run as a script)
+from critic_split_gap import SPLIT_SEEDS, load_world, parse_args  # this directory (run as a script)
 from critics import bench_value as bv
-from critics import load
-from shapes import models
 from shapes.data import prompts as shapes_prompts
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=128, help="prompts per split (one sample each)")
-    p.add_argument("--sigmas", default="0.05,0.1,0.25")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cpu")
-    args = p.parse_args(argv)
-    sigmas = [float(s) for s in args.sigmas.split(",")]
-    dev, b = torch.device(args.device), args.batch_size
-    torch.manual_seed(0)
-    policy = models.load_shapes_policy(dev).eval().requires_grad_(False)
-    reward = models.load_shapes_reward(dev)
-    cfg = models.policy_config(None)
-    critics = {n: load.stitchvm(policy, reward, d).eval() for n, d in CRITICS.items()}
+    args = parse_args(__doc__, "0.05,0.1,0.25", argv)
+    sigmas, dev, b = args.sigmas, args.device, args.batch_size
+    policy, reward, cfg, critics = load_world(dev)
     print("| split | σ | critic | ρ: own z0 / E(D(z0)) | err std: own / E(D(z0)) | bias: own / E(D(z0)) |")
     print("|---|---|---|---|---|---|")
     for split, seed in SPLIT_SEEDS.items():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import torch
 
 from critics import bench_value as bv
@@ -26,20 +25,32 @@ CRITICS = {"prompt_low": "shapes/weights/stitchvm_prompt_low", "stitchvm": "shap
 SPLIT_SEEDS = {"train": 123, "test": 1}  # test seed 1: the value benchmark's validation prompts
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(doc: str, sigmas: str, argv: list[str] | None) -> argparse.Namespace:
+    """The diagnostics' shared options (this script and critic_latent_domain.py); ``sigmas``: the default list."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--n", type=int, default=128, help="prompts per split (one trajectory each)")
-    p.add_argument("--sigmas", default="0.1,0.25")
+    p.add_argument("--sigmas", default=sigmas)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    sigmas = tuple(float(s) for s in args.sigmas.split(","))
-    dev = torch.device(args.device)
+    args.sigmas = tuple(float(s) for s in args.sigmas.split(","))
+    args.device = torch.device(args.device)
+    return args
+
+
+def load_world(dev: torch.device):
+    """(policy, reward, the policy's sampling config, {name: shipped StitchVM of CRITICS}) on ``dev``."""
     torch.manual_seed(0)
     policy = models.load_shapes_policy(dev).eval().requires_grad_(False)
     reward = models.load_shapes_reward(dev)
-    cfg = models.policy_config(None)
     critics = {n: load.stitchvm(policy, reward, d).eval() for n, d in CRITICS.items()}
+    return policy, reward, models.policy_config(None), critics
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(__doc__, "0.1,0.25", argv)
+    sigmas, dev = args.sigmas, args.device
+    policy, reward, cfg, critics = load_world(dev)
     tweedie = TweedieCritic(policy, reward, guidance_scale=cfg.guidance_scale).eval()
     checker = ShapesEval()
     print("| split | σ | critic | ρ vs tweedie | err std | err std, colours right / wrong (n) | tweedie std |")
