@@ -295,12 +295,39 @@ _MIXTURE_STREAM = 2  # the split draw of ShapesMixture, independent of the scene
 _MISMATCH_STREAM = 3  # ShapesDataset(mismatch=...): whether and how item i's image departs from its caption
 
 
-def prompts(split: str, n: int, seed: int) -> list[str]:
-    """``n`` canonical captions of ``split`` specs, a pure function of (split, n, seed); the first k
-    prompts of a longer list equal ``prompts(split, k, seed)``."""
+def spec_kind(spec: PromptSpec) -> str:
+    """Which of ``KIND_PROBS``'s kinds ``spec`` is: one group, two joined by a conjunction, or two with a relation."""
+    if len(spec.groups) == 1:
+        return "single"
+    return "pair" if spec.relation is None else "relation"
+
+
+def prompts(split: str, n: int, seed: int, kinds: list[str] | None = None) -> list[str]:
+    """``n`` canonical captions of ``split`` specs, a pure function of (split, n, seed, kinds); the first k
+    prompts of a longer list equal ``prompts(split, k, seed, kinds)``.
+
+    ``kinds`` (a subset of ``KIND_PROBS``) keeps only prompts of those kinds: specs are drawn as without it and
+    the others skipped, so ``prompts(split, n, seed, kinds)`` is the kinds' subsequence of the unfiltered stream.
+    """
     _check_split(split)
+    if kinds is not None:
+        bad = [k for k in kinds if k not in KIND_PROBS]
+        if bad or not kinds:
+            raise ValueError(f"kinds must be a non-empty list of prompt kinds {list(KIND_PROBS)}, got {kinds!r}")
     rng = np.random.default_rng((seed, SPLITS.index(split), _PROMPT_STREAM))
-    return [caption(sample_spec(rng, split)) for _ in range(n)]
+    out: list[str] = []
+    while len(out) < n:
+        spec = sample_spec(rng, split)
+        if kinds is None or spec_kind(spec) in kinds:
+            out.append(caption(spec))
+    return out
+
+
+def prompt_union(parts: list[list[str]]) -> list[str]:
+    """The prompt lists ``parts`` one after another (duplicates kept: a prompt drawn twice weighs twice), for a
+    config node that combines prompt sets, e.g. validation prompts from two splits (configs/experiments/keep_best.yaml)."""
+    return [p for part in parts for p in part]
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Geometry and rendering

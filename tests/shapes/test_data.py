@@ -28,12 +28,14 @@ from shapes.data import (
     mismatched_render,
     parse_caption,
     perturb_spec,
+    prompt_union,
     prompts,
     relation_axis,
     render,
     render_with_layout,
     sample_layout,
     sample_spec,
+    spec_kind,
     shape_mask,
     vocabulary,
 )
@@ -279,6 +281,21 @@ def test_prompts_are_deterministic_prefix_stable_and_in_split():
         for text in prompts(split, 200, seed=0):
             spec = parse_caption(text)
             assert in_split(spec, split) and caption(spec) == text
+
+
+def test_prompts_of_some_kinds_are_the_unfiltered_streams_subsequence():
+    full = prompts("train", 300, seed=2)
+    kinds = [spec_kind(parse_caption(t)) for t in full]
+    singles = [t for t, k in zip(full, kinds) if k == "single"]
+    assert 0.3 < len(singles) / len(full) < 0.5  # KIND_PROBS["single"] = 0.4
+    assert prompts("train", len(singles), seed=2, kinds=["single"]) == singles
+    two = prompts("test", 40, seed=1, kinds=["pair", "relation"])
+    assert all(len(parse_caption(t).groups) == 2 for t in two)
+    assert {spec_kind(parse_caption(t)) for t in two} == {"pair", "relation"}
+    assert prompt_union([singles[:3], two[:2]]) == singles[:3] + two[:2]
+    for bad in ([], ["singles"]):
+        with pytest.raises(ValueError, match="kinds must be"):
+            prompts("train", 5, seed=0, kinds=bad)
 
 
 def test_dataset_items_are_deterministic_and_batch():

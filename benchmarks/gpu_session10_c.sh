@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Session-10 GPU call for issue #4 on four H100s (nvidia-h100-x4): four critic builds at once, one per card, then the
+# value benchmark (512 prompts, sigma 0.1 / 0.25 / 0.5 / 0.75, validation prompts (seed 1), then test (seed 0)).
+#   GPU 0: the low-sigma prompt expert's recipe (shapes/weights/stitchvm_prompt_low/build.json) with a 3x larger bank
+#          of policy samples (98304; each seen ~2.6x in 4000 steps instead of ~8x), student from E(D(z0)) (as shipped)
+#   GPU 1: the same with policy_samples.student_latents=own (the student starts from the policy's own z0)
+#   GPU 2: stage 3 (on-policy value regression, critics/onpolicy.py) from the shipped low-sigma expert, noise levels
+#          U(0, 0.5) (the ones it serves), run to the end of a 600-step schedule (sessions 2 and 6 stopped it halfway)
+#   GPU 3: the uniform prompt expert's recipe (shapes/weights/stitchvm_prompt) with the 98304 bank
+#   bash benchmarks/gpu_session10_c.sh OUT
+set -u
+OUT=${1:?out}; mkdir -p $OUT/log
+crit() {  # GPU NAME overrides...: one critics.build with the prompt experts' settings, stopped after BUILD_S seconds
+  local g=$1 n=$2; shift 2
+  CUDA_VISIBLE_DEVICES=$g timeout ${BUILD_S:-330} env OMP_NUM_THREADS=8 python -m critics.build \
+    --config configs/critic/build_shapes.yaml device=cuda num_workers=8 distill.progress=false distill.log_every=500 \
+    onpolicy.progress=false onpolicy.log_every=100 head_conditioning=prompt 'search.pinned=[7,1]' \
+    policy_samples.n=98304 policy_samples.batch_size=2048 \
+    'policy_samples.prompts={_component_: shapes.data.prompts, split: train, n: 65536, seed: 5}' \
+    output_dir=$OUT/$n heatmap=$OUT/$n.png "$@" > $OUT/log/$n.txt 2>&1
+}
+LOW="distill.sigma_sampling=logit_normal distill.sigma_mean=-2.2 distill.sigma_std=0.6"
+crit 0 low_bank98k $LOW &
+crit 1 low_bank98k_own $LOW policy_samples.student_latents=own &
+crit 2 low_stage3 init_from=shapes/weights/stitchvm_prompt_low onpolicy.enabled=true onpolicy.steps=600 \
+  'onpolicy.sigma_range=[0.0,0.5]' &
+crit 3 unif_bank98k distill.sigma_sampling=uniform &
+nvidia-smi --query-gpu=name --format=csv,noheader | head -1
+wait
+grep -h "policy samples\|build:save\|step 4000\|step 600\|rror" $OUT/log/*.txt
+V=(python -m critics.bench_value --device cuda --n-prompts 512 --batch-size 512 --sigmas 0.1,0.25,0.5,0.75
+   --critics tweedie --variant prompt_low=shapes/weights/stitchvm_prompt_low
+   --variant prompt_unif=shapes/weights/stitchvm_prompt --retrieval-images 0 --out "")
+for n in low_bank98k low_bank98k_own low_stage3 unif_bank98k; do
+  [ -f $OUT/$n/stitchvm.json ] && V+=(--variant $n=$OUT/$n); done
+for seed in 1 0; do
+  timeout ${BENCH_S:-90} "${V[@]}" --prompt-seed $seed --json $OUT/bench_seed$seed.json > $OUT/bench_seed$seed.md \
+    2>$OUT/log/bench_seed$seed.err
+  echo "== bench prompt seed $seed"; cat $OUT/bench_seed$seed.md; tail -2 $OUT/log/bench_seed$seed.err
+done
+for n in low_bank98k low_bank98k_own low_stage3 unif_bank98k; do rm -rf $OUT/$n/checkpoints $OUT/$n/ckpt* ; done
+du -sh $OUT
