@@ -277,12 +277,29 @@ def _parse(prompt: str) -> PromptSpec:
     return parse_caption(prompt)
 
 
+def _score_rows(pixels: np.ndarray, specs: list[PromptSpec]) -> list[dict[str, float]]:
+    """``score_image`` over a chunk (module level: what a worker process runs)."""
+    return [score_image(image, spec) for image, spec in zip(pixels, specs)]
+
+
 class ShapesEval:
     """Pixel checker: ``ShapesEval()(images (B, 3, H, W) in [0, 1], prompts) -> ShapesEvalResult``.
 
     Prompts must be Shapes captions (``shapes.data.caption``); anything else, the empty unconditional prompt
     included, raises ValueError.
+
+    ``workers`` > 0 scores the images in that many worker processes (chunks in order; the scores are the same,
+    image by image). At ~2 ms per image on one core the checker, not the sampler, is most of a GPU run's
+    evaluation time (2858 validation + 512 held-out prompts: 7.7 s per evaluation on an H100 host, a third of
+    an 8.5-minute run's wall-clock). The pool starts at the first call (forked, as DataLoader workers are: the
+    workers run numpy/scipy only, never CUDA) and lasts as long as the evaluator.
     """
+
+    def __init__(self, workers: int = 0) -> None:
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0 (0: score in this process), got {workers}")
+        self.workers = workers
+        self._pool = None
 
     def __call__(self, images: Tensor, prompts: list[str]) -> ShapesEvalResult:
         if images.ndim != 4 or images.shape[1] != 3:
@@ -291,7 +308,27 @@ class ShapesEval:
             raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts")
         specs = [_parse(p) for p in prompts]
         pixels = images.detach().float().clamp(0.0, 1.0).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
-        rows = [score_image(pixels[b], spec) for b, spec in enumerate(specs)]
+        rows = self._score(pixels, specs)
         columns = {k: torch.tensor([r[k] for r in rows], dtype=torch.float32, device=images.device) for k in CRITERIA}
         has_relation = torch.tensor([s.relation is not None for s in specs], dtype=torch.bool, device=images.device)
         return ShapesEvalResult(**columns, has_relation=has_relation)
+
+    def _score(self, pixels: np.ndarray, specs: list[PromptSpec]) -> list[dict[str, float]]:
+        chunks = min(self.workers, len(specs) // 16)  # below ~16 images per worker the hand-off costs more
+        if chunks < 2:
+            return _score_rows(pixels, specs)
+        if self._pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"))
+        bounds = np.linspace(0, len(specs), chunks + 1).astype(int)
+        futures = [self._pool.submit(_score_rows, pixels[a:b], specs[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        return [row for f in futures for row in f.result()]
+
+    def __getstate__(self) -> dict:  # a pool does not pickle; a copy starts its own
+        return {**self.__dict__, "_pool": None}
+
+    def __del__(self) -> None:
+        if getattr(self, "_pool", None) is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)

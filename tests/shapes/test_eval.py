@@ -195,6 +195,22 @@ def test_larger_images():
     assert float(ShapesEval()(_tensor(images), captions).overall.mean()) >= 0.97
 
 
+def test_worker_processes_score_image_by_image_as_one_process(renders):
+    conditions, captions, _ = renders
+    shuffled = [captions[p] for p in derangement(N_IMAGES, np.random.default_rng(3))]
+    images = _tensor(conditions["blur+noise+jpeg"])
+    mixed = captions[:100] + shuffled[100:]  # passes and failures, so a misplaced chunk would show
+    serial = ShapesEval()(images, mixed)
+    checker = ShapesEval(workers=3)
+    for _ in range(2):  # the pool starts at the first call and is reused
+        parallel = checker(images, mixed)
+        for name in ("count", "color", "shape", "position", "overall", "has_relation"):
+            assert torch.equal(getattr(parallel, name), getattr(serial, name)), name
+    assert 0.2 < float(serial.overall.mean()) < 0.8
+    with pytest.raises(ValueError, match="workers must be >= 0"):
+        ShapesEval(workers=-1)
+
+
 def test_result_types_and_input_validation():
     images, captions, _ = ground_truth(4, seed=6)
     result = ShapesEval()(_tensor(images), captions)
