@@ -12,6 +12,10 @@
 # draws 1000 validation prompts (400 before). Since session 9 shapes_gpu_ddpo.yaml is DDPO-Fast (2-step window, clip 1e-3,
 # lr 1e-4, EMA 0.98; full-SDE DDPO before): `git checkout 7241c74 -- configs/experiments/shapes_gpu_ddpo.yaml` reruns
 # the session 5-8 DDPO runs that did not pin those keys as they were.
+# Since session 10 keep_best.yaml validates on 2858 prompts of the evaluation's kind mix every 20 epochs (1000 test
+# prompts, 601 left, every 10 before), shapes_gpu_ddpo.yaml has lr 1.5e-4, shapes_gpu_draft.yaml EMA 0.99 and the GPU
+# configs score with 8 checker processes (the same scores, faster): `git checkout 6402d9f -- configs/experiments`
+# reruns session 9's scripts as they were.
 mkdir -p $OUT/runs $OUT/log
 M=${MINUTES:-8.5}
 E=${EPOCHS:-50}
