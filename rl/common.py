@@ -264,7 +264,8 @@ def evaluate(run: Run, adapter: str | None = "default", prompts: list[str] | Non
     from torchvision.utils import make_grid
 
     grid = make_grid(first, nrow=max(1, int(math.sqrt(len(first)))), padding=1)  # (3, H', W')
-    return {f"eval/{k}": torch.cat(v).mean().item() for k, v in totals.items()}, grid
+    # NaN marks a sample a score does not apply to (ShapesEval's per-kind scores): the mean is over the others
+    return {f"eval/{k}": torch.cat(v).nanmean().item() for k, v in totals.items()}, grid
 
 
 def all_finite(*tensors: Tensor) -> bool:

@@ -262,6 +262,9 @@ class ShapesEvalResult:
     """Per-image scores, each (B,) float32 in [0, 1] on the images' device (definitions: module docstring).
 
     ``has_relation`` (B,) bool marks the prompts whose ``position`` is a real check (it is 1.0, N/A, else).
+    ``overall_single`` / ``overall_two`` are ``overall`` on one-group / two-group prompts and NaN on the others, so a
+    NaN-ignoring mean (rl.common.evaluate's) gives the score of each part: a validation set and an evaluation set
+    that mix the kinds differently compare part by part.
     """
 
     count: Tensor
@@ -270,6 +273,8 @@ class ShapesEvalResult:
     position: Tensor
     overall: Tensor
     has_relation: Tensor
+    overall_single: Tensor | None = None
+    overall_two: Tensor | None = None
 
 
 @functools.lru_cache(maxsize=65536)
@@ -311,7 +316,11 @@ class ShapesEval:
         rows = self._score(pixels, specs)
         columns = {k: torch.tensor([r[k] for r in rows], dtype=torch.float32, device=images.device) for k in CRITERIA}
         has_relation = torch.tensor([s.relation is not None for s in specs], dtype=torch.bool, device=images.device)
-        return ShapesEvalResult(**columns, has_relation=has_relation)
+        single = torch.tensor([len(s.groups) == 1 for s in specs], dtype=torch.bool, device=images.device)
+        nan = torch.full_like(columns["overall"], math.nan)
+        return ShapesEvalResult(**columns, has_relation=has_relation,
+                                overall_single=torch.where(single, columns["overall"], nan),
+                                overall_two=torch.where(single, nan, columns["overall"]))
 
     def _score(self, pixels: np.ndarray, specs: list[PromptSpec]) -> list[dict[str, float]]:
         chunks = min(self.workers, len(specs) // 16)  # below ~16 images per worker the hand-off costs more

@@ -211,6 +211,19 @@ def test_worker_processes_score_image_by_image_as_one_process(renders):
         ShapesEval(workers=-1)
 
 
+def test_overall_by_prompt_kind(renders):
+    conditions, captions, _ = renders
+    result = ShapesEval()(_tensor(conditions["noise"]), captions)
+    single = torch.tensor([len(parse_caption(c).groups) == 1 for c in captions])
+    assert 0 < int(single.sum()) < len(captions)
+    assert bool(result.overall_single.isnan().eq(~single).all()) and bool(result.overall_two.isnan().eq(single).all())
+    assert torch.equal(result.overall_single[single], result.overall[single])
+    assert torch.equal(result.overall_two[~single], result.overall[~single])
+    n1 = int(single.sum())  # the NaN-ignoring means recombine into the overall mean
+    mixed = (result.overall_single.nanmean() * n1 + result.overall_two.nanmean() * (len(captions) - n1)) / len(captions)
+    assert float(mixed) == pytest.approx(float(result.overall.mean()), abs=1e-6)
+
+
 def test_result_types_and_input_validation():
     images, captions, _ = ground_truth(4, seed=6)
     result = ShapesEval()(_tensor(images), captions)
