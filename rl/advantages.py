@@ -3,6 +3,7 @@ per-step advantages from a critic. Pure functions of tensors."""
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -168,8 +169,51 @@ def value_steps(mask: Tensor) -> list[int]:
     return [int(k) for k in torch.nonzero(mask.any(0)).flatten()]
 
 
+def calibrate_values(values: Tensor, rewards: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """Rescale each latent's critic values around their group mean by the batch's within-group least-squares slope
+    of the realised reward on the value, one slope per latent index k:
+
+        beta_k = max(0, sum_i (V_ik - mean_g V_k)(R_i - mean_g R) / sum_i (V_ik - mean_g V_k)^2)
+        V_ik  <-  mean_g V_k + beta_k (V_ik - mean_g V_k)
+
+    Why: R is an unbiased one-rollout sample of V*(z_k) = E[R | z_k], so beta_k (V - mean) is the best linear
+    predictor of V* - mean V* from the critic within groups. Only within-group differences of V reach the centred
+    advantages (normalize_step_advantages), so this is all a per-step affine recalibration can change. A critic whose
+    within-group differences carry little information at sigma_k (StitchVM near sigma = 1, where one SDE step
+    re-randomises most of the outcome: benchmarks/window_credit.py) then hands that step little credit instead of
+    noise at the scale of the reward's; an informative one keeps its split at the right scale. A negative slope is
+    taken as 0 (no credit from V), not as an inverted critic.
+
+    Args:
+        values: (B, N+1); columns with a non-finite entry (latents the critic was not asked at) are left as they are.
+        rewards: (B,) R.  group_size: G, rows in consecutive groups.
+    Returns:
+        (values (B, N+1) float32, beta (N+1,) float32: NaN for the columns left alone).
+    """
+    if values.ndim != 2 or rewards.shape != values.shape[:1]:
+        raise ValueError(f"values (B, N+1) and rewards (B,) disagree: {tuple(values.shape)}, {tuple(rewards.shape)}")
+    if group_size < 2 or values.shape[0] % group_size:
+        raise ValueError(f"calibration needs groups of >= 2 rows; {values.shape[0]} rows in groups of {group_size}")
+    v = values.float().view(-1, group_size, values.shape[1])  # (P, G, N+1)
+    r = rewards.float().view(-1, group_size, 1)
+    dv = v - v.mean(1, keepdim=True)
+    dr = r - r.mean(1, keepdim=True)
+    beta = ((dv * dr).sum((0, 1)) / (dv * dv).sum((0, 1)).clamp_min(1e-12)).clamp_min(0.0)  # (N+1,)
+    ok = torch.isfinite(v).all(0).all(0)
+    out = torch.where(ok, v - dv + beta * dv, v)
+    return out.view_as(values), torch.where(ok, beta, torch.full_like(beta, math.nan))
+
+
+def calibration_slope(values: Tensor, rewards: Tensor, group_size: int) -> float:
+    """The mean of :func:`calibrate_values`' slopes over the latents the critic was asked at (a logged figure; with
+    ``group_size`` < 2 the whole batch is one group, as the DDPO trainer centres it)."""
+    groups = group_size if group_size >= 2 else rewards.shape[0]
+    return float(calibrate_values(values, rewards, groups)[1].nanmean())
+
+
 def dense_advantages(values: Tensor, rewards: Tensor, mask: Tensor, lam: float, group_size: int,
-                     scale: str = "global", eps: float = 1e-4, exact_ode: bool = True) -> Tensor:
+                     scale: str = "global", eps: float = 1e-4, exact_ode: bool = True,
+                     calibrate: bool = False) -> Tensor:
     """Per-step advantages from a critic: GAE(lambda) on V along the trajectory, ending at the realised reward,
     then centred per (group, step) and rescaled (see :func:`gae_advantages`, :func:`normalize_step_advantages`).
 
@@ -179,9 +223,13 @@ def dense_advantages(values: Tensor, rewards: Tensor, mask: Tensor, lam: float, 
         mask: (B, N) stochastic steps (the others get 0).
         exact_ode: V carried exactly across ODE steps (:func:`ode_values`); False uses the critic at every latent
             (then ``values`` must be finite everywhere).
+        calibrate: first rescale the critic's values by :func:`calibrate_values` (the trainers'
+            ``dense_calibration: batch``).
     Returns:
         (B, N) float32.
     """
+    if calibrate:
+        values = calibrate_values(values, rewards, group_size)[0]
     if exact_ode:
         v = ode_values(values, rewards, mask)
     else:

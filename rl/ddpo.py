@@ -40,7 +40,7 @@ from torch import Tensor
 from policies import lora
 from rl import common, cotrain, distributed
 from rl import policy_gradient as pg
-from rl.advantages import dense_advantages
+from rl.advantages import calibration_slope, dense_advantages
 from rl.checkpoint import NonFiniteError
 from rl.config import check, option
 from rl.grpo import check_critic
@@ -81,6 +81,10 @@ class DDPOConfig(common.EMAAdapters):
     dense_norm: Literal["global", "group_step", "none"] = option(
         "global", help="dense: after centring per step divide by the global std, the per-step std, or nothing")
     exact_ode: bool = option(True, help=pg.EXACT_ODE_HELP)
+    dense_calibration: Literal["none", "batch"] = option(
+        "none", help="dense: 'batch' rescales each step's values around their group mean by the batch's least-squares "
+                     "slope of R on V before the advantages (rl.advantages.calibrate_values), so a step where the "
+                     "critic carries little information gets little credit; logged as adv/value_slope")
     adv_eps: float = option(1e-4, help="dense: eps added to the std")
     kl_beta: float = option(0.0, help="weight of Flow-GRPO's KL to the reference (adapters off); DDPO has none (0), "
                                       "> 0 anchors a long run")
@@ -178,7 +182,7 @@ def ddpo_advantages(rewards: Tensor, values: Tensor | None, sde_mask: Tensor, pr
             raise ValueError("dense advantages need the critic's values along the trajectories")
         groups = cfg.group_size if cfg.group_size >= 2 else rewards.shape[0]
         adv = dense_advantages(values, rewards, sde_mask, cfg.gae_lambda, groups, cfg.dense_norm, cfg.adv_eps,
-                               cfg.exact_ode)
+                               cfg.exact_ode, cfg.dense_calibration == "batch")
     return torch.where(sde_mask, adv.clamp(-cfg.adv_clip, cfg.adv_clip), torch.zeros_like(adv))
 
 
@@ -230,6 +234,8 @@ def train(run: common.Run, cfg: DDPOConfig, resume: str | None = None) -> dict[s
                 sde_mask = pg.gather(run, rollout.sde_mask, len(rows), cfg.rollout_batch_size)
                 adv = ddpo_advantages(rewards, values, sde_mask, rows, tracker, cfg)
                 metrics["adv/abs_mean"] = adv[sde_mask].abs().mean().item()
+                if values is not None and cfg.advantages == "dense" and cfg.dense_calibration == "batch":
+                    metrics["adv/value_slope"] = calibration_slope(values, rewards, cfg.group_size)
                 # 4. inner epochs of PPO-clip with importance sampling
                 _, generator = pg.epoch_generator(run, epoch, 2)
                 with run.timer("update"):

@@ -15,6 +15,8 @@ Group relative policy optimisation on the flow SDE. Each epoch:
                           carried exactly, V(z_k) = V(z_{k+1}) (``exact_ode``): after a Fast window's last
                           stochastic step the value is R itself, so the critic is called only at the window's
                           latents, and with lambda = 0 the window's raw advantages sum to R - V(z_window start).
+                          ``dense_calibration: batch`` first rescales each latent's V around its group mean by the
+                          batch's least-squares slope of R on V (rl.advantages.calibrate_values).
    Both clipped to [-adv_clip, adv_clip].
 4. Policy update on a random ``timestep_fraction`` of each sample's stochastic steps (Eq. 8):
      rho_k = pi_theta(z_{k+1} | z_k) / pi_old(z_{k+1} | z_k)
@@ -52,7 +54,7 @@ from torch import Tensor
 from policies import lora
 from rl import common, cotrain, distributed
 from rl import policy_gradient as pg
-from rl.advantages import dense_advantages, group_normalize
+from rl.advantages import calibration_slope, dense_advantages, group_normalize
 from rl.checkpoint import NonFiniteError
 from rl.config import ConfigError, check, option
 from rl.signals import GracefulExit
@@ -89,6 +91,10 @@ class GRPOConfig(common.EMAAdapters):
         "global", help="dense: after centring per (group, step) divide by the global std, the (group, step) std, "
                        "or nothing")
     exact_ode: bool = option(True, help=pg.EXACT_ODE_HELP)
+    dense_calibration: Literal["none", "batch"] = option(
+        "none", help="dense: 'batch' rescales each step's values around their group mean by the batch's least-squares "
+                     "slope of R on V before the advantages (rl.advantages.calibrate_values), so a step where the "
+                     "critic carries little information gets little credit; logged as adv/value_slope")
     lr: float = option(3e-4, help="AdamW learning rate of the LoRA (Flow-GRPO: 3e-4)")
     weight_decay: float = option(1e-4, help="AdamW weight decay")
     max_grad_norm: float = option(1.0, help="gradient clipping")
@@ -151,7 +157,7 @@ def grpo_advantages(rewards: Tensor, values: Tensor | None, sde_mask: Tensor, cf
         if values is None:
             raise ValueError("dense advantages need the critic's values along the trajectories")
         adv = dense_advantages(values, rewards, sde_mask, cfg.gae_lambda, cfg.group_size, cfg.dense_norm,
-                               cfg.adv_eps, cfg.exact_ode)
+                               cfg.adv_eps, cfg.exact_ode, cfg.dense_calibration == "batch")
     return torch.where(sde_mask, adv.clamp(-cfg.adv_clip, cfg.adv_clip), torch.zeros_like(adv))
 
 
@@ -201,6 +207,8 @@ def train(run: common.Run, cfg: GRPOConfig, resume: str | None = None) -> dict[s
                 sde_mask = pg.gather(run, rollout.sde_mask, len(rows), cfg.rollout_batch_size)
                 adv = grpo_advantages(rewards, values, sde_mask, cfg)
                 metrics["adv/abs_mean"] = adv[sde_mask].abs().mean().item()
+                if values is not None and cfg.advantages == "dense" and cfg.dense_calibration == "batch":
+                    metrics["adv/value_slope"] = calibration_slope(values, rewards, cfg.group_size)
                 # 4. PPO-clip + KL on a fraction of the stochastic steps
                 _, generator = pg.epoch_generator(run, epoch, 2)
                 with run.timer("update"):

@@ -37,7 +37,8 @@ def test_dense_advantages_centre_per_step_over_the_batch():
 
 @pytest.mark.parametrize("critic,overrides", [
     ("terminal", ["algo.inner_epochs=2", "algo.stat_min_count=2"]),
-    ("tweedie", ["algo.advantages=dense", "algo.inner_epochs=1", "algo.timestep_fraction=0.5"]),
+    ("tweedie", ["algo.advantages=dense", "algo.inner_epochs=1", "algo.timestep_fraction=0.5",
+                 "algo.dense_calibration=batch"]),
 ])
 def test_smoke_run(tmp_path, critic, overrides):
     out = run_tiny(tmp_path, "ddpo", critic, *overrides)
@@ -45,6 +46,7 @@ def test_smoke_run(tmp_path, critic, overrides):
     train_rows = [r for r in metrics(out) if "loss/policy" in r]
     assert len(train_rows) == 2 and all("policy/approx_kl" in r for r in train_rows)
     assert ("critic/value_mse" in train_rows[0]) == (critic == "tweedie")
+    assert ("adv/value_slope" in train_rows[0]) == (critic == "tweedie")  # dense_calibration=batch logs its slope
     assert all(r["loss/kl"] == 0 for r in train_rows)  # DDPO: no KL term by default
 
 

@@ -14,8 +14,8 @@ from policies import samplers
 from policies.testing import tiny_policy
 from rl import grpo, train
 from rl import policy_gradient as pg
-from rl.advantages import (dense_advantages, dense_step_advantages, gae_advantages, normalize_step_advantages,
-                           ode_values, value_steps)
+from rl.advantages import (calibrate_values, calibration_slope, dense_advantages, dense_step_advantages, gae_advantages,
+                           normalize_step_advantages, ode_values, value_steps)
 
 TINY = str(Path(__file__).with_name("tiny.yaml"))
 # tiny.yaml's algo node is DiffusionNFT's; these are the keys each trainer does not have
@@ -108,6 +108,37 @@ def test_ode_values_carry_V_exactly_across_deterministic_steps():
     torch.testing.assert_close(crit[:, 1:3], torch.tensor([[0.3, 0.1], [-2.0, 3.0]]) - torch.tensor([[-0.85, 1.55]]))  # centred per step
     with pytest.raises(ValueError, match="disagree"):
         ode_values(values, rewards, mask[:, :3])
+
+
+def test_value_calibration_recovers_a_planted_slope_and_keeps_the_telescope():
+    """calibrate_values: V's within-group deviations times the within-group LS slope of R on V, per latent."""
+    torch.manual_seed(0)
+    P, G = 400, 8
+    v_star = torch.randn(P * G)                                   # E[R | z_1] within groups
+    shift = torch.randn(P).repeat_interleave(G)                   # per-group offsets: removed by centring
+    noisy = 3.0 * v_star + 0.5 * torch.randn(P * G) + 5.0 + shift  # a critic on another scale
+    # latents z_0..z_4 of a 3-step window at steps 1-3: z_1 is shared within a group (group noise), the critic is
+    # read at z_1..z_3, and z_4's entry is replaced by R
+    values = torch.stack([torch.full((P * G,), math.nan), shift, noisy, -noisy, torch.full((P * G,), 9.0)], 1)
+    rewards = v_star + 0.5 * torch.randn(P * G)
+    out, beta = calibrate_values(values, rewards, G)
+    assert math.isnan(beta[0]) and bool(out[:, 0].isnan().all())  # not valued: left alone
+    assert beta[2].item() == pytest.approx(3.0 / 9.25, rel=0.05)    # cov(V, R) / var(V) = 3 / (9 + 0.25)
+    assert beta[1].item() == 0.0 and beta[3].item() == 0.0 and beta[4].item() == 0.0  # no spread; negative; constant
+    dev = lambda x: (x.view(P, G) - x.view(P, G).mean(1, keepdim=True)).flatten()  # noqa: E731
+    torch.testing.assert_close(dev(out[:, 2]), beta[2] * dev(noisy))
+    torch.testing.assert_close(out[:, 2].view(P, G).mean(1), noisy.view(P, G).mean(1))  # group means kept
+    torch.testing.assert_close(out[:, 1], shift)
+    # through dense_advantages: the window's advantages still sum to R - mean_group R, the step-1 share shrinks
+    mask = torch.tensor([False, True, True, True]).expand(P * G, -1)
+    plain = dense_advantages(values, rewards, mask, 0.0, G, "none")
+    calibrated = dense_advantages(values, rewards, mask, 0.0, G, "none", calibrate=True)
+    for adv in (plain, calibrated):
+        torch.testing.assert_close(adv.sum(1), dev(rewards))
+    torch.testing.assert_close(calibrated[:, 1], beta[2] * dev(noisy))
+    assert calibration_slope(values, rewards, G) == pytest.approx(beta[1:].mean().item())
+    with pytest.raises(ValueError, match="groups of >= 2"):
+        calibrate_values(values, rewards, 1)
 
 
 def test_dense_fast_window_calls_the_critic_only_in_the_window(tmp_path, monkeypatch):
@@ -283,7 +314,8 @@ def test_config_errors(tmp_path, capsys):
 
 @pytest.mark.parametrize("critic,overrides", [
     ("terminal", ["algo.guidance_scale=2.0", "algo.sde_window=2", "algo.sde_window_start=[0,2]", "algo.group_noise=true"]),
-    ("tweedie", ["algo.advantages=dense", "algo.gae_lambda=0.5", "algo.timestep_fraction=0.5"]),
+    ("tweedie", ["algo.advantages=dense", "algo.gae_lambda=0.5", "algo.timestep_fraction=0.5",
+                 "algo.dense_calibration=batch"]),
     ("mc", ["algo.advantages=dense", "algo.timestep_fraction=0.25", "critic.num_rollouts=2", "critic.num_steps=2"]),
 ])
 def test_smoke_run(tmp_path, critic, overrides):
@@ -294,6 +326,7 @@ def test_smoke_run(tmp_path, critic, overrides):
     assert len(train_rows) == 2 and any("eval/score" in r for r in rows)
     assert all(r["policy/ratio"] == pytest.approx(1.0, abs=1e-3) for r in train_rows)
     assert ("critic/value_mse@sigma<=1.00" in train_rows[0]) == (critic != "terminal")
+    assert ("adv/value_slope" in train_rows[0]) == ("algo.dense_calibration=batch" in overrides)
 
 
 @pytest.mark.parametrize("algo", ["grpo", "ddpo"])
