@@ -1,6 +1,6 @@
 """How a critic splits GRPO-Fast's credit between the window's two steps, against the truth (issues #6 and #4).
 
-    python benchmarks/window_credit.py                      # 16 train prompts x 8 samples x 8 continuations, CPU
+    python benchmarks/window_credit.py                      # 16 train prompts x 8 samples x 9 continuations, CPU
     python benchmarks/window_credit.py --device cuda --prompts 64
 
 Flow-GRPO-Fast as shipped (configs/experiments/shapes_gpu_grpo.yaml: 10 steps, eta 0.7, CFG 1, a 2-step SDE window
@@ -12,12 +12,12 @@ V(z_{k+2}) = R exactly (rl.advantages.ode_values). With GAE lambda 0 and centrin
     A_{k+1} = (R - V(z_{k+1})) - mean_group (R - V(z_{k+1}))
 
 So one critic value per sample, at sigma_{k+1}, decides how the group-relative reward R - mean R is split between
-the two steps. The truth is V*(z_{k+1}) = E[R | z_{k+1}]: here the mean of M continuations (step k+1's SDE noise,
-then the ODE) under the rollout policy, with R the first continuation. Per window start k (the critic is asked at
+the two steps. The truth is V*(z_{k+1}) = E[R | z_{k+1}]: here the mean of M - 1 continuations (step k+1's SDE
+noise, then the ODE) under the rollout policy, and R another, independent one. Per window start k (the critic is asked at
 sigma_{k+1}), within groups (group means removed, pooled over prompts):
 
     share*   Var V* / Var R: the share of the group-relative reward variance that step k's action decides. It is
-             corrected for the M-sample noise of V* (the continuations' variance / M is subtracted).
+             corrected for the noise of V* (the continuations' variance / (M - 1) is subtracted).
     rho      Spearman of the critic's V(z_{k+1}) against V*.
     slope    least-squares slope of V* on V: 1 = the critic's within-group differences have the right scale;
              0 = they carry no information.
@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", type=int, default=16, help="train prompts (one group each)")
     p.add_argument("--group", type=int, default=8, help="G: samples per prompt sharing z_T")
-    p.add_argument("--continuations", type=int, default=8, help="M: rollouts from each z_{k+1} for V*")
+    p.add_argument("--continuations", type=int, default=9, help="M: rollouts from each z_{k+1} (R and M - 1 for V*)")
     p.add_argument("--starts", default=",".join(map(str, WINDOW_STARTS)), help="window starts k")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="cpu")
@@ -117,8 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     for k in (int(x) for x in args.starts.split(",")):
         generator = torch.Generator(dev).manual_seed(args.seed * 100 + k)
         z1, rows, r = window_rollouts(policy, reward, prompts, k, g, m, args.batch_size, generator)
-        v_star = within(r.mean(1).cpu(), g)
-        noise = float(r.var(1, unbiased=True).mean()) / m  # the M-sample noise in V*
+        # R: the first continuation (the rollout a trainer sees); V*: the mean of the other M - 1, independent of it
+        v_star = within(r[:, 1:].mean(1).cpu(), g)
+        noise = float(r[:, 1:].var(1, unbiased=True).mean()) / (m - 1)  # the (M-1)-sample noise in V*
         r_one = within(r[:, 0].cpu(), g)
         var_r = float(np.mean(r_one**2)) * g / (g - 1)
         share = (float(np.mean(v_star**2)) * g / (g - 1) - noise) / var_r
