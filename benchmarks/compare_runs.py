@@ -1,9 +1,10 @@
 """Compare training runs by held-out score against wall-clock, from their metrics.jsonl.
 
     python benchmarks/compare_runs.py runs/nft_stitchvm runs/nft_terminal --metric eval/overall
-    python benchmarks/compare_runs.py docs/bench/s9_grpo_fast_exact.jsonl docs/bench/s9_grpo_fast_terminal.jsonl
+    python benchmarks/compare_runs.py docs/bench/s9_grpo_fast_exact_h200.jsonl.gz docs/bench/s9_grpo_fast_terminal_h200.jsonl.gz
 
-Each argument is a run directory or its metrics.jsonl (the GPU scripts keep only that file).
+Each argument is a run directory or its metrics.jsonl (the GPU scripts keep only that file), gzipped or not (the
+records in docs/bench are gzipped: the device tool uploads the working tree, at most 64 MiB with what it carries).
 
 Prints, per run: the score at start and end, the gain, wall-clock, and the time each run needed to reach the
 other's final score (within --tol), so "the same final score in <= 1/2 of the wall-clock" is read off directly.
@@ -12,6 +13,7 @@ other's final score (within --tol), so "the same final score in <= 1/2 of the wa
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 from pathlib import Path
 
@@ -20,7 +22,8 @@ def curve(run: Path, metric: str) -> list[tuple[float, float]]:
     path = run / "metrics.jsonl" if run.is_dir() else run
     if not path.is_file():
         raise SystemExit(f"{run}: not a run directory with a metrics.jsonl, nor a metrics file")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     points = [(r["wall_time"], r[metric]) for r in rows if metric in r]
     if not points:
         raise SystemExit(f"{path}: no '{metric}' in it")

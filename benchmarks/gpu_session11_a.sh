@@ -6,7 +6,7 @@
 # start; algo.dense_calibration=batch turns an uninformative critic's share into ~no credit.
 #   GPU 0: GRPO-Fast, --critic stitchvm_experts          GPU 1: GRPO-Fast, --critic stitchvm, dense_calibration=batch
 #   GPU 2: DDPO-Fast, --critic stitchvm_experts          GPU 3: DRaFT-1, --critic stitchvm_experts
-# Compare with docs/bench/s10b_grpo_fast.jsonl (stitchvm) and s10b_grpo_fast_terminal.jsonl / s10b_ddpo_fast*.jsonl.
+# Compare with docs/bench/s10b_grpo_fast.jsonl.gz (stitchvm) and s10b_grpo_fast_terminal.jsonl.gz / s10b_ddpo_fast*.jsonl.gz.
 #   bash benchmarks/gpu_session11_a.sh OUT
 set -u
 OUT=${1:?out}; MINUTES=${MINUTES:-8.5}; source benchmarks/session3_lib.sh

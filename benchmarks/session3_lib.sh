@@ -36,7 +36,7 @@ cpu() {
 report() { for f in $OUT/log/*.txt; do echo "== $f"; grep -a "eval/overall" $f | sed 's/.*eval\/overall=/overall=/' | tr '\n' ' '; echo; done; }
 # finish NAME...: after `wait`, each run's held-out evaluations and final line, then keep only its metrics.jsonl
 # ($OUT/sN_NAME.jsonl with N = $SESSION) -- the run directories (checkpoints) would push the call's archive over the
-# transfer limit
+# transfer limit. Keep them in docs/bench gzipped (`gzip -n`): the device tool uploads the working tree (64 MiB at most).
 finish() {
   for n in "$@"; do
     echo "== $n"

@@ -1,0 +1,26 @@
+"""benchmarks/compare_runs.py: the held-out curve of a run's metrics file, plain or gzipped (docs/bench keeps them
+gzipped), and the time each run first reaches a score."""
+
+import gzip
+import json
+
+import pytest
+
+from benchmarks.compare_runs import curve, time_to_reach
+
+
+def test_plain_and_gzipped_metrics_give_the_same_curve(tmp_path):
+    rows = [{"step": 0, "wall_time": 3.0, "eval/overall": 0.3}, {"step": 1, "wall_time": 5.0, "reward/mean": 0.7},
+            {"step": 10, "wall_time": 20.0, "eval/overall": 0.45}, {"step": 20, "wall_time": 40.0, "eval/overall": 0.42}]
+    text = "\n".join(json.dumps(r) for r in rows) + "\n"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text(text)
+    (tmp_path / "m.jsonl.gz").write_bytes(gzip.compress(text.encode(), mtime=0))
+    expected = [(3.0, 0.3), (20.0, 0.45), (40.0, 0.42)]
+    assert curve(tmp_path / "run", "eval/overall") == expected
+    assert curve(tmp_path / "m.jsonl.gz", "eval/overall") == expected
+    assert time_to_reach(expected, 0.42) == 20.0 and time_to_reach(expected, 0.5) is None
+    with pytest.raises(SystemExit, match="no 'eval/score'"):
+        curve(tmp_path / "m.jsonl.gz", "eval/score")
+    with pytest.raises(SystemExit, match="not a run directory"):
+        curve(tmp_path / "missing", "eval/overall")
