@@ -7,6 +7,9 @@
 #   GPU 0: GRPO-Fast, --critic stitchvm_experts          GPU 1: GRPO-Fast, --critic stitchvm, dense_calibration=batch
 #   GPU 2: DDPO-Fast, --critic stitchvm_experts          GPU 3: DRaFT-1, --critic stitchvm_experts
 # Compare with docs/bench/s10b_grpo_fast.jsonl.gz (stitchvm) and s10b_grpo_fast_terminal.jsonl.gz / s10b_ddpo_fast*.jsonl.gz.
+# Wall-clock against decode-and-score needs twins at the same settings (8 checker workers): s10d_ddpo_fast_terminal_w8
+# is DDPO's; GRPO's twin (s10b) ran with the single-process checker (7.7 s per evaluation instead of 4.3 s), so rerun it
+# (train N grpo terminal grpo_fast_terminal $K algo.advantages=sparse) next to a run that passes +0.15.
 #   bash benchmarks/gpu_session11_a.sh OUT
 set -u
 OUT=${1:?out}; MINUTES=${MINUTES:-8.5}; source benchmarks/session3_lib.sh
