@@ -33,7 +33,6 @@ Tweedie (decode-and-score of z_t - sigma v at sigma_{k+1}) is the decode-and-sco
 from __future__ import annotations
 
 import argparse
-import math
 
 import numpy as np
 import torch

@@ -81,10 +81,7 @@ class DDPOConfig(common.EMAAdapters):
     dense_norm: Literal["global", "group_step", "none"] = option(
         "global", help="dense: after centring per step divide by the global std, the per-step std, or nothing")
     exact_ode: bool = option(True, help=pg.EXACT_ODE_HELP)
-    dense_calibration: Literal["none", "batch"] = option(
-        "none", help="dense: 'batch' rescales each step's values around their group mean by the batch's least-squares "
-                     "slope of R on V before the advantages (rl.advantages.calibrate_values), so a step where the "
-                     "critic carries little information gets little credit; logged as adv/value_slope")
+    dense_calibration: Literal["none", "batch"] = option("none", help=pg.DENSE_CALIBRATION_HELP)
     adv_eps: float = option(1e-4, help="dense: eps added to the std")
     kl_beta: float = option(0.0, help="weight of Flow-GRPO's KL to the reference (adapters off); DDPO has none (0), "
                                       "> 0 anchors a long run")

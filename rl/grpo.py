@@ -91,10 +91,7 @@ class GRPOConfig(common.EMAAdapters):
         "global", help="dense: after centring per (group, step) divide by the global std, the (group, step) std, "
                        "or nothing")
     exact_ode: bool = option(True, help=pg.EXACT_ODE_HELP)
-    dense_calibration: Literal["none", "batch"] = option(
-        "none", help="dense: 'batch' rescales each step's values around their group mean by the batch's least-squares "
-                     "slope of R on V before the advantages (rl.advantages.calibrate_values), so a step where the "
-                     "critic carries little information gets little credit; logged as adv/value_slope")
+    dense_calibration: Literal["none", "batch"] = option("none", help=pg.DENSE_CALIBRATION_HELP)
     lr: float = option(3e-4, help="AdamW learning rate of the LoRA (Flow-GRPO: 3e-4)")
     weight_decay: float = option(1e-4, help="AdamW weight decay")
     max_grad_norm: float = option(1.0, help="gradient clipping")

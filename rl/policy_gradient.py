@@ -80,6 +80,10 @@ class SDERollout(NamedTuple):
 EXACT_ODE_HELP = ("dense: V carried exactly across ODE steps, V(z_k) = V(z_k+1) (after a Fast window's last "
                   "stochastic step V = R), the critic only at latents that begin a stochastic step (its calibration "
                   "metrics too); false: the critic at every latent (the sessions-5-7 runs)")
+DENSE_CALIBRATION_HELP = ("dense: 'batch' rescales each step's values around their group mean by the batch's "
+                          "least-squares slope of R on V before the advantages (rl.advantages.calibrate_values), so a "
+                          "step where the critic carries little information gets little credit; logged as "
+                          "adv/value_slope")
 
 
 def check_window(num_steps: int, window: int, window_start: tuple[int, int]) -> None:

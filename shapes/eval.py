@@ -63,7 +63,8 @@ import torch
 from scipy import ndimage
 from torch import Tensor
 
-from shapes.data import COLORS, SHAPE_ASPECT, SHAPES, PromptSpec, coverage, parse_caption, relation_axis
+from shapes.data import (COLORS, SHAPE_ASPECT, SHAPES, PromptSpec, coverage, parse_caption, relation_axis,
+                         spec_kind)
 
 REFERENCE_SIZE = 64  # the pixel constants below are for a 64^2 image and scale with min(H, W) / 64
 SMOOTH_SIGMA = 0.6  # px
@@ -316,7 +317,7 @@ class ShapesEval:
         rows = self._score(pixels, specs)
         columns = {k: torch.tensor([r[k] for r in rows], dtype=torch.float32, device=images.device) for k in CRITERIA}
         has_relation = torch.tensor([s.relation is not None for s in specs], dtype=torch.bool, device=images.device)
-        single = torch.tensor([len(s.groups) == 1 for s in specs], dtype=torch.bool, device=images.device)
+        single = torch.tensor([spec_kind(s) == "single" for s in specs], dtype=torch.bool, device=images.device)
         nan = torch.full_like(columns["overall"], math.nan)
         return ShapesEvalResult(**columns, has_relation=has_relation,
                                 overall_single=torch.where(single, columns["overall"], nan),
