@@ -47,14 +47,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seeds", default="1,0", help="prompt seeds: validation (1) first, then the test prompts (0)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--expert", action="append", default=None, metavar="NAME=DIR",
+                   help="an expert to blend (repeatable); default: the two shipped prompt experts")
     args = p.parse_args(argv)
+    paths = dict(e.split("=", 1) for e in args.expert) if args.expert else EXPERTS
     dev = torch.device(args.device)
     torch.manual_seed(0)
     policy = models.load_shapes_policy(dev).eval().requires_grad_(False)
     reward = models.load_shapes_reward(dev)
     cfg = models.policy_config(None)
     text = HeadText(policy.encode_prompts)
-    experts = {n: load.stitchvm(policy, reward, d, head_text=text).eval() for n, d in EXPERTS.items()}
+    experts = {n: load.stitchvm(policy, reward, d, head_text=text).eval() for n, d in paths.items()}
     critics = {**experts, "mean": MeanCritic(list(experts.values())).eval(),
                "tweedie": TweedieCritic(policy, reward, guidance_scale=cfg.guidance_scale).eval()}
     sigmas = tuple(float(s) for s in args.sigmas.split(","))

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Session-10 GPU call for issue #4 on four H100s (nvidia-h100-x4): four critic builds at once, one per card, then the
-# value benchmark (512 prompts, sigma 0.1 / 0.25 / 0.5 / 0.75, validation prompts (seed 1), then test (seed 0)).
+# Session-11 GPU call for issue #4 (written in session 10, not run then; the blend band added in session 11) on four
+# H100s (nvidia-h100-x4): four critic builds at once, one per card, then the value benchmark (512 prompts, sigma
+# 0.1 / 0.25 / 0.5 / 0.75, validation prompts (seed 1), then test (seed 0)).
 #   GPU 0: the low-sigma prompt expert's recipe (shapes/weights/stitchvm_prompt_low/build.json) with a 3x larger bank
 #          of policy samples (98304; each seen ~2.6x in 4000 steps instead of ~8x), student from E(D(z0)) (as shipped)
 #   GPU 1: the same with policy_samples.student_latents=own (the student starts from the policy's own z0)
 #   GPU 2: stage 3 (on-policy value regression, critics/onpolicy.py) from the shipped low-sigma expert, noise levels
 #          U(0, 0.5) (the ones it serves), run to the end of a 600-step schedule (sessions 2 and 6 stopped it halfway)
 #   GPU 3: the uniform prompt expert's recipe (shapes/weights/stitchvm_prompt) with the 98304 bank
-#   bash benchmarks/gpu_session10_c.sh OUT
+# While GPU 0 runs the value benchmark, GPU 1 measures the mean of the two shipped prompt experts at sigma 0.4 / 0.5 / 0.6
+# (benchmarks/expert_blend.py; session 10 measured 0.5 only, on the CPU), the band a blend would serve.
+#   bash benchmarks/gpu_session11_c.sh OUT
 set -u
 OUT=${1:?out}; mkdir -p $OUT/log
 crit() {  # GPU NAME overrides...: one critics.build with the prompt experts' settings, stopped after BUILD_S seconds
@@ -33,10 +36,14 @@ V=(python -m critics.bench_value --device cuda --n-prompts 512 --batch-size 512 
    --variant prompt_unif=shapes/weights/stitchvm_prompt --retrieval-images 0 --out "")
 for n in low_bank98k low_bank98k_own low_stage3 unif_bank98k; do
   [ -f $OUT/$n/stitchvm.json ] && V+=(--variant $n=$OUT/$n); done
+CUDA_VISIBLE_DEVICES=1 timeout ${BLEND_S:-200} python benchmarks/expert_blend.py --device cuda --batch-size 512 \
+  --sigmas 0.4,0.5,0.6 > $OUT/blend.md 2> $OUT/log/blend.err &
+export CUDA_VISIBLE_DEVICES=0
 for seed in 1 0; do
   timeout ${BENCH_S:-90} "${V[@]}" --prompt-seed $seed --json $OUT/bench_seed$seed.json > $OUT/bench_seed$seed.md \
     2>$OUT/log/bench_seed$seed.err
   echo "== bench prompt seed $seed"; cat $OUT/bench_seed$seed.md; tail -2 $OUT/log/bench_seed$seed.err
 done
+wait; echo "== blend"; cat $OUT/blend.md; tail -2 $OUT/log/blend.err
 for n in low_bank98k low_bank98k_own low_stage3 unif_bank98k; do rm -rf $OUT/$n/checkpoints $OUT/$n/ckpt* ; done
 du -sh $OUT
