@@ -45,5 +45,9 @@ for seed in 1 0; do
   echo "== bench prompt seed $seed"; cat $OUT/bench_seed$seed.md; tail -2 $OUT/log/bench_seed$seed.err
 done
 wait; echo "== blend"; cat $OUT/blend.md; tail -2 $OUT/log/blend.err
-for n in low_bank98k low_bank98k_own low_stage3 unif_bank98k; do rm -rf $OUT/$n/checkpoints $OUT/$n/ckpt* ; done
-du -sh $OUT
+# The device tool returns at most 8 files from $OUT (16 MiB each): one tar per build, one for the rest. In session 11
+# the builds came back without this (31 files) and were lost; only the printed tables above were kept.
+for n in low_bank98k low_bank98k_own low_stage3 unif_bank98k; do
+  rm -rf $OUT/$n/checkpoints $OUT/$n/ckpt*; [ -d $OUT/$n ] && tar -cf $OUT/$n.tar -C $OUT $n && rm -rf $OUT/$n; done
+(cd $OUT && tar -cf results.tar log *.json *.md *.png 2>/dev/null && rm -rf log *.json *.md *.png)
+ls -la $OUT
