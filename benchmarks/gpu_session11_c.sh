@@ -10,6 +10,9 @@
 #   GPU 3: the uniform prompt expert's recipe (shapes/weights/stitchvm_prompt) with the 98304 bank
 # While GPU 0 runs the value benchmark, GPU 1 measures the mean of the two shipped prompt experts at sigma 0.4 / 0.5 / 0.6
 # (benchmarks/expert_blend.py; session 10 measured 0.5 only, on the CPU), the band a blend would serve.
+# Run in session 11 with BUILD_S=320: the three stage-2 builds stopped near step 2500 of 4000 (the sample bank took 64 s,
+# and 4000 steps took 359 s for the shipped build), so they were benchmarked from a checkpoint; only stage 3 finished.
+# A build to its end needs BUILD_S ~480, which leaves no time in one call for the benchmark after it.
 #   bash benchmarks/gpu_session11_c.sh OUT
 set -u
 OUT=${1:?out}; mkdir -p $OUT/log
