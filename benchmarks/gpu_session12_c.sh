@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Next GPU call for issue #4 (written in session 11, not yet run), four H100s (nvidia-h100-x4), one build per card, then
+# the value benchmark on 512 validation (seed 1) and 512 test (seed 0) prompts at sigma 0.1 / 0.25 / 0.5 / 0.75 / 0.9.
+# Session 11 (docs/critic.md) found stage 3 run to the end of its schedule the one lever that moved sigma >= 0.5
+# (+0.02 at 0.5, +0.08 at 0.75), but its weights did not come back (the device tool returns at most 8 files), and its
+# stage-2 builds stopped at ~60 % of their schedule: a step there costs ~0.1 s whatever the card, so the GPU is idle
+# most of it and a 4x larger batch should cost little more per step.
+#   GPU 0: stage 3 from the low-sigma expert, sigma ~ U(0, 0.5), 600 steps (session 11's build, again, to ship)
+#   GPU 1: stage 3 from the uniform expert, sigma ~ U(0.5, 1.0), 600 steps (the band it serves)
+#   GPU 2: the low-sigma expert's recipe, bank of 98304 samples, batch 512 for 2000 steps (2x the samples of 4000 x 128)
+#   GPU 3: the uniform expert's recipe, the same
+# Each build comes back as one tar (NAME.tar); the logs, tables and JSON as results.tar.
+#   bash benchmarks/gpu_session12_c.sh OUT
+set -u
+OUT=${1:?out}; mkdir -p $OUT/log
+crit() {  # GPU NAME overrides...: one critics.build with the prompt experts' settings, stopped after BUILD_S seconds
+  local g=$1 n=$2; shift 2
+  CUDA_VISIBLE_DEVICES=$g timeout ${BUILD_S:-340} env OMP_NUM_THREADS=8 python -m critics.build \
+    --config configs/critic/build_shapes.yaml device=cuda num_workers=12 distill.progress=false distill.log_every=250 \
+    onpolicy.progress=false onpolicy.log_every=100 head_conditioning=prompt 'search.pinned=[7,1]' \
+    policy_samples.n=98304 policy_samples.batch_size=2048 \
+    'policy_samples.prompts={_component_: shapes.data.prompts, split: train, n: 65536, seed: 5}' \
+    output_dir=$OUT/$n heatmap=$OUT/$n.png "$@" > $OUT/log/$n.txt 2>&1
+}
+LOW="distill.sigma_sampling=logit_normal distill.sigma_mean=-2.2 distill.sigma_std=0.6"
+BIG="distill.batch_size=512 distill.max_steps=2000 loader_batch_size=512"
+crit 0 low_stage3 init_from=shapes/weights/stitchvm_prompt_low onpolicy.enabled=true onpolicy.steps=600 \
+  'onpolicy.sigma_range=[0.0,0.5]' &
+crit 1 unif_stage3 init_from=shapes/weights/stitchvm_prompt onpolicy.enabled=true onpolicy.steps=600 \
+  'onpolicy.sigma_range=[0.5,1.0]' &
+crit 2 low_b512 $LOW $BIG &
+crit 3 unif_b512 distill.sigma_sampling=uniform $BIG &
+nvidia-smi --query-gpu=name --format=csv,noheader | head -1
+wait
+grep -h "policy samples\|build:save\|step 2000\|step 600\|rror" $OUT/log/*.txt
+NAMES="low_stage3 unif_stage3 low_b512 unif_b512"
+V=(python -m critics.bench_value --device cuda --n-prompts 512 --batch-size 512 --sigmas 0.1,0.25,0.5,0.75,0.9
+   --critics tweedie --variant prompt_low=shapes/weights/stitchvm_prompt_low
+   --variant prompt_unif=shapes/weights/stitchvm_prompt --retrieval-images 0 --out "")
+for n in $NAMES; do [ -f $OUT/$n/stitchvm.json ] && V+=(--variant $n=$OUT/$n); done
+for seed in 1 0; do  # one card each, at once
+  CUDA_VISIBLE_DEVICES=$seed timeout ${BENCH_S:-150} "${V[@]}" --prompt-seed $seed --json $OUT/bench_seed$seed.json \
+    > $OUT/bench_seed$seed.md 2>$OUT/log/bench_seed$seed.err &
+done
+wait
+for seed in 1 0; do echo "== bench prompt seed $seed"; cat $OUT/bench_seed$seed.md; tail -2 $OUT/log/bench_seed$seed.err; done
+for n in $NAMES; do
+  rm -rf $OUT/$n/checkpoints $OUT/$n/ckpt*; [ -d $OUT/$n ] && tar -cf $OUT/$n.tar -C $OUT $n && rm -rf $OUT/$n; done
+(cd $OUT && tar -cf results.tar log *.json *.md *.png 2>/dev/null && rm -rf log *.json *.md *.png)
+ls -la $OUT
