@@ -15,16 +15,7 @@
 # A build to its end needs BUILD_S ~480, which leaves no time in one call for the benchmark after it.
 #   bash benchmarks/gpu_session11_c.sh OUT
 set -u
-OUT=${1:?out}; mkdir -p $OUT/log
-crit() {  # GPU NAME overrides...: one critics.build with the prompt experts' settings, stopped after BUILD_S seconds
-  local g=$1 n=$2; shift 2
-  CUDA_VISIBLE_DEVICES=$g timeout ${BUILD_S:-330} env OMP_NUM_THREADS=8 python -m critics.build \
-    --config configs/critic/build_shapes.yaml device=cuda num_workers=8 distill.progress=false distill.log_every=500 \
-    onpolicy.progress=false onpolicy.log_every=100 head_conditioning=prompt 'search.pinned=[7,1]' \
-    policy_samples.n=98304 policy_samples.batch_size=2048 \
-    'policy_samples.prompts={_component_: shapes.data.prompts, split: train, n: 65536, seed: 5}' \
-    output_dir=$OUT/$n heatmap=$OUT/$n.png "$@" > $OUT/log/$n.txt 2>&1
-}
+OUT=${1:?out}; source benchmarks/critic_call_lib.sh  # crit GPU NAME overrides..., pack NAMES
 LOW="distill.sigma_sampling=logit_normal distill.sigma_mean=-2.2 distill.sigma_std=0.6"
 crit 0 low_bank98k $LOW &
 crit 1 low_bank98k_own $LOW policy_samples.student_latents=own &
@@ -48,9 +39,4 @@ for seed in 1 0; do
   echo "== bench prompt seed $seed"; cat $OUT/bench_seed$seed.md; tail -2 $OUT/log/bench_seed$seed.err
 done
 wait; echo "== blend"; cat $OUT/blend.md; tail -2 $OUT/log/blend.err
-# The device tool returns at most 8 files from $OUT (16 MiB each): one tar per build, one for the rest. In session 11
-# the builds came back without this (31 files) and were lost; only the printed tables above were kept.
-for n in low_bank98k low_bank98k_own low_stage3 unif_bank98k; do
-  rm -rf $OUT/$n/checkpoints $OUT/$n/ckpt*; [ -d $OUT/$n ] && tar -cf $OUT/$n.tar -C $OUT $n && rm -rf $OUT/$n; done
-(cd $OUT && tar -cf results.tar log *.json *.md *.png 2>/dev/null && rm -rf log *.json *.md *.png)
-ls -la $OUT
+pack low_bank98k low_bank98k_own low_stage3 unif_bank98k  # (added after the session-11 run: its builds were lost)

@@ -12,16 +12,7 @@
 # Each build comes back as one tar (NAME.tar); the logs, tables and JSON as results.tar.
 #   bash benchmarks/gpu_session12_c.sh OUT
 set -u
-OUT=${1:?out}; mkdir -p $OUT/log
-crit() {  # GPU NAME overrides...: one critics.build with the prompt experts' settings, stopped after BUILD_S seconds
-  local g=$1 n=$2; shift 2
-  CUDA_VISIBLE_DEVICES=$g timeout ${BUILD_S:-340} env OMP_NUM_THREADS=8 python -m critics.build \
-    --config configs/critic/build_shapes.yaml device=cuda num_workers=12 distill.progress=false distill.log_every=250 \
-    onpolicy.progress=false onpolicy.log_every=100 head_conditioning=prompt 'search.pinned=[7,1]' \
-    policy_samples.n=98304 policy_samples.batch_size=2048 \
-    'policy_samples.prompts={_component_: shapes.data.prompts, split: train, n: 65536, seed: 5}' \
-    output_dir=$OUT/$n heatmap=$OUT/$n.png "$@" > $OUT/log/$n.txt 2>&1
-}
+OUT=${1:?out}; BUILD_S=${BUILD_S:-340}; WORKERS=12; LOG_EVERY=250; source benchmarks/critic_call_lib.sh
 LOW="distill.sigma_sampling=logit_normal distill.sigma_mean=-2.2 distill.sigma_std=0.6"
 BIG="distill.batch_size=512 distill.max_steps=2000 loader_batch_size=512"
 crit 0 low_stage3 init_from=shapes/weights/stitchvm_prompt_low onpolicy.enabled=true onpolicy.steps=600 \
@@ -44,7 +35,4 @@ for seed in 1 0; do  # one card each, at once
 done
 wait
 for seed in 1 0; do echo "== bench prompt seed $seed"; cat $OUT/bench_seed$seed.md; tail -2 $OUT/log/bench_seed$seed.err; done
-for n in $NAMES; do
-  rm -rf $OUT/$n/checkpoints $OUT/$n/ckpt*; [ -d $OUT/$n ] && tar -cf $OUT/$n.tar -C $OUT $n && rm -rf $OUT/$n; done
-(cd $OUT && tar -cf results.tar log *.json *.md *.png 2>/dev/null && rm -rf log *.json *.md *.png)
-ls -la $OUT
+pack $NAMES

@@ -1,0 +1,23 @@
+# Shared by benchmarks/gpu_session11_c.sh and later critic calls on several cards (sourced; needs OUT set).
+#   crit GPU NAME [overrides...]  one `critics.build` of configs/critic/build_shapes.yaml with the prompt experts'
+#                                 settings (prompt head, (7, 1), a bank of $BANK policy samples) on card GPU, into
+#                                 $OUT/NAME (log: $OUT/log/NAME.txt), stopped after $BUILD_S seconds; run it with &
+#   pack NAMES                    after the benchmark: one tar per build (NAME.tar) and one for the logs, tables and
+#                                 JSON (results.tar). The device tool returns at most 8 files from $OUT, 16 MiB each:
+#                                 session 11's builds came back file by file and were lost.
+mkdir -p $OUT/log
+crit() {
+  local g=$1 n=$2; shift 2
+  CUDA_VISIBLE_DEVICES=$g timeout ${BUILD_S:-330} env OMP_NUM_THREADS=8 python -m critics.build \
+    --config configs/critic/build_shapes.yaml device=cuda num_workers=${WORKERS:-8} distill.progress=false \
+    distill.log_every=${LOG_EVERY:-500} onpolicy.progress=false onpolicy.log_every=100 head_conditioning=prompt \
+    'search.pinned=[7,1]' policy_samples.n=${BANK:-98304} policy_samples.batch_size=2048 \
+    'policy_samples.prompts={_component_: shapes.data.prompts, split: train, n: 65536, seed: 5}' \
+    output_dir=$OUT/$n heatmap=$OUT/$n.png "$@" > $OUT/log/$n.txt 2>&1
+}
+pack() {
+  for n in "$@"; do
+    rm -rf $OUT/$n/checkpoints $OUT/$n/ckpt*; [ -d $OUT/$n ] && tar -cf $OUT/$n.tar -C $OUT $n && rm -rf $OUT/$n; done
+  (cd $OUT && shopt -s nullglob && f=(log *.json *.md *.png) && tar -cf results.tar "${f[@]}" && rm -rf "${f[@]}")
+  ls -la $OUT
+}
