@@ -24,6 +24,7 @@ from rl.config import ConfigError, check, option
 from rl.metrics import BACKENDS, MetricLogger, Timer
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+MATMUL_PRECISION = ("highest", "high", "medium")  # torch.set_float32_matmul_precision
 MAX_SEED = 2**63  # torch.manual_seed takes < 2**64; room for seed + process index
 
 
@@ -41,6 +42,10 @@ class RunConfig:
     log_backends: tuple[str, ...] = option(("tensorboard",), help="any of tensorboard, wandb")
     wandb_project: str | None = option(None, help="wandb project (with the wandb backend)")
     mixed_precision: str = option("no", help="accelerate mixed precision: no, bf16, fp16")
+    matmul_precision: str = option(
+        "highest", help="float32 matmuls (torch.set_float32_matmul_precision): highest = full fp32; high = TF32 on "
+                        "Ampere and later GPUs (the Shapes DiT's matmuls are mostly full-fp32 compute on an H100); "
+                        "medium = bf16. CPU matmuls are unaffected")
     gradient_accumulation_steps: int = option(
         1, help="micro-batches per optimizer step on each process (a memory knob: batch sizes are global, so the "
                 "update is the same whatever this and the number of processes)")
@@ -66,6 +71,8 @@ class RunConfig:
         check(bool(self.best_metric.strip()), "best_metric", "must name a score of the eval metric, got ''")
         check(self.mixed_precision in MIXED_PRECISION, "mixed_precision",
               f"must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+        check(self.matmul_precision in MATMUL_PRECISION, "matmul_precision",
+              f"must be one of {', '.join(MATMUL_PRECISION)}, got {self.matmul_precision!r}")
 
 
 @dataclass

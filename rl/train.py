@@ -193,8 +193,11 @@ def build_run(composed: Composed):
                           f"run.mixed_precision={run_cfg.mixed_precision}: pass run.mixed_precision={launched} (the "
                           f"run config decides)")
     accelerator = Accelerator(mixed_precision=run_cfg.mixed_precision)
+    # process-wide, as torch has it: every matmul of the run (rollouts, updates, critic, reward, evaluation)
+    torch.set_float32_matmul_precision(run_cfg.matmul_precision)
     accelerator.print(f"{distributed.backend_name(accelerator)}: {accelerator.num_processes} process(es) on "
-                      f"{accelerator.device.type}, mixed precision {run_cfg.mixed_precision}")
+                      f"{accelerator.device.type}, mixed precision {run_cfg.mixed_precision}, float32 matmul "
+                      f"precision {run_cfg.matmul_precision}")
     common.seed_everything(run_cfg.seed + accelerator.process_index)
     with distributed.no_zero3_init(accelerator):  # only the trained transformer is partitioned, by accelerate.prepare
         policy = instantiate(raw["model"], _path="model").to(accelerator.device)

@@ -82,6 +82,13 @@ def _run(tmp_path, name, critic="terminal", *overrides):
     return out
 
 
+def test_run_sets_the_float32_matmul_precision(tmp_path, monkeypatch):
+    seen = []  # torch's setting is process-wide: record the call instead of leaving TF32 on for later tests
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", seen.append)
+    _run(tmp_path, "tf32", "terminal", "run.matmul_precision=high", "run.max_epochs=1", "run.export_lora=false")
+    assert seen == ["high"]
+
+
 @pytest.mark.parametrize("critic", ["terminal", "tweedie"])
 def test_smoke_run_moves_lora_only_and_exports(tmp_path, critic):
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
