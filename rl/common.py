@@ -44,8 +44,8 @@ class RunConfig:
     mixed_precision: str = option("no", help="accelerate mixed precision: no, bf16, fp16")
     matmul_precision: str = option(
         "highest", help="float32 matmuls (torch.set_float32_matmul_precision): highest = full fp32; high = TF32 on "
-                        "Ampere and later GPUs (the Shapes DiT's matmuls are mostly full-fp32 compute on an H100); "
-                        "medium = bf16. CPU matmuls are unaffected")
+                        "Ampere and later GPUs (tensor cores, 10-bit mantissa); medium = bf16. CPU matmuls are "
+                        "unaffected")
     gradient_accumulation_steps: int = option(
         1, help="micro-batches per optimizer step on each process (a memory knob: batch sizes are global, so the "
                 "update is the same whatever this and the number of processes)")
