@@ -1,0 +1,100 @@
+"""What `run.matmul_precision` buys on the Shapes policy: the pieces of a trainer's epoch timed per precision.
+
+    python benchmarks/matmul_precision.py                       # on a GPU: batch 1024 sampling, 512 update
+    python benchmarks/matmul_precision.py --batch 8 --update-batch 8 --repeats 1   # CPU smoke test
+
+The Shapes MMDiT (hidden 128, 8 blocks, ~96 tokens a sample) runs its matmuls in full fp32 by default. At the
+trainers' batch sizes (rollouts of 1024, updates of 512) a forward is ~0.3 TFLOP, so on an H100 it may be bound by
+fp32 arithmetic rather than by kernel launches; TF32 (`high`) moves those matmuls to the tensor cores. Timed, each
+with the trainers' LoRA (rank 32) active, after a warm-up, synchronised:
+- `sample`: 20 Euler ODE steps without gradients (rollouts outside the SDE window, evaluation);
+- `update`: one forward and backward of the velocity through the LoRA at one sigma (the policy-gradient re-scoring);
+- `decode`: the VAE decoder (its convolutions are TF32 under cuDNN's default already).
+It also prints how far each precision's samples land from full fp32 (relative RMS of the final latents).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from policies import lora
+from shapes import models
+from shapes.data import prompts as shapes_prompts
+
+PRECISIONS = ("highest", "high", "medium")
+
+
+def timed(fn, repeats: int, device: torch.device) -> float:
+    """Seconds per call: one warm-up call, then the mean of ``repeats``."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=1024, help="samples per sampling / decode call")
+    p.add_argument("--update-batch", type=int, default=512, help="samples per forward-backward")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    policy = models.load_shapes_policy(device)
+    lora.add_lora(policy.transformer, lora.LoraSpec(r=32, alpha=64.0, init="gaussian"))
+    with torch.no_grad():  # a trained adapter is not zero: give B a trained-like size so the LoRA path counts
+        for name, param in lora.adapter_parameters(policy.transformer, "default").items():
+            if "lora_B" in name:
+                param.normal_(0, 0.01)
+    prompts = shapes_prompts("train", args.batch, 0)
+    z_T = policy.noise(args.batch, torch.Generator(device).manual_seed(0))
+    cond = policy.encode_prompts(prompts[:args.update_batch])
+    z_u = z_T[:args.update_batch].clone()
+    sigma = torch.full((args.update_batch,), 0.7, device=device)
+    params = list(lora.adapter_parameters(policy.transformer, "default").values())
+
+    def sample():
+        return policy.sample(prompts, args.steps, z_T=z_T, keep_latents=False).z_tau
+
+    def update():
+        v = policy.velocity(z_u, sigma, cond)
+        v.float().square().mean().backward()
+        for q in params:
+            q.grad = None
+
+    rows, finals = [], {}
+    for precision in PRECISIONS:
+        torch.set_float32_matmul_precision(precision)
+        with torch.no_grad():
+            finals[precision] = sample().float()
+            z0 = finals[precision]
+        t_sample = timed(sample, args.repeats, device)
+        t_update = timed(update, args.repeats, device)
+        with torch.no_grad():
+            t_decode = timed(lambda: policy.decode(z0), args.repeats, device)
+        rows.append((precision, t_sample, t_update, t_decode))
+    torch.set_float32_matmul_precision("highest")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"Shapes policy + LoRA r32 on {name}: sampling {args.batch} x {args.steps} steps, update batch "
+          f"{args.update_batch}, decode {args.batch}; seconds per call, mean of {args.repeats}\n")
+    print("| matmul precision | sample | update | decode | sample speed-up | update speed-up | final latents: "
+          "relative RMS to highest |")
+    print("|---|---|---|---|---|---|---|")
+    ref = finals["highest"]
+    for precision, ts, tu, td in rows:
+        err = ((finals[precision] - ref).square().mean() / ref.square().mean()).sqrt().item()
+        print(f"| {precision} | {ts:.4f} | {tu:.4f} | {td:.4f} | {rows[0][1] / ts:.2f}x | {rows[0][2] / tu:.2f}x | "
+              f"{err:.2e} |")
+
+
+if __name__ == "__main__":
+    main()
