@@ -26,3 +26,5 @@ train 3 grpo terminal grpo_fast_terminal_tf32 $K algo.advantages=sparse
 nvidia-smi --query-gpu=name --format=csv,noheader | head -1
 wait
 SESSION=12 finish grpo_fast_tf32 ddpo_fast_tf32 draft_tf32 grpo_fast_terminal_tf32
+rm -f $OUT/log/mp.err; (cd $OUT && tar -cf logs.tar log && rm -rf log)  # the device tool returns at most 8 files
+ls $OUT
