@@ -10,12 +10,15 @@ with the trainers' LoRA (rank 32) active, after a warm-up, synchronised:
 - `sample`: 20 Euler ODE steps without gradients (rollouts outside the SDE window, evaluation);
 - `update`: one forward and backward of the velocity through the LoRA at one sigma (the policy-gradient re-scoring);
 - `decode`: the VAE decoder (its convolutions are TF32 under cuDNN's default already).
-It also prints how far each precision's samples land from full fp32 (relative RMS of the final latents).
+The last row is bf16 autocast (what `run.mixed_precision=bf16` puts around rollouts and updates; evaluation runs
+outside it), at full fp32 matmul precision. It also prints how far each setting's samples land from full fp32
+(relative RMS of the final latents).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -24,7 +27,7 @@ from policies import lora
 from shapes import models
 from shapes.data import prompts as shapes_prompts
 
-PRECISIONS = ("highest", "high", "medium")
+PRECISIONS = ("highest", "high", "medium", "autocast bf16")  # the last: run.mixed_precision=bf16's autocast
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
@@ -73,20 +76,22 @@ def main(argv: list[str] | None = None) -> None:
 
     rows, finals = [], {}
     for precision in PRECISIONS:
-        torch.set_float32_matmul_precision(precision)
-        with torch.no_grad():
-            finals[precision] = sample().float()
-            z0 = finals[precision]
-        t_sample = timed(sample, args.repeats, device)
-        t_update = timed(update, args.repeats, device)
-        with torch.no_grad():
-            t_decode = timed(lambda: policy.decode(z0), args.repeats, device)
+        autocast = precision.startswith("autocast")
+        torch.set_float32_matmul_precision("highest" if autocast else precision)
+        with torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+            with torch.no_grad():
+                finals[precision] = sample().float()
+                z0 = finals[precision].to(policy.dtype)
+            t_sample = timed(sample, args.repeats, device)
+            t_update = timed(update, args.repeats, device)
+            with torch.no_grad():
+                t_decode = timed(lambda: policy.decode(z0), args.repeats, device)
         rows.append((precision, t_sample, t_update, t_decode))
     torch.set_float32_matmul_precision("highest")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"Shapes policy + LoRA r32 on {name}: sampling {args.batch} x {args.steps} steps, update batch "
           f"{args.update_batch}, decode {args.batch}; seconds per call, mean of {args.repeats}\n")
-    print("| matmul precision | sample | update | decode | sample speed-up | update speed-up | final latents: "
+    print("| float32 matmuls | sample | update | decode | sample speed-up | update speed-up | final latents: "
           "relative RMS to highest |")
     print("|---|---|---|---|---|---|---|")
     ref = finals["highest"]
