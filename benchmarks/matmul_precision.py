@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     policy = models.load_shapes_policy(device)
     lora.add_lora(policy.transformer, lora.LoraSpec(r=32, alpha=64.0, init="gaussian"))
+    policy.transformer.requires_grad_(False)  # as the trainers (rl.common): weight gradients of the LoRA only
+    for param in lora.adapter_parameters(policy.transformer, "default").values():
+        param.requires_grad_(True)
     with torch.no_grad():  # a trained adapter is not zero: give B a trained-like size so the LoRA path counts
         for name, param in lora.adapter_parameters(policy.transformer, "default").items():
             if "lora_B" in name:
