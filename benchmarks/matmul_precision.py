@@ -10,9 +10,11 @@ with the trainers' LoRA (rank 32) active, after a warm-up, synchronised:
 - `sample`: 20 Euler ODE steps without gradients (rollouts outside the SDE window, evaluation);
 - `update`: one forward and backward of the velocity through the LoRA at one sigma (the policy-gradient re-scoring);
 - `decode`: the VAE decoder (its convolutions are TF32 under cuDNN's default already).
-The last row is bf16 autocast (what `run.mixed_precision=bf16` puts around rollouts and updates; evaluation runs
-outside it), at full fp32 matmul precision. It also prints how far each setting's samples land from full fp32
-(relative RMS of the final latents).
+The bf16 row is autocast (what `run.mixed_precision=bf16` puts around rollouts and updates; evaluation runs outside
+it) at full fp32 matmul precision. A last row (GPU only) replays each sampling step's forward at TF32 as a CUDA graph
+(rl.steering.graphs.GraphedNoGrad): what is left once the matmuls are fast, if the sampler is then bound by kernel
+launches; its update and decode columns repeat the TF32 row's. The last column is how far each setting's samples
+land from full fp32 (relative RMS of the final latents).
 """
 
 from __future__ import annotations
@@ -90,6 +92,22 @@ def main(argv: list[str] | None = None) -> None:
             with torch.no_grad():
                 t_decode = timed(lambda: policy.decode(z0), args.repeats, device)
         rows.append((precision, t_sample, t_update, t_decode))
+    if device.type == "cuda":  # would the sampler then be launch-bound? replay each step's forward as a CUDA graph
+        from policies import samplers
+        from rl.steering.graphs import GraphedNoGrad
+
+        torch.set_float32_matmul_precision("high")
+        cond_all = policy.encode_prompts(prompts)
+        graphed = GraphedNoGrad(lambda z, s: policy.velocity(z, s, cond_all))
+        sig = policy.sigmas(args.steps, device)
+
+        def sample_graphed():
+            with torch.no_grad():
+                return samplers.sample(graphed, z_T, sig, keep_latents=False).z_tau
+
+        label = "high + CUDA graph (sample only)"
+        finals[label] = sample_graphed().float()
+        rows.append((label, timed(sample_graphed, args.repeats, device), rows[1][2], rows[1][3]))
     torch.set_float32_matmul_precision("highest")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"Shapes policy + LoRA r32 on {name}: sampling {args.batch} x {args.steps} steps, update batch "
