@@ -92,6 +92,21 @@ def main(argv: list[str] | None = None) -> None:
             with torch.no_grad():
                 t_decode = timed(lambda: policy.decode(z0), args.repeats, device)
         rows.append((precision, t_sample, t_update, t_decode))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"Shapes policy + LoRA r32 on {name}: sampling {args.batch} x {args.steps} steps, update batch "
+          f"{args.update_batch}, decode {args.batch}; seconds per call, mean of {args.repeats}\n")
+    print("| float32 matmuls | sample | update | decode | sample speed-up | update speed-up | final latents: "
+          "relative RMS to highest |")
+    print("|---|---|---|---|---|---|---|")
+    ref, base = finals["highest"], rows[0]
+
+    def show(label: str, ts: float, tu: float, td: float) -> None:
+        err = ((finals[label] - ref).square().mean() / ref.square().mean()).sqrt().item()
+        print(f"| {label} | {ts:.4f} | {tu:.4f} | {td:.4f} | {base[1] / ts:.2f}x | {base[2] / tu:.2f}x | {err:.2e} |",
+              flush=True)
+
+    for row in rows:
+        show(*row)
     if device.type == "cuda":  # would the sampler then be launch-bound? replay each step's forward as a CUDA graph
         from policies import samplers
         from rl.steering.graphs import GraphedNoGrad
@@ -107,19 +122,8 @@ def main(argv: list[str] | None = None) -> None:
 
         label = "high + CUDA graph (sample only)"
         finals[label] = sample_graphed().float()
-        rows.append((label, timed(sample_graphed, args.repeats, device), rows[1][2], rows[1][3]))
+        show(label, timed(sample_graphed, args.repeats, device), rows[1][2], rows[1][3])
     torch.set_float32_matmul_precision("highest")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"Shapes policy + LoRA r32 on {name}: sampling {args.batch} x {args.steps} steps, update batch "
-          f"{args.update_batch}, decode {args.batch}; seconds per call, mean of {args.repeats}\n")
-    print("| float32 matmuls | sample | update | decode | sample speed-up | update speed-up | final latents: "
-          "relative RMS to highest |")
-    print("|---|---|---|---|---|---|---|")
-    ref = finals["highest"]
-    for precision, ts, tu, td in rows:
-        err = ((finals[precision] - ref).square().mean() / ref.square().mean()).sqrt().item()
-        print(f"| {precision} | {ts:.4f} | {tu:.4f} | {td:.4f} | {rows[0][1] / ts:.2f}x | {rows[0][2] / tu:.2f}x | "
-              f"{err:.2e} |")
 
 
 if __name__ == "__main__":
