@@ -9,6 +9,7 @@
 #   GPU 1: stage 3 from the uniform expert, sigma ~ U(0.5, 1.0), 600 steps (the band it serves)
 #   GPU 2: the low-sigma expert's recipe, bank of 98304 samples, batch 512 for 2000 steps (2x the samples of 4000 x 128)
 #   GPU 3: the uniform expert's recipe, the same
+# While the benchmark runs on cards 0 and 1, benchmarks/matmul_precision.py (for #6) times TF32 / bf16 on card 2.
 # Each build comes back as one tar (NAME.tar); the logs, tables and JSON as results.tar.
 #   bash benchmarks/gpu_session12_c.sh OUT
 set -u
@@ -33,6 +34,8 @@ for seed in 1 0; do  # one card each, at once
   CUDA_VISIBLE_DEVICES=$seed timeout ${BENCH_S:-150} "${V[@]}" --prompt-seed $seed --json $OUT/bench_seed$seed.json \
     > $OUT/bench_seed$seed.md 2>$OUT/log/bench_seed$seed.err &
 done
+CUDA_VISIBLE_DEVICES=2 timeout 140 python benchmarks/matmul_precision.py > $OUT/matmul_precision.md 2>$OUT/log/mp.err &
 wait
+cat $OUT/matmul_precision.md; tail -2 $OUT/log/mp.err
 for seed in 1 0; do echo "== bench prompt seed $seed"; cat $OUT/bench_seed$seed.md; tail -2 $OUT/log/bench_seed$seed.err; done
 pack $NAMES
