@@ -12,7 +12,7 @@ with the trainers' LoRA (rank 32) active, after a warm-up, synchronised:
 - `decode`: the VAE decoder (its convolutions are TF32 under cuDNN's default already).
 The bf16 row is autocast (what `run.mixed_precision=bf16` puts around rollouts and updates; evaluation runs outside
 it) at full fp32 matmul precision. A last row (GPU only) replays each sampling step's forward at TF32 as a CUDA graph
-(rl.steering.graphs.GraphedNoGrad): what is left once the matmuls are fast, if the sampler is then bound by kernel
+(policies.graphs.GraphedNoGrad): what is left once the matmuls are fast, if the sampler is then bound by kernel
 launches; its update and decode columns repeat the TF32 row's. The last column is how far each setting's samples
 land from full fp32 (relative RMS of the final latents).
 """
@@ -107,22 +107,14 @@ def main(argv: list[str] | None = None) -> None:
 
     for row in rows:
         show(*row)
-    if device.type == "cuda":  # would the sampler then be launch-bound? replay each step's forward as a CUDA graph
-        from policies import samplers
-        from rl.steering.graphs import GraphedNoGrad
-
-        torch.set_float32_matmul_precision("high")
-        cond_all = policy.encode_prompts(prompts)
-        graphed = GraphedNoGrad(lambda z, s: policy.velocity(z, s, cond_all))
-        sig = policy.sigmas(args.steps, device)
-
-        def sample_graphed():
-            with torch.no_grad():
-                return samplers.sample(graphed, z_T, sig, keep_latents=False).z_tau
-
-        label = "high + CUDA graph (sample only)"
-        finals[label] = sample_graphed().float()
-        show(label, timed(sample_graphed, args.repeats, device), rows[1][2], rows[1][3])
+    if device.type == "cuda":  # the sampler is launch-bound: run.cuda_graphs replays each step's forward
+        torch.set_float32_matmul_precision("highest")
+        policy.enable_cuda_graphs()
+        label = "highest + run.cuda_graphs"
+        with torch.no_grad():
+            finals[label] = sample().float()
+        show(label, timed(sample, args.repeats, device), base[2], base[3])  # autograd and the decoder stay eager
+        policy.enable_cuda_graphs(False)
     torch.set_float32_matmul_precision("highest")
 
 

@@ -77,7 +77,7 @@ from rl.steering.dps import DPSConfig, dps_step  # noqa: E402
 from rl.steering.fk import FKConfig, fk_sample  # noqa: E402
 from policies.flow import PromptEmbeds  # noqa: E402
 from rl.steering import mmdit  # noqa: E402
-from rl.steering.graphs import GraphedGrad, GraphedNoGrad  # noqa: E402
+from policies.graphs import GraphedGrad, GraphedNoGrad  # noqa: E402
 from rl.steering.guides import (CriticGuide, GuideOutput, SharedHeadGuide, TweedieGuide, cfg_combine,  # noqa: E402
                                 grad_leaf, grad_of)
 from rl.steering.testing import random_stitchvm  # noqa: E402

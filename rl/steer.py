@@ -36,7 +36,7 @@ from policies.flow import FlowPolicy
 from rl.config import ConfigError, apply_overrides, check, compose, from_dict, load_yaml, option, to_dict
 from rl.steering.dps import DPSConfig
 from rl.steering.fk import FKConfig
-from rl.steering.graphs import CUDA_GRAPH_MODES
+from policies.graphs import CUDA_GRAPH_MODES
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs" / "steer"
 CRITIC_ROOT = CONFIG_ROOT.parent / "critic"
@@ -54,7 +54,7 @@ class SteerConfig:
     seed: int = option(0, help="seed of the initial noise and SDE noise (batch b uses seed + b)")
     fused: bool = option(True, help="use the critic's fused guide (shared head / shared denoiser)")
     cuda_graph: str | None = option(None, help="StitchVM shared-head guide on CUDA: replay 'tail' or the 'full' "
-                                               "step as CUDA graphs (rl/steering/graphs.py); None: eager")
+                                               "step as CUDA graphs (policies/graphs.py); None: eager")
     stitchvm_path: str | None = option(None, help="saved StitchVM directory (None: configs/critic/stitchvm.yaml's)")
     grid_images: int = option(64, help="images in grid.png (the first ones)")
     dps: DPSConfig = option(default_factory=DPSConfig, help="DPS step form (rl/steering/dps.py)")

@@ -197,10 +197,17 @@ def build_run(composed: Composed):
     torch.set_float32_matmul_precision(run_cfg.matmul_precision)
     accelerator.print(f"{distributed.backend_name(accelerator)}: {accelerator.num_processes} process(es) on "
                       f"{accelerator.device.type}, mixed precision {run_cfg.mixed_precision}, float32 matmul "
-                      f"precision {run_cfg.matmul_precision}")
+                      f"precision {run_cfg.matmul_precision}{', CUDA graphs' if run_cfg.cuda_graphs else ''}")
+    if run_cfg.cuda_graphs and accelerator.device.type != "cuda":
+        raise ConfigError(f"run.cuda_graphs replays CUDA graphs, but this run is on {accelerator.device.type}: set "
+                          f"run.cuda_graphs=false (or launch on a GPU)")
+    if run_cfg.cuda_graphs and distributed.zero_stage(accelerator) == 3:
+        raise ConfigError("run.cuda_graphs cannot replay a ZeRO-3-partitioned transformer (its parameters are "
+                          "gathered by hooks at every forward): set run.cuda_graphs=false or use ZeRO-2 / DDP")
     common.seed_everything(run_cfg.seed + accelerator.process_index)
     with distributed.no_zero3_init(accelerator):  # only the trained transformer is partitioned, by accelerate.prepare
         policy = instantiate(raw["model"], _path="model").to(accelerator.device)
+        policy.enable_cuda_graphs(run_cfg.cuda_graphs)
         reward = instantiate(raw["reward"], _path="reward").to(accelerator.device)
         critic_node = {k: v for k, v in raw["critic"].items() if k != "cotrain"}
         critic = instantiate(critic_node, _path="critic", policy=policy, reward=reward)

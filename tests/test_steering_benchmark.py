@@ -1,6 +1,6 @@
 """benchmarks/steering_gpu.py's graphed Tweedie-DPS baseline computes TweedieGuide's velocity, value and gradient.
 
-The CUDA-graph wrappers themselves are checked on a GPU (tests/rl/steering/test_graphs.py); here they are replaced
+The CUDA-graph wrappers themselves are checked on a GPU (tests/policies/test_graphs.py); here they are replaced
 by plain calls, so the CPU checks the arithmetic the graphs record."""
 
 import torch

@@ -168,7 +168,7 @@ def preprocess(images: torch.Tensor, cfg: PreprocessCfg, dtype: torch.dtype | No
 @functools.lru_cache(maxsize=None)
 def channel_constants(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(1, C, 1, 1) per-channel constants, made once per (values, dtype, device): no host-to-device copy per call,
-    which also lets a CUDA graph capture the preprocessing (rl/steering/graphs.py). Never evicted: a captured graph
+    which also lets a CUDA graph capture the preprocessing (policies/graphs.py). Never evicted: a captured graph
     reads the tensor by address (a few bytes per reward model, dtype and device)."""
     return torch.tensor(values, dtype=dtype, device=device).view(1, len(values), 1, 1)
 

@@ -48,9 +48,10 @@ from torch import Tensor
 
 from critics.baselines import TweedieCritic
 from critics.stitchvm import NULL_COND_RTOL, StitchVM
+from policies import graphs
 from policies.flow import FlowPolicy, PromptEmbeds
-from rl.steering import graphs, mmdit
-from rl.steering.graphs import CUDA_GRAPH_MODES
+from policies.graphs import CUDA_GRAPH_MODES
+from rl.steering import mmdit
 
 
 class GuideOutput(NamedTuple):
@@ -167,7 +168,7 @@ class SharedHeadGuide:
         critic: a StitchVM whose head shares the policy transformer's modules.
         guidance_scale: CFG weight w. With w = 1 there is no unconditional branch to share: the head then runs on
             its own (B rows, i blocks) next to the conditional forward, as in CriticGuide.
-        cuda_graph: None (eager), "tail" or "full" (CUDA only; rl/steering/graphs.py). "tail" replays the stitch
+        cuda_graph: None (eager), "tail" or "full" (CUDA only; policies/graphs.py). "tail" replays the stitch
             + tail forward and backward of the gradient path as CUDA graphs: at batch 1 the ~24-block reward tail
             is bound by kernel-launch overhead, not by the GPU. "full" replays the whole step as three graphs: the
             head's i blocks + stitch + tail with their backward to z, the no-grad rest of the CFG forward (on a

@@ -89,6 +89,16 @@ def test_run_sets_the_float32_matmul_precision(tmp_path, monkeypatch):
     assert seen == ["high"]
 
 
+def test_cuda_graphs_on_a_cpu_run_is_a_config_error(tmp_path, capsys):
+    out = tmp_path / "graphs"
+    rc = train.main(["--algo", "nft", "--critic", "terminal", "--config", TINY, f"run.output_dir={out}",
+                     "run.cuda_graphs=true", "run.max_epochs=1"])
+    assert rc == 2
+    assert "run.cuda_graphs replays CUDA graphs, but this run is on cpu: set run.cuda_graphs=false" in \
+        capsys.readouterr().err
+    assert not (out / "metrics.jsonl").exists()
+
+
 @pytest.mark.parametrize("critic", ["terminal", "tweedie"])
 def test_smoke_run_moves_lora_only_and_exports(tmp_path, critic):
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline

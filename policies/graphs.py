@@ -1,4 +1,4 @@
-"""CUDA-graph replay of the steering step's fixed-shape pieces.
+"""CUDA-graph replay: the steering step's fixed-shape pieces, and the policy's no-grad forwards.
 
 A guided step at batch 1 runs thousands of small kernels (adaLN modulations, RMS qk-norms, the reward tail's 24
 blocks of 257 tokens, and their backward). Eager PyTorch launches each from Python; when a kernel is shorter than
@@ -9,6 +9,8 @@ launch. Two wrappers, one capture per input signature (shapes, dtypes, devices, 
                              velocity, the no-grad rest of a split CFG forward)
     GraphedGrad(fn)          the same with autograd: torch.cuda.make_graphed_callables records fn's forward and its
                              backward to the inputs that require grad (the value gradient w.r.t. z)
+    StateGraphs(fn)          GraphedNoGrad per model state (FlowPolicy.enable_cuda_graphs: rollouts, evaluation and
+                             the KL reference of a trainer whose weights change between calls)
 
 Rules a captured function obeys (checked by the tests on the shapes they use): it reads its inputs only through
 its tensor arguments (anything else, such as the prompt embeddings closed over, is frozen at capture: key the
@@ -21,7 +23,8 @@ critics.rewards.base.channel_constants): such caches must never evict.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections import OrderedDict
+from typing import Callable, Hashable
 
 import torch
 from torch import Tensor
@@ -91,3 +94,33 @@ class GraphedGrad:
             sample = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
             self._graphed[key] = torch.cuda.make_graphed_callables(self.fn, sample, num_warmup_iters=self.warmup)
         return self._graphed[key](*args)
+
+
+class StateGraphs:
+    """``GraphedNoGrad(fn)`` per model state: replay a module's no-grad forward while its weights train.
+
+    A captured graph reads the parameters by address and freezes every Python-level branch taken at capture (which
+    LoRA adapter is active, whether adapters are disabled, train or eval mode, autocast). The caller passes a
+    ``state`` key naming all of that (FlowPolicy._graph_state: adapter flags, mode, autocast, the parameters'
+    storage addresses); in-place updates (AdamW, the EMA's lerp_, load_state_dict) keep the addresses, so a trained
+    adapter replays one graph per input shape for the whole run, while any change a graph would miss selects
+    another. The ``capacity`` most recently used states are kept (each holds its graphs' private memory pools).
+    """
+
+    def __init__(self, fn: Callable[..., Tensor], capacity: int = 8):
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.fn, self.capacity = fn, capacity
+        self._by_state: OrderedDict[Hashable, GraphedNoGrad] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._by_state)
+
+    def __call__(self, state: Hashable, *args: Tensor) -> Tensor:
+        graphed = self._by_state.pop(state, None)
+        if graphed is None:
+            graphed = GraphedNoGrad(self.fn)
+        self._by_state[state] = graphed  # most recently used last
+        while len(self._by_state) > self.capacity:
+            self._by_state.popitem(last=False)
+        return graphed(*args)
