@@ -4,6 +4,7 @@
 # the Shapes MMDiT samples 1.9x faster when each step's forward replays as a CUDA graph: the trainers are bound by
 # kernel launches. run.cuda_graphs (FlowPolicy.enable_cuda_graphs) replays the policy's no-grad forwards (rollouts,
 # evaluation, the KL reference); the shipped GPU configs now set it, with eval.batch_size 2048.
+# Ran in session 12: docs/bench/trainers_session12.md.
 # First the GPU tests of the replay (tests/policies/test_graphs.py -m gpu: replayed forwards equal eager ones while
 # the adapter trains); if they fail the runs go without graphs. Then one run alone per card, shipped configs +
 # keep_best.yaml, for MINUTES (default 8.3: the tests take ~40 s of the call's 600):

@@ -11,10 +11,18 @@ with the trainers' LoRA (rank 32) active, after a warm-up, synchronised:
 - `update`: one forward and backward of the velocity through the LoRA at one sigma (the policy-gradient re-scoring);
 - `decode`: the VAE decoder (its convolutions are TF32 under cuDNN's default already).
 The bf16 row is autocast (what `run.mixed_precision=bf16` puts around rollouts and updates; evaluation runs outside
-it) at full fp32 matmul precision. A last row (GPU only) replays each sampling step's forward at TF32 as a CUDA graph
-(policies.graphs.GraphedNoGrad): what is left once the matmuls are fast, if the sampler is then bound by kernel
-launches; its update and decode columns repeat the TF32 row's. The last column is how far each setting's samples
+it) at full fp32 matmul precision. A last row (GPU only) is `run.cuda_graphs` at full precision: the policy replays
+each sampling step's forward as a CUDA graph (FlowPolicy.enable_cuda_graphs); its update and decode columns repeat
+the first row's (autograd forwards and the decoder stay eager). The last column is how far each setting's samples
 land from full fp32 (relative RMS of the final latents).
+
+Measured (session 12, one H100 80GB, batch 1024 / 512, mean of 5; docs/bench/matmul_precision_h100_session12.md):
+sample 0.68 s at highest, 0.74 s at high, 0.65 s at medium and under bf16 autocast; the update's forward-backward
+45 ms at highest, 55-69 ms at the others. Matmul precision buys nothing. A CUDA graph of each step's velocity (then
+at TF32) sampled in 0.36 s (1.90x), but that call shared the host with two value benchmarks, which slow an eager
+sampler's launches: in the trainers (alone on a card each, docs/bench/trainers_session12.md) GRPO's and DDPO's
+1024-sample rollouts took as long with `run.cuda_graphs` as without, and DRaFT's 64-sample ones ran ~2.6x faster
+(1.33x the epochs).
 """
 
 from __future__ import annotations

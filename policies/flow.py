@@ -92,9 +92,10 @@ class FlowPolicy(nn.Module):
     def enable_cuda_graphs(self, enabled: bool = True, capacity: int = 8) -> None:
         """Replay the transformer's forwards without autograd on CUDA as CUDA graphs (``run.cuda_graphs``).
 
-        What a trainer's rollouts, evaluation and KL reference run. The Shapes MMDiT at a trainer's 1024 samples a
-        call is bound by kernel launches, not arithmetic (benchmarks/matmul_precision.py on an H100: 20 Euler steps
-        0.68 s eager, 0.36 s replayed; TF32 gains nothing). One capture per input shape and model state
+        What a trainer's rollouts, evaluation and KL reference run. A small model at a small batch is bound by
+        kernel launches, not arithmetic: DRaFT's 64-sample rollouts of the Shapes MMDiT sample 2.6x faster replayed
+        on an H100 (+33 % epochs in a 10-minute run); at 1024 samples a call (GRPO, DDPO) the GPU is busy already
+        and nothing changes (docs/bench/trainers_session12.md). One capture per input shape and model state
         (policies.graphs.StateGraphs keyed by :meth:`_graph_state`), so switching adapters, disabling them, or
         replacing a parameter selects another capture instead of replaying stale weights. Forwards with autograd
         (the policy gradient's re-scoring), on other devices, or inside another capture stay eager. Without

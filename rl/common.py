@@ -48,8 +48,9 @@ class RunConfig:
                         "unaffected")
     cuda_graphs: bool = option(
         False, help="replay the policy's forwards without autograd (rollouts, evaluation, the KL reference) as CUDA "
-                    "graphs (FlowPolicy.enable_cuda_graphs): the Shapes MMDiT samples ~1.9x faster on an H100, where "
-                    "it is bound by kernel launches. CUDA only, not with ZeRO-3; the samples are the same")
+                    "graphs (FlowPolicy.enable_cuda_graphs): faster where small batches leave the GPU waiting on kernel "
+                    "launches (DRaFT's 64-sample Shapes rollouts: 2.6x on an H100). CUDA only, not with ZeRO-3; the "
+                    "samples are the same")
     gradient_accumulation_steps: int = option(
         1, help="micro-batches per optimizer step on each process (a memory knob: batch sizes are global, so the "
                 "update is the same whatever this and the number of processes)")

@@ -181,7 +181,7 @@ def build_run(composed: Composed):
     from critics.base import check_pairing
     from rl import common, distributed
     from rl.config import ConfigError, instantiate, to_dict
-    from rl.metrics import MetricLogger
+    from rl.metrics import MetricLogger, Timer
     from rl.selection import BestAdapter
 
     raw, run_cfg = composed.raw, composed.run_cfg
@@ -237,7 +237,10 @@ def build_run(composed: Composed):
                       eval_cfg=composed.eval_cfg, config_dict=to_dict(raw), reward=reward,
                       cotrain=composed.cotrain_cfg, val_prompts=val_prompts,
                       best=BestAdapter(run_cfg.best_metric, val_prompts, composed.eval_cfg)
-                      if run_cfg.keep_best else None)
+                      if run_cfg.keep_best else None,
+                      # time/* charges a section's GPU work to it: without the syncs an asynchronous rollout (CUDA
+                      # graphs queue it in a few launches) would be billed to the next section that waits on it
+                      timer=Timer(cuda_sync=accelerator.device.type == "cuda"))
 
 
 def main(argv: list[str] | None = None) -> int:
