@@ -84,6 +84,7 @@ class FlowPolicy(nn.Module):
         # module tree so parameters are not listed twice.
         object.__setattr__(self, "_forward_module", None)
         object.__setattr__(self, "_graphs", None)  # enable_cuda_graphs
+        object.__setattr__(self, "_tuner_for", (None, None))  # _graph_state's cache: (parameter storage, LoRA layer)
 
     def set_forward_module(self, module: nn.Module | None) -> None:
         """Route transformer forward passes through ``module`` (e.g. what ``accelerator.prepare`` returned)."""
@@ -93,8 +94,8 @@ class FlowPolicy(nn.Module):
         """Replay the transformer's forwards without autograd on CUDA as CUDA graphs (``run.cuda_graphs``).
 
         What a trainer's rollouts, evaluation and KL reference run. A small model at a small batch is bound by
-        kernel launches, not arithmetic: DRaFT's 64-sample rollouts of the Shapes MMDiT sample 2.6x faster replayed
-        on an H100 (+33 % epochs in a 10-minute run); at 1024 samples a call (GRPO, DDPO) the GPU is busy already
+        kernel launches, not arithmetic: DRaFT's 64-sample rollouts of the Shapes MMDiT ran ~2.6x faster replayed
+        on an H100 (1.33x the epochs in the same minutes); at 1024 samples a call (GRPO, DDPO) the GPU is busy already
         and nothing changes (docs/bench/trainers_session12.md). One capture per input shape and model state
         (policies.graphs.StateGraphs keyed by :meth:`_graph_state`), so switching adapters, disabling them, or
         replacing a parameter selects another capture instead of replaying stale weights. Forwards with autograd
@@ -208,7 +209,7 @@ class FlowPolicy(nn.Module):
 
         t = self.transformer
         storage = tuple(p.data_ptr() for p in t.parameters())
-        if getattr(self, "_tuner_for", (None,))[0] != storage:  # the module walk only when the parameters changed
+        if self._tuner_for[0] != storage:  # the module walk only when the parameters changed
             tuner = next((m for m in t.modules() if isinstance(m, BaseTunerLayer)), None)
             object.__setattr__(self, "_tuner_for", (storage, tuner))
         tuner = self._tuner_for[1]

@@ -33,10 +33,10 @@ import torch
 
 from critics.base import Critic
 from policies.flow import FlowPolicy
+from policies.graphs import CUDA_GRAPH_MODES
 from rl.config import ConfigError, apply_overrides, check, compose, from_dict, load_yaml, option, to_dict
 from rl.steering.dps import DPSConfig
 from rl.steering.fk import FKConfig
-from policies.graphs import CUDA_GRAPH_MODES
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs" / "steer"
 CRITIC_ROOT = CONFIG_ROOT.parent / "critic"
