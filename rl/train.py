@@ -278,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     algo = importlib.import_module(ALGOS[args.algo][0])
     try:
         final = algo.train(run, composed.algo_cfg, resume=args.resume)
+        # every process past its last collective before any tears the group down: a rank that finished first and
+        # exited while another still exported aborted once at exit ("terminate called without an active exception")
+        run.accelerator.wait_for_everyone()
     except ConfigError as e:  # a trainer's own checks (critic / reward pairing, run.best_metric): before any update
         print(f"error: {e}", file=sys.stderr)
         return 2
