@@ -1,7 +1,10 @@
-# Shared by benchmarks/gpu_session11_c.sh and later critic calls on several cards (sourced; needs OUT set).
+# Shared by benchmarks/gpu_session11_c.sh and later critic calls (bench / bench_report since session 12's) on several cards (sourced; needs OUT set).
 #   crit GPU NAME [overrides...]  one `critics.build` of configs/critic/build_shapes.yaml with the prompt experts'
 #                                 settings (prompt head, (7, 1), a bank of $BANK policy samples) on card GPU, into
 #                                 $OUT/NAME (log: $OUT/log/NAME.txt), stopped after $BUILD_S seconds; run it with &
+#   bench NAMES                   critics.bench_value of the builds that saved, the shipped experts and Tweedie, 512
+#                                 prompts, K = 8, sigma 0.1-0.9: validation (seed 1) on card 1, test (seed 0) on card
+#                                 0, in the background (`wait`, then `bench_report`)
 #   pack NAMES                    after the benchmark: one tar per build (NAME.tar) and one for the logs, tables and
 #                                 JSON (results.tar). The device tool returns at most 8 files from $OUT, 16 MiB each:
 #                                 session 11's builds came back file by file and were lost.
@@ -14,6 +17,21 @@ crit() {
     'search.pinned=[7,1]' policy_samples.n=${BANK:-98304} policy_samples.batch_size=2048 \
     'policy_samples.prompts={_component_: shapes.data.prompts, split: train, n: 65536, seed: 5}' \
     output_dir=$OUT/$n heatmap=$OUT/$n.png "$@" > $OUT/log/$n.txt 2>&1
+}
+bench() {
+  local V=(python -m critics.bench_value --device cuda --n-prompts 512 --batch-size 512 --sigmas 0.1,0.25,0.5,0.75,0.9
+           --critics tweedie --variant prompt_low=shapes/weights/stitchvm_prompt_low
+           --variant prompt_unif=shapes/weights/stitchvm_prompt --retrieval-images 0 --out "")
+  local n seed
+  for n in "$@"; do [ -f $OUT/$n/stitchvm.json ] && V+=(--variant $n=$OUT/$n); done
+  for seed in 1 0; do  # one card each, at once
+    CUDA_VISIBLE_DEVICES=$seed timeout ${BENCH_S:-150} "${V[@]}" --prompt-seed $seed --json $OUT/bench_seed$seed.json \
+      > $OUT/bench_seed$seed.md 2>$OUT/log/bench_seed$seed.err &
+  done
+}
+bench_report() {
+  local seed
+  for seed in 1 0; do echo "== bench prompt seed $seed"; cat $OUT/bench_seed$seed.md; tail -2 $OUT/log/bench_seed$seed.err; done
 }
 pack() {
   for n in "$@"; do

@@ -26,16 +26,9 @@ nvidia-smi --query-gpu=name --format=csv,noheader | head -1
 wait
 grep -h "policy samples\|build:save\|step 2000\|step 600\|rror" $OUT/log/*.txt
 NAMES="low_stage3 unif_stage3 low_b512 unif_b512"
-V=(python -m critics.bench_value --device cuda --n-prompts 512 --batch-size 512 --sigmas 0.1,0.25,0.5,0.75,0.9
-   --critics tweedie --variant prompt_low=shapes/weights/stitchvm_prompt_low
-   --variant prompt_unif=shapes/weights/stitchvm_prompt --retrieval-images 0 --out "")
-for n in $NAMES; do [ -f $OUT/$n/stitchvm.json ] && V+=(--variant $n=$OUT/$n); done
-for seed in 1 0; do  # one card each, at once
-  CUDA_VISIBLE_DEVICES=$seed timeout ${BENCH_S:-150} "${V[@]}" --prompt-seed $seed --json $OUT/bench_seed$seed.json \
-    > $OUT/bench_seed$seed.md 2>$OUT/log/bench_seed$seed.err &
-done
+bench $NAMES
 CUDA_VISIBLE_DEVICES=2 timeout 140 python benchmarks/matmul_precision.py > $OUT/matmul_precision.md 2>$OUT/log/mp.err &
 wait
 cat $OUT/matmul_precision.md; tail -2 $OUT/log/mp.err
-for seed in 1 0; do echo "== bench prompt seed $seed"; cat $OUT/bench_seed$seed.md; tail -2 $OUT/log/bench_seed$seed.err; done
+bench_report
 pack $NAMES
