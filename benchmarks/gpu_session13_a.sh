@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Next GPU call for issue #6 (written in session 12, not yet run), four H100s (nvidia-h100-x4): a stronger KL anchor
+# GPU call for issue #6 (written in session 12, run in session 13), four H100s (nvidia-h100-x4): a stronger KL anchor
 # for GRPO-Fast and DDPO-Fast. Their held-out score peaks near epoch 260-280 and then sinks while the CLIP reward
 # keeps rising (docs/bench/trainers_session12.md: GRPO .553 at epoch 280, .447-.516 after epoch 400), and validation
 # cannot pick the peak's adapter. The KL term sits at ~0.0035 x beta 0.04 = 1.4e-4, below the policy loss; beta 0.1
@@ -8,6 +8,8 @@
 #   GPU 2: DDPO-Fast kl_beta 0.2     GPU 3: DDPO-Fast kl_beta 0.1
 # Compare with docs/bench/s12d_{grpo,ddpo}_fast_graphs.jsonl.gz (beta 0.04; finals 0.516, 0.500). time/* now
 # synchronises the GPU at section ends, so its split is each section's own GPU time.
+# Result (session 13, docs/bench/trainers_session13.md): a stronger anchor slows learning and lowers the plateau
+# (finals GRPO .453 / .498, DDPO .469 / .482 at beta 0.2 / 0.1); benchmarks/gpu_session13_b.sh goes the other way.
 #   bash benchmarks/gpu_session13_a.sh OUT
 set -u
 OUT=${1:?out}; MINUTES=${MINUTES:-8.5}; source benchmarks/session3_lib.sh
