@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU call for issue #4 (written in session 12, run in session 13: docs/critic.md, "Session 13"), four H100s (nvidia-h100-x4), one build per card, then
-# the value benchmark on 512 validation (seed 1) and 512 test (seed 0) prompts at sigma 0.1 / 0.25 / 0.5 / 0.75 / 0.9.
+# GPU call for issue #4 (written in session 12, run in session 13: docs/critic.md, "Session 13"), four H100s
+# (nvidia-h100-x4), one build per card, then the value benchmark on 512 validation (seed 1) and 512 test (seed 0)
+# prompts at sigma 0.1 / 0.25 / 0.5 / 0.75 / 0.9.
 # Session 12 (docs/critic.md) found stage 3 gains in the band it is run on and loses a little outside it: the uniform
 # expert's stage 3 on sigma [0.5, 1] is shipped; the low expert's on [0, 0.5] trades sigma <= 0.25 for sigma 0.5. The
 # target left within reach is rho >= 0.8 at sigma 0.5 on test prompts (best .787). So: stage 3 on bands centred there,
