@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks.compare_runs import curve, time_to_reach
+from benchmarks.compare_runs import curve, plateau, time_to_reach
 
 
 def test_plain_and_gzipped_metrics_give_the_same_curve(tmp_path):
@@ -24,3 +24,10 @@ def test_plain_and_gzipped_metrics_give_the_same_curve(tmp_path):
         curve(tmp_path / "m.jsonl.gz", "eval/score")
     with pytest.raises(SystemExit, match="not a run directory"):
         curve(tmp_path / "missing", "eval/overall")
+
+
+def test_plateau_averages_the_evaluations_before_the_final_one():
+    points = [(0.0, 0.3), (10.0, 0.5), (20.0, 0.4), (30.0, 0.6), (31.0, 0.5)]  # last: the kept adapter re-scored
+    assert plateau(points, 2) == pytest.approx(0.5)  # (0.4 + 0.6) / 2
+    assert plateau(points, 10) == pytest.approx(0.45)  # all four before the last
+    assert plateau([(0.0, 0.3)], 5) == pytest.approx(0.3)  # a single evaluation is its own plateau
