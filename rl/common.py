@@ -397,7 +397,13 @@ def restore(run: Run, source: str, optimizer, adapters: tuple[str, ...]) -> tupl
     trained = lora.adapter_parameters(run.policy.transformer, "default")
     opt_state = ckpt.optimizer_state_from_tensors(loaded.tensors["optimizer"], loaded.state["optimizer"])
     distributed.load_optimizer_state_dict(run.accelerator, optimizer, list(trained.values()), opt_state)
-    ckpt.restore_rng(loaded.state["rng"])
+    # Every trainer draws its randomness from generators seeded by (seed, epoch, stream), so a resumed run repeats
+    # its epochs without the global streams. Those are restored for anything else (Python, NumPy, torch CPU), but
+    # not the per-device CUDA states: they would tie a checkpoint to its host's GPU count, and the checkpoint holds
+    # process 0's states only, so process k's global streams are re-seeded as a fresh run seeds them.
+    ckpt.restore_rng(loaded.state["rng"], cuda=False)
+    if run.accelerator.process_index > 0:
+        seed_everything(run.run_cfg.seed + run.accelerator.process_index)
     if run.best is not None:
         run.best.load(loaded.tensors, loaded.state)
     return loaded.step, loaded.state

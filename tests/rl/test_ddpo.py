@@ -77,6 +77,26 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert last["full"] == last["part"]
 
 
+def test_resume_on_a_host_with_another_gpu_count(tmp_path, monkeypatch):
+    # the checkpoint was written where two CUDA devices were visible; resuming here (none or one) repeats the run:
+    # the trainers' randomness comes from (seed, epoch, stream) generators, not from the per-device CUDA streams
+    from rl import checkpoint
+
+    capture = checkpoint.capture_rng
+    fake_cuda = checkpoint._b64(torch.zeros(16, dtype=torch.uint8))
+    monkeypatch.setattr(checkpoint, "capture_rng", lambda: {**capture(), "torch_cuda": [fake_cuda, fake_cuda]})
+    common = ["run.eval_every=0", "prompts.train.n=2", "algo.stat_min_count=3", "algo.timestep_fraction=0.5"]
+    full = run_tiny(tmp_path, "ddpo", "terminal", "run.max_epochs=3", *common, name="full")
+    part = run_tiny(tmp_path, "ddpo", "terminal", "run.max_epochs=2", *common, name="part")
+    assert len(checkpoint.load_checkpoint(str(part)).state["rng"]["torch_cuda"]) == 2
+    assert train.main(["--algo", "ddpo", "--critic", "terminal", "--config", TINY, *DROP["ddpo"],
+                       f"run.output_dir={part}", "run.max_epochs=3", *common, "--resume", "latest"]) == 0
+    a = load_file(full / "lora" / "pytorch_lora_weights.safetensors")
+    b = load_file(part / "lora" / "pytorch_lora_weights.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
 def test_clip_fraction_is_logged_per_pass(tmp_path):
     # one minibatch per pass: the first pass scores the rollout's own policy (ratio 1, nothing clipped), the second
     # the policy after that pass's step, whose ratios leave a clip range far below one step's change
