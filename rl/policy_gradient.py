@@ -295,7 +295,9 @@ def ppo_update(run: common.Run, rollout: SDERollout, adv: Tensor, optimizer: tor
             for m, micro in enumerate(micros):
                 rows = idx[micro]
                 share = distributed.loss_weight(len(rows), len(idx) * accel.num_processes, accel)
-                with torch.no_grad():
+                # under autocast as in collect(): the text encoders run in the autocast dtype too, and embeddings
+                # that differ from the rollout's move an unchanged policy's ratio off 1 by more than the clip range
+                with torch.no_grad(), accel.autocast():
                     cond = policy.encode_prompts([rollout.prompts[i] for i in rows.tolist()])
                 for j in range(num_t):
                     k = steps_all[rows, j]  # (b,) one step per row

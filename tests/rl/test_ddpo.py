@@ -97,12 +97,25 @@ def test_resume_on_a_host_with_another_gpu_count(tmp_path, monkeypatch):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
-def test_clip_fraction_is_logged_per_pass(tmp_path):
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one AcceleratorState per process and refuses another mixed precision in it: start and leave
+    the test with none."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("precision", [[], ["run.mixed_precision=bf16"]], ids=["fp32", "bf16"])
+def test_clip_fraction_is_logged_per_pass(tmp_path, precision, fresh_accelerate_state):
     # one minibatch per pass: the first pass scores the rollout's own policy (ratio 1, nothing clipped), the second
-    # the policy after that pass's step, whose ratios leave a clip range far below one step's change
+    # the policy after that pass's step, whose ratios leave a clip range far below one step's change. Under bf16
+    # autocast too: the update encodes the prompts as the rollout did (autocast embeddings differ by ~0.03).
     out = run_tiny(tmp_path, "ddpo", "terminal",
                    "algo.inner_epochs=2", "algo.train_batch_size=4", "algo.stat_min_count=2", "algo.clip_range=1e-9",
-                   "run.max_epochs=1")
+                   "run.max_epochs=1", *precision)
     row = [r for r in metrics(out) if "loss/policy" in r][-1]
     assert row["policy/clipfrac_pass1"] == 0.0
     assert row["policy/clipfrac_pass2"] > 0.5
