@@ -183,7 +183,9 @@ def optimise(run: common.Run, cfg: DraftConfig, prompts: list[str], optimizer, p
                                      f"(not {type(run.reward).__name__}); mc is never differentiable")
                 v_ref = None
                 if cfg.reg_lambda > 0:
-                    with torch.no_grad(), lora.reference_policy(transformer):
+                    # under the rollout's autocast (accelerate's prepared forward applies it as well), so that
+                    # R(theta; theta0) is exactly 0 at theta = theta0
+                    with torch.no_grad(), lora.reference_policy(transformer), accel.autocast():
                         k = roll.latents.shape[1]
                         flat = roll.latents.flatten(0, 1)  # (B*K, C, h, w), sample-major (b0 k0, b0 k1, ...)
                         v_ref = policy.velocity(flat, roll.sigmas.repeat(len(local)), cond.repeat(k),

@@ -12,3 +12,14 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one AcceleratorState per process and refuses another mixed precision in it: a test that runs
+    rl/train.py with run.mixed_precision set starts and leaves with none."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -97,17 +97,6 @@ def test_resume_on_a_host_with_another_gpu_count(tmp_path, monkeypatch):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """accelerate keeps one AcceleratorState per process and refuses another mixed precision in it: start and leave
-    the test with none."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.mark.parametrize("precision", [[], ["run.mixed_precision=bf16"]], ids=["fp32", "bf16"])
 def test_clip_fraction_is_logged_per_pass(tmp_path, precision, fresh_accelerate_state):
     # one minibatch per pass: the first pass scores the rollout's own policy (ratio 1, nothing clipped), the second

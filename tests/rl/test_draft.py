@@ -74,6 +74,16 @@ def test_smoke_run(tmp_path, critic, overrides):
     assert all(t == 4 for t in taus) if critic == "terminal" else all(2 <= t <= 3 for t in taus)
 
 
+@pytest.mark.parametrize("precision", [[], ["run.mixed_precision=bf16"]], ids=["fp32", "bf16"])
+def test_regulariser_is_zero_at_the_reference(tmp_path, precision, fresh_accelerate_state):
+    # one optimizer step in the first epoch, taken from the zero-initialised LoRA: theta = theta0, so R = 0 exactly,
+    # in bf16 too (the reference velocities run under the same autocast as the rollout's)
+    out = run_tiny(tmp_path, "draft", "tweedie", "reward._component_=tests.rl.test_draft.Redness",
+                   "algo.prompts_per_epoch=4", "algo.train_batch_size=4", "run.max_epochs=2", *precision)
+    rows = [r for r in metrics(out) if "loss/reg" in r]
+    assert rows[0]["loss/reg"] == 0.0 and rows[-1]["loss/reg"] > 0.0
+
+
 def test_errors(tmp_path, capsys):
     assert train.main(["--algo", "draft", "--critic", "terminal", "--config", TINY, *DROP["draft"],
                        f"run.output_dir={tmp_path}"]) == 2
