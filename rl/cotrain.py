@@ -268,27 +268,32 @@ class CriticTrainer:
         n_rows, n_lat = latents.shape[:2]
         finite_rows = torch.isfinite(rewards).nonzero().flatten().to(latents.device)
         losses, norms, skipped = [], [], 0
-        if finite_rows.numel() == 0:
+        # several processes: the steps below are collectives, so whether to take them is decided by all; a process
+        # without a finite row this epoch joins them with zero gradients
+        if not distributed.any_process_of_group(finite_rows.numel() > 0, self.params[0].device):
             return {"critic/skipped_updates": float(self.cfg.updates_per_epoch)}
         with self._trainable():
             for _ in range(self.cfg.updates_per_epoch):
-                pick = torch.randint(0, finite_rows.numel() * n_lat, (self.cfg.batch_size,), generator=generator,
-                                     device=generator.device if generator is not None else "cpu").to(latents.device)
-                i_idx, k_idx = finite_rows[pick // n_lat], pick % n_lat
-                value = self.critic.value(latents[i_idx, k_idx], sigmas.to(latents.device)[k_idx].float(),
-                                          [prompts[i] for i in i_idx.tolist()])
-                loss = ((value.float() - rewards.to(latents.device)[i_idx].float()) ** 2).mean()
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                # several processes: each critic copy takes the same, averaged step (the decision is shared too)
-                finite = distributed.average_gradients(self.params, math.isfinite(loss.item()))
+                loss = None
+                if finite_rows.numel():
+                    pick = torch.randint(0, finite_rows.numel() * n_lat, (self.cfg.batch_size,), generator=generator,
+                                         device=generator.device if generator is not None else "cpu")
+                    i_idx, k_idx = finite_rows[pick.to(latents.device) // n_lat], pick.to(latents.device) % n_lat
+                    value = self.critic.value(latents[i_idx, k_idx], sigmas.to(latents.device)[k_idx].float(),
+                                              [prompts[i] for i in i_idx.tolist()])
+                    loss = ((value.float() - rewards.to(latents.device)[i_idx].float()) ** 2).mean()
+                    loss.backward()
+                # each critic copy takes the same, averaged step (the decision is shared too)
+                finite = distributed.average_gradients(self.params, loss is None or math.isfinite(loss.item()))
                 norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
                 if not (math.isfinite(norm) and finite):
                     self.optimizer.zero_grad(set_to_none=True)  # a non-finite step never reaches the critic
                     skipped += 1
                     continue
                 self.optimizer.step()
-                losses.append(loss.item())
+                if loss is not None:
+                    losses.append(loss.item())
                 norms.append(norm)
         out = {"critic/skipped_updates": float(skipped)}
         if losses:

@@ -263,6 +263,19 @@ def deepspeed_step_result(accelerator, optimizer) -> tuple[float, bool]:
     return norm, stepped
 
 
+def any_process_of_group(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """any_process for code outside accelerate (the co-trained critic): True on every process of the default
+    process group when ``flag`` is on any; ``flag`` itself on one process. ``device``: where the group's backend
+    reduces (a GPU for NCCL)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return bool(flag)
+    if torch.distributed.get_world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(t)
+    return bool(t.item() > 0)
+
+
 def average_gradients(params: list[nn.Parameter], finite: bool) -> bool:
     """For a module trained outside accelerate (the co-trained critic): average its gradients over processes so
     every copy takes the same step; returns whether every process's loss was finite. No-op on one process."""
@@ -271,8 +284,7 @@ def average_gradients(params: list[nn.Parameter], finite: bool) -> bool:
     world = torch.distributed.get_world_size()
     if world == 1:
         return finite
-    device = next((p.grad.device for p in params if p.grad is not None), torch.device("cpu"))
-    flag = torch.tensor([0.0 if finite else 1.0], device=device)
+    flag = torch.tensor([0.0 if finite else 1.0], device=params[0].device)  # where the gradients are (NCCL: GPU)
     torch.distributed.all_reduce(flag)
     for p in params:
         if p.grad is None:

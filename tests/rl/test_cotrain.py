@@ -176,3 +176,42 @@ def test_resume_restores_the_cotrained_critic(tmp_path):
         assert a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------ several processes
+def _cotrain_on_two_processes(rank: int, port: int, out_dir: str):
+    """One process of a 2-process gloo group: process 1's rewards are all non-finite, so it holds no row to train on;
+    it must still join the step's collectives (before the fix it returned early and process 0 waited forever)."""
+    import datetime
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                                         timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.manual_seed(0)
+        policy = tiny_policy()
+        critic = tiny_stitchvm_critic(policy, None)
+        latents, sigmas, prompts = trajectories(policy, 3, seed=0)
+        rewards = torch.full((3,), -0.8) if rank == 0 else torch.full((3,), float("nan"))
+        trainer = cotrain.CriticTrainer(critic, cotrain.CotrainConfig(enabled=True, lr=1e-2, updates_per_epoch=2,
+                                                                      batch_size=8), list(policy.parameters()))
+        out = trainer.update(latents, sigmas, rewards, prompts, torch.Generator().manual_seed(rank))
+        torch.save({"out": out, "params": [p.detach().clone() for p in trainer.params]}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_process_without_finite_rewards_joins_the_critic_step(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_cotrain_on_two_processes, args=(port, str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["out"]["critic/skipped_updates"] == 0 and r0["out"]["critic/train_mse"] > 0
+    assert "critic/train_mse" not in r1["out"]  # it had no loss of its own, but took the same steps
+    for a, b in zip(r0["params"], r1["params"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
