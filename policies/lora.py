@@ -158,17 +158,36 @@ def copy_adapter(transformer: nn.Module, src: str, dst: str) -> None:
     ema_update(transformer, src, dst, decay=0.0)
 
 
+_EMA_SHADOW = "_stitchvm_ema_shadow"  # transformer attribute: {(adapter, key): float32 copy of a low-precision weight}
+
+
 @torch.no_grad()
 def ema_update(transformer: nn.Module, src: str, dst: str, decay: float) -> None:
-    """theta_dst <- decay * theta_dst + (1 - decay) * theta_src (DiffusionNFT's old-policy update)."""
+    """theta_dst <- decay * theta_dst + (1 - decay) * theta_src (DiffusionNFT's old-policy update).
+
+    A bf16 / fp16 ``dst`` (a policy loaded in bf16, DeepSpeed's bf16 module) is averaged in a float32 shadow and
+    rounded into the adapter after each update: in place, a step (1 - decay)|src - dst| below half a bf16 ulp of dst
+    rounds away, and at decay 0.98 a bf16 EMA covered 27 % of the gap in 50 steps instead of 64 %. The shadow
+    follows the adapter: one that no longer rounds to it (a checkpoint or keep_best loaded into the adapter) is
+    started again from the adapter's values."""
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
     p_src, p_dst = adapter_parameters(transformer, src), adapter_parameters(transformer, dst)
     if p_src.keys() != p_dst.keys():
         raise ValueError(f"adapters '{src}' and '{dst}' have different layouts; add both with the same LoraSpec")
+    shadows = transformer.__dict__.setdefault(_EMA_SHADOW, {})
     with gathered(p_src.values()), gathered(p_dst.values(), modify=True):
         for key, p in p_dst.items():
-            p.lerp_(p_src[key].to(p.dtype), 1.0 - decay)
+            if p.dtype in (torch.float32, torch.float64):
+                p.lerp_(p_src[key].to(p.dtype), 1.0 - decay)
+                continue
+            shadow = shadows.get((dst, key))
+            if shadow is None or shadow.shape != p.shape or shadow.device != p.device \
+                    or not torch.equal(shadow.to(p.dtype), p):
+                shadow = p.detach().float().clone()
+            shadow.lerp_(p_src[key].float(), 1.0 - decay)
+            p.copy_(shadow)
+            shadows[(dst, key)] = shadow
 
 
 def adapter_state_dict(transformer: nn.Module, name: str = "default") -> dict[str, Tensor]:

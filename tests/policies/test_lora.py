@@ -61,6 +61,30 @@ def test_named_adapters_copy_and_ema(policy):
     assert trainable and all(".default." in n for n in trainable)
 
 
+def test_ema_of_a_bf16_adapter_follows_the_float32_recursion(policy):
+    # theta_dst after n steps towards a fixed theta_src: src + (dst0 - src) d^n. In place in bf16 each step
+    # (1 - d)|src - dst| rounds away once it falls below half an ulp of dst, and the average stalls.
+    t = policy.transformer.to(torch.bfloat16)
+    lora.add_lora(t, lora.LoraSpec(r=4, alpha=8), "ema")
+    _perturb(t, "ema", 3)
+    src = {k: v.float() for k, v in lora.adapter_parameters(t, "default").items()}
+    dst0 = {k: v.float() for k, v in lora.adapter_parameters(t, "ema").items()}
+    d, n = 0.98, 50
+    for _ in range(n):
+        lora.ema_update(t, "default", "ema", d)
+    for k, v in lora.adapter_parameters(t, "ema").items():
+        assert v.dtype == torch.bfloat16
+        expected = src[k] + (dst0[k] - src[k]) * d ** n
+        torch.testing.assert_close(v.float(), expected, rtol=2 ** -8, atol=1e-6)  # one bf16 rounding
+    # a value loaded into the adapter (checkpoint, keep_best) restarts the shadow from it
+    with torch.no_grad():
+        for p in lora.adapter_parameters(t, "ema").values():
+            p.zero_()
+    lora.ema_update(t, "default", "ema", 0.5)
+    for k, v in lora.adapter_parameters(t, "ema").items():
+        torch.testing.assert_close(v.float(), (0.5 * src[k]).bfloat16().float(), rtol=0, atol=0)
+
+
 def test_state_dict_round_trip_and_errors(policy):
     t = policy.transformer
     state = lora.adapter_state_dict(t)
