@@ -60,7 +60,8 @@ class FlowPolicy(nn.Module):
         shift: SD3's timestep shift (3.0 for SD3/SD3.5 at 1024^2), applied as in FlowMatchEulerDiscreteScheduler.
     """
 
-    def __init__(self, transformer: nn.Module, vae: nn.Module, text_encoder: TextEncoder, shift: float = 3.0):
+    def __init__(self, transformer: nn.Module, vae: nn.Module, text_encoder: TextEncoder, shift: float = 3.0,
+                 resolution: int | None = None):
         super().__init__()
         if vae.config.shift_factor is None or vae.config.scaling_factor is None:
             raise ValueError("the VAE config must set scaling_factor and shift_factor (SD3's are 1.5305 and 0.0609)")
@@ -74,6 +75,7 @@ class FlowPolicy(nn.Module):
         self.vae = vae
         self.text_encoder = text_encoder
         self.shift = float(shift)
+        self._latent_size = tcfg.sample_size if resolution is None else self._check_resolution(resolution)
         # RL trains LoRA adapters on the transformer; the VAE and text encoder stay frozen.
         self.vae.requires_grad_(False)
         if isinstance(text_encoder, nn.Module):
@@ -115,7 +117,21 @@ class FlowPolicy(nn.Module):
 
     @property
     def latent_size(self) -> int:
-        return self.transformer.config.sample_size
+        """Side of the latents the policy samples: ``resolution`` / the VAE's factor, else the transformer's
+        ``sample_size`` (SD3.5-Medium: 128, i.e. 1024^2 images; its 512^2 setups pass resolution=512)."""
+        return self._latent_size
+
+    def _check_resolution(self, resolution: int) -> int:
+        tcfg, factor = self.transformer.config, self.vae_scale_factor
+        unit = factor * tcfg.patch_size
+        if resolution <= 0 or resolution % unit:
+            raise ValueError(f"resolution {resolution} must be a positive multiple of {unit} (the VAE's factor "
+                             f"{factor} x the transformer's patch size {tcfg.patch_size})")
+        max_patches = getattr(tcfg, "pos_embed_max_size", None)
+        if max_patches is not None and resolution // unit > max_patches:
+            raise ValueError(f"resolution {resolution} needs {resolution // unit} patches a side; the transformer's "
+                             f"position embedding covers {max_patches} ({max_patches * unit} pixels)")
+        return resolution // factor
 
     @property
     def vae_scale_factor(self) -> int:
@@ -272,9 +288,11 @@ class FlowPolicy(nn.Module):
     # ----------------------------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, path: str | Path, torch_dtype: torch.dtype = torch.float32, shift: float | None = None,
-                        load_t5: bool = True, local_files_only: bool = True) -> "FlowPolicy":
+                        load_t5: bool = True, local_files_only: bool = True,
+                        resolution: int | None = None) -> "FlowPolicy":
         """Load SD3 / SD3.5 (diffusers layout) from a local directory, or from the Hub with
-        ``local_files_only=False``. A missing path is an error that says what to provide."""
+        ``local_files_only=False``. A missing path is an error that says what to provide. ``resolution``: the
+        image side to sample at (default: the transformer's sample_size x the VAE's factor, 1024 for SD3.5)."""
         from diffusers import AutoencoderKL, SD3Transformer2DModel
 
         from policies.text_encoders import SD3TextEncoders
@@ -294,4 +312,4 @@ class FlowPolicy(nn.Module):
 
             shift = FlowMatchEulerDiscreteScheduler.from_pretrained(
                 path, subfolder="scheduler", local_files_only=local_files_only).config.shift
-        return cls(transformer, vae, text, shift=shift)
+        return cls(transformer, vae, text, shift=shift, resolution=resolution)

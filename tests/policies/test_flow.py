@@ -82,3 +82,22 @@ def test_bad_components():
         FlowPolicy(tiny_transformer(), tiny_vae(latent_channels=8), tiny_clip_text_encoder())
     with pytest.raises(FileNotFoundError, match="no SD3 checkpoint directory"):
         FlowPolicy.from_pretrained("/nonexistent/sd3")
+
+
+def test_resolution_other_than_the_transformers_sample_size():
+    # SD3.5-Medium's sample_size is 128 latents (1024^2); its 512^2 setups pass resolution=512. Tiny: VAE factor 2,
+    # patch 2, sample_size 8 (16^2 images), position embedding for 16 patches a side (64^2 images at most).
+    from policies.flow import FlowPolicy
+    from policies.testing import tiny_clip_text_encoder, tiny_transformer, tiny_vae
+
+    policy = FlowPolicy(tiny_transformer(), tiny_vae(), tiny_clip_text_encoder(), resolution=32)
+    assert (policy.latent_size, policy.image_size) == (16, 32)
+    z_T = policy.noise(2, torch.Generator().manual_seed(0))
+    assert z_T.shape == (2, 4, 16, 16)
+    with torch.no_grad():
+        z0 = samplers.sample(policy.velocity_fn(policy.encode_prompts(["a", "b"])), z_T, policy.sigmas(2)).z_tau
+        assert policy.decode(z0).shape == (2, 3, 32, 32)
+    assert tiny_policy().latent_size == 8  # default: the transformer's sample_size
+    for bad, match in ((30, "multiple of 4"), (0, "multiple of 4"), (68, "covers 16")):
+        with pytest.raises(ValueError, match=match):
+            FlowPolicy(tiny_transformer(), tiny_vae(), tiny_clip_text_encoder(), resolution=bad)
