@@ -191,6 +191,10 @@ class BuildConfig:
         if self.kind == "vae_stitch":
             check(self.head_conditioning == "null_text", "head_conditioning",
                   "kind=vae_stitch has no DiT head to condition: leave it null_text")
+            # the baseline is compared with StitchVM on the reward both were distilled from; its loader has no
+            # critic.tower to check another value target against
+            check(self.onpolicy.target is None, "onpolicy.target",
+                  "kind=vae_stitch is the baseline of the tower's own reward: drop onpolicy.target")
         if self.kind == "vae_stitch" and self.search.pinned is not None:
             check(self.search.pinned[0] == LATENT_TAP, "search.pinned",
                   f"kind=vae_stitch has no DiT block: pin [0, j], got {list(self.search.pinned)}")

@@ -218,6 +218,10 @@ def load_vae_stitch(path_dir: str | os.PathLike, policy, reward: nn.Module,
     if meta.get("format_version") != FORMAT_VERSION or meta.get("kind") != KIND:
         raise ValueError(f"{path_dir}: not a vae_stitch checkpoint of format {FORMAT_VERSION} "
                          f"(kind {meta.get('kind')!r}, format {meta.get('format_version')!r})")
+    if meta.get("value_target") is not None:  # the build refuses it; a file edited or written elsewhere may not
+        raise ValueError(f"critic at {path_dir} regresses onto {meta['value_target'].get('_component_', '?')} "
+                         f"(value_target), but a vae_stitch critic is loaded only for its tower's own reward: "
+                         f"rebuild it without onpolicy.target")
     head = latent_head(policy)
     built_for = (f"latents {meta['latent_channels']}×{meta['latent_size']}² of VAE {meta['vae_fingerprint'][:12]} "
                  f"(backbone {meta.get('backbone', '<unnamed>')})")

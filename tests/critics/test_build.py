@@ -82,6 +82,18 @@ def test_vae_stitch_builds_with_identity_head_and_pairs_by_vae(built, world, tmp
     # another transformer on the same VAE shares the latent space: the baseline still pairs
     other = write_tiny_shapes_weights(tmp_path / "other_dit", dit_seed=9)
     load.vae_stitch(load_shapes_policy(weights_dir=other), reward, out)
+    # a vae_stitch file that claims another value target (the build refuses one) is refused, not loaded as CLIP's
+    import shutil
+
+    from rl.checkpoint import write_manifest
+
+    edited = tmp_path / "edited"
+    shutil.copytree(out, edited)
+    meta = json.loads((edited / "vae_stitch.json").read_text())
+    (edited / "vae_stitch.json").write_text(json.dumps({**meta, "value_target": {"_component_": "shapes.eval.X"}}))
+    write_manifest(edited)
+    with pytest.raises(ValueError, match="regresses onto shapes.eval.X"):
+        load.vae_stitch(policy, reward, edited)
 
 
 def test_pairing_with_another_policy_is_an_error_that_says_so(built, world, tmp_path):
@@ -135,6 +147,8 @@ def test_float16_storage_and_heatmap_elsewhere(world, tmp_path):
     (["distill.lrr=1"], r"config error: override 'distill.lrr=1': key 'distill.lrr' does not exist"),
     (["distill.loss=mse"], r"config error: distill: loss must be one of"),
     (["kind=stitchvm2"], r"config error: kind: expected one of \['stitchvm', 'vae_stitch'\]"),
+    (["kind=vae_stitch", "onpolicy.target={_component_: shapes.eval.ShapesEval}"],
+     r"config error: onpolicy.target: kind=vae_stitch is the baseline of the tower's own reward"),
 ])
 def test_build_command_errors_are_one_clear_message(world, tmp_path, capsys, extra, message):
     rc = main(["--config", SHAPES_YAML, *tiny_overrides(world, tmp_path / "x", *extra)])
