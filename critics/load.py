@@ -39,7 +39,10 @@ BUILD_HINT = "build one with `python -m critics.build --config configs/critic/bu
 def resolve_path(path: str | os.PathLike) -> Path:
     """The critic directory `path` names (see the module docstring for relative paths)."""
     path = Path(path)
-    for candidate in (path, REPO_ROOT / path):
+    # a complete copy in the current directory wins, as the module docstring says; only then is a missing copy
+    # (here or under the repository root) stood in for by the backup an interrupted save left beside it
+    candidates = (path,) if path.exists() or path.is_absolute() else (path, REPO_ROOT / path)
+    for candidate in candidates:
         previous = interrupted_swap(candidate)  # a build killed between the two renames of its last save
         if previous is not None:
             print(f"warning: {candidate} is missing: its build was interrupted while saving; loading the last "

@@ -122,3 +122,16 @@ def test_a_damaged_critic_directory_is_an_error_naming_the_file(built, world, tm
             with pytest.raises((FileNotFoundError, ValueError)) as e:
                 loader(policy, reward, broken)
             assert str(broken / name) in str(e.value), f"{damage} {name}: {e.value}"
+
+
+def test_a_complete_copy_in_the_working_directory_wins_over_a_backup_at_the_repo_root(tmp_path, monkeypatch):
+    # relative critic paths are read from the current directory when they exist there; the repository root's
+    # `.name.old` (an interrupted save there) only stands in for a copy that exists nowhere
+    cwd, root = tmp_path / "cwd", tmp_path / "root"
+    (cwd / "critic").mkdir(parents=True)
+    (root / ".critic.old").mkdir(parents=True)
+    monkeypatch.setattr(load, "REPO_ROOT", root)
+    monkeypatch.chdir(cwd)
+    assert load.resolve_path("critic") == Path("critic")
+    (cwd / "critic").rmdir()
+    assert load.resolve_path("critic") == root / ".critic.old"
