@@ -32,7 +32,7 @@ Outputs: a markdown table on stdout, `--json` (default: next to --out) and the `
 from __future__ import annotations
 
 import argparse
-import json
+import io
 import re
 import time
 from pathlib import Path
@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
+
+from rl.checkpoint import atomic_write_bytes, atomic_write_json
 
 SIGMAS = (0.1, 0.25, 0.5, 0.75, 0.9)
 TEST_PROMPT_SEED = 0  # shapes.bench_world: the held-out test prompts the policy is reported on
@@ -290,7 +292,9 @@ def plot(result: dict, path: str | Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()  # rendered whole, then swapped in: a kill mid-write never leaves a truncated plot
+    fig.savefig(buffer, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -409,7 +413,7 @@ def main(argv: list[str] | None = None) -> dict:
     json_path = args.json or (str(Path(args.out).with_suffix(".json")) if args.out else "")
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_json(json_path, result)
     return result
 
 
