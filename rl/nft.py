@@ -188,6 +188,7 @@ class Rollout(NamedTuple):
     sigma_tau: Tensor        # (B,)
     train_sigmas: Tensor     # (B, K) the schedule's sigmas above sigma_tau to train on (padded by repeats)
     rewards: Tensor          # (B,)
+    num_sigmas: Tensor       # (B,) long: tau of the row, i.e. its first num_sigmas columns are its distinct sigmas
 
 
 @torch.no_grad()
@@ -210,7 +211,8 @@ def collect(run: common.Run, cfg: NFTConfig, prompts: list[str], epoch: int) -> 
     else:  # a round holds whole groups
         taus = [int(rng.integers(cfg.tau_min, cfg.tau_max + 1)) if critic.dense else cfg.num_steps for _ in starts]
     k = max(taus)
-    local: dict[str, list[Tensor]] = {"z_tau": [], "sigma_tau": [], "train_sigmas": [], "rewards": []}
+    local: dict[str, list[Tensor]] = {"z_tau": [], "sigma_tau": [], "train_sigmas": [], "rewards": [],
+                                      "num_sigmas": []}
     index = []
     for start, tau in zip(starts, taus):
         chunk = rows[start:start + cfg.rollout_batch_size]
@@ -227,9 +229,21 @@ def collect(run: common.Run, cfg: NFTConfig, prompts: list[str], epoch: int) -> 
         local["sigma_tau"].append(sigmas[tau].expand(len(batch)))
         # each row's trainable sigmas, cycled to k columns so rows stack; rows only ever draw from their own
         local["train_sigmas"].append(sigmas[:tau].repeat(math.ceil(k / tau))[:k].expand(len(batch), -1))
+        local["num_sigmas"].append(torch.full((len(batch),), tau, dtype=torch.long, device=run.device))
         index += range(start + mine.start, start + mine.stop)
     full = {key: distributed.gather_rows(accel, torch.cat(parts), index, len(rows)) for key, parts in local.items()}
-    return Rollout(rows, full["z_tau"], full["sigma_tau"], full["train_sigmas"], full["rewards"])
+    return Rollout(rows, full["z_tau"], full["sigma_tau"], full["train_sigmas"], full["rewards"], full["num_sigmas"])
+
+
+def draw_columns(num_sigmas: Tensor, k: int, num_t: int, generator: torch.Generator) -> Tensor:
+    """(b, num_t) distinct columns per row, uniform among the row's first num_sigmas[row] (<= k) columns."""
+    device = generator.device
+    if bool((num_sigmas == k).all()):  # one tau for all: the draws every recorded run made
+        return torch.stack([torch.randperm(k, generator=generator, device=device)[:num_t]
+                            for _ in range(len(num_sigmas))])
+    keys = torch.rand((len(num_sigmas), k), generator=generator, device=device)
+    keys = keys.masked_fill(torch.arange(k, device=device) >= num_sigmas.to(device)[:, None], 2.0)  # padding last
+    return keys.argsort(dim=1)[:, :num_t]
 
 
 def optimise(run: common.Run, cfg: NFTConfig, rollout: Rollout, r_opt: Tensor, optimizer, params,
@@ -252,7 +266,10 @@ def optimise(run: common.Run, cfg: NFTConfig, rollout: Rollout, r_opt: Tensor, o
     generator = torch.Generator(run.device).manual_seed(int(np.random.default_rng([run.run_cfg.seed, epoch, 2])
                                                             .integers(2**31)))
     n = rollout.z_tau.shape[0]
-    num_t = max(1, round(cfg.timestep_fraction * rollout.train_sigmas.shape[1]))
+    # rounds of one epoch may stop at different tau: every row trains on num_t of its own distinct sigmas (the
+    # fraction of the epoch's smallest tau), not on k padded columns, where repeats would double-weight high noise
+    shortest = int(rollout.num_sigmas.min())
+    num_t = max(1, round(cfg.timestep_fraction * shortest))
     if cfg.max_train_timesteps is not None:
         num_t = min(num_t, cfg.max_train_timesteps)
     loss_sums, norms, skipped = [], [], 0  # loss_sums: per optimizer step (num_t, 3) [total, policy, kl]
@@ -261,8 +278,7 @@ def optimise(run: common.Run, cfg: NFTConfig, rollout: Rollout, r_opt: Tensor, o
         perm = group_permutation(n, unit, generator)
         for start in range(0, n, cfg.train_batch_size):
             idx = perm[start:start + cfg.train_batch_size]  # the optimizer step's global rows
-            t_cols = torch.stack([torch.randperm(rollout.train_sigmas.shape[1], generator=generator,
-                                                 device=run.device)[:num_t] for _ in range(len(idx))])
+            t_cols = draw_columns(rollout.num_sigmas[idx], rollout.train_sigmas.shape[1], num_t, generator)
             eps = [torch.randn((len(idx), *rollout.z_tau.shape[1:]), generator=generator, device=run.device,
                                dtype=torch.float32) for _ in range(num_t)]
             if unit > 1:  # every row takes the draws of its group's first row in this minibatch

@@ -227,3 +227,25 @@ def test_evaluations_do_not_change_training(tmp_path):
     la = load_file(a / "lora" / "pytorch_lora_weights.safetensors")
     lb = load_file(b / "lora" / "pytorch_lora_weights.safetensors")
     assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
+
+
+def test_training_timesteps_are_uniform_over_each_rows_own_sigmas():
+    # an epoch whose rounds stopped at tau 3 and 5: the tau-3 row's columns are padded by repeats to k = 5, and it
+    # must draw distinct columns among its own 3 (repeats would double-weight its highest-noise sigmas)
+    g = torch.Generator().manual_seed(0)
+    num_sigmas = torch.tensor([3, 5])
+    counts = torch.zeros(2, 5)
+    for _ in range(3000):
+        cols = nft.draw_columns(num_sigmas, 5, 2, g)
+        assert cols.shape == (2, 2) and (cols[:, 0] != cols[:, 1]).all()
+        counts[0].index_add_(0, cols[0], torch.ones(2))
+        counts[1].index_add_(0, cols[1], torch.ones(2))
+    assert counts[0, 3:].sum() == 0  # never the padding
+    freq0, freq1 = counts[0, :3] / counts[0].sum(), counts[1] / counts[1].sum()
+    torch.testing.assert_close(freq0, torch.full((3,), 1 / 3), rtol=0, atol=0.03)
+    torch.testing.assert_close(freq1, torch.full((5,), 1 / 5), rtol=0, atol=0.03)
+    # one tau for every row: the draws are those of a randperm per row, as before rounds could differ
+    a = nft.draw_columns(torch.tensor([4, 4]), 4, 3, torch.Generator().manual_seed(1))
+    g1 = torch.Generator().manual_seed(1)
+    b = torch.stack([torch.randperm(4, generator=g1)[:3] for _ in range(2)])
+    assert torch.equal(a, b)
