@@ -388,12 +388,13 @@ def restore(run: Run, source: str, optimizer, adapters: tuple[str, ...]) -> tupl
     source = str(run.run_dir) if source == "latest" else source
     loaded = ckpt.load_checkpoint(source)
     held = sorted(k.removeprefix("lora_") for k in loaded.tensors if k.startswith("lora_"))
+    # settings first: a changed lora_rank is then a config error naming the key, not a shape mismatch in the load
+    check_same_algo(loaded.state.get("config", {}).get("algo"), run.config_dict.get("algo"), source)
     for name in adapters:
         if f"lora_{name}" not in loaded.tensors:  # e.g. algo.ema_decay turned on for a run saved without it
             raise ConfigError(f"checkpoint {source} has no adapter '{name}' (it holds {held}); resume with the "
                               f"settings it was saved with (algo.ema_decay > 0 adds 'ema') or start a new run")
         load_adapter(run, name, loaded.tensors[f"lora_{name}"])
-    check_same_algo(loaded.state.get("config", {}).get("algo"), run.config_dict.get("algo"), source)
     trained = lora.adapter_parameters(run.policy.transformer, "default")
     opt_state = ckpt.optimizer_state_from_tensors(loaded.tensors["optimizer"], loaded.state["optimizer"])
     distributed.load_optimizer_state_dict(run.accelerator, optimizer, list(trained.values()), opt_state)

@@ -205,7 +205,7 @@ def train(run: common.Run, cfg: DDPOConfig, resume: str | None = None) -> dict[s
                                                cfg.eval_adapter)
     tracker.load(state.get("stat_tracker", {}))
 
-    consecutive_bad, epoch = 0, start_epoch
+    consecutive_bad, epoch = 0, start_epoch - 1  # epoch: the last one done (a finished run resumed: start_epoch)
     with GracefulExit() as stop:
         for epoch in range(start_epoch, run.run_cfg.max_epochs):
             prompts = common.prompt_batch(run.train_prompts, cfg.prompts_per_epoch, epoch, run.run_cfg.seed)

@@ -235,7 +235,7 @@ def train(run: common.Run, cfg: DraftConfig, resume: str | None = None) -> dict[
     critic_trainer = cotrain.build(run, exclude)
     start_epoch, history, _ = pg.start_run(run, optimizer, cfg.adapters, resume, critic_trainer, cfg.eval_adapter)
 
-    consecutive_bad, epoch = 0, start_epoch
+    consecutive_bad, epoch = 0, start_epoch - 1  # epoch: the last one done (a finished run resumed: start_epoch)
     with GracefulExit() as stop:
         for epoch in range(start_epoch, run.run_cfg.max_epochs):
             prompts = common.prompt_batch(run.train_prompts, cfg.prompts_per_epoch, epoch, run.run_cfg.seed)

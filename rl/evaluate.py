@@ -66,7 +66,13 @@ def main(argv: list[str] | None = None) -> int:
             lora.load_adapter_state_dict(transformer, {k: v.to(accelerator.device)
                                                        for k, v in loaded.tensors[group].items()})
         eval_prompts = instantiate(raw["prompts"]["eval"], _path="prompts.eval")
+        if not eval_prompts:
+            raise ConfigError("prompts.eval: no evaluation prompts (it is null or empty); give a prompt node, e.g. "
+                              "{_component_: shapes.data.prompts, split: test, n: 512, seed: 1}")
         metric = instantiate(raw["eval_metric"], _path="eval_metric")
+        if metric is None:
+            raise ConfigError("eval_metric: null; the evaluation needs a metric, e.g. "
+                              "{_component_: shapes.eval.ShapesEval}")
         if isinstance(metric, torch.nn.Module):
             metric.to(accelerator.device)
     except (ConfigError, FileNotFoundError, ValueError, ckpt.CheckpointError) as e:
@@ -80,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics, _ = common.evaluate(run, adapter=adapter)
     print(json.dumps(metrics, indent=2))
     if args.json:
-        args.json.write_text(json.dumps(metrics, indent=2))
+        ckpt.atomic_write_json(args.json, metrics)
     return 0
 
 

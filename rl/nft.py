@@ -97,6 +97,10 @@ class NFTConfig:
         common.check_optimizer_and_lora(self)
         for key in ("prompts_per_epoch", "rollout_batch_size", "train_batch_size", "inner_epochs"):
             check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        # group_noise's variance reduction is the cancellation of the shared eps over a whole group (optimise)
+        check(not self.group_noise or self.train_batch_size % self.group_size == 0, "group_noise",
+              f"shares (t, eps) within a group, which cancels only over whole groups: make train_batch_size "
+              f"({self.train_batch_size}) a multiple of group_size ({self.group_size}) or set group_noise false")
         # one stop step tau per rollout round: a group split unevenly across rounds would be normalised over values
         # at different noise levels. Rounds hold whole groups, or a group spans whole rounds (which then share its tau).
         check(self.rollout_batch_size % self.group_size == 0 or self.group_size % self.rollout_batch_size == 0,
@@ -359,7 +363,7 @@ def train(run: common.Run, cfg: NFTConfig, resume: str | None = None) -> dict[st
         history.append(metrics)
 
     consecutive_bad = 0
-    epoch = start_epoch
+    epoch = start_epoch - 1  # the last epoch done: a resumed, finished run finishes at start_epoch
     with GracefulExit() as stop:
         for epoch in range(start_epoch, run.run_cfg.max_epochs):
             prompts = common.prompt_batch(run.train_prompts, cfg.prompts_per_epoch, epoch, run.run_cfg.seed)

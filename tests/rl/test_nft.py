@@ -152,6 +152,12 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
         return {r["step"]: r["loss/policy"] for r in rows if "loss/policy" in r}
 
     assert losses(full)[3] == losses(part)[3]
+    # resuming the finished run trains nothing and finishes at the epoch it was at, not one past it
+    rc = train.main(["--algo", "nft", "--critic", "terminal", "--config", TINY, f"run.output_dir={part}",
+                     "run.max_epochs=3", "run.eval_every=0", "--resume", "latest"])
+    assert rc == 0
+    last = json.loads((part / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 3 and "eval/score" in last
 
 
 def test_config_errors_exit_2(tmp_path, capsys):
@@ -161,6 +167,9 @@ def test_config_errors_exit_2(tmp_path, capsys):
     assert "group_size" in capsys.readouterr().err
     assert train.main(["--critic", "terminal", "--config", TINY, "algo.lr=-1"]) == 2
     assert "lr" in capsys.readouterr().err
+    assert train.main(["--critic", "terminal", "--config", TINY, "algo.group_noise=true", "algo.group_size=4",
+                       "algo.train_batch_size=6"]) == 2
+    assert "a multiple of group_size (4)" in capsys.readouterr().err
 
 
 def test_evaluate_cli_scores_export_checkpoint_and_base(tmp_path, capsys):
@@ -181,6 +190,11 @@ def test_evaluate_cli_scores_export_checkpoint_and_base(tmp_path, capsys):
     assert lora_scores["eval/score"] == pytest.approx(final["eval/score"], abs=1e-6)
     assert set(base_scores) == set(lora_scores)
     assert evaluate.main(["--lora", str(tmp_path / "nope"), *common]) == 2
+    capsys.readouterr()
+    assert evaluate.main([*common, "eval_metric=null"]) == 2
+    assert "eval_metric: null" in capsys.readouterr().err
+    assert evaluate.main([*common, "prompts.eval=null"]) == 2
+    assert "prompts.eval: no evaluation prompts" in capsys.readouterr().err
 
 
 def test_every_group_is_valued_at_one_tau():
