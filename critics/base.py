@@ -4,7 +4,8 @@ A critic estimates the value of a noisy latent, V_t(z_t) = E[r(x_0) | z_t]:
 
     value(z_t: (B, C, h, w), sigma: float | (B,), prompts: list[str]) -> (B,) float32
 
-differentiable in z_t where the critic allows it (``tweedie``, ``stitchvm``). ``dense`` says whether values at
+differentiable in z_t where the critic allows it (``tweedie``, ``stitchvm``; a critic that never is, ``mc``, says
+so with ``differentiable = False``). ``dense`` says whether values at
 sigma > 0 exist (``terminal`` has a value at sigma = 0 only). ``latent_channels`` / ``latent_size`` let a
 trainer refuse a critic built for another latent space before any compute. A trainer never knows which
 critic it holds.

@@ -104,6 +104,7 @@ class MonteCarloCritic(_DecodeScoreCritic):
     """
 
     dense = True
+    differentiable = False  # no_grad rollouts: steering with a gradient (DPS) refuses it up front
 
     def __init__(self, policy: FlowPolicy, reward: nn.Module, num_rollouts: int = 8, num_steps: int = 20,
                  eta: float = 0.7, guidance_scale: float = 1.0, seed: int = 0):

@@ -22,6 +22,7 @@ Exit status: 0 done, 2 configuration error or missing weights.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -154,8 +155,10 @@ def guide_for(world: World, cfg: SteerConfig):
     return world.guide
 
 
-def steer_batch(method: str, world: World, cfg: SteerConfig, prompts: list[str], generator: torch.Generator):
-    """Final latents (P, C, h, w) for the prompts with the chosen method."""
+def steer_batch(method: str, world: World, cfg: SteerConfig, prompts: list[str], generator: torch.Generator,
+                batch_index: int = 0):
+    """Final latents (P, C, h, w) for the prompts with the chosen method; ``batch_index`` offsets FK's resampling
+    seed as ``generator`` is offset for the noise, so batches do not repeat one another's resampling draws."""
     from policies import samplers
     from rl.steering.dps import dps_sample
     from rl.steering.fk import fk_sample
@@ -171,7 +174,8 @@ def steer_batch(method: str, world: World, cfg: SteerConfig, prompts: list[str],
     if method == "dps":
         return dps_sample(guide, policy.noise(len(prompts), generator), sigmas, cond, prompts, cfg.dps, generator).z_0
     z_T = policy.noise(len(prompts) * cfg.fk.num_particles, generator)
-    return fk_sample(guide, z_T, sigmas, cond, prompts, cfg.fk, generator).z_0
+    fk_cfg = dataclasses.replace(cfg.fk, seed=cfg.fk.seed + batch_index)
+    return fk_sample(guide, z_T, sigmas, cond, prompts, fk_cfg, generator).z_0
 
 
 def run(method: str, world: World, cfg: SteerConfig, out_dir: Path) -> dict[str, float]:
@@ -192,7 +196,7 @@ def run(method: str, world: World, cfg: SteerConfig, out_dir: Path) -> dict[str,
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        z_0 = steer_batch(method, world, cfg, batch, generator)
+        z_0 = steer_batch(method, world, cfg, batch, generator, b)
         with torch.no_grad():
             x = policy.decode(z_0)
         if device.type == "cuda":
@@ -241,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--n must be >= 1, got {args.n}")
         prompts = shapes_prompts(args.prompts, args.n, args.prompt_seed)
         world = build_world(args.world, None if args.method == "none" else args.critic, cfg, torch.device(args.device))
+        if args.method == "dps" and getattr(world.critic, "differentiable", True) is False:
+            raise ConfigError(f"--method dps follows the gradient of V, and critic '{args.critic}' has none: use a "
+                              f"differentiable critic (stitchvm, tweedie), or --method fk, which needs values only")
         guide_for(world, cfg)  # here, so that a bad combination is an error before anything runs
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -60,7 +60,12 @@ GradNorm = Literal["none", "score"]
 
 @dataclass
 class DPSConfig:
-    """Guided-SDE hyper-parameters (defaults: the paper's Eq. 40)."""
+    """Guided-SDE hyper-parameters (defaults: the paper's Eq. 40).
+
+    The paper's nu_t^2 = 4t/(1-t) diverges at t = 1: from sigma 1 (its first step taken at the schedule's second
+    sigma, as Flow-GRPO) eta 2 multiplies z by ~-1 and adds noise of std ~2, and the latent's variance grows ~10x
+    over the first two steps before the schedule pulls it back (at 20 and at 100 steps alike); the critic then
+    guides on over-spread latents. configs/steer/dps.yaml runs eta 0.7 and guides below sigma 0.95."""
 
     eta: float = option(2.0, help="eta: s_sigma^2 = eta^2 sigma / (1 - sigma); the paper's nu_t^2 = 4t/(1-t) is 2")
     guidance_scale: float = option(1.5, help="lambda: the guidance drift is lambda (s^2/2) g; paper 3t/(1-t) = 1.5")

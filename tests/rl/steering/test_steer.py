@@ -59,3 +59,27 @@ def test_cli_cuda_graph_errors_exit_2_before_writing(tmp_path, capsys, method, c
                      "--device", "cpu", f"cuda_graph={value}"])
     assert rc == 2 and message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_dps_with_a_critic_without_gradient_exits_2_before_writing(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = steer.main(["--world", "tiny", "--method", "dps", "--critic", "mc", "--n", "2", "--out", str(out),
+                     "--device", "cpu", "num_steps=3"])
+    assert rc == 2 and "critic 'mc' has none" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_fk_batches_draw_their_own_resampling(tmp_path, monkeypatch):
+    from rl.steering import fk
+
+    seeds, sample = [], fk.fk_sample
+
+    def spy(guide, z_T, sigmas, cond, prompts, cfg, generator=None):
+        seeds.append(cfg.seed)
+        return sample(guide, z_T, sigmas, cond, prompts, cfg, generator)
+
+    monkeypatch.setattr(fk, "fk_sample", spy)
+    rc = steer.main(["--world", "tiny", "--method", "fk", "--critic", "tweedie", "--n", "3", "--out",
+                     str(tmp_path / "out"), "--device", "cpu", "batch_size=2", "num_steps=3", "fk.num_particles=2",
+                     "fk.seed=7"])
+    assert rc == 0 and seeds == [7, 7, 8]  # the untimed warm-up, then batches 0 and 1
