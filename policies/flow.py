@@ -306,7 +306,8 @@ class FlowPolicy(nn.Module):
         transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", **kw)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
         text = SD3TextEncoders.from_pretrained(path, torch_dtype=torch_dtype, load_t5=load_t5,
-                                               local_files_only=local_files_only)
+                                               local_files_only=local_files_only,
+                                               joint_attention_dim=transformer.config.joint_attention_dim)
         if shift is None:
             from diffusers import FlowMatchEulerDiscreteScheduler
 

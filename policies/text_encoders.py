@@ -94,11 +94,13 @@ def word_tokenizer(words, max_length: int = 32):
 class SD3TextEncoders(nn.Module):
     """SD3's CLIP-L + CLIP-G + T5 conditioning, computed by diffusers' own ``encode_prompt``.
 
-    ``text_encoder_3`` / ``tokenizer_3`` may be None (SD3 then pads the T5 stream with zeros, as diffusers does).
+    ``text_encoder_3`` / ``tokenizer_3`` may be None: SD3 then pads the T5 stream with zeros, as diffusers does, of
+    width ``joint_attention_dim`` (the transformer's; 4096 for SD3 / SD3.5), which diffusers reads from the
+    pipeline's transformer — this pipeline holds none, so a stand-in carries that one number.
     """
 
     def __init__(self, text_encoder, tokenizer, text_encoder_2, tokenizer_2, text_encoder_3=None, tokenizer_3=None,
-                 max_sequence_length: int = 256):
+                 max_sequence_length: int = 256, joint_attention_dim: int = 4096):
         super().__init__()
         from diffusers import StableDiffusion3Pipeline
 
@@ -110,6 +112,11 @@ class SD3TextEncoders(nn.Module):
             transformer=None, scheduler=None, vae=None, text_encoder=text_encoder, tokenizer=tokenizer,
             text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3,
             tokenizer_3=tokenizer_3)
+        if text_encoder_3 is None:  # only the zero T5 stream reads the transformer (its joint_attention_dim)
+            from types import SimpleNamespace
+
+            stand_in = SimpleNamespace(config=SimpleNamespace(joint_attention_dim=joint_attention_dim))
+            object.__setattr__(pipe, "transformer", stand_in)  # past DiffusionPipeline's module registration
         object.__setattr__(self, "_pipe", pipe)
 
     @property
@@ -118,7 +125,8 @@ class SD3TextEncoders(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, torch_dtype: torch.dtype = torch.float32, load_t5: bool = True,
-                        local_files_only: bool = True, max_sequence_length: int = 256) -> "SD3TextEncoders":
+                        local_files_only: bool = True, max_sequence_length: int = 256,
+                        joint_attention_dim: int = 4096) -> "SD3TextEncoders":
         """Load the three encoders from an SD3 checkpoint directory (diffusers layout) or Hub id."""
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
@@ -133,7 +141,7 @@ class SD3TextEncoders(nn.Module):
             parts["text_encoder_3"] = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3", **kw)
             parts["tokenizer_3"] = T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_3",
                                                                    local_files_only=local_files_only)
-        return cls(**parts, max_sequence_length=max_sequence_length)
+        return cls(**parts, max_sequence_length=max_sequence_length, joint_attention_dim=joint_attention_dim)
 
     def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         _check_prompts(prompts)

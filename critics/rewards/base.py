@@ -169,8 +169,10 @@ def preprocess(images: torch.Tensor, cfg: PreprocessCfg, dtype: torch.dtype | No
 def channel_constants(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(1, C, 1, 1) per-channel constants, made once per (values, dtype, device): no host-to-device copy per call,
     which also lets a CUDA graph capture the preprocessing (policies/graphs.py). Never evicted: a captured graph
-    reads the tensor by address (a few bytes per reward model, dtype and device)."""
-    return torch.tensor(values, dtype=dtype, device=device).view(1, len(values), 1, 1)
+    reads the tensor by address (a few bytes per reward model, dtype and device). Made outside inference mode: a
+    cached inference tensor, saved for backward by a later differentiable call, would be an error there."""
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=dtype, device=device).view(1, len(values), 1, 1)
 
 
 def at_least_float32(dtype: torch.dtype) -> torch.dtype:

@@ -64,15 +64,27 @@ def resolve_local_checkpoint(model_name: str, pretrained: str | Path) -> str:
 
 
 def load_open_clip(
-    model_name: str, pretrained: str | Path, device: str | torch.device = "cpu", precision: str = "fp32"
+    model_name: str, pretrained: str | Path, device: str | torch.device = "cpu", precision: str = "fp32",
+    pretrained_tag: str | None = None,
 ) -> nn.Module:
     """An open_clip model with weights from a local file (``torch.load(weights_only=True)`` or safetensors).
 
     open_clip's loader accepts a bare state dict, ``{"state_dict": ...}`` checkpoints (HPSv2) and a
-    ``module.`` prefix from DDP training.
+    ``module.`` prefix from DDP training. Given a file, open_clip knows only the architecture's preprocessing (OpenAI
+    mean / std for most); weights published under a tag with their own (e.g. SigLIP's mean 0.5) name it in
+    ``pretrained_tag`` — only its preprocessing is read, nothing downloads.
     """
     path = resolve_local_checkpoint(model_name, pretrained)
-    return open_clip.create_model(model_name, pretrained=path, device=device, precision=precision, weights_only=True)
+    model = open_clip.create_model(model_name, pretrained=path, device=device, precision=precision, weights_only=True)
+    if pretrained_tag is not None:
+        from open_clip.transform import merge_preprocess_dict
+
+        tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained_tag)
+        if not tag_cfg:
+            raise ValueError(f"open_clip knows no pretrained tag {pretrained_tag!r} for {model_name} "
+                             f"(its tags: {open_clip.list_pretrained_tags_by_model(model_name)})")
+        model.visual.preprocess_cfg = merge_preprocess_dict(model.visual.preprocess_cfg, tag_cfg)
+    return model
 
 
 class CLIPScore(nn.Module):
@@ -129,6 +141,7 @@ class CLIPScore(nn.Module):
         tokenizer: Tokenizer | None = None,
         device: str | torch.device = "cpu",
         precision: str = "fp32",
+        pretrained_tag: str | None = None,
         **kwargs,
     ) -> "CLIPScore":
         """Build from an open_clip architecture name and a local weights file; never downloads.
@@ -138,9 +151,12 @@ class CLIPScore(nn.Module):
             pretrained: path of the weights file (a tag such as ``"openai"`` raises FileNotFoundError).
             tokenizer: defaults to ``open_clip.get_tokenizer(model_name)`` (the BPE vocabulary ships in the wheel).
             device, precision: as ``open_clip.create_model`` (``"fp32"``, ``"bf16"``, ``"fp16"``, ...).
+            pretrained_tag: the open_clip tag the file was published under, for its preprocessing (see
+                :func:`load_open_clip`); None: the architecture's.
             **kwargs: passed to the constructor (``scale``, ``clip_at_zero``, preprocessing overrides).
         """
-        model = load_open_clip(model_name, pretrained, device=device, precision=precision)
+        model = load_open_clip(model_name, pretrained, device=device, precision=precision,
+                               pretrained_tag=pretrained_tag)
         return cls(model, tokenizer if tokenizer is not None else open_clip.get_tokenizer(model_name), **kwargs)
 
     @property

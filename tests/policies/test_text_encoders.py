@@ -51,3 +51,19 @@ def test_sd3_encoders_drive_a_transformer(encoders):
     assert torch.isfinite(traj.z_tau).all()
     with pytest.raises(TypeError, match="list of strings"):
         encoders.encode("a red circle")
+
+
+def test_without_t5_the_t5_stream_is_zeros_of_the_transformers_width():
+    # from_pretrained(load_t5=False): diffusers pads with zeros of transformer.config.joint_attention_dim
+    tok = word_tokenizer(TINY_WORDS, max_length=16)
+    enc = SD3TextEncoders(_clip(8, 16, tok, 0), tok, _clip(8, 16, tok, 1), tok, max_sequence_length=16,
+                          joint_attention_dim=32)
+    embeds, pooled = enc.encode(["a red circle"])
+    assert embeds.shape == (1, 16 + 16, 32) and pooled.shape == (1, 32)
+    assert embeds[:, 16:].abs().max() == 0  # the T5 stream
+    assert embeds[:, :16, :16].abs().max() > 0  # CLIP-L ++ CLIP-G
+    from policies.flow import FlowPolicy
+    from policies.testing import tiny_vae
+
+    policy = FlowPolicy(tiny_transformer(joint_dim=32, pooled_dim=32), tiny_vae(), enc)
+    assert torch.isfinite(policy.sample(["a red circle"], num_steps=2).z_tau).all()

@@ -101,3 +101,16 @@ def test_check_inputs_errors(images, prompts, match):
 
 def test_check_inputs_accepts_bounds():
     check_inputs(torch.tensor([0.0, 1.0]).view(1, 1, 1, 2).expand(2, 3, 1, 2), ["a", ""])
+
+
+def test_a_first_call_in_inference_mode_leaves_later_calls_differentiable():
+    # the per-channel constants are cached on first use; made under inference_mode they would break backward later
+    from critics.rewards.base import channel_constants
+
+    channel_constants.cache_clear()
+    cfg = PreprocessCfg(image_size=(8, 8), mean=(0.1, 0.2, 0.3), std=(0.7, 0.8, 0.9))
+    with torch.inference_mode():
+        preprocess(torch.rand(1, 3, 8, 8), cfg)
+    x = torch.rand(1, 3, 8, 8, requires_grad=True)
+    preprocess(x, cfg).sum().backward()
+    torch.testing.assert_close(x.grad[0, :, 0, 0], 1 / torch.tensor([0.7, 0.8, 0.9]))  # 8 -> 8: no resize

@@ -88,6 +88,23 @@ def test_from_pretrained_round_trip(tmp_path, tiny_open_clip_name):
         torch.testing.assert_close(loaded(images, PROMPTS), CLIPScore(model, char_tokenizer)(images, PROMPTS))
 
 
+def test_from_pretrained_reads_a_tags_preprocessing(tmp_path, tiny_open_clip_name, monkeypatch):
+    # a file knows only the architecture's preprocessing; the tag it was published under may set its own
+    import open_clip
+    from safetensors.torch import save_file
+
+    path = tmp_path / "tiny.safetensors"
+    save_file(tiny_open_clip(seed=3).state_dict(), str(path))
+    tags = {"half": {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}}
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda name, tag: tags.get(tag, {}))
+    loaded = CLIPScore.from_pretrained(tiny_open_clip_name, path, tokenizer=char_tokenizer, pretrained_tag="half")
+    assert loaded.preprocess_cfg.mean == (0.5, 0.5, 0.5) and loaded.preprocess_cfg.std == (0.5, 0.5, 0.5)
+    plain = CLIPScore.from_pretrained(tiny_open_clip_name, path, tokenizer=char_tokenizer)
+    assert plain.preprocess_cfg.mean != (0.5, 0.5, 0.5)
+    with pytest.raises(ValueError, match="no pretrained tag 'nope'"):
+        CLIPScore.from_pretrained(tiny_open_clip_name, path, tokenizer=char_tokenizer, pretrained_tag="nope")
+
+
 def test_from_pretrained_missing_file_says_where_and_how(tmp_path):
     missing = tmp_path / "nope.pt"
     with pytest.raises(FileNotFoundError, match=f"{missing}.*Pass the path"):
