@@ -1,6 +1,6 @@
 """Load an exported LoRA into diffusers' StableDiffusion3Pipeline and sample, exactly as a diffusers user would.
 
-    python examples/load_lora.py runs/example_shapes/lora                 # on the shipped Shapes policy
+    python examples/load_lora.py runs/shapes/lora                         # the main job's export (or any Shapes LoRA)
     python examples/load_lora.py runs/tiny/lora --tiny --out runs/tiny/grid.png   # on the tiny random policy
 
 The Shapes world's text tower is not one of SD3's three encoders, so the prompt embeddings come from the policy's
@@ -24,7 +24,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("lora", type=Path)
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--out", type=Path, default=Path("lora_samples.png"))
+    parser.add_argument("--out", type=Path, default=Path("runs/examples/lora_samples.png"))
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     if args.tiny:
@@ -45,5 +45,6 @@ if __name__ == "__main__":
         images = pipe(prompt_embeds=cond.embeds, pooled_prompt_embeds=cond.pooled, guidance_scale=1.0,
                       num_inference_steps=args.steps, height=policy.image_size, width=policy.image_size,
                       generator=torch.Generator().manual_seed(0), output_type="pt").images
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     save_image(images, args.out, nrow=len(PROMPTS))
     print(f"wrote {args.out} ({len(PROMPTS)} samples with the LoRA from {args.lora})")

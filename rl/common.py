@@ -33,6 +33,9 @@ class RunConfig:
     """Run-level settings shared by every algorithm."""
 
     output_dir: str = option("runs/default", help="run directory: checkpoints, metrics.jsonl, tensorboard, export")
+    overwrite: bool = option(False, help="a new run into an output_dir that holds another run replaces it (its "
+                                         "metrics, checkpoints, images and export are deleted); without it that is "
+                                         "an error (--resume latest continues the run there)")
     seed: int = option(0, help="global seed (python, numpy, torch); rollouts are deterministic given it on CPU")
     max_epochs: int = option(50, help="number of epochs (sample -> score -> optimise rounds)")
     max_minutes: float | None = option(None, help="stop after this much wall-clock (checkpointing first)")

@@ -22,6 +22,7 @@ if __name__ == "__main__" and not __package__:
 import argparse  # noqa: E402
 import importlib  # noqa: E402
 import os  # noqa: E402
+import shutil  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
@@ -243,6 +244,30 @@ def build_run(composed: Composed):
                       timer=Timer(cuda_sync=accelerator.device.type == "cuda"))
 
 
+RUN_FILES = ("metrics.jsonl", "config.yaml", "checkpoints", "lora", "tensorboard", "images")  # what a run writes
+
+
+def clear_previous_run(output_dir: Path, overwrite: bool) -> None:
+    """A new run never mixes into another: its metrics would be appended to the old ones, its checkpoints rotated
+    with them (--resume latest would then pick whichever is newer) and its export would replace the old one. So a
+    directory that holds a run is an error, or with run.overwrite its run files are deleted (process 0 only; the
+    other processes write nothing there before the first barrier)."""
+    from rl.config import ConfigError
+
+    held = [name for name in RUN_FILES if (output_dir / name).exists()]
+    if not held or not ({"metrics.jsonl", "checkpoints", "lora"} & set(held)):
+        return
+    if not overwrite:
+        raise ConfigError(f"run.output_dir {output_dir} holds a run ({', '.join(held)}): continue it with --resume "
+                          f"latest, start this one elsewhere (run.output_dir=...), or replace it with "
+                          f"run.overwrite=true")
+    if int(os.environ.get("RANK", "0")) == 0:
+        for name in held:
+            path = output_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        print(f"run.overwrite: deleted the previous run's {', '.join(held)} in {output_dir}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     from rl.config import ConfigError, to_yaml
 
@@ -267,6 +292,12 @@ def main(argv: list[str] | None = None) -> int:
             resolve_checkpoint(composed.run_cfg.output_dir if args.resume == "latest" else args.resume)
         except CheckpointError as e:
             print(f"error: --resume {args.resume}: {e}", file=sys.stderr)
+            return 2
+    else:
+        try:
+            clear_previous_run(Path(composed.run_cfg.output_dir), composed.run_cfg.overwrite)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
             return 2
     try:
         run = build_run(composed)

@@ -210,7 +210,7 @@ def test_a_process_without_finite_rewards_joins_the_critic_step(tmp_path):
         port = s.getsockname()[1]
     mp.start_processes(_cotrain_on_two_processes, args=(port, str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["out"]["critic/skipped_updates"] == 0 and r0["out"]["critic/train_mse"] > 0
     assert "critic/train_mse" not in r1["out"]  # it had no loss of its own, but took the same steps
     for a, b in zip(r0["params"], r1["params"]):

@@ -263,3 +263,18 @@ def test_training_timesteps_are_uniform_over_each_rows_own_sigmas():
     g1 = torch.Generator().manual_seed(1)
     b = torch.stack([torch.randperm(4, generator=g1)[:3] for _ in range(2)])
     assert torch.equal(a, b)
+
+
+def test_a_new_run_into_a_finished_runs_directory_is_refused_or_replaces_it(tmp_path, capsys):
+    out = _run(tmp_path, "first", "terminal", "run.max_epochs=1", "run.eval_every=0")
+    before = (out / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    rc = train.main(["--critic", "terminal", "--config", TINY, f"run.output_dir={out}", "run.max_epochs=1"])
+    assert rc == 2 and "holds a run" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == before  # nothing touched
+    rc = train.main(["--critic", "terminal", "--config", TINY, f"run.output_dir={out}", "run.max_epochs=2",
+                     "run.eval_every=0", "run.overwrite=true"])
+    assert rc == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss/policy" in r] == [1, 2]  # the new run's epochs only
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))[-1].endswith("2")
