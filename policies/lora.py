@@ -20,6 +20,7 @@ gather them first (:func:`gathered`); there they are collectives that every proc
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,7 +88,9 @@ def add_lora(transformer: nn.Module, spec: LoraSpec, adapter_name: str = "defaul
     check_targets(transformer, spec.target_modules)
     if adapter_name in getattr(transformer, "peft_config", {}):
         raise ValueError(f"adapter '{adapter_name}' already exists on the transformer")
-    transformer.add_adapter(spec.to_peft(), adapter_name=adapter_name)
+    with warnings.catch_warnings():  # a second named adapter (EMA, old policy) is the design, not an accident
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+        transformer.add_adapter(spec.to_peft(), adapter_name=adapter_name)
     transformer.set_adapter(adapter_name)
 
 
