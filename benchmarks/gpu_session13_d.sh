@@ -14,6 +14,6 @@ train 2 ddpo stitchvm ddpo_fast_kl0.01_s1 $K run.seed=1
 train 3 ddpo stitchvm ddpo_fast_kl0.01_s2 $K run.seed=2
 nvidia-smi --query-gpu=name --format=csv,noheader | head -1
 wait
-SESSION=13 finish grpo_fast_kl0.01_s1 grpo_fast_kl0.01_s2 ddpo_fast_kl0.01_s1 ddpo_fast_kl0.01_s2
+SESSION=${SESSION:-13} finish grpo_fast_kl0.01_s1 grpo_fast_kl0.01_s2 ddpo_fast_kl0.01_s1 ddpo_fast_kl0.01_s2
 (cd $OUT && tar -cf logs.tar log && rm -rf log)  # the device tool returns at most 8 files
 ls $OUT

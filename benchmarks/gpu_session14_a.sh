@@ -6,16 +6,6 @@
 # algo.kl_beta: 0.01 in configs/experiments/shapes_gpu_{grpo,ddpo}.yaml.
 #   GPU 0: GRPO-Fast beta 0.01 seed 1     GPU 1: GRPO-Fast beta 0.01 seed 2
 #   GPU 2: DDPO-Fast beta 0.01 seed 1     GPU 3: DDPO-Fast beta 0.01 seed 2
-#   bash benchmarks/gpu_session14_a.sh OUT
+#   bash benchmarks/gpu_session14_a.sh OUT   (gpu_session13_d.sh's four runs on the full budget)
 set -u
-OUT=${1:?out}; MINUTES=${MINUTES:-8.5}; source benchmarks/session3_lib.sh
-K="--config configs/experiments/keep_best.yaml run.ckpt_every=100000 algo.kl_beta=0.01"
-train 0 grpo stitchvm grpo_fast_kl0.01_s1 $K run.seed=1
-train 1 grpo stitchvm grpo_fast_kl0.01_s2 $K run.seed=2
-train 2 ddpo stitchvm ddpo_fast_kl0.01_s1 $K run.seed=1
-train 3 ddpo stitchvm ddpo_fast_kl0.01_s2 $K run.seed=2
-nvidia-smi --query-gpu=name --format=csv,noheader | head -1
-wait
-SESSION=14 finish grpo_fast_kl0.01_s1 grpo_fast_kl0.01_s2 ddpo_fast_kl0.01_s1 ddpo_fast_kl0.01_s2
-(cd $OUT && tar -cf logs.tar log && rm -rf log)  # the device tool returns at most 8 files
-ls $OUT
+MINUTES=${MINUTES:-8.5} SESSION=14 exec bash benchmarks/gpu_session13_d.sh "${1:?out}"
