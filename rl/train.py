@@ -250,10 +250,13 @@ RUN_FILES = ("metrics.jsonl", "config.yaml", "checkpoints", "lora", "tensorboard
 def clear_previous_run(output_dir: Path, overwrite: bool) -> None:
     """A new run never mixes into another: its metrics would be appended to the old ones, its checkpoints rotated
     with them (--resume latest would then pick whichever is newer) and its export would replace the old one. So a
-    directory that holds a run is an error, or with run.overwrite its run files are deleted (process 0 only; the
-    other processes write nothing there before the first barrier)."""
+    directory that holds a run is an error, or with run.overwrite its run files are deleted. Process 0 alone looks:
+    the others start at their own pace and could see its new run's first files (the launcher stops them when process
+    0 exits with the error); none of them writes there."""
     from rl.config import ConfigError
 
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     held = [name for name in RUN_FILES if (output_dir / name).exists()]
     if not held or not ({"metrics.jsonl", "checkpoints", "lora"} & set(held)):
         return
@@ -261,11 +264,10 @@ def clear_previous_run(output_dir: Path, overwrite: bool) -> None:
         raise ConfigError(f"run.output_dir {output_dir} holds a run ({', '.join(held)}): continue it with --resume "
                           f"latest, start this one elsewhere (run.output_dir=...), or replace it with "
                           f"run.overwrite=true")
-    if int(os.environ.get("RANK", "0")) == 0:
-        for name in held:
-            path = output_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        print(f"run.overwrite: deleted the previous run's {', '.join(held)} in {output_dir}", file=sys.stderr)
+    for name in held:
+        path = output_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    print(f"run.overwrite: deleted the previous run's {', '.join(held)} in {output_dir}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
