@@ -111,6 +111,8 @@ class DistillConfig:
     """Show a tqdm progress bar."""
 
     def __post_init__(self) -> None:
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}; got {self.loss!r}")
         if self.sigma_sampling not in SIGMA_LAWS:
@@ -341,6 +343,7 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
     prompted = getattr(model, "head_text", None) is not None
     bar = tqdm(total=cfg.max_steps, disable=not cfg.progress, desc="stitchvm distill")
     for _epoch in range(cfg.epochs):
+        epoch_start = step
         for images, captions, given, own in rebatch(data_iter, cfg.batch_size):
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 break
@@ -416,6 +419,9 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
                 save_fn(cfg.ckpt_dir, model, ckpt_meta)
         if cfg.max_steps is not None and step >= cfg.max_steps:
             break
+        if _epoch > 0 and step == epoch_start > 0:  # a generator is spent after one pass: the run would end early
+            raise ValueError(f"data_iter yielded no batch in epoch {_epoch + 1} of {cfg.epochs}: pass a re-iterable "
+                             f"dataset (a list, a DataLoader), not a one-shot iterator")
     bar.close()
     model.eval()
     if step == 0:

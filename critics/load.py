@@ -59,6 +59,19 @@ def resolve_path(path: str | os.PathLike) -> Path:
     return rooted
 
 
+def warn_if_unfinished(path: Path) -> None:
+    """A build saves complete, loadable checkpoints as it trains; only its last save records the total time. Say so
+    when a critic is one of the earlier ones (a build stopped or killed before the end), which loads as any other."""
+    build_json = path / "build.json"
+    if not build_json.is_file():
+        return
+    record = json.loads(build_json.read_text())
+    if "total_s" not in record.get("times", {}):
+        steps = {k: record[k] for k in ("last_step", "last_onpolicy_step") if k in record}
+        print(f"warning: critic at {path} is a checkpoint of a build that did not finish ({steps or 'no step'}); it "
+              f"loads, but it is not the build's result", file=sys.stderr)
+
+
 def reward_preprocess(reward: nn.Module) -> Callable[[Tensor], Tensor]:
     """The reward's own differentiable preprocessing (resize + normalise to its tower), for the critic's tail.
 
@@ -93,6 +106,7 @@ def stitchvm(policy: nn.Module, reward: nn.Module, path: str | os.PathLike, towe
                           encode_prompts=head_text if head_text is not None else policy.encode_prompts)
     if check_target:
         check_value_target(path, run_reward, tower)
+    warn_if_unfinished(path)
     return model
 
 
@@ -131,4 +145,7 @@ def check_value_target(path: Path, reward: nn.Module, tower: nn.Module | None) -
 
 def vae_stitch(policy: nn.Module, reward: nn.Module, path: str | os.PathLike) -> StitchVM:
     """Load the vae_stitch baseline at `path` for `policy`'s latent space (its VAE) and `reward`."""
-    return load_vae_stitch(resolve_path(path), policy, reward, preprocess=reward_preprocess(reward))
+    path = resolve_path(path)
+    critic = load_vae_stitch(path, policy, reward, preprocess=reward_preprocess(reward))
+    warn_if_unfinished(path)
+    return critic

@@ -95,6 +95,7 @@ class OnPolicyConfig:
 
     def __post_init__(self) -> None:
         check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        check(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
         check(self.trajectories >= 2, "trajectories", f"must be >= 2 (the value term divides by the reward "
                                                        f"variance of the batch), got {self.trajectories}")
         check(self.latents_per_trajectory >= 1, "latents_per_trajectory",

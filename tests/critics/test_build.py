@@ -146,6 +146,8 @@ def test_float16_storage_and_heatmap_elsewhere(world, tmp_path):
     (["data.size=64"], r"error: data images are \(64, 64\).*latents \(4, 8, 8\).*set the data resolution"),
     (["distill.lrr=1"], r"config error: override 'distill.lrr=1': key 'distill.lrr' does not exist"),
     (["distill.loss=mse"], r"config error: distill: loss must be one of"),
+    (["distill.log_every=0"], r"config error: distill: log_every must be >= 1"),
+    (["onpolicy.log_every=0"], r"config error: onpolicy.log_every: must be >= 1"),
     (["kind=stitchvm2"], r"config error: kind: expected one of \['stitchvm', 'vae_stitch'\]"),
     (["kind=vae_stitch", "onpolicy.target={_component_: shapes.eval.ShapesEval}"],
      r"config error: onpolicy.target: kind=vae_stitch is the baseline of the tower's own reward"),

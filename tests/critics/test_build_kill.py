@@ -135,3 +135,23 @@ def test_a_complete_copy_in_the_working_directory_wins_over_a_backup_at_the_repo
     assert load.resolve_path("critic") == Path("critic")
     (cwd / "critic").rmdir()
     assert load.resolve_path("critic") == root / ".critic.old"
+
+
+@pytest.mark.parametrize("kind", [0, 1], ids=["stitchvm", "vae_stitch"])
+def test_a_checkpoint_of_an_unfinished_build_loads_with_a_warning(built, world, tmp_path, capsys, kind):
+    from rl.checkpoint import write_manifest
+
+    out = built[kind].output_dir
+    policy, reward = load_shapes_policy(weights_dir=world), load_shapes_reward(weights_dir=world)
+    loader = load.stitchvm if kind == 0 else load.vae_stitch
+    capsys.readouterr()
+    loader(policy, reward, out)
+    assert "did not finish" not in capsys.readouterr().err  # the build's last save records its total time
+    partial = tmp_path / "partial"
+    shutil.copytree(out, partial)
+    record = json.loads((partial / "build.json").read_text())
+    del record["times"]["total_s"]
+    (partial / "build.json").write_text(json.dumps({**record, "last_step": 7}))
+    write_manifest(partial)
+    loader(policy, reward, partial)
+    assert "build that did not finish ({'last_step': 7})" in capsys.readouterr().err

@@ -193,6 +193,10 @@ def test_distill_fails_loudly():
     with pytest.raises(ValueError, match="shares parameters with the teacher"):
         distill(model, reward, TinyEncoder(), image_batches(4, 4), cfg)
     model, _, reward, _, _ = tiny_stitchvm(j=1)
+    with pytest.raises(ValueError, match="no batch in epoch 2 of 2: pass a re-iterable dataset"):
+        distill(model, reward, TinyEncoder(), iter(list(image_batches(4, 4))), DistillConfig(batch_size=4, epochs=2,
+                                                                                         progress=False))
+    model, _, reward, _, _ = tiny_stitchvm(j=1)
     with pytest.raises(ValueError, match="encode_fn gives latents"):
         distill(model, reward, lambda x: F.avg_pool2d(x, 4).repeat(1, 2, 1, 1)[:, :4], image_batches(4, 4), cfg)
 
