@@ -268,31 +268,35 @@ class CriticTrainer:
         n_rows, n_lat = latents.shape[:2]
         finite_rows = torch.isfinite(rewards).nonzero().flatten().to(latents.device)
         losses, norms, skipped = [], [], 0
-        # several processes: the steps below are collectives, so whether to take them is decided by all; a process
-        # without a finite row this epoch joins them with zero gradients
+        # several processes: the steps below are collectives, so whether to take them is decided by all. A process
+        # without a finite row this epoch still runs the same critic forward and backward (under ZeRO-3 the head's
+        # partitioned blocks gather their weights in it, a collective too), weighted 0, so it adds zero gradients
         if not distributed.any_process_of_group(finite_rows.numel() > 0, self.params[0].device):
             return {"critic/skipped_updates": float(self.cfg.updates_per_epoch)}
+        has_rows = finite_rows.numel() > 0
+        pool = finite_rows if has_rows else torch.arange(n_rows, device=latents.device)
         with self._trainable():
             for _ in range(self.cfg.updates_per_epoch):
                 self.optimizer.zero_grad(set_to_none=True)
-                loss = None
-                if finite_rows.numel():
-                    pick = torch.randint(0, finite_rows.numel() * n_lat, (self.cfg.batch_size,), generator=generator,
-                                         device=generator.device if generator is not None else "cpu")
-                    i_idx, k_idx = finite_rows[pick.to(latents.device) // n_lat], pick.to(latents.device) % n_lat
-                    value = self.critic.value(latents[i_idx, k_idx], sigmas.to(latents.device)[k_idx].float(),
-                                              [prompts[i] for i in i_idx.tolist()])
-                    loss = ((value.float() - rewards.to(latents.device)[i_idx].float()) ** 2).mean()
-                    loss.backward()
+                pick = torch.randint(0, pool.numel() * n_lat, (self.cfg.batch_size,), generator=generator,
+                                     device=generator.device if generator is not None else "cpu").to(latents.device)
+                i_idx, k_idx = pool[pick // n_lat], pick % n_lat
+                value = self.critic.value(latents[i_idx, k_idx], sigmas.to(latents.device)[k_idx].float(),
+                                          [prompts[i] for i in i_idx.tolist()]).float()
+                if has_rows:
+                    loss = ((value - rewards.to(latents.device)[i_idx].float()) ** 2).mean()
+                else:  # exactly zero gradients, even where the value is not finite
+                    loss = torch.where(torch.isfinite(value), value, torch.zeros_like(value)).sum() * 0.0
+                loss.backward()
                 # each critic copy takes the same, averaged step (the decision is shared too)
-                finite = distributed.average_gradients(self.params, loss is None or math.isfinite(loss.item()))
+                finite = distributed.average_gradients(self.params, math.isfinite(loss.item()))
                 norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
                 if not (math.isfinite(norm) and finite):
                     self.optimizer.zero_grad(set_to_none=True)  # a non-finite step never reaches the critic
                     skipped += 1
                     continue
                 self.optimizer.step()
-                if loss is not None:
+                if has_rows:
                     losses.append(loss.item())
                 norms.append(norm)
         out = {"critic/skipped_updates": float(skipped)}

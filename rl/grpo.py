@@ -217,8 +217,8 @@ def train(run: common.Run, cfg: GRPOConfig, resume: str | None = None) -> dict[s
                 metrics["train/skipped_updates"] = 1.0
                 consecutive_bad += 1
             # 5. critic co-training on the policy's own trajectories
-            if critic_trainer is not None:
-                _, generator = pg.epoch_generator(run, epoch, 3)
+            if critic_trainer is not None:  # each process draws its own (row, step) pairs, as DRaFT's co-training
+                generator = distributed.process_generator(run.run_cfg.seed, epoch, 3, run.accelerator)
                 with run.timer("cotrain"):
                     metrics.update(critic_trainer.update(rollout.latents, rollout.sigmas, rollout.rewards,
                                                          rollout.prompts, generator))
