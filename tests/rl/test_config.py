@@ -255,15 +255,26 @@ def test_apply_overrides_set_add_delete():
         ["algo.lr=3e-4", "algo.betas=[0.5, 0.6]", "name=foo", "+algo.new.deep=7", "~log.wandb", "rewards.0.w=2"],
     )
     assert out == {
-        "algo": {"lr": "3e-4", "betas": [0.5, 0.6], "new": {"deep": 7}},  # "3e-4" is a YAML 1.1 string…
+        "algo": {"lr": 3e-4, "betas": [0.5, 0.6], "new": {"deep": 7}},  # YAML 1.2: a float without a dot
         "name": "foo",
         "rewards": [{"w": 2}],
         "log": {},
     }
     assert d["name"] == "a"
-    # …which the typed config turns into the float
     assert from_dict(AlgoConfig, {"lr": out["algo"]["lr"]}).lr == 3e-4
     assert apply_overrides({"x": 1}, ["x=null", "+y=true"]) == {"x": None, "y": True}
+
+
+def test_override_values_follow_yaml_1_2_not_1_1():
+    # untyped nodes (a _component_'s kwargs) get the parsed value as is, so 1.1's surprises would reach them
+    d = {"critic": {"_component_": "x.Y", "eta": 0.7}, "run": {"mixed_precision": "bf16", "seed": 0, "t": "a"}}
+    out = apply_overrides(d, ["critic.eta=7e-1", "run.mixed_precision=no", "run.seed=010", "run.t=1:30"])
+    assert out["critic"]["eta"] == 0.7 and isinstance(out["critic"]["eta"], float)
+    assert out["run"]["mixed_precision"] == "no"  # 1.1: False
+    assert out["run"]["seed"] == "010"  # 1.1: octal 8, silently; a typed int field then refuses the string
+    assert out["run"]["t"] == "1:30"  # 1.1: 90
+    on_off = apply_overrides({"a": 0, "b": 0, "c": 0}, ["a=on", "b=True", "c=-1.5e3"])
+    assert on_off == {"a": "on", "b": True, "c": -1500.0}
 
 
 @pytest.mark.parametrize(
