@@ -97,7 +97,7 @@ def validate_config(raw: dict, algo: str) -> Composed:
         ConfigError: the first mistake, in one line that names the key and says what to fix.
     """
     from rl import common
-    from rl.config import ConfigError, check_node, from_dict, unknown_choice
+    from rl.config import ConfigError, check_node, from_dict, to_dict, unknown_choice
     from rl.cotrain import cotrain_config  # critic.cotrain configures co-training, it is no critic argument
 
     if algo not in ALGOS:
@@ -143,6 +143,9 @@ def validate_config(raw: dict, algo: str) -> Composed:
                       ("prompts.val", prompts.get("val")), ("eval_metric", raw.get("eval_metric"))):
         if node is not None:
             check_node(node, key)
+    # the typed sections as the run uses them (1e-4 a float, a tuple a list): what config.yaml, the checkpoint's
+    # config and a resume's settings check see is then what ran, not how it was spelled
+    raw = {**raw, "algo": to_dict(algo_cfg), "run": to_dict(run_cfg), "eval": to_dict(eval_cfg)}
     return Composed(raw, algo_cfg, run_cfg, eval_cfg, cotrain_cfg)
 
 

@@ -26,6 +26,17 @@ def test_experiment_configs_compose(path):
         assert composed.algo_cfg.num_steps >= composed.algo_cfg.tau_max
 
 
+def test_the_saved_config_holds_the_typed_values_the_run_uses():
+    # config.yaml, the checkpoint's config and a resume's settings check read raw: it must say what ran
+    composed = train.compose_config(train.parse_args(["--algo", "grpo", "--critic", "terminal", "run.max_minutes=10",
+                                                      "algo.sde_window_start=[0, 2]"]))
+    assert composed.raw["run"]["max_minutes"] == 10.0 and isinstance(composed.raw["run"]["max_minutes"], float)
+    assert composed.raw["algo"]["sde_window_start"] == [0, 2] and composed.algo_cfg.sde_window_start == (0, 2)
+    from rl.config import to_dict
+
+    assert composed.raw["algo"] == to_dict(composed.algo_cfg)
+
+
 def test_prompt_file(tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("a cat\n\n  a dog  \n")
