@@ -410,6 +410,7 @@ def restore(run: Run, source: str, optimizer, adapters: tuple[str, ...]) -> tupl
         seed_everything(run.run_cfg.seed + run.accelerator.process_index)
     if run.best is not None:
         run.best.load(loaded.tensors, loaded.state)
+    run.logger.resume_at(loaded.step)
     return loaded.step, loaded.state
 
 

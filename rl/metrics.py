@@ -125,6 +125,24 @@ class MetricLogger:
             self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
 
+    def resume_at(self, step: int) -> None:
+        """A run resumed from its checkpoint at ``step``: drop the metrics.jsonl rows of the epochs after it (they
+        are trained again and would appear twice) and continue wall_time from the last kept row, so the file reads
+        as one run. The rewrite is atomic; TensorBoard / wandb keep their own history (both show the newest value
+        at a step)."""
+        if not self.is_main_process:
+            return
+        from rl.checkpoint import atomic_write_bytes
+
+        path = self.run_dir / "metrics.jsonl"
+        self._jsonl.close()
+        lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+        offset = max((json.loads(line).get("wall_time", 0.0) for line in kept), default=0.0)
+        self._start = time.time() - offset
+        self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+
     def log(self, metrics: Mapping[str, float | torch.Tensor], step: int) -> None:
         """Log scalars at ``step``; names must look like ``group/name``."""
         if not self.is_main_process:

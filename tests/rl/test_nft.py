@@ -278,3 +278,18 @@ def test_a_new_run_into_a_finished_runs_directory_is_refused_or_replaces_it(tmp_
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss/policy" in r] == [1, 2]  # the new run's epochs only
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))[-1].endswith("2")
+
+
+def test_resume_from_an_earlier_checkpoint_logs_each_epoch_once(tmp_path):
+    # epochs logged after the checkpoint that is resumed are trained again: their old rows go, and wall_time goes on
+    out = _run(tmp_path, "run", "terminal", "run.max_epochs=3", "run.eval_every=0", "run.ckpt_every=2",
+               "run.keep_checkpoints=5")
+    step2 = next(p for p in (out / "checkpoints").iterdir() if p.name.endswith("00002"))
+    rc = train.main(["--algo", "nft", "--critic", "terminal", "--config", TINY, f"run.output_dir={out}",
+                     "run.max_epochs=3", "run.eval_every=0", "--resume", str(step2)])
+    assert rc == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in rows if "loss/policy" in r]
+    assert train_steps == [1, 2, 3]
+    times = [r["wall_time"] for r in rows]
+    assert times == sorted(times)
