@@ -361,6 +361,7 @@ def train(run: common.Run, cfg: NFTConfig, resume: str | None = None) -> dict[st
         if images.numel():
             run.logger.log_images("eval/samples", images, 0)
         history.append(metrics)
+    run.timer.reset()  # start-up (evaluation, validation, restore) is not charged to the first epoch's time/*
 
     consecutive_bad = 0
     epoch = start_epoch - 1  # the last epoch done: a resumed, finished run finishes at start_epoch

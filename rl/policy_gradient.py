@@ -400,7 +400,16 @@ def start_run(run: common.Run, optimizer, adapters: tuple[str, ...], resume: str
               critic_trainer: CriticTrainer | None, eval_adapter: str = "default") -> tuple[int, list, dict]:
     """Resume (adapters, optimizer, RNG, co-trained critic) or evaluate the initial policy.
 
-    Returns (first epoch, evaluation history, the checkpoint's JSON state ({} when not resuming))."""
+    Returns (first epoch, evaluation history, the checkpoint's JSON state ({} when not resuming)). The section
+    timer starts empty: start-up (evaluation, validation, restore) is not charged to the first epoch's time/*."""
+    try:
+        return _start_run(run, optimizer, adapters, resume, critic_trainer, eval_adapter)
+    finally:
+        run.timer.reset()
+
+
+def _start_run(run: common.Run, optimizer, adapters: tuple[str, ...], resume: str | None,
+               critic_trainer: CriticTrainer | None, eval_adapter: str) -> tuple[int, list, dict]:
     if resume:
         epoch, state = common.restore(run, resume, optimizer, adapters)
         cotrain.restore(critic_trainer, str(run.run_dir) if resume == "latest" else resume)

@@ -142,3 +142,13 @@ def test_evaluate_cli_uses_the_kept_adapter(tmp_path, capsys):
         assert ("kept by validation" in out.err) == (not extra)
     assert outputs[()] != outputs[("--last",)]  # the epoch-1 adapter vs the epoch-2 one
     assert evaluate.main(["--last", "--config", TINY]) == 2
+
+
+@pytest.mark.parametrize("algo", ["nft", "grpo"])
+def test_start_up_validation_is_not_charged_to_the_first_epoch(tmp_path, algo):
+    # validation runs at epoch 0 (start-up) and every 2 epochs: epoch 1 evaluates nothing, so its row has no
+    # time/eval (the start-up's used to land there)
+    SCHEDULE[:] = [0.2, 0.3, 0.4, 0.5]
+    assert main(tmp_path, algo, "run.max_epochs=2", "run.eval_every=2") == 0
+    epoch1 = [r for r in metrics(tmp_path / "run") if r["step"] == 1 and "time/rollout" in r]
+    assert len(epoch1) == 1 and "time/eval" not in epoch1[0]
