@@ -30,7 +30,7 @@ generalisation (each colour and each shape is still seen in training, only not i
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -560,9 +560,12 @@ MISMATCH_PROBS = {"drift": 0.3, "color": 0.2, "shape": 0.15, "count": 0.15, "lay
 DRIFT_RANGE = (0.25, 0.75)  # blend weight t of the other colour: (1 - t) * own + t * other
 
 
-def perturb_spec(spec: PromptSpec, kind: str, rng: np.random.Generator) -> PromptSpec:
+def perturb_spec(spec: PromptSpec, kind: str, rng: np.random.Generator,
+                 pairs: Sequence[tuple[str, str]] | None = None) -> PromptSpec:
     """``spec`` with one thing changed: a group's colour, shape or count, or (``layout``) the relation flipped, a
-    group dropped, or (one group) a second group added. Always a valid spec that differs from ``spec``."""
+    group dropped, or (one group) a second group added. Always a valid spec that differs from ``spec``. ``pairs``:
+    the colour-shape pairs a changed colour or shape may make (a train image never shows a held-out pair); None:
+    any."""
     groups = list(spec.groups)
     g = int(rng.integers(len(groups)))
     if kind in ("color", "shape"):
@@ -571,6 +574,11 @@ def perturb_spec(spec: PromptSpec, kind: str, rng: np.random.Generator) -> Promp
         options = ([ObjectGroup(old.count, c, old.shape) for c in COLORS] if kind == "color"
                    else [ObjectGroup(old.count, old.color, sh) for sh in SHAPES])
         options = [o for o in options if _pair(o) not in taken]  # >= 4 colours / 3 shapes are always left
+        if pairs is not None:
+            allowed = set(pairs)
+            options = [o for o in options if _pair(o) in allowed]
+            if not options:
+                raise ValueError(f"no {kind} change of {old} keeps to the given colour-shape pairs")
         groups[g] = options[int(rng.integers(len(options)))]
         return PromptSpec(tuple(groups), spec.relation)
     if kind == "count":
@@ -591,12 +599,13 @@ def perturb_spec(spec: PromptSpec, kind: str, rng: np.random.Generator) -> Promp
     raise ValueError(f"unknown mismatch kind {kind!r}; valid: {list(MISMATCH_PROBS)}")
 
 
-def mismatched_render(spec: PromptSpec, rng: np.random.Generator, size: int = 64) -> tuple[np.ndarray, str]:
+def mismatched_render(spec: PromptSpec, rng: np.random.Generator, size: int = 64,
+                      pairs: Sequence[tuple[str, str]] | None = None) -> tuple[np.ndarray, str]:
     """A scene that departs from ``spec`` in one way (``MISMATCH_PROBS``); returns the (size, size, 3) uint8 image
-    and the kind of departure."""
+    and the kind of departure. ``pairs``: as :func:`perturb_spec`."""
     kind = _choice(rng, MISMATCH_PROBS)
     if kind != "drift":
-        return render(perturb_spec(spec, kind, rng), rng, size), kind
+        return render(perturb_spec(spec, kind, rng, pairs), rng, size), kind
     objects = sample_layout(spec, rng, size)
     g = int(rng.integers(len(spec.groups)))
     own = spec.groups[g].color
@@ -647,7 +656,7 @@ class ShapesDataset(Dataset):
         if self.mismatch:
             mrng = np.random.default_rng((self.seed, SPLITS.index(self.split), _MISMATCH_STREAM, index))
             if mrng.random() < self.mismatch:
-                image, _ = mismatched_render(spec, mrng, self.size)
+                image, _ = mismatched_render(spec, mrng, self.size, TRAIN_PAIRS if self.split == "train" else None)
         return {"image": torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0), "caption": text}
 
 

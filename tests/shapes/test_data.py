@@ -394,3 +394,27 @@ def test_dataset_mismatch_keeps_captions_and_the_matched_items():
     assert all(p.mismatch == 1.0 for p in mixture.parts)
     with pytest.raises(ValueError, match="share of mismatched items"):
         ShapesDataset("train", 4, seed=0, mismatch=1.5)
+
+
+@pytest.mark.parametrize("kind", ["color", "shape"])
+def test_a_train_images_changed_colour_or_shape_keeps_to_train_pairs(kind, monkeypatch):
+    from shapes.data import TRAIN_PAIRS, ShapesDataset
+
+    rng, train = np.random.default_rng(1), set(TRAIN_PAIRS)
+    seen_held_out_without = 0
+    for _ in range(400):
+        spec = sample_spec(rng, "train")
+        new = perturb_spec(spec, kind, rng, TRAIN_PAIRS)
+        assert all((g.color, g.shape) in train for g in new.groups)
+        seen_held_out_without += any((g.color, g.shape) not in train
+                                     for g in perturb_spec(spec, kind, rng).groups)
+    assert seen_held_out_without > 0  # unrestricted, the same draws do reach held-out pairs
+    import shapes.data
+
+    given = []
+    monkeypatch.setattr(shapes.data, "perturb_spec", lambda s, k, r, pairs=None: given.append(pairs) or s)
+    for split in ("train", "test"):
+        for item in ShapesDataset(split, 8, seed=0, mismatch=1.0):
+            pass
+    # the dataset passes the train pairs for the train split (drift draws call no perturb_spec), none for test
+    assert given and set(map(id, given)) <= {id(TRAIN_PAIRS), id(None)} and TRAIN_PAIRS in given and None in given
