@@ -4,11 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("shapes.eval", reason="shapes/eval.py (ShapesEval) is not in this checkout yet")
-
-from critics.rewards import ShapesEvalReward  # noqa: E402
-from shapes.data import caption, parse_caption, render  # noqa: E402
-from shapes.eval import CRITERIA, ShapesEval  # noqa: E402
+from critics.rewards import ShapesEvalReward
+from shapes.data import caption, parse_caption, render
+from shapes.eval import CRITERIA, ShapesEval
 
 PROMPTS = ["two blue squares", "a red circle to the left of a green square"]
 
@@ -19,12 +17,21 @@ def rendered(prompts: list[str]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
 
 
+# captions the renders of PROMPTS only partly match: one count off, a relation and a shape wrong, so that every
+# criterion scores differently (on matching captions every criterion is 1 and a reward of the wrong one would pass)
+WRONG = ["three blue squares", "a red circle to the left of a green triangle"]
+
+
 @pytest.mark.parametrize("criterion", CRITERIA)
 def test_equals_shapes_eval(criterion):
     images = rendered(PROMPTS)
     got = ShapesEvalReward(criterion)(images, PROMPTS)
     assert got.shape == (2,) and got.dtype == torch.float32
     torch.testing.assert_close(got, getattr(ShapesEval()(images, PROMPTS), criterion))
+    partial = ShapesEvalReward(criterion)(images, WRONG)
+    torch.testing.assert_close(partial, getattr(ShapesEval()(images, WRONG), criterion))
+    others = {c: ShapesEvalReward(c)(images, WRONG) for c in CRITERIA if c != criterion}
+    assert all(not torch.equal(partial, v) for v in others.values())  # the criterion asked for, not another
 
 
 def test_rewards_the_right_prompt():

@@ -161,3 +161,26 @@ def test_fk_config_checks():
     FKConfig(num_particles=1, num_proposals=1, eta=0.0)  # plain ODE sampling is allowed
     with pytest.raises(ValueError, match="potential"):
         Potentials("product", 1.0, 2, torch.device("cpu"))
+
+
+def test_resampling_copies_the_heavy_particle_within_its_own_prompt():
+    # velocity 0 and V = mean(z): with one far-ahead particle per prompt and a large lambda, the first resampling
+    # replaces all four of a prompt's particles by copies of its own leader (row 1 for prompt 0, row 6 for prompt
+    # 1), never by the other prompt's; the SDE noise (eta 0.1) then moves each copy by ~0.1
+    z_T = torch.zeros(8, 1, 2, 2)
+    z_T[1], z_T[6] = 10.0, 20.0
+    cond = PromptEmbeds(torch.zeros(2, 1, 1), torch.zeros(2, 1))
+    sigmas = torch.tensor([0.8, 0.5, 0.0])
+    cfg = FKConfig(num_particles=4, num_proposals=1, lam=10.0, ess_threshold=1.0, eta=0.1)
+    out = fk_sample(MeanGuide(), z_T, sigmas, cond, ["a", "b"], cfg, torch.Generator().manual_seed(0))
+    assert out.num_resampled >= 1
+    means = out.particles.flatten(2).mean(2)  # (2 prompts, 4 particles)
+    torch.testing.assert_close(means, torch.tensor([[10.0] * 4, [20.0] * 4]), rtol=0, atol=1.0)
+    # select="sample" draws z_0 among the final particles by weight: with one particle far ahead, that one
+    far = torch.zeros(8, 1, 2, 2)
+    far[2], far[5] = 10.0, 20.0
+    sampled = fk_sample(MeanGuide(), far, sigmas, cond, ["a", "b"],
+                        FKConfig(num_particles=4, num_proposals=1, lam=10.0, ess_threshold=0.0, eta=0.1,
+                                 select="sample"), torch.Generator().manual_seed(0))
+    assert sampled.num_resampled == 0
+    torch.testing.assert_close(sampled.z_0, sampled.particles[torch.arange(2), torch.tensor([2, 1])])

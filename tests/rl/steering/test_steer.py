@@ -39,12 +39,12 @@ def test_cli_smoke_on_tiny_world(tmp_path, capsys, method, critic):
 
 def test_cli_missing_stitchvm_is_a_clear_error(tmp_path, capsys):
     cfg = steer.load_config("dps", [], [f"stitchvm_path={tmp_path / 'nowhere'}"])
-    with pytest.raises(FileNotFoundError):  # shapes weights or the critic: either is named in the message
+    with pytest.raises(FileNotFoundError, match=f"no critic at {tmp_path / 'nowhere'}"):
         steer.build_world("shapes", "stitchvm", cfg, __import__("torch").device("cpu"))
     rc = steer.main(["--method", "dps", "--critic", "stitchvm", "--n", "2", "--device", "cpu",
                      f"stitchvm_path={tmp_path / 'nowhere'}"])
     assert rc == 2
-    assert "error:" in capsys.readouterr().err
+    assert f"error: no critic at {tmp_path / 'nowhere'}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("method,critic,value,message", [
