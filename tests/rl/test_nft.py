@@ -100,12 +100,22 @@ def test_cuda_graphs_on_a_cpu_run_is_a_config_error(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("critic", ["terminal", "tweedie"])
-def test_smoke_run_moves_lora_only_and_exports(tmp_path, critic):
+def test_smoke_run_moves_lora_only_and_exports(tmp_path, critic, monkeypatch):
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     from policies.testing import tiny_policy
+    from rl import common
 
+    runs, setup = [], common.setup_lora
+    monkeypatch.setattr(common, "setup_lora", lambda run, *a, **k: runs.append(run) or setup(run, *a, **k))
     out = _run(tmp_path, critic, critic)
+    # the trained transformer itself: every base weight is the pretrained one, only LoRA tensors moved
+    pretrained = tiny_policy().transformer.state_dict()
+    trained = {k.replace(".base_layer.", "."): v for k, v in runs[0].policy.transformer.state_dict().items()
+               if "lora_" not in k}
+    assert trained.keys() == pretrained.keys()
+    for k, v in pretrained.items():
+        torch.testing.assert_close(trained[k].cpu(), v, rtol=0, atol=0)
     lora_sd = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
     b_weights = [v for k, v in lora_sd.items() if "lora_B" in k]
     assert b_weights and max(v.abs().max().item() for v in b_weights) > 0  # B starts at 0: it moved
