@@ -105,3 +105,36 @@ def test_a_variant_is_benchmarked_on_the_same_trajectories(built, world, capsys)
     with pytest.raises(ValueError, match="taken by a critic"):
         bv.main(["--quick", "--weights-dir", str(world), "--stitchvm", str(svm.output_dir), "--critics", "stitchvm",
                  "--variant", f"stitchvm={svm.output_dir}", "--out", ""])
+
+
+def test_value_quality_of_planted_critics_against_a_planted_truth(monkeypatch):
+    # V_MC := mean(z) (both halves agree: split-half rho 1); critics m, m + 0.5 and -m then have rho 1, 1, -1 and
+    # MSE 0, 0.25 and 4 E[m^2]
+    from types import SimpleNamespace
+
+    import critics.baselines
+
+    class Truth:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def value(self, z, sigma, prompts):
+            return z.flatten(1).mean(1)
+
+    def planted(f):
+        return SimpleNamespace(value=lambda z, sigma, prompts: f(z.flatten(1).mean(1)))
+
+    monkeypatch.setattr(critics.baselines, "MonteCarloCritic", Truth)
+    z = torch.randn(16, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    m = z.flatten(1).mean(1)
+    result = bv.value_quality(SimpleNamespace(device=torch.device("cpu")), None,
+                              {"same": planted(lambda v: v), "shifted": planted(lambda v: v + 0.5),
+                               "flipped": planted(lambda v: -v)},
+                              [f"p{k}" for k in range(16)], {0.5: z}, rollouts=2, num_steps=2, guidance=1.0,
+                              batch_size=8)
+    row = result["rows"]["0.5"]
+    assert row["mc/split_half_rho"] == pytest.approx(1.0)
+    assert (row["same/rho"], row["shifted/rho"], row["flipped/rho"]) == pytest.approx((1.0, 1.0, -1.0))
+    assert (row["same/mse"], row["shifted/mse"]) == pytest.approx((0.0, 0.25))
+    assert row["flipped/mse"] == pytest.approx(float((2 * m).pow(2).mean()))
+    assert row["mc/mean"] == pytest.approx(float(m.mean())) and set(result["cost_ms_per_value"]) >= {"mc", "same"}
