@@ -222,3 +222,11 @@ def test_stage1_fits_the_conditioned_features():
                               torch.Generator().manual_seed(1), 2, cond=c) for c in ((cond.embeds, cond.pooled), None)]
     assert not torch.allclose(feats[0].dit[2], feats[1].dit[2], atol=1e-4)  # the probes' captions reach the head
     torch.testing.assert_close(feats[0].tail[1], feats[1].tail[1])  # the reward's targets do not depend on them
+    # and each probe reaches the head with its own caption: the head on the same z_t (eps drawn per batch of 2)
+    g = torch.Generator().manual_seed(1)
+    eps = torch.cat([torch.randn(2, *latents.shape[1:], generator=g) for _ in range(2)])
+    from critics.stitchvm import grid_to_tokens, resample_grid
+
+    with torch.no_grad():
+        h = head(0.5 * latents + 0.5 * eps, torch.full((4,), 0.5), (cond.embeds, cond.pooled))
+    torch.testing.assert_close(feats[0].dit[2], grid_to_tokens(resample_grid(h, tail.grid)).reshape(-1, head.width))
