@@ -182,7 +182,8 @@ def test_graph_state_names_what_a_capture_would_freeze():
     assert policy._graph_state() != base
 
 
-def test_graphs_leave_cpu_and_autograd_forwards_eager():
+def test_graphs_leave_cpu_forwards_eager():
+    # (autograd forwards on the GPU: test_policy_graphs_equal_eager_forwards_while_the_adapter_trains)
     policy = _lora_policy()
     policy.enable_cuda_graphs()
     assert policy.cuda_graphs
