@@ -169,6 +169,8 @@ def _as_float_image(image: np.ndarray) -> np.ndarray:
         return image.astype(np.float32) / 255.0
     if not np.issubdtype(image.dtype, np.floating):
         raise ValueError(f"image must be uint8 (0..255) or float (0..1), got {image.dtype}")
+    if not np.isfinite(image).all():
+        raise ValueError("image has non-finite pixels (NaN / inf): a diverged sample has no objects to check")
     if image.min() < -0.01 or image.max() > 1.01:
         raise ValueError(f"a float image must be in [0, 1], got [{image.min():.3g}, {image.max():.3g}]")
     return image.astype(np.float32, copy=False)
@@ -313,9 +315,13 @@ class ShapesEval:
         if len(prompts) != images.shape[0]:
             raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts")
         specs = [_parse(p) for p in prompts]
-        pixels = images.detach().float().clamp(0.0, 1.0).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+        # a sample with non-finite pixels (a diverged policy) scores NaN on every criterion, the signal trainers
+        # skip as a non-finite reward, rather than the partial credit an empty canvas would get
+        finite = torch.isfinite(images.detach()).flatten(1).all(1).cpu()
+        pixels = images.detach().float().nan_to_num(0.0, 0.0, 0.0).clamp(0.0, 1.0).permute(0, 2, 3, 1).cpu().numpy()
         rows = self._score(pixels, specs)
-        columns = {k: torch.tensor([r[k] for r in rows], dtype=torch.float32, device=images.device) for k in CRITERIA}
+        columns = {k: torch.tensor([r[k] if ok else math.nan for r, ok in zip(rows, finite.tolist())],
+                                   dtype=torch.float32, device=images.device) for k in CRITERIA}
         has_relation = torch.tensor([s.relation is not None for s in specs], dtype=torch.bool, device=images.device)
         single = torch.tensor([spec_kind(s) == "single" for s in specs], dtype=torch.bool, device=images.device)
         nan = torch.full_like(columns["overall"], math.nan)

@@ -256,3 +256,17 @@ def test_edit_spec_changes_exactly_one_attribute():
     for _ in range(20):
         perm = derangement(5, rng)
         assert sorted(perm.tolist()) == list(range(5)) and not np.any(perm == np.arange(5))
+
+
+def test_a_sample_with_non_finite_pixels_scores_nan_not_partial_credit():
+    # an empty canvas earns partial credit (count 0.5 for "a red circle"); a diverged NaN sample must not
+    images, prompts, _ = ground_truth(3, seed=5)
+    x = _tensor(images).clone()  # float in [0, 1]
+    x[1, :, 10:14, 10:14] = float("nan")  # a NaN patch inside an otherwise correct render
+    result = ShapesEval()(x, prompts[:3])
+    clean = ShapesEval()(_tensor(images), prompts[:3])
+    for criterion in ("count", "color", "shape", "position", "overall"):
+        got, ref = getattr(result, criterion), getattr(clean, criterion)
+        assert torch.isnan(got[1]) and torch.equal(got[[0, 2]], ref[[0, 2]])
+    with pytest.raises(ValueError, match="non-finite pixels"):
+        detect_objects(np.full((32, 32, 3), np.nan, dtype=np.float32))
