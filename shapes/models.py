@@ -272,13 +272,24 @@ def shapes_tokenizer(weights_dir: str | Path | None = None):
     return load_tokenizer(weights_dir / TOKENIZER_FILE, policy_config(weights_dir).context_length)
 
 
+def _strict_load(cls, path: Path, **kwargs):
+    """``cls.from_pretrained`` that refuses weights which do not fit the config: transformers fills a missing tensor
+    with random values and both libraries drop unexpected ones, each with only a log line."""
+    model, info = cls.from_pretrained(path, local_files_only=True, output_loading_info=True, **kwargs)
+    problems = {k: list(v) for k, v in info.items() if v}
+    if problems:
+        detail = "; ".join(f"{k}: {', '.join(map(str, v[:3]))}{'…' if len(v) > 3 else ''}" for k, v in problems.items())
+        raise ValueError(f"{path}: the weights do not fit the config ({detail}); rebuild with `{REBUILD_COMMAND}`")
+    return model
+
+
 def shapes_vae(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                weights_dir: str | Path | None = None):
     """The trained AutoencoderKL (eval, frozen); its config carries the latent ``scaling_factor``/``shift_factor``."""
     from diffusers import AutoencoderKL
 
     path = _require_model_dir(Path(weights_dir or WEIGHTS_DIR) / VAE_DIR, DIFFUSERS_WEIGHTS)
-    vae = AutoencoderKL.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+    vae = _strict_load(AutoencoderKL, path, torch_dtype=dtype)
     return vae.to(device).eval().requires_grad_(False)
 
 
@@ -289,7 +300,7 @@ def shapes_text_encoder(device: str | torch.device = "cpu", dtype: torch.dtype =
 
     weights_dir = Path(weights_dir or WEIGHTS_DIR)
     path = _require_model_dir(weights_dir / TEXT_ENCODER_DIR, TRANSFORMERS_WEIGHTS)
-    model = CLIPTextModelWithProjection.from_pretrained(path, local_files_only=True)
+    model = _strict_load(CLIPTextModelWithProjection, path)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     tokenizer = shapes_tokenizer(weights_dir)
     if len(tokenizer) != model.config.vocab_size:
@@ -311,7 +322,7 @@ def load_shapes_policy(device: str | torch.device = "cpu", dtype: torch.dtype = 
     weights_dir = Path(weights_dir or WEIGHTS_DIR)
     cfg = policy_config(weights_dir)
     path = _require_model_dir(weights_dir / TRANSFORMER_DIR, DIFFUSERS_WEIGHTS)
-    transformer = SD3Transformer2DModel.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+    transformer = _strict_load(SD3Transformer2DModel, path, torch_dtype=dtype)
     policy = FlowPolicy(transformer.to(device).eval(), shapes_vae(device, dtype, weights_dir),
                         shapes_text_encoder(device, dtype, weights_dir), shift=cfg.shift)
     return policy

@@ -140,3 +140,23 @@ def test_recorded_figures_meet_the_issue():
     assert bench["clip/top1_in_batch"] >= 0.90
     assert bench["spearman/pool"] >= 0.7
     assert 0.35 <= bench[f"eval/overall@w{default:g}"] <= 0.70
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
+    # transformers would fill a missing tensor with random values (a log line only); a dropped one must be an error
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "weights"
+    shutil.copytree(models.WEIGHTS_DIR, weights, ignore=shutil.ignore_patterns("stitchvm*", "vae_stitch"))
+    text = next((weights / models.TEXT_ENCODER_DIR).glob("*.safetensors"))
+    state = load_file(str(text))
+    dropped = next(k for k in state if "text_projection" in k)
+    save_file({k: v for k, v in state.items() if k != dropped}, str(text), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"do not fit the config \(missing_keys: {dropped}"):
+        models.shapes_text_encoder(weights_dir=weights)
+    state[dropped.replace("weight", "extra")] = state[dropped].clone()  # all there, and one more
+    save_file(state, str(text), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="unexpected_keys"):
+        models.shapes_text_encoder(weights_dir=weights)
