@@ -217,9 +217,12 @@ def main(argv: list[str] | None = None) -> int:
         two = run_one(args, backend, 2, min(args.timeout, deadline - time.time()))
         results[backend] = {"1gpu": one, "2gpu": two, "compare": compare(one, two)}
         text = table(results, args, device)  # written after every backend: a cut-off run keeps what it has
-        (args.out / "multi_gpu.md").write_text(text + "\n")
-        (args.out / "multi_gpu.json").write_text(json.dumps(
-            {"device": device, "args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2))
+        from rl.checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(args.out / "multi_gpu.md", (text + "\n").encode())  # a kill mid-write keeps the last
+        atomic_write_bytes(args.out / "multi_gpu.json", json.dumps(
+            {"device": device, "args": {k: str(v) for k, v in vars(args).items()}, "results": results},
+            indent=2).encode())
     print("\n" + text)
     return 0 if all(r[g]["rc"] == 0 for r in results.values() for g in ("1gpu", "2gpu")) else 1
 

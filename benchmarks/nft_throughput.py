@@ -34,7 +34,7 @@ def build(args, critic_name: str):
     from critics.rewards import CLIPScore
     from critics.stitchvm import build_stitchvm
     from rl import common, nft
-    from rl.metrics import MetricLogger
+    from rl.metrics import MetricLogger, Timer
     import open_clip
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -69,7 +69,10 @@ def build(args, critic_name: str):
     out_dir = tempfile.mkdtemp(prefix="nft_bench_")
     run = common.Run(policy=policy, critic=critic, train_prompts=["a photo of a cat"] * 64, eval_prompts=[],
                      eval_metric=None, accelerator=Accelerator(), logger=MetricLogger(out_dir, backends=()),
-                     run_cfg=common.RunConfig(output_dir=out_dir), eval_cfg=common.EvalConfig())
+                     run_cfg=common.RunConfig(output_dir=out_dir), eval_cfg=common.EvalConfig(),
+                     # each section's own GPU time, as rl/train.py times them (an unsynchronised rollout would be
+                     # charged to the next section that waits on it)
+                     timer=Timer(cuda_sync=torch.device(device).type == "cuda"))
     optimizer, params = nft.setup_policy(run, cfg)
     return run, cfg, optimizer, params
 
@@ -135,8 +138,10 @@ def main() -> None:
               f"{r['samples_per_s']:.2f} | {r['peak_mem_gb']:.1f} |")
     print(f"\nStitchVM speed-up per epoch: {speedup:.2f}x")
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "nft_throughput.json").write_text(json.dumps(
-            {"device": device, "args": vars(args), "rows": rows, "speedup": speedup}, indent=2))
+        from rl.checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(Path(os.environ["OUT"], "nft_throughput.json"), json.dumps(
+            {"device": device, "args": vars(args), "rows": rows, "speedup": speedup}, indent=2).encode())
 
 
 if __name__ == "__main__":

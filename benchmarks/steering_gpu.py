@@ -564,7 +564,9 @@ def run(args: argparse.Namespace) -> int:
     path = args.json or (os.path.join(os.environ["OUT"], "steering_gpu.json") if os.environ.get("OUT") else None)
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(results, indent=2) + "\n")
+        from rl.checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(path, (json.dumps(results, indent=2) + "\n").encode())
         print(f"\nwrote {path}", file=sys.stderr)
     return 0
 

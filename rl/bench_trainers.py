@@ -41,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rl.checkpoint import atomic_write_bytes
+
 TINY_CONFIG = str(Path(__file__).resolve().parent.parent / "tests" / "rl" / "tiny.yaml")
 # tests/rl/tiny.yaml's algo node is DiffusionNFT's: the keys other trainers lack
 TINY_DROP = {"nft": [], "grpo": ["~algo.tau_min", "~algo.tau_max"], "ddpo": ["~algo.tau_min", "~algo.tau_max"],
@@ -259,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     for section in args.sections:
         results[section] = {"dense": section_dense, "cotrain": section_cotrain,
                             "throughput": section_throughput}[section](args)
-        (Path(args.out) / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        atomic_write_bytes(Path(args.out) / "results.json", json.dumps(results, indent=1, default=str).encode())
     print(f"\nwrote {Path(args.out) / 'results.json'}")
     return 0
 
