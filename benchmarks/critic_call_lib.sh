@@ -8,7 +8,8 @@
 #   pack NAMES                    after the benchmark: one tar per build (NAME.tar) and one for the logs, tables and
 #                                 JSON (results.tar). The device tool returns at most 8 files from $OUT, 16 MiB each:
 #                                 session 11's builds came back file by file and were lost.
-mkdir -p $OUT/log
+case "$OUT" in *[[:space:]]*|"") echo "error: OUT must be a directory path without spaces, got '$OUT'" >&2; exit 2;; esac
+mkdir -p "$OUT/log"
 crit() {
   local g=$1 n=$2; shift 2
   CUDA_VISIBLE_DEVICES=$g timeout ${BUILD_S:-330} env OMP_NUM_THREADS=8 python -m critics.build \
@@ -35,7 +36,7 @@ bench_report() {
 }
 pack() {
   for n in "$@"; do
-    rm -rf $OUT/$n/checkpoints $OUT/$n/ckpt*; [ -d $OUT/$n ] && tar -cf $OUT/$n.tar -C $OUT $n && rm -rf $OUT/$n; done
-  (cd $OUT && shopt -s nullglob && f=(log *.json *.md *.png) && tar -cf results.tar "${f[@]}" && rm -rf "${f[@]}")
+    rm -rf "$OUT/$n/checkpoints" "$OUT/$n"/ckpt*; [ -d "$OUT/$n" ] && tar -cf "$OUT/$n.tar" -C "$OUT" "$n" && rm -rf "$OUT/$n"; done
+  (cd "$OUT" && shopt -s nullglob && f=(log *.json *.md *.png) && tar -cf results.tar "${f[@]}" && rm -rf "${f[@]}")
   ls -la $OUT
 }

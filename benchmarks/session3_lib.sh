@@ -16,7 +16,8 @@
 # prompts, 601 left, every 10 before), shapes_gpu_ddpo.yaml has lr 1.5e-4, shapes_gpu_draft.yaml EMA 0.99 and the GPU
 # configs score with 8 checker processes (the same scores, faster): `git checkout 6402d9f -- configs/experiments`
 # reruns session 9's scripts as they were.
-mkdir -p $OUT/runs $OUT/log
+case "$OUT" in *[[:space:]]*|"") echo "error: OUT must be a directory path without spaces, got '$OUT'" >&2; exit 2;; esac
+mkdir -p "$OUT/runs" "$OUT/log"
 M=${MINUTES:-8.5}
 E=${EPOCHS:-50}
 EVAL_EVERY=${EVAL_EVERY:-25}
@@ -42,7 +43,8 @@ finish() {
     echo "== $n"
     grep -a "eval/overall" $OUT/log/$n.txt | grep -o "eval/overall=[0-9.]*" | sed 's/eval.overall=//' | tr '\n' ' '; echo
     grep -a "^final\|best\|rror" $OUT/log/$n.txt | tail -4
-    cp $OUT/runs/$n/metrics.jsonl $OUT/s${SESSION:-8}_$n.jsonl 2>/dev/null
+    cp "$OUT/runs/$n/metrics.jsonl" "$OUT/s${SESSION:-8}_$n.jsonl" 2>/dev/null \
+      || echo "== $n: NO metrics.jsonl -- the run failed or never started (log/$n.txt)"
   done
-  rm -rf $OUT/runs
+  rm -rf "$OUT/runs"
 }
