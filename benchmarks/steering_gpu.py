@@ -24,7 +24,7 @@ What is timed (CUDA events, ``--warmup`` untimed calls, median of ``--repeats``)
     cfg_graphed       the plain step with its CFG forward replayed as a CUDA graph: the baseline for "full"
     value_stitchvm    V(z) forward, no grad (head + stitch + tail); value_stitchvm_graphed: as one CUDA graph
     decode_score      r(D(z)) forward, no grad (the terminal critic); decode_score_graphed: decode + image tower
-                      as one CUDA graph (the text side is cached by both)
+                      as one CUDA graph (the text side is cached for every method: cache_text_side)
     value_tweedie     r(D(z - sigma v_c(z))) forward, no grad (conditional DiT + decode + reward)
 Every ratio compares the best variant of each side (eager or graphed): StitchVM gets no graph its baselines lack.
 ``--sdpa`` selects the attention kernels of every method alike (torch.nn.attention.sdpa_kernel priority);
@@ -264,6 +264,16 @@ def cfg_step_graphed(graphed_velocity, z, sigma, cond, dps_cfg, generator):
 @torch.no_grad()
 def decode_score_graphed(graphed_embed, reward, z, prompts):
     return reward.score_from_embeds(graphed_embed(z), reward.text_embed(prompts))
+
+
+def cache_text_side(reward) -> None:
+    """The reward's text tower per prompt string, cached for every method alike: StitchVM's PromptScore caches it,
+    so the decode-and-score and Tweedie baselines get the same cache instead of tokenising and running the text
+    tower on every timed call (before session 13 they did, and the V(z) / DPS ratios were flattered by it)."""
+    from critics.stitchvm import PromptRows
+
+    rows = PromptRows(reward.text_embed)
+    reward.text_embed = lambda prompts: torch.stack(rows(list(prompts)))
 
 
 def step_closures(policy, reward, stitchvm, tweedie, z, cond, prompts, generator, dps_cfg) -> tuple[dict, dict]:
@@ -513,6 +523,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(1)  # tiny matmuls: thread hand-offs cost more than they save
 
     policy, reward = (build_tiny if tiny else build_sd35_medium)(device, dtype)
+    cache_text_side(reward)
     print(f"built models in {time.monotonic() - t_start:.0f} s", file=sys.stderr)
     bench = Bench(device, warmup, repeats, args.budget_s - (time.monotonic() - t_start))
     tweedie = TweedieCritic(policy, reward, guidance_scale=1.0)
