@@ -204,9 +204,15 @@ def save_vae(vae, weights_dir: str | Path) -> None:
     _half_copy(vae).save_pretrained(Path(weights_dir) / VAE_DIR, safe_serialization=True)
 
 
-def save_policy(transformer, text_model, tokenizer, weights_dir: str | Path, policy_cfg: dict) -> None:
-    """Transformer (diffusers layout), text tower (transformers layout), tokenizer.json and policy.json."""
+def save_policy(transformer, text_model, tokenizer, weights_dir: str | Path, policy_cfg: dict, vae=None) -> None:
+    """Transformer (diffusers layout), text tower (transformers layout), tokenizer.json and policy.json; with
+    ``vae`` (the one the transformer was trained on) policy.json records its fingerprint, and the loader refuses
+    the policy with another VAE."""
     weights_dir = Path(weights_dir)
+    if vae is not None:
+        from critics.vae_stitch import vae_fingerprint
+
+        policy_cfg = {**policy_cfg, "vae_fingerprint": vae_fingerprint(vae)}
     _half_copy(transformer).save_pretrained(weights_dir / TRANSFORMER_DIR, safe_serialization=True)
     _half_copy(text_model).save_pretrained(weights_dir / TEXT_ENCODER_DIR, safe_serialization=True)
     save_tokenizer(tokenizer, weights_dir / TOKENIZER_FILE)
@@ -323,8 +329,18 @@ def load_shapes_policy(device: str | torch.device = "cpu", dtype: torch.dtype = 
     cfg = policy_config(weights_dir)
     path = _require_model_dir(weights_dir / TRANSFORMER_DIR, DIFFUSERS_WEIGHTS)
     transformer = _strict_load(SD3Transformer2DModel, path, torch_dtype=dtype)
-    policy = FlowPolicy(transformer.to(device).eval(), shapes_vae(device, dtype, weights_dir),
-                        shapes_text_encoder(device, dtype, weights_dir), shift=cfg.shift)
+    vae = shapes_vae(device, dtype, weights_dir)
+    trained_on = json.loads((weights_dir / POLICY_FILE).read_text()).get("vae_fingerprint")
+    if trained_on is not None:
+        from critics.vae_stitch import vae_fingerprint
+
+        if vae_fingerprint(vae) != trained_on:
+            raise ValueError(f"{weights_dir / VAE_DIR} is not the VAE the transformer was trained on (policy.json "
+                             f"records encoder fingerprint {trained_on[:12]}, this VAE's is "
+                             f"{vae_fingerprint(vae)[:12]}): retrain the flow on it (`python -m shapes.train_flow`) "
+                             f"or restore the VAE (`git checkout -- {weights_dir / VAE_DIR}`)")
+    policy = FlowPolicy(transformer.to(device).eval(), vae, shapes_text_encoder(device, dtype, weights_dir),
+                        shift=cfg.shift)
     return policy
 
 

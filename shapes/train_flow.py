@@ -259,7 +259,7 @@ def train(args: FlowArgs) -> dict:
     candidate.load_state_dict({k: v.float() for k, v in snapshots[chosen["step"]].items()})
     policy_cfg = {"shift": chosen["shift"], "guidance_scale": chosen["guidance"], "num_steps": args.num_steps,
                   "context_length": tokenizer.model_max_length, "train_step": chosen["step"]}
-    models.save_policy(candidate["transformer"], candidate["text"], tokenizer, args.out_dir, policy_cfg)
+    models.save_policy(candidate["transformer"], candidate["text"], tokenizer, args.out_dir, policy_cfg, vae=vae)
     select_s = time.perf_counter() - t_sel
 
     metrics = {"flow/chosen": chosen, "flow/in_band": in_band, "flow/selection": table,

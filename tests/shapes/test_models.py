@@ -160,3 +160,23 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
     save_file(state, str(text), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="unexpected_keys"):
         models.shapes_text_encoder(weights_dir=weights)
+
+
+def test_a_vae_other_than_the_one_the_flow_was_trained_on_is_refused(tmp_path):
+    # policy.json records the encoder fingerprint of the VAE the transformer learned the latents of
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "weights"
+    shutil.copytree(models.WEIGHTS_DIR, weights, ignore=shutil.ignore_patterns("stitchvm*", "vae_stitch"))
+    assert "vae_fingerprint" in json.loads((weights / models.POLICY_FILE).read_text())
+    models.load_shapes_policy(weights_dir=weights)  # the shipped pair
+    vae_file = next((weights / models.VAE_DIR).glob("*.safetensors"))
+    state = load_file(str(vae_file))
+    key = next(k for k in state if k.startswith("encoder.") and k.endswith("weight"))
+    state[key] = state[key] * 1.5  # a retrained encoder: another latent space
+    save_file(state, str(vae_file))
+    with pytest.raises(ValueError, match="not the VAE the transformer was trained on"):
+        models.load_shapes_policy(weights_dir=weights)
