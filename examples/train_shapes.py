@@ -3,7 +3,8 @@
     python examples/train_shapes.py                      # shipped Shapes world, StitchVM critic, 10 epochs
     python examples/train_shapes.py --tiny --out runs/tiny  # random tiny models, decode-and-score, seconds
 
-The LoRA lands in <out>/lora (diffusers format); examples/load_lora.py samples with it.
+The LoRA lands in <out>/lora (diffusers format); examples/load_lora.py samples with it. Each run replaces the
+previous one in <out> (run.overwrite=true; the main job refuses to, see the README).
 """
 
 import argparse
@@ -26,6 +27,6 @@ if __name__ == "__main__":
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default="runs/example_shapes")
     args = parser.parse_args()
-    argv = ["--algo", "nft", f"run.output_dir={args.out}"]
+    argv = ["--algo", "nft", f"run.output_dir={args.out}", "run.overwrite=true"]
     argv += TINY if args.tiny else ["--critic", "stitchvm", "run.max_epochs=10"]
     sys.exit(train.main(argv))
