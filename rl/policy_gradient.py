@@ -402,25 +402,19 @@ def start_run(run: common.Run, optimizer, adapters: tuple[str, ...], resume: str
 
     Returns (first epoch, evaluation history, the checkpoint's JSON state ({} when not resuming)). The section
     timer starts empty: start-up (evaluation, validation, restore) is not charged to the first epoch's time/*."""
-    try:
-        return _start_run(run, optimizer, adapters, resume, critic_trainer, eval_adapter)
-    finally:
-        run.timer.reset()
-
-
-def _start_run(run: common.Run, optimizer, adapters: tuple[str, ...], resume: str | None,
-               critic_trainer: CriticTrainer | None, eval_adapter: str) -> tuple[int, list, dict]:
     if resume:
         epoch, state = common.restore(run, resume, optimizer, adapters)
         cotrain.restore(critic_trainer, str(run.run_dir) if resume == "latest" else resume)
         run.accelerator.print(f"resumed from epoch {epoch}")
         selection.on_resume(run, epoch, eval_adapter)
+        run.timer.reset()
         return epoch, list(state.get("history", [])), state
     metrics, images = common.evaluate(run, eval_adapter)
     metrics.update(selection.on_evaluation(run, 0, eval_adapter))
     run.logger.log({**metrics, "train/epoch": 0}, 0)
     if images.numel():
         run.logger.log_images("eval/samples", images, 0)
+    run.timer.reset()
     return 0, [metrics], {}
 
 

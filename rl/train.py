@@ -261,7 +261,7 @@ def clear_previous_run(output_dir: Path, overwrite: bool) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         return
     held = [name for name in RUN_FILES if (output_dir / name).exists()]
-    if not held or not ({"metrics.jsonl", "checkpoints", "lora"} & set(held)):
+    if not {"metrics.jsonl", "checkpoints", "lora"} & set(held):  # a config.yaml alone is no run
         return
     if not overwrite:
         raise ConfigError(f"run.output_dir {output_dir} holds a run ({', '.join(held)}): continue it with --resume "

@@ -334,10 +334,11 @@ def load_shapes_policy(device: str | torch.device = "cpu", dtype: torch.dtype = 
     if trained_on is not None:
         from critics.vae_stitch import vae_fingerprint
 
-        if vae_fingerprint(vae) != trained_on:
+        found = vae_fingerprint(vae)
+        if found != trained_on:
             raise ValueError(f"{weights_dir / VAE_DIR} is not the VAE the transformer was trained on (policy.json "
                              f"records encoder fingerprint {trained_on[:12]}, this VAE's is "
-                             f"{vae_fingerprint(vae)[:12]}): retrain the flow on it (`python -m shapes.train_flow`) "
+                             f"{found[:12]}): retrain the flow on it (`python -m shapes.train_flow`) "
                              f"or restore the VAE (`git checkout -- {weights_dir / VAE_DIR}`)")
     policy = FlowPolicy(transformer.to(device).eval(), vae, shapes_text_encoder(device, dtype, weights_dir),
                         shift=cfg.shift)
