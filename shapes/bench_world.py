@@ -23,7 +23,6 @@ Protocol (every number is a pure function of the weights and these seeds):
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rl.checkpoint import atomic_write_json
 from shapes.data import caption, parse_caption
 from shapes.eval import CRITERIA, ShapesEval
 
@@ -308,8 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
     for key, value in metrics.items():
         print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
+        atomic_write_json(args.out, metrics)
     return metrics
 
 

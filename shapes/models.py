@@ -27,10 +27,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from torch import Tensor, nn
 
 from policies.flow import FlowPolicy
+from rl.checkpoint import atomic_write_bytes, write_dir_atomically
 from policies.text_encoders import CLIPTextEncoder, word_tokenizer
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -141,13 +143,11 @@ def build_tokenizer(max_length: int = CONTEXT_LENGTH):
 
 def save_tokenizer(tokenizer, path: str | Path) -> None:
     """Write the backend tokenizer (vocabulary, normaliser, [BOS]/[EOS] template), without the padding and
-    truncation state that calls leave on it: those are per-call arguments."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    truncation state that calls leave on it: those are per-call arguments. Atomic, as every Shapes saver."""
     backend = copy.deepcopy(tokenizer.backend_tokenizer)
     backend.no_padding()
     backend.no_truncation()
-    backend.save(str(path))
+    atomic_write_bytes(path, backend.to_str(pretty=True).encode())
 
 
 def load_tokenizer(path: str | Path, max_length: int = CONTEXT_LENGTH):
@@ -196,12 +196,22 @@ class WordTokenize:
 # ---------------------------------------------------------------------------------------------------------
 
 
+# Every saver replaces its file or directory atomically (rl.checkpoint): a training script killed while saving
+# leaves the previous weights loadable, never a half-written directory that the strict loaders would refuse.
+
+
 def _half_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module).to(device="cpu", dtype=STORE_DTYPE)
 
 
+def _save_pretrained(module: nn.Module, path: Path) -> None:
+    """A diffusers / transformers model's float16 copy, saved as safetensors into ``path`` atomically."""
+    half = _half_copy(module)
+    write_dir_atomically(path, lambda tmp: half.save_pretrained(tmp, safe_serialization=True))
+
+
 def save_vae(vae, weights_dir: str | Path) -> None:
-    _half_copy(vae).save_pretrained(Path(weights_dir) / VAE_DIR, safe_serialization=True)
+    _save_pretrained(vae, Path(weights_dir) / VAE_DIR)
 
 
 def save_policy(transformer, text_model, tokenizer, weights_dir: str | Path, policy_cfg: dict, vae=None) -> None:
@@ -213,20 +223,22 @@ def save_policy(transformer, text_model, tokenizer, weights_dir: str | Path, pol
         from critics.vae_stitch import vae_fingerprint
 
         policy_cfg = {**policy_cfg, "vae_fingerprint": vae_fingerprint(vae)}
-    _half_copy(transformer).save_pretrained(weights_dir / TRANSFORMER_DIR, safe_serialization=True)
-    _half_copy(text_model).save_pretrained(weights_dir / TEXT_ENCODER_DIR, safe_serialization=True)
+    _save_pretrained(transformer, weights_dir / TRANSFORMER_DIR)
+    _save_pretrained(text_model, weights_dir / TEXT_ENCODER_DIR)
     save_tokenizer(tokenizer, weights_dir / TOKENIZER_FILE)
-    (weights_dir / POLICY_FILE).write_text(json.dumps(policy_cfg, indent=2, sort_keys=True) + "\n")
+    # last: policy.json records the VAE the new transformer needs, so a save killed before it fails the loader's
+    # fingerprint check only if the VAE changed too, and never leaves a policy.json naming weights not yet written
+    atomic_write_bytes(weights_dir / POLICY_FILE, (json.dumps(policy_cfg, indent=2, sort_keys=True) + "\n").encode())
 
 
 def save_clip(model: nn.Module, config: dict, tokenizer, weights_dir: str | Path) -> None:
-    from safetensors.torch import save_file
-
-    clip_dir = Path(weights_dir) / CLIP_DIR
-    clip_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", STORE_DTYPE).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(clip_dir / CLIP_WEIGHTS_FILE))
-    (clip_dir / CLIP_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+    def write(tmp: str) -> None:
+        safetensors.torch.save_file(state, str(Path(tmp) / CLIP_WEIGHTS_FILE))
+        (Path(tmp) / CLIP_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+    write_dir_atomically(Path(weights_dir) / CLIP_DIR, write)
     save_tokenizer(tokenizer, Path(weights_dir) / TOKENIZER_FILE)
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from rl.checkpoint import atomic_write_bytes
 from shapes.data import ShapesDataset
 
 # ---------------------------------------------------------------------------------------------------------
@@ -114,9 +115,7 @@ def to_json(args) -> dict:
 
 
 def write_json(path: str | Path, data: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
 # ---------------------------------------------------------------------------------------------------------

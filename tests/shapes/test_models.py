@@ -180,3 +180,56 @@ def test_a_vae_other_than_the_one_the_flow_was_trained_on_is_refused(tmp_path):
     save_file(state, str(vae_file))
     with pytest.raises(ValueError, match="not the VAE the transformer was trained on"):
         models.load_shapes_policy(weights_dir=weights)
+
+
+@pytest.mark.parametrize("part", ["vae", "policy", "clip"])
+def test_a_save_killed_midway_leaves_the_previous_weights_loadable(tmp_path, monkeypatch, part):
+    # the training scripts save into shapes/weights/ itself: a kill while writing must not leave a half directory
+    import shutil
+
+    import diffusers
+    import safetensors.torch
+
+    weights = tmp_path / "weights"
+    shutil.copytree(models.WEIGHTS_DIR, weights, ignore=shutil.ignore_patterns("stitchvm*", "vae_stitch"))
+    before = {p.relative_to(weights): p.read_bytes() for p in weights.rglob("*") if p.is_file()}
+    policy = models.load_shapes_policy(weights_dir=weights)
+
+    def killed():
+        raise KeyboardInterrupt("killed while writing")
+
+    def retrained(module):  # new weights, so that a save written in place would change the files
+        with torch.no_grad():
+            for p in module.parameters():
+                p.mul_(1.5)
+        return module
+
+    if part == "clip":
+        real = safetensors.torch.save_file
+
+        def half_written(state, path, *a, **k):  # the tensors land, the kill comes before the config
+            real(state, path, *a, **k)
+            killed()
+
+        monkeypatch.setattr(safetensors.torch, "save_file", half_written)
+        clip = retrained(models.load_shapes_clip(weights_dir=weights)[0])
+        config = json.loads((weights / models.CLIP_DIR / models.CLIP_CONFIG_FILE).read_text())
+        tokenizer = models.load_tokenizer(weights / models.TOKENIZER_FILE)
+        save = lambda: models.save_clip(clip, config, tokenizer, weights)
+    else:
+        real = diffusers.ModelMixin.save_pretrained
+
+        def half_written(self, *a, **k):  # the weights land, the kill comes before the next part
+            real(self, *a, **k)
+            killed()
+
+        monkeypatch.setattr(diffusers.ModelMixin, "save_pretrained", half_written)
+        save = (lambda: models.save_vae(retrained(policy.vae), weights)) if part == "vae" else (
+            lambda: models.save_policy(retrained(policy.transformer), policy.text_encoder.model,
+                                       policy.text_encoder.tokenizer, weights, {"shift": 3.0}))
+    with pytest.raises(KeyboardInterrupt):
+        save()
+    after = {p.relative_to(weights): p.read_bytes() for p in weights.rglob("*") if p.is_file()}
+    assert after == before  # no scratch directory left, nothing replaced
+    models.load_shapes_policy(weights_dir=weights)
+    models.load_shapes_reward(weights_dir=weights)
