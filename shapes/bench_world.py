@@ -36,7 +36,8 @@ from shapes.eval import CRITERIA, ShapesEval
 
 EVAL_SEED = 1234  # ShapesDataset('test', n, EVAL_SEED): VAE PSNR and CLIP retrieval images
 TEST_PROMPT_SEED = 0  # prompts('test', n, TEST_PROMPT_SEED): the held-out test prompts the policy is reported on
-VAL_PROMPT_SEED = 1  # prompts('test', n, VAL_PROMPT_SEED): checkpoint selection only (train_flow)
+RL_EVAL_PROMPT_SEED = 1  # prompts('test', 512, 1): the trainers' reported evaluation (configs/experiments/*.yaml)
+VAL_PROMPT_SEED = 2  # selection_prompts: checkpoint selection only (train_flow)
 SAMPLE_SEED = 0  # initial noise of policy samples
 RETRIEVAL_GROUP = 32
 OTHER_GUIDANCE = 4.5  # the CFG scale reported beside the default
@@ -47,6 +48,22 @@ KINDS = ("one object", "counting", "two groups", "relation")
 # ---------------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------------
+
+
+def selection_prompts(n: int, seed: int = VAL_PROMPT_SEED, reported: int = 1024) -> list[str]:
+    """``n`` prompts to choose on, none of which is reported: test-split prompts that are not among the first
+    ``reported`` prompts of the reported seeds (TEST_PROMPT_SEED, RL_EVAL_PROMPT_SEED), and, since every one of the
+    test split's 20 single-group prompts is a reported one, single-group prompts of train pairs at the evaluation's
+    share of that kind (KIND_PROBS) -- the mix of configs/experiments/keep_best.yaml."""
+    from shapes.data import KIND_PROBS, prompt_union, prompts
+
+    taken = set(prompts("test", reported, TEST_PROMPT_SEED)) | set(prompts("test", reported, RL_EVAL_PROMPT_SEED))
+    n_single = round(n * KIND_PROBS["single"])
+    pool, draw = [], n - n_single
+    while len(pool) < n - n_single:  # the free test prompts are ~half of a draw; draw more until enough
+        draw *= 2
+        pool = [p for p in prompts("test", draw, seed) if p not in taken]
+    return prompt_union([pool[: n - n_single], prompts("train", n_single, seed, kinds=["single"])])
 
 
 def canonical(text: str) -> str:

@@ -18,7 +18,9 @@ autocast on GPU; an EMA of the transformer + text tower is what ships.
 Checkpoint choice ("room for RL"). The policy must be clean and recognisable but imperfect: ShapesEval overall
 in [0.35, 0.70] on held-out test prompts at 20 Euler steps (SD3.5-M scores 0.63 on GenEval). EMA snapshots are
 kept at ``snapshots`` fractions of training and sampled at ``num_steps`` Euler steps on validation prompts
-(prompts('test', n, VAL_PROMPT_SEED), not the reported ones). First the shift: the one of ``shifts`` that gives
+(``bench_world.selection_prompts``: none of them a reported prompt; the shipped flow, trained before session 14,
+was chosen on prompts('test', n, 1), which the trainers' configs also evaluate on -- a choice of the pretrained
+policy's snapshot and guidance, not of any gain over it). First the shift: the one of ``shifts`` that gives
 the final snapshot the best CFG-free ShapesEval overall. Then, at that shift, every snapshot at every guidance
 scale of ``guidances``; trying them in the order given (CFG-free first, since the NFT trainer samples
 CFG-free), the latest snapshot whose validation overall lies inside the target band shrunk by ``band_margin``
@@ -180,7 +182,6 @@ def choose(table: list[dict], args: FlowArgs) -> tuple[dict, bool]:
 
 def train(args: FlowArgs) -> dict:
     from shapes import bench_world
-    from shapes.data import prompts as shapes_prompts
 
     if not 0 <= args.stop_at <= args.steps:
         raise ValueError(f"stop_at must be in 0..steps={args.steps}, got {args.stop_at}")
@@ -242,7 +243,7 @@ def train(args: FlowArgs) -> dict:
 
     # ---- checkpoint choice on validation prompts (module docstring)
     t_sel = time.perf_counter()
-    val = shapes_prompts("test", args.val_prompts, bench_world.VAL_PROMPT_SEED)
+    val = bench_world.selection_prompts(args.val_prompts)
     candidate = copy.deepcopy(ema.module)
     final = max(snapshots)
     # 1. the shift: each candidate on the final snapshot, CFG-free; 2. every snapshot x guidance at that shift

@@ -233,3 +233,16 @@ def test_a_save_killed_midway_leaves_the_previous_weights_loadable(tmp_path, mon
     assert after == before  # no scratch directory left, nothing replaced
     models.load_shapes_policy(weights_dir=weights)
     models.load_shapes_reward(weights_dir=weights)
+
+
+def test_selection_prompts_are_never_reported_and_keep_the_evaluation_mix():
+    from shapes.data import KIND_PROBS, parse_caption, prompts
+
+    chosen = bench_world.selection_prompts(1000)
+    assert len(chosen) == 1000
+    reported = set(prompts("test", 1024, bench_world.TEST_PROMPT_SEED)) | set(
+        prompts("test", 1024, bench_world.RL_EVAL_PROMPT_SEED))
+    assert not reported & set(chosen)
+    single = sum(len(parse_caption(p).groups) == 1 for p in chosen)
+    assert single == round(1000 * KIND_PROBS["single"])
+    assert bench_world.selection_prompts(600) == bench_world.selection_prompts(600)  # a pure function
