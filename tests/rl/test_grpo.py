@@ -141,6 +141,27 @@ def test_value_calibration_recovers_a_planted_slope_and_keeps_the_telescope():
         calibrate_values(values, rewards, 1)
 
 
+def test_lambda_one_group_step_gives_the_first_shared_step_the_sparse_credit():
+    """gae_lambda 1, dense_norm group_step, group noise: the window's first latent is shared within a group, so its
+    step gets exactly GRPO's sparse (R - mean) / std for any critic, calibrated or not; the second step gets R minus
+    the (calibrated) V(z_k+1), centred (docs/bench/trainers_session14.md)."""
+    torch.manual_seed(1)
+    P, G = 50, 8
+    rewards = torch.rand(P * G)
+    shared = torch.randn(P).repeat_interleave(G)           # V(z_1): z_1 is the same for the G samples of a prompt
+    second = torch.randn(P * G)                             # V(z_2): any critic, here an uninformative one
+    nan = torch.full((P * G,), math.nan)
+    values = torch.stack([nan, shared, second, nan], 1)     # window = steps 1, 2 of N = 3
+    mask = torch.tensor([False, True, True]).expand(P * G, -1)
+    sparse = grpo.grpo_advantages(rewards, None, mask, grpo.GRPOConfig(advantages="sparse", group_size=G, adv_clip=1e9))
+    for calibrate in (False, True):
+        adv = dense_advantages(values, rewards, mask, 1.0, G, "group_step", eps=1e-4, calibrate=calibrate)
+        torch.testing.assert_close(adv[:, 1], sparse[:, 1], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(adv[:, 2], sparse[:, 2])  # the second step's baseline is the critic's
+    beta = calibrate_values(values, rewards, G)[1][2]
+    assert 0 <= beta.item() < 0.5  # uninformative: the calibrated baseline is nearly the group mean
+
+
 def test_dense_fast_window_calls_the_critic_only_in_the_window(tmp_path, monkeypatch):
     from rl import cotrain
 
