@@ -25,22 +25,27 @@ train() {
   local g=$1 a=$2 c=$3 n=$4; shift 4
   local exp=configs/experiments/shapes_gpu_$a.yaml; [ $a = nft ] && exp=configs/experiments/shapes_gpu.yaml
   local chk=""; case $n in *_chk_*) chk="--config configs/experiments/shapes_checker.yaml";; esac
-  CUDA_VISIBLE_DEVICES=$g OMP_NUM_THREADS=4 python rl/train.py --algo $a --critic $c --config $exp $chk \
-    run.output_dir=$OUT/runs/$n run.max_minutes=$M run.export_lora=false "$@" > $OUT/log/$n.txt 2>&1 &
+  (CUDA_VISIBLE_DEVICES=$g OMP_NUM_THREADS=4 python rl/train.py --algo $a --critic $c --config $exp $chk \
+    run.output_dir=$OUT/runs/$n run.max_minutes=$M run.export_lora=false "$@" > $OUT/log/$n.txt 2>&1
+   echo $? > $OUT/log/$n.rc) &  # the exit status, for finish (a plain `wait` discards it)
 }
 cpu() {
   local n=$1; shift
-  OMP_NUM_THREADS=2 python rl/train.py --algo nft --critic stitchvm run.output_dir=$OUT/runs/$n run.max_epochs=$E \
+  (OMP_NUM_THREADS=2 python rl/train.py --algo nft --critic stitchvm run.output_dir=$OUT/runs/$n run.max_epochs=$E \
     run.eval_every=$EVAL_EVERY run.ckpt_every=1000 run.export_lora=false prompts.eval.n=512 eval.batch_size=512 "$@" \
-    > $OUT/log/$n.txt 2>&1 &
+    > $OUT/log/$n.txt 2>&1
+   echo $? > $OUT/log/$n.rc) &
 }
 report() { for f in $OUT/log/*.txt; do echo "== $f"; grep -a "eval/overall" $f | sed 's/.*eval\/overall=/overall=/' | tr '\n' ' '; echo; done; }
 # finish NAME...: after `wait`, each run's held-out evaluations and final line, then keep only its metrics.jsonl
 # ($OUT/sN_NAME.jsonl with N = $SESSION) -- the run directories (checkpoints) would push the call's archive over the
 # transfer limit. Keep them in docs/bench gzipped (`gzip -n`): the device tool uploads the working tree (64 MiB at most).
 finish() {
+  local rc
   for n in "$@"; do
     echo "== $n"
+    rc=$(cat "$OUT/log/$n.rc" 2>/dev/null || echo "unknown (no $n.rc: still running, or never started)")
+    [ "$rc" = 0 ] || echo "== $n: EXIT STATUS $rc (log/$n.txt)"
     grep -a "eval/overall" $OUT/log/$n.txt | grep -o "eval/overall=[0-9.]*" | sed 's/eval.overall=//' | tr '\n' ' '; echo
     grep -a "^final\|best\|rror" $OUT/log/$n.txt | tail -4
     cp "$OUT/runs/$n/metrics.jsonl" "$OUT/s${SESSION:-8}_$n.jsonl" 2>/dev/null \

@@ -28,6 +28,17 @@ sigma_{k+1}), within groups (group means removed, pooled over prompts):
              and the err A_k that gives.
 
 Tweedie (decode-and-score of z_t - sigma v at sigma_{k+1}) is the decode-and-score reference.
+
+A second table (session 14) scores the trainers' whole estimators over both window steps. The truth is A_k* = V* and
+A_{k+1}* = R - V*, group means removed. Each estimator's advantages are given, and the correlation of each step's
+advantages with the truth is reported (scale-free, as the trainers normalise):
+
+    sparse              A_k = A_{k+1} = R                           (Flow-GRPO; the decode-and-score twins)
+    dense, lambda 0     A_k = V(z_{k+1}),  A_{k+1} = R - V(z_{k+1})  (the shipped configs)
+    dense, lambda 0, cal  the same with V scaled by the batch's slope of R on V (``dense_calibration: batch``)
+    dense, lambda 1, cal  A_k = R - V(z_k) = R (z_k is shared within a group), A_{k+1} = R - beta V(z_{k+1})
+
+A step whose advantages are all 0 (a calibrated critic with slope 0) has no correlation: "0 (no credit)".
 """
 
 from __future__ import annotations
@@ -94,6 +105,18 @@ def within(x: torch.Tensor, group: int) -> np.ndarray:
     return (g - g.mean(1, keepdim=True)).flatten().numpy()
 
 
+def corr(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Pearson correlation of two group-centred vectors (their means are 0 by construction); None if a is all 0."""
+    na, nb = float(np.dot(a, a)), float(np.dot(b, b))
+    return None if na < 1e-24 or nb < 1e-24 else float(np.dot(a, b)) / (na * nb) ** 0.5
+
+
+def estimator_cell(a_k: np.ndarray, a_k1: np.ndarray, v_star: np.ndarray, r_one: np.ndarray) -> str:
+    """'c_k / c_k+1': each step's correlation with its true advantage (V* and R - V*, within groups)."""
+    c = [corr(a_k, v_star), corr(a_k1, r_one - v_star)]
+    return " / ".join("0 (no credit)" if x is None else f"{x:.2f}" for x in c)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     dev = torch.device(args.device)
@@ -113,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| window start k | sigma_{k+1} | share* | critic | rho vs V* | slope of V* on V | err A_k | calibrated: "
           "slope of R on V, err A_k | err A_k, sparse |")
     print("|---|---|---|---|---|---|---|---|---|")
+    estimator_rows = []
     for k in (int(x) for x in args.starts.split(",")):
         generator = torch.Generator(dev).manual_seed(args.seed * 100 + k)
         z1, rows, r = window_rollouts(policy, reward, prompts, k, g, m, args.batch_size, generator)
@@ -136,7 +160,14 @@ def main(argv: list[str] | None = None) -> None:
             err_cal = float(np.mean((beta * vw - v_star) ** 2)) / var_a
             print(f"| {k} | {sigma:.3f} | {share:.2f} | {name} | {rho:.3f} | {slope:.2f} | {err:.2f} | {beta:.2f}: "
                   f"{err_cal:.2f} | {sparse_err:.2f} |")
+            estimator_rows.append((k, name, [estimator_cell(a_k, a_k1, v_star, r_one) for a_k, a_k1 in (
+                (r_one, r_one), (vw, r_one - vw), (beta * vw, r_one - beta * vw), (r_one, r_one - beta * vw))]))
     print("\nerr A_k: 1.0 = no credit to step k; below the sparse column = a better split than Flow-GRPO's sparse one.")
+    print("\nWhole estimators: correlation of each window step's advantages with the truth, step k / step k+1\n")
+    print("| window start k | critic | sparse | dense, lambda 0 | dense, lambda 0, cal | dense, lambda 1, cal |")
+    print("|---|---|---|---|---|---|")
+    for k, name, row in estimator_rows:
+        print(f"| {k} | {name} | " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":
