@@ -32,8 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from policies.flow import FlowPolicy
-from rl.checkpoint import atomic_write_bytes, write_dir_atomically
 from policies.text_encoders import CLIPTextEncoder, word_tokenizer
+from rl.checkpoint import atomic_write_bytes, write_dir_atomically
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 REBUILD_COMMAND = "python -m shapes.train_all --device cuda"
@@ -226,8 +226,7 @@ def save_policy(transformer, text_model, tokenizer, weights_dir: str | Path, pol
     _save_pretrained(transformer, weights_dir / TRANSFORMER_DIR)
     _save_pretrained(text_model, weights_dir / TEXT_ENCODER_DIR)
     save_tokenizer(tokenizer, weights_dir / TOKENIZER_FILE)
-    # last: policy.json records the VAE the new transformer needs, so a save killed before it fails the loader's
-    # fingerprint check only if the VAE changed too, and never leaves a policy.json naming weights not yet written
+    # policy.json last: a save killed before it leaves the previous one, never one that names unwritten weights
     atomic_write_bytes(weights_dir / POLICY_FILE, (json.dumps(policy_cfg, indent=2, sort_keys=True) + "\n").encode())
 
 
