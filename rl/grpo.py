@@ -32,6 +32,12 @@ carries step k's own noise (its expectation given z_k is 0 for an exact V). R - 
 noise of the later steps but stays unbiased for any V (a state baseline). Centring per (group, step) removes
 a critic's systematic drift along sigma; a global (not per-step) scale keeps the steps' relative weight, so a
 step where the critic sees nothing happen is not blown up to unit variance.
+The estimator is only as good as the critic where it is asked. With lambda = 0 one value at sigma_{k+1} splits
+each reward between a Fast window's two steps; a critic that barely ranks a group's samples there (the Shapes
+StitchVM at sigma 0.7-0.96, benchmarks/window_credit.py) hands its noise to both, and the sparse twins trained
+better (docs/bench/trainers_session14.md). With lambda = 1, group noise and ``dense_norm: group_step`` the window's
+first latent is shared within a group, so its step gets exactly the sparse credit, and the second gets
+R - V(z_{k+1}), a state baseline (calibrated: scaled by the batch's slope of R on V).
 
 Notation:
     symbol          here
