@@ -159,6 +159,9 @@ class BuildConfig:
     loader_batch_size: int = option(64, help="images per DataLoader batch (distill re-chunks to its batch_size).")
     num_workers: int = option(0, help="DataLoader worker processes producing training images.")
     bottleneck_ratio: int = option(8, help="G_psi hidden width = D_tail // ratio (paper 1:8).")
+    stitch_blocks: int = option(
+        0, help="ours (0: the paper's stitch): transformer blocks of the tail's width after G_psi, identity at "
+                "initialisation (critics.stitchvm.Stitch); capacity between the frozen head and the tail.")
     head_dtype: Literal["float32", "bfloat16"] = option(
         "float32", help="dtype of the frozen policy transformer (the head); the stitch and tail train in float32.")
     store_dtype: Literal["float32", "float16"] = option(
@@ -178,6 +181,7 @@ class BuildConfig:
         check(self.loader_batch_size >= 1, "loader_batch_size", f"must be >= 1, got {self.loader_batch_size}")
         check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         check(self.bottleneck_ratio >= 1, "bottleneck_ratio", f"must be >= 1, got {self.bottleneck_ratio}")
+        check(self.stitch_blocks >= 0, "stitch_blocks", f"must be >= 0, got {self.stitch_blocks}")
         if self.init_from is not None:
             check(self.onpolicy.enabled, "init_from", "starts stage 3 from a saved critic: set onpolicy.enabled=true")
             check(Path(self.init_from).resolve() != Path(self.output_dir).resolve(), "init_from",
@@ -612,11 +616,12 @@ def build(cfg: BuildConfig) -> BuildResult:
             null = policy.null_embeds()
             model = build_stitchvm(policy.transformer, reward, best_i, best_j, fit.W, fit.b, null.embeds, null.pooled,
                                    cfg.score, latent_size=policy.latent_size, probe_pixels=probe_pixels,
-                                   preprocess=preprocess, bottleneck_ratio=cfg.bottleneck_ratio, meta=meta,
-                                   encode_prompts=head_text)
+                                   preprocess=preprocess, bottleneck_ratio=cfg.bottleneck_ratio,
+                                   stitch_blocks=cfg.stitch_blocks, meta=meta, encode_prompts=head_text)
         else:
             model = build_vae_stitch(policy, reward, best_j, fit.W, fit.b, cfg.score, probe_pixels=probe_pixels,
-                                     preprocess=preprocess, bottleneck_ratio=cfg.bottleneck_ratio, meta=meta)
+                                     preprocess=preprocess, bottleneck_ratio=cfg.bottleneck_ratio,
+                                     stitch_blocks=cfg.stitch_blocks, meta=meta)
         model.tail.to(device)
         trained = sum(p.numel() for p in model.stitch_parameters()) + sum(p.numel() for _, p in
                                                                           model.tail_named_parameters())

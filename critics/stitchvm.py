@@ -272,11 +272,18 @@ class Stitch(nn.Module):
         W: (out_dim, in_dim) stage-1 fit W* (None: default conv init, e.g. before loading weights).
         b: (out_dim,) stage-1 intercept b*.
         bottleneck_ratio: G_ψ's hidden width is out_dim // bottleneck_ratio (paper 1:8).
+        blocks: ours, 0 = the paper's stitch. That many pre-norm transformer blocks of the tail's width on the
+            stitched tokens, after Eq. 57, each with its output projections zero-initialised, so s_ψ is still
+            Up(F_ψ(h)) at initialisation. Capacity between the frozen head and the tail: after stage 2 the student
+            ranks the policy's own samples at ρ ~.93 against the teacher on the very images (docs/critic.md,
+            session 14), and the per-token G_ψ cannot mix tokens as the VAE decoder does.
     """
 
     def __init__(self, in_dim: int, out_dim: int, in_grid: Sequence[int], out_grid: Sequence[int],
-                 W: Tensor | None = None, b: Tensor | None = None, bottleneck_ratio: int = 8):
+                 W: Tensor | None = None, b: Tensor | None = None, bottleneck_ratio: int = 8, blocks: int = 0):
         super().__init__()
+        if blocks < 0:
+            raise ValueError(f"blocks must be >= 0, got {blocks}")
         self.in_dim, self.out_dim = in_dim, out_dim
         self.in_grid, self.out_grid = tuple(in_grid), tuple(out_grid)
         self.bottleneck_ratio = bottleneck_ratio
@@ -292,6 +299,7 @@ class Stitch(nn.Module):
             with torch.no_grad():
                 self.F.weight.copy_(W.view(out_dim, in_dim, 1, 1))
                 self.F.bias.copy_(b if b is not None else torch.zeros(out_dim))
+        self.blocks = nn.ModuleList(identity_block(out_dim) for _ in range(blocks))
 
     def forward(self, h: Tensor) -> Tensor:
         """(B, D_dit, *in_grid) → tokens (B, N, D) on the reward patch grid."""
@@ -299,7 +307,30 @@ class Stitch(nn.Module):
             raise ValueError(f"stitch built for (B, {self.in_dim}, {self.in_grid[0]}, {self.in_grid[1]}) "
                              f"features; got {tuple(h.shape)} (latent size differs from the critic's?)")
         up = resample_grid(self.F(h), self.out_grid)  # (B, D, gh, gw)
-        return grid_to_tokens(up + self.G(up))
+        tokens = grid_to_tokens(up + self.G(up))
+        for block in self.blocks:
+            tokens = block(tokens)
+        return tokens
+
+    def config(self) -> dict[str, int]:
+        """What a loader needs besides the widths and grids (stored in stitchvm.json)."""
+        return {"bottleneck_ratio": self.bottleneck_ratio, "stitch_blocks": len(self.blocks)}
+
+
+def identity_block(width: int) -> nn.TransformerEncoderLayer:
+    """A pre-norm transformer block (ViT layout: GELU MLP of 4x width, 64-wide heads) that starts as the identity:
+    its attention output projection and its MLP's second layer are zero, so both residual branches add 0."""
+    block = nn.TransformerEncoderLayer(width, max(1, width // 64), 4 * width, dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=True)
+    for layer in (block.self_attn.out_proj, block.linear2):
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+    return block
+
+
+def stitch_kwargs(meta: dict) -> dict[str, int]:
+    """Stitch's keyword arguments from a saved critic's JSON (critics saved before ``stitch_blocks`` have none)."""
+    return {"bottleneck_ratio": meta["bottleneck_ratio"], "blocks": meta.get("stitch_blocks", 0)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -507,7 +538,7 @@ class StitchVM(nn.Module):
 def build_stitchvm(transformer: nn.Module, reward: nn.Module, i: int, j: int, W: Tensor, b: Tensor,
                    null_embeds: Tensor, null_pooled: Tensor, score_kind: str, *, latent_size: int | None = None,
                    probe_pixels: Tensor | None = None, preprocess: Callable[[Tensor], Tensor] | None = None,
-                   bottleneck_ratio: int = 8, meta: dict | None = None,
+                   bottleneck_ratio: int = 8, stitch_blocks: int = 0, meta: dict | None = None,
                    encode_prompts: Callable[[list[str]], object] | HeadText | None = None) -> StitchVM:
     """Assemble a StitchVM at initialisation from a stage-1 fit.
 
@@ -529,7 +560,7 @@ def build_stitchvm(transformer: nn.Module, reward: nn.Module, i: int, j: int, W:
         if probe_pixels is None:
             raise ValueError(f"j = {j} > 1: pass probe_pixels to initialise the class token entering block j")
         class_token = tail.mean_class_token(probe_pixels, j)
-    stitch = Stitch(head.width, tail.width, head.grid, tail.grid, W, b, bottleneck_ratio)
+    stitch = Stitch(head.width, tail.width, head.grid, tail.grid, W, b, bottleneck_ratio, stitch_blocks)
     stitch.to(device=head.null_embeds.device)
     meta = dict(meta or {})
     meta["reward_fingerprint"] = vision_fingerprint(teacher_tail)
@@ -590,7 +621,7 @@ def save_stitchvm(path_dir: str | os.PathLike, model: StitchVM, meta: dict | Non
         **_null_norms(head),
         "tail_kind": tail_kind(tail), "tail_width": tail.width, "tail_grid": list(tail.grid),
         "tail_num_blocks": tail.num_blocks, "tail_image_size": list(tail.image_size), "embed_dim": tail.embed_dim,
-        "bottleneck_ratio": model.stitch.bottleneck_ratio,
+        **model.stitch.config(),
         "versions": _versions(),
     })
     stitch_sd = {k: v.detach().cpu().contiguous() for k, v in model.stitch.state_dict().items()}
@@ -707,8 +738,7 @@ def load_stitchvm(path_dir: str | os.PathLike, transformer: nn.Module, reward: n
                                  f"tower has {tuple(p.shape)}")
             p.copy_(tail_sd[name])
 
-    stitch = Stitch(meta["dit_width"], meta["tail_width"], meta["dit_grid"], meta["tail_grid"],
-                    bottleneck_ratio=meta["bottleneck_ratio"])
+    stitch = Stitch(meta["dit_width"], meta["tail_width"], meta["dit_grid"], meta["tail_grid"], **stitch_kwargs(meta))
     stitch.load_state_dict(read_critic_file(os.path.join(path_dir, STITCH_FILE)), strict=True)
     device = head.null_embeds.device
     stitch.to(device)

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from rl.checkpoint import verify_dir, write_dir_atomically
 from critics.interface import InterfaceResult, collect_features, fit_linear, MAX_TAIL_BLOCK
 from critics.stitchvm import (CLASS_TOKEN_KEY, STITCH_FILE, TAIL_FILE, Stitch, StitchVM, _versions, make_score,
-                              read_critic_file, vision_fingerprint)
+                              read_critic_file, stitch_kwargs, vision_fingerprint)
 from critics.tails import make_tail, tail_kind
 
 FORMAT_VERSION = 1
@@ -142,7 +142,7 @@ def search_latent(head: LatentHead, tail, images: Tensor, latents: Tensor, j_val
 
 def build_vae_stitch(policy, reward: nn.Module, j: int, W: Tensor, b: Tensor, score_kind: str, *,
                      probe_pixels: Tensor | None = None, preprocess: Callable[[Tensor], Tensor] | None = None,
-                     bottleneck_ratio: int = 8, meta: dict | None = None) -> StitchVM:
+                     bottleneck_ratio: int = 8, stitch_blocks: int = 0, meta: dict | None = None) -> StitchVM:
     """Assemble a vae_stitch critic at initialisation from a stage-1 fit (W, b): (D_tail, C), (D_tail,)."""
     head = latent_head(policy)
     teacher_tail = make_tail(reward.vision, preprocess)
@@ -152,7 +152,7 @@ def build_vae_stitch(policy, reward: nn.Module, j: int, W: Tensor, b: Tensor, sc
         if probe_pixels is None:
             raise ValueError(f"j = {j} > 1: pass probe_pixels to initialise the class token entering block j")
         class_token = tail.mean_class_token(probe_pixels, j)
-    stitch = Stitch(head.width, tail.width, head.grid, tail.grid, W, b, bottleneck_ratio).to(head.device)
+    stitch = Stitch(head.width, tail.width, head.grid, tail.grid, W, b, bottleneck_ratio, stitch_blocks).to(head.device)
     meta = dict(meta or {})
     meta["reward_fingerprint"] = vision_fingerprint(teacher_tail)
     return StitchVM(head, stitch, tail, j, make_score(reward, score_kind), class_token, meta)
@@ -179,7 +179,7 @@ def save_vae_stitch(path_dir: str | os.PathLike, model: StitchVM, meta: dict | N
         "vae_fingerprint": head.vae_fingerprint,
         "tail_kind": tail_kind(tail), "tail_width": tail.width, "tail_grid": list(tail.grid),
         "tail_num_blocks": tail.num_blocks, "tail_image_size": list(tail.image_size), "embed_dim": tail.embed_dim,
-        "bottleneck_ratio": model.stitch.bottleneck_ratio, "versions": _versions(),
+        **model.stitch.config(), "versions": _versions(),
     })
     stitch_sd = {k: v.detach().cpu().contiguous() for k, v in model.stitch.state_dict().items()}
     tail_sd = {k: v.detach().cpu().clone().contiguous() for k, v in model.tail_named_parameters()}
@@ -254,8 +254,7 @@ def load_vae_stitch(path_dir: str | os.PathLike, policy, reward: nn.Module,
     with torch.no_grad():
         for name, p in expected.items():
             p.copy_(tail_sd[name])
-    stitch = Stitch(head.width, meta["tail_width"], head.grid, meta["tail_grid"],
-                    bottleneck_ratio=meta["bottleneck_ratio"])
+    stitch = Stitch(head.width, meta["tail_width"], head.grid, meta["tail_grid"], **stitch_kwargs(meta))
     stitch.load_state_dict(read_critic_file(os.path.join(path_dir, STITCH_FILE)), strict=True)
     stitch.to(head.device)
     if class_token is not None:

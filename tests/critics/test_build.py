@@ -118,6 +118,19 @@ def test_pinned_interface_is_used(world, tmp_path):
     assert grid["best"] == [2, 3] and grid["pinned"] == [2, 3] and grid["i_values"] == [1, 2]
 
 
+def test_stitch_blocks_are_built_saved_and_loaded(world, tmp_path):
+    out = tmp_path / "c"
+    result = build(load_config(SHAPES_YAML, tiny_overrides(world, out, "stitch_blocks=1", "distill.max_steps=2")))
+    assert len(result.model.stitch.blocks) == 1
+    assert json.loads((out / "stitchvm.json").read_text())["stitch_blocks"] == 1
+    critic = load.stitchvm(load_shapes_policy(weights_dir=world), load_shapes_reward(weights_dir=world), out)
+    assert len(critic.stitch.blocks) == 1
+    z = torch.randn(3, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(critic.value(z, 0.5, PROMPTS + ["a star"]),
+                                   result.model.value(z, 0.5, PROMPTS + ["a star"]))
+
+
 def test_float16_storage_and_heatmap_elsewhere(world, tmp_path):
     heatmap = tmp_path / "img" / "grid.png"
     out = tmp_path / "c"
@@ -149,6 +162,7 @@ def test_float16_storage_and_heatmap_elsewhere(world, tmp_path):
     (["distill.log_every=0"], r"config error: distill: log_every must be >= 1"),
     (["onpolicy.log_every=0"], r"config error: onpolicy.log_every: must be >= 1"),
     (["kind=stitchvm2"], r"config error: kind: expected one of \['stitchvm', 'vae_stitch'\]"),
+    (["stitch_blocks=-1"], r"config error: stitch_blocks: must be >= 0, got -1"),
     (["kind=vae_stitch", "onpolicy.target={_component_: shapes.eval.ShapesEval}"],
      r"config error: onpolicy.target: kind=vae_stitch is the baseline of the tower's own reward"),
 ])

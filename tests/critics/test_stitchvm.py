@@ -87,7 +87,7 @@ def random_fit(head: DiTHead, width: int, seed: int = 2) -> tuple[torch.Tensor, 
     return 0.1 * torch.randn(width, head.width, generator=g, dtype=torch.float64), torch.randn(width, generator=g)
 
 
-def tiny_stitchvm(j: int = 1, score_kind: str = "prompt", seed: int = 0, hf: bool = False):
+def tiny_stitchvm(j: int = 1, score_kind: str = "prompt", seed: int = 0, hf: bool = False, stitch_blocks: int = 0):
     """(model, transformer, reward, null_embeds, null_pooled) with a random (not fitted) W, b."""
     transformer, reward = tiny_sd3(seed), TinyReward(seed, hf=hf)
     embeds, pooled = null_cond()
@@ -95,7 +95,8 @@ def tiny_stitchvm(j: int = 1, score_kind: str = "prompt", seed: int = 0, hf: boo
     W, b = random_fit(head, 64)
     probe = reward.preprocess(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3)))
     model = build_stitchvm(transformer, reward, 2, j, W, b, embeds, pooled, score_kind, latent_size=LATENT,
-                           probe_pixels=probe, meta={"backbone": "tiny-sd3", "reward": "tiny-clip"})
+                           probe_pixels=probe, stitch_blocks=stitch_blocks,
+                           meta={"backbone": "tiny-sd3", "reward": "tiny-clip"})
     return model, transformer, reward, embeds, pooled
 
 
@@ -234,6 +235,30 @@ def test_stitch_at_init_is_the_linear_fit():
         shrink(torch.randn(1, 16, 4, 4))
 
 
+def test_stitch_blocks_start_as_the_identity_and_train():
+    g = torch.Generator().manual_seed(0)
+    W, b = torch.randn(64, 16, generator=g, dtype=torch.float64), torch.randn(64, generator=g)
+    h = torch.randn(2, 16, 8, 8, generator=g)
+    plain, deep = Stitch(16, 64, (8, 8), (4, 4), W, b), Stitch(16, 64, (8, 8), (4, 4), W, b, blocks=2)
+    torch.testing.assert_close(deep(h), plain(h), rtol=0, atol=0)  # s_psi = Up(F(h)) at initialisation
+    assert len(deep.blocks) == 2 and deep.blocks[0].self_attn.num_heads == 1  # 64 wide: one 64-wide head
+    assert deep.config() == {"bottleneck_ratio": 8, "stitch_blocks": 2}
+    deep(h).square().sum().backward()
+    out_proj = deep.blocks[0].linear2.weight.grad
+    assert out_proj is not None and out_proj.abs().sum() > 0  # zero-initialised, not frozen
+    # after a step the blocks mix tokens: one token's input moves other tokens' outputs (G_psi is per token)
+    with torch.no_grad():
+        for p in deep.blocks.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    h2 = h.clone()
+    h2[:, :, 0, 0] += 1.0
+    moved = (deep(h2) - deep(h)).abs().sum(-1)[0]  # (N,)
+    assert (moved[1:] > 1e-6).all()
+    assert (plain(h2) - plain(h)).abs().sum(-1)[0][-1] == 0  # the paper's stitch: the far corner is untouched
+    with pytest.raises(ValueError, match="blocks must be >= 0"):
+        Stitch(16, 64, (8, 8), (4, 4), W, b, blocks=-1)
+
+
 # ---- StitchVM -----------------------------------------------------------------------------------------------------
 def test_value_prompt_dependent_uses_cached_text_embeddings():
     model, _, reward, _, _ = tiny_stitchvm(j=1, score_kind="prompt")
@@ -276,9 +301,9 @@ def test_value_gradient_matches_finite_differences():
     assert grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("j,hf", [(1, False), (2, False), (1, True)])
-def test_save_load_round_trip(tmp_path, j, hf):
-    model, transformer, reward, embeds, pooled = tiny_stitchvm(j=j, hf=hf)
+@pytest.mark.parametrize("j,hf,blocks", [(1, False, 0), (2, False, 0), (1, True, 0), (1, False, 2)])
+def test_save_load_round_trip(tmp_path, j, hf, blocks):
+    model, transformer, reward, embeds, pooled = tiny_stitchvm(j=j, hf=hf, stitch_blocks=blocks)
     perturb_(model.stitch, seed=6)
     perturb_(nn.ParameterList([p for _, p in model.tail_named_parameters()]), seed=7)
     z = torch.randn(2, 4, LATENT, LATENT)
@@ -292,7 +317,7 @@ def test_save_load_round_trip(tmp_path, j, hf):
     with torch.no_grad():
         assert torch.equal(loaded.value(z, 0.4, prompts), model.value(z, 0.4, prompts))
     assert loaded.head.transformer_blocks[0] is transformer.transformer_blocks[0]  # head shared, not duplicated
-    assert (loaded.i, loaded.j) == (2, j)
+    assert (loaded.i, loaded.j, len(loaded.stitch.blocks)) == (2, j, blocks)
 
 
 def test_load_rejects_wrong_pairing(tmp_path):
