@@ -47,7 +47,9 @@ from rl.checkpoint import atomic_write_bytes, atomic_write_json
 
 SIGMAS = (0.1, 0.25, 0.5, 0.75, 0.9)
 TEST_PROMPT_SEED = 0  # shapes.bench_world: the held-out test prompts the policy is reported on
-VAL_PROMPT_SEED = 1  # test-split prompts for choosing between critics (the reported figures use seed 0)
+VAL_PROMPT_SEED = 1  # test-split prompts for choosing between critics (the reported value figures use seed 0). Seed 1
+#                       is also the trainers' evaluation set: a critic chosen on it has seen those prompts' value
+#                       ranking (not any training outcome on them)
 SAMPLE_SEED = 0
 EVAL_SEED = 1234  # shapes.bench_world: test renders for retrieval
 NOISE_SEED = 5

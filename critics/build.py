@@ -737,6 +737,12 @@ def _load_init(cfg: BuildConfig, policy, reward, extras: dict[str, bytes], recor
     if cfg.kind == "stitchvm" and model.head_conditioning != cfg.head_conditioning:
         raise ConfigError(f"head_conditioning: the critic at {source} has a {model.head_conditioning} head; set "
                           f"head_conditioning={model.head_conditioning} (stage 3 keeps the head it was distilled with)")
+    saved = model.stitch.config()
+    asked = {"bottleneck_ratio": cfg.bottleneck_ratio, "stitch_blocks": cfg.stitch_blocks}
+    if saved != asked:  # stage 3 trains the stitch the critic has; the build record must not say otherwise
+        key = next(k for k in saved if saved[k] != asked[k])
+        raise ConfigError(f"{key}: the critic at {source} has {key}={saved[key]}; set {key}={saved[key]} "
+                          f"(stage 3 keeps the stitch it starts from)")
     model.tail.to(policy.device)
     if model.class_token is not None:
         model.class_token.data = model.class_token.data.to(policy.device)

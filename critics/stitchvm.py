@@ -320,8 +320,9 @@ class Stitch(nn.Module):
 def identity_block(width: int) -> nn.TransformerEncoderLayer:
     """A pre-norm transformer block (ViT layout: GELU MLP of 4x width, 64-wide heads) that starts as the identity:
     its attention output projection and its MLP's second layer are zero, so both residual branches add 0."""
-    block = nn.TransformerEncoderLayer(width, max(1, width // 64), 4 * width, dropout=0.0, activation="gelu",
-                                       batch_first=True, norm_first=True)
+    heads = width // 64 if width % 64 == 0 else 1  # every ViT width is a multiple of 64
+    block = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True,
+                                       norm_first=True)
     for layer in (block.self_attn.out_proj, block.linear2):
         nn.init.zeros_(layer.weight)
         nn.init.zeros_(layer.bias)

@@ -59,10 +59,14 @@ def selection_prompts(n: int, seed: int = VAL_PROMPT_SEED, reported: int = 1024)
 
     taken = set(prompts("test", reported, TEST_PROMPT_SEED)) | set(prompts("test", reported, RL_EVAL_PROMPT_SEED))
     n_single = round(n * KIND_PROBS["single"])
+    two_groups = [k for k in KIND_PROBS if k != "single"]
     pool, draw = [], n - n_single
-    while len(pool) < n - n_single:  # the free test prompts are ~half of a draw; draw more until enough
+    while len(pool) < n - n_single:  # about half of a draw is free; draw more until enough
+        if draw > 64 * n + 4096:
+            raise ValueError(f"selection_prompts: fewer than {n - n_single} test-split prompts outside the first "
+                             f"{reported} reported ones; ask for fewer")
         draw *= 2
-        pool = [p for p in prompts("test", draw, seed) if p not in taken]
+        pool = [p for p in prompts("test", draw, seed, kinds=two_groups) if p not in taken]
     return prompt_union([pool[: n - n_single], prompts("train", n_single, seed, kinds=["single"])])
 
 

@@ -23,7 +23,9 @@ class has one) and are rebuilt by ``REBUILD_COMMAND``. Loaders never touch the n
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +35,7 @@ from torch import Tensor, nn
 
 from policies.flow import FlowPolicy
 from policies.text_encoders import CLIPTextEncoder, word_tokenizer
-from rl.checkpoint import atomic_write_bytes, write_dir_atomically
+from rl.checkpoint import atomic_write_bytes, interrupted_swap, write_dir_atomically
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 REBUILD_COMMAND = "python -m shapes.train_all --device cuda"
@@ -226,7 +228,9 @@ def save_policy(transformer, text_model, tokenizer, weights_dir: str | Path, pol
     _save_pretrained(transformer, weights_dir / TRANSFORMER_DIR)
     _save_pretrained(text_model, weights_dir / TEXT_ENCODER_DIR)
     save_tokenizer(tokenizer, weights_dir / TOKENIZER_FILE)
-    # policy.json last: a save killed before it leaves the previous one, never one that names unwritten weights
+    # policy.json last, with the checksums of the parts above: a save killed between two parts leaves an old
+    # policy.json next to a new part, which load_shapes_policy then refuses instead of mixing them
+    policy_cfg = {**policy_cfg, "weights_sha256": {k: _sha256(p) for k, p in _policy_parts(weights_dir).items()}}
     atomic_write_bytes(weights_dir / POLICY_FILE, (json.dumps(policy_cfg, indent=2, sort_keys=True) + "\n").encode())
 
 
@@ -253,10 +257,47 @@ def _require(path: Path) -> Path:
     return path
 
 
+def _weights_subdir(path: Path) -> Path:
+    """``path``, or, when a save was killed between the two renames of its swap (rl.checkpoint.write_dir_atomically),
+    the complete previous version it left beside it (the next save of that part moves it back)."""
+    previous = interrupted_swap(path)
+    if previous is None:
+        return path
+    print(f"warning: {path} is missing: a save into it was interrupted; loading the previous version from "
+          f"{previous} (the next save puts it back)", file=sys.stderr)
+    return Path(previous)
+
+
 def _require_model_dir(path: Path, weights_file: str) -> Path:
+    path = _weights_subdir(path)
     _require(path / "config.json")
     _require(path / weights_file)
     return path
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _policy_parts(weights_dir: Path) -> dict[str, Path]:
+    """The weight files a policy save writes before policy.json, whose checksums policy.json records (binary files
+    only: git may rewrite a text file's line endings on checkout; the tokenizer is checked against the text tower's
+    vocabulary size instead)."""
+    return {TRANSFORMER_DIR: _weights_subdir(weights_dir / TRANSFORMER_DIR) / DIFFUSERS_WEIGHTS,
+            TEXT_ENCODER_DIR: _weights_subdir(weights_dir / TEXT_ENCODER_DIR) / TRANSFORMERS_WEIGHTS}
+
+
+def check_policy_parts(weights_dir: Path, recorded: dict[str, str] | None) -> None:
+    """Refuse a transformer / text tower pair that is not the one policy.json was written with: the parts
+    are swapped in one after another, so a save killed between them leaves new and old parts side by side."""
+    if recorded is None:  # policy.json written before session 14
+        return
+    stale = [name for name, path in _policy_parts(weights_dir).items()
+             if name in recorded and (not path.exists() or _sha256(path) != recorded[name])]
+    if stale:
+        raise ValueError(f"{weights_dir}: {', '.join(stale)} not the one(s) {POLICY_FILE} was written with -- a save "
+                         f"of the policy was interrupted, or a file was replaced by hand; save the policy again "
+                         f"(`python -m shapes.train_flow`) or restore it (`git checkout -- {weights_dir}`)")
 
 
 @dataclass(frozen=True)
@@ -339,6 +380,7 @@ def load_shapes_policy(device: str | torch.device = "cpu", dtype: torch.dtype = 
     weights_dir = Path(weights_dir or WEIGHTS_DIR)
     cfg = policy_config(weights_dir)
     path = _require_model_dir(weights_dir / TRANSFORMER_DIR, DIFFUSERS_WEIGHTS)
+    check_policy_parts(weights_dir, json.loads((weights_dir / POLICY_FILE).read_text()).get("weights_sha256"))
     transformer = _strict_load(SD3Transformer2DModel, path, torch_dtype=dtype)
     vae = shapes_vae(device, dtype, weights_dir)
     trained_on = json.loads((weights_dir / POLICY_FILE).read_text()).get("vae_fingerprint")
@@ -362,7 +404,7 @@ def load_shapes_clip(device: str | torch.device = "cpu", weights_dir: str | Path
     from safetensors.torch import load_file
 
     weights_dir = Path(weights_dir or WEIGHTS_DIR)
-    clip_dir = weights_dir / CLIP_DIR
+    clip_dir = _weights_subdir(weights_dir / CLIP_DIR)
     config = json.loads(_require(clip_dir / CLIP_CONFIG_FILE).read_text())
     model = build_clip(config)
     state = load_file(str(_require(clip_dir / CLIP_WEIGHTS_FILE)))

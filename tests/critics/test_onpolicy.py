@@ -80,6 +80,16 @@ def test_build_stage3_from_a_saved_critic(built, world, tmp_path):
                                    ["a red circle"] * 2))
 
 
+def test_stage3_from_a_saved_critic_keeps_its_stitch(built, world, tmp_path):
+    svm, _ = built  # built with the default stitch (no blocks, ratio 8)
+    for extra, message in (("stitch_blocks=2", "stitch_blocks: the critic at .* has stitch_blocks=0"),
+                           ("bottleneck_ratio=4", "bottleneck_ratio: the critic at .* has bottleneck_ratio=8")):
+        with pytest.raises(ConfigError, match=message):
+            build(load_config(BUILD_YAML, tiny_overrides(world, tmp_path / "x", f"init_from={svm.output_dir}",
+                                                         *ONPOLICY, extra)))
+    assert not (tmp_path / "x").exists()
+
+
 def test_init_from_needs_stage3_and_another_directory(world, tmp_path):
     with pytest.raises(ConfigError, match="onpolicy.enabled=true"):
         load_config(BUILD_YAML, tiny_overrides(world, tmp_path / "a", f"init_from={tmp_path}"))

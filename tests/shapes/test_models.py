@@ -246,3 +246,49 @@ def test_selection_prompts_are_never_reported_and_keep_the_evaluation_mix():
     single = sum(len(parse_caption(p).groups) == 1 for p in chosen)
     assert single == round(1000 * KIND_PROBS["single"])
     assert bench_world.selection_prompts(600) == bench_world.selection_prompts(600)  # a pure function
+
+
+def test_a_policy_save_killed_between_its_parts_is_refused_not_mixed(tmp_path, monkeypatch):
+    # the transformer and text tower are swapped in one after the other: a kill between them leaves a new transformer
+    # beside the old text tower and the old policy.json, whose checksums then refuse the pair
+    import shutil
+
+    import transformers
+
+    weights = tmp_path / "weights"
+    shutil.copytree(models.WEIGHTS_DIR, weights, ignore=shutil.ignore_patterns("stitchvm*", "vae_stitch"))
+    policy = models.load_shapes_policy(weights_dir=weights)
+
+    def killed(*args, **kwargs):  # the text tower's save; the transformer's (diffusers) has completed
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", killed)
+    with torch.no_grad():
+        for p in policy.transformer.parameters():
+            p.mul_(1.5)
+    with pytest.raises(KeyboardInterrupt):
+        models.save_policy(policy.transformer, policy.text_encoder.model, policy.text_encoder.tokenizer, weights,
+                           {"shift": 3.0})
+    with pytest.raises(ValueError, match=r"transformer not the one\(s\) policy.json was written with"):
+        models.load_shapes_policy(weights_dir=weights)
+    monkeypatch.undo()
+    # a save that completes records the new checksums, and the policy loads again
+    cfg = {k: v for k, v in json.loads((weights / models.POLICY_FILE).read_text()).items() if k != "weights_sha256"}
+    models.save_policy(policy.transformer, policy.text_encoder.model, policy.text_encoder.tokenizer, weights, cfg)
+    models.load_shapes_policy(weights_dir=weights)
+
+
+def test_a_swap_killed_between_its_renames_loads_the_previous_part(tmp_path, capsys):
+    # write_dir_atomically renames vae -> .vae.old, then the new one -> vae; a kill between leaves no vae/
+    import shutil
+
+    weights = tmp_path / "weights"
+    shutil.copytree(models.WEIGHTS_DIR, weights, ignore=shutil.ignore_patterns("stitchvm*", "vae_stitch"))
+    for part in (models.VAE_DIR, models.TRANSFORMER_DIR, models.CLIP_DIR):
+        (weights / part).rename(weights / f".{part}.old")
+    models.load_shapes_policy(weights_dir=weights)
+    models.load_shapes_reward(weights_dir=weights)
+    err = capsys.readouterr().err
+    assert err.count("a save into it was interrupted") >= 3
+    models.save_vae(models.shapes_vae(weights_dir=weights), weights)  # the next save puts it back
+    assert (weights / models.VAE_DIR).is_dir() and not (weights / f".{models.VAE_DIR}.old").exists()
