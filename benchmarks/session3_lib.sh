@@ -25,12 +25,14 @@ train() {
   local g=$1 a=$2 c=$3 n=$4; shift 4
   local exp=configs/experiments/shapes_gpu_$a.yaml; [ $a = nft ] && exp=configs/experiments/shapes_gpu.yaml
   local chk=""; case $n in *_chk_*) chk="--config configs/experiments/shapes_checker.yaml";; esac
+  rm -f "$OUT/log/$n.rc"  # an OUT used before keeps no stale status
   (CUDA_VISIBLE_DEVICES=$g OMP_NUM_THREADS=4 python rl/train.py --algo $a --critic $c --config $exp $chk \
     run.output_dir=$OUT/runs/$n run.max_minutes=$M run.export_lora=false "$@" > $OUT/log/$n.txt 2>&1
    echo $? > $OUT/log/$n.rc) &  # the exit status, for finish (a plain `wait` discards it)
 }
 cpu() {
   local n=$1; shift
+  rm -f "$OUT/log/$n.rc"
   (OMP_NUM_THREADS=2 python rl/train.py --algo nft --critic stitchvm run.output_dir=$OUT/runs/$n run.max_epochs=$E \
     run.eval_every=$EVAL_EVERY run.ckpt_every=1000 run.export_lora=false prompts.eval.n=512 eval.batch_size=512 "$@" \
     > $OUT/log/$n.txt 2>&1
