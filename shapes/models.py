@@ -202,6 +202,16 @@ class WordTokenize:
 # leaves the previous weights loadable, never a half-written directory that the strict loaders would refuse.
 
 
+def clear_scratch(weights_dir: str | Path) -> None:
+    """Delete the temporary files a killed save left in ``weights_dir`` (atomic_write_bytes' `.<name>.<random>.tmp`;
+    write_dir_atomically cleans its own fixed `.<name>.tmp` directories): called by every saver before it writes."""
+    weights_dir = Path(weights_dir)
+    if weights_dir.is_dir():
+        for name in (TOKENIZER_FILE, POLICY_FILE):
+            for stale in weights_dir.glob(f".{name}.*.tmp"):
+                stale.unlink(missing_ok=True)
+
+
 def _half_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module).to(device="cpu", dtype=STORE_DTYPE)
 
@@ -213,6 +223,7 @@ def _save_pretrained(module: nn.Module, path: Path) -> None:
 
 
 def save_vae(vae, weights_dir: str | Path) -> None:
+    clear_scratch(weights_dir)
     _save_pretrained(vae, Path(weights_dir) / VAE_DIR)
 
 
@@ -225,6 +236,7 @@ def save_policy(transformer, text_model, tokenizer, weights_dir: str | Path, pol
         from critics.vae_stitch import vae_fingerprint
 
         policy_cfg = {**policy_cfg, "vae_fingerprint": vae_fingerprint(vae)}
+    clear_scratch(weights_dir)
     _save_pretrained(transformer, weights_dir / TRANSFORMER_DIR)
     _save_pretrained(text_model, weights_dir / TEXT_ENCODER_DIR)
     save_tokenizer(tokenizer, weights_dir / TOKENIZER_FILE)
@@ -236,6 +248,7 @@ def save_policy(transformer, text_model, tokenizer, weights_dir: str | Path, pol
 
 def save_clip(model: nn.Module, config: dict, tokenizer, weights_dir: str | Path) -> None:
     state = {k: v.detach().to("cpu", STORE_DTYPE).contiguous() for k, v in model.state_dict().items()}
+    clear_scratch(weights_dir)
 
     def write(tmp: str) -> None:
         safetensors.torch.save_file(state, str(Path(tmp) / CLIP_WEIGHTS_FILE))

@@ -231,6 +231,10 @@ def test_a_save_killed_midway_leaves_the_previous_weights_loadable(tmp_path, mon
         save()
     after = {p.relative_to(weights): p.read_bytes() for p in weights.rglob("*") if p.is_file()}
     assert after == before  # no scratch directory left, nothing replaced
+    # a SIGKILL leaves atomic_write_bytes' temp file behind; the next save clears it
+    (weights / f".{models.POLICY_FILE}.x1y2.tmp").write_text("{")
+    models.clear_scratch(weights)
+    assert not list(weights.glob(".*.tmp"))
     models.load_shapes_policy(weights_dir=weights)
     models.load_shapes_reward(weights_dir=weights)
 
