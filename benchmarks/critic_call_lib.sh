@@ -1,7 +1,8 @@
 # Shared by benchmarks/gpu_session11_c.sh and later critic calls (bench / bench_report since session 12's) on several cards (sourced; needs OUT set).
 #   crit GPU NAME [overrides...]  one `critics.build` of configs/critic/build_shapes.yaml with the prompt experts'
 #                                 settings (prompt head, (7, 1), a bank of $BANK policy samples) on card GPU, into
-#                                 $OUT/NAME (log: $OUT/log/NAME.txt), stopped after $BUILD_S seconds; run it with &
+#                                 $OUT/NAME (log: $OUT/log/NAME.txt), stopped after $BUILD_S seconds; run it with &;
+#                                 a non-zero exit status is printed
 #   bench NAMES                   critics.bench_value of the builds that saved, the shipped experts and Tweedie, 512
 #                                 prompts, K = 8, sigma 0.1-0.9: validation (seed 1) on card 1, test (seed 0) on card
 #                                 0, in the background (`wait`, then `bench_report`)
@@ -18,6 +19,8 @@ crit() {
     'search.pinned=[7,1]' policy_samples.n=${BANK:-98304} policy_samples.batch_size=2048 \
     'policy_samples.prompts={_component_: shapes.data.prompts, split: train, n: 65536, seed: 5}' \
     output_dir=$OUT/$n heatmap=$OUT/$n.png "$@" > $OUT/log/$n.txt 2>&1
+  local rc=$?  # 124: stopped by BUILD_S (the benchmark then takes the build's last checkpoint)
+  [ $rc = 0 ] || echo "== build $n: exit status $rc$([ $rc = 124 ] && echo ' (stopped after BUILD_S)') (log/$n.txt)"
 }
 bench() {
   local V=(python -m critics.bench_value --device cuda --n-prompts 512 --batch-size 512 --sigmas 0.1,0.25,0.5,0.75,0.9
