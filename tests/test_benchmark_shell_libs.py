@@ -42,3 +42,20 @@ def test_out_with_spaces_is_refused(tmp_path):
     res = run_bash(f"set -u\nOUT='{out}'; source {LIB}\necho sourced")
     assert res.returncode == 2 and "without spaces" in res.stderr
     assert "sourced" not in res.stdout and not out.exists()
+
+
+def test_crit_prints_a_builds_non_zero_exit_status(tmp_path):
+    lib = LIB.with_name("critic_call_lib.sh")
+    script = f"""set -u
+OUT={tmp_path / "out"}; source {lib}
+timeout() {{ shift; "$@"; }}
+env() {{ while [[ "$1" == *=* ]]; do shift; done; "$@"; }}
+python() {{ return $RC; }}
+RC=0 crit 0 ok
+RC=124 crit 1 stopped
+RC=1 crit 2 failed
+"""
+    res = run_bash(script)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == ["== build stopped: exit status 124 (stopped after BUILD_S) (log/stopped.txt)",
+                                       "== build failed: exit status 1 (log/failed.txt)"]
