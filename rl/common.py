@@ -20,7 +20,7 @@ from policies import lora
 from policies.flow import FlowPolicy
 from rl import checkpoint as ckpt
 from rl import distributed
-from rl.config import ConfigError, check, option
+from rl.config import ConfigError, check, option, to_yaml
 from rl.metrics import BACKENDS, MetricLogger, Timer
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -371,19 +371,47 @@ def save(run: Run, epoch: int, optimizer, adapters: tuple[str, ...], extra: dict
     return path
 
 
-def check_same_algo(saved: dict | None, now: dict | None, source: str) -> None:
-    """A resumed run must go on with the algorithm settings it was saved with: a changed or newly added ``algo``
-    key (e.g. ``exact_ode``, which a run saved before it existed ran as false) would silently change the
-    estimator half-way. Raises ConfigError naming every differing key; None on either side (no record) passes."""
+# What a resumed run must share with the run it continues: the estimator (algo), what it optimises and with which
+# critic (a run trained with --critic terminal and resumed with the default --critic stitchvm would switch critics
+# half-way; a co-trained critic's state would be dropped), the model, the training prompts and the seed every
+# (seed, epoch) generator is drawn from. Budgets, evaluation and logging may change.
+RESUME_NODES = (("algo",), ("critic",), ("reward",), ("model",), ("prompts", "train"), ("run", "seed"))
+
+
+def check_same_algo(saved: dict | None, now: dict | None, source: str, node: str = "algo") -> None:
+    """A resumed run must go on with the settings it was saved with: a changed or newly added key of ``node`` (e.g.
+    ``algo.exact_ode``, which a run saved before it existed ran as false) would silently change the run half-way.
+    Raises ConfigError naming every differing key; None on either side (no record) passes."""
     if saved is None or now is None:
         return
     now = json.loads(json.dumps(now))  # the checkpoint's JSON round trip: tuples become lists
+    if not isinstance(saved, dict) or not isinstance(now, dict):
+        saved, now, prefix = {node: saved}, {node: now}, ""
+    else:
+        prefix = f"{node}."
     missing = object()
     keys = sorted(k for k in set(saved) | set(now) if saved.get(k, missing) != now.get(k, missing))
     if keys:
-        diff = ", ".join(f"{k} (saved {saved.get(k, '<absent>')!r}, now {now.get(k, '<absent>')!r})" for k in keys)
-        raise ConfigError(f"checkpoint {source} was trained with other algo settings: {diff}. Resume with the "
-                          f"settings it was saved with (override each key back) or start a new run")
+        diff = ", ".join(f"{prefix}{k} (saved {saved.get(k, '<absent>')!r}, now {now.get(k, '<absent>')!r})"
+                         for k in keys)
+        raise ConfigError(f"checkpoint {source} was trained with other {node} settings: {diff}. Resume with the "
+                          f"settings it was saved with (override each key back, or pass the same --critic / "
+                          f"--config) or start a new run")
+
+
+def check_same_run(saved: dict | None, now: dict, source: str) -> None:
+    """check_same_algo for every node of RESUME_NODES present in the checkpoint's saved config."""
+    if not saved:
+        return
+    missing = object()
+    for path in RESUME_NODES:
+        a, b = saved, now
+        for key in path:
+            a = a.get(key, missing) if isinstance(a, dict) else missing
+            b = b.get(key, missing) if isinstance(b, dict) else missing
+        if a is missing:  # a checkpoint written before this node was recorded
+            continue
+        check_same_algo(a, None if b is missing else b, source, ".".join(path))
 
 
 def restore(run: Run, source: str, optimizer, adapters: tuple[str, ...]) -> tuple[int, dict]:
@@ -392,7 +420,7 @@ def restore(run: Run, source: str, optimizer, adapters: tuple[str, ...]) -> tupl
     loaded = ckpt.load_checkpoint(source)
     held = sorted(k.removeprefix("lora_") for k in loaded.tensors if k.startswith("lora_"))
     # settings first: a changed lora_rank is then a config error naming the key, not a shape mismatch in the load
-    check_same_algo(loaded.state.get("config", {}).get("algo"), run.config_dict.get("algo"), source)
+    check_same_run(loaded.state.get("config"), run.config_dict, source)
     for name in adapters:
         if f"lora_{name}" not in loaded.tensors:  # e.g. algo.ema_decay turned on for a run saved without it
             raise ConfigError(f"checkpoint {source} has no adapter '{name}' (it holds {held}); resume with the "
@@ -411,6 +439,8 @@ def restore(run: Run, source: str, optimizer, adapters: tuple[str, ...]) -> tupl
     if run.best is not None:
         run.best.load(loaded.tensors, loaded.state)
     run.logger.resume_at(loaded.step)
+    if run.accelerator.is_main_process:  # only now: a refused resume leaves the run's config.yaml as it was
+        to_yaml(run.config_dict, run.run_dir / "config.yaml")
     return loaded.step, loaded.state
 
 

@@ -316,8 +316,8 @@ class CriticTrainer:
         saved = tensors.get("critic", {})
         missing = sorted(set(self.names) - saved.keys())
         if missing:
-            raise ValueError(f"checkpoint has no co-trained critic state for {missing[:5]}: was it written by a run "
-                             f"with the same critic.cotrain.params?")
+            raise ConfigError(f"checkpoint has no co-trained critic state for {missing[:5]}: resume with the "
+                              f"critic.cotrain settings it was written with (critic.cotrain.params)")
         with torch.no_grad():
             for n, p in zip(self.names, self.params):
                 p.copy_(saved[n].to(p.device, p.dtype))

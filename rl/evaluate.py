@@ -2,9 +2,11 @@
 
 Loads the run's model and evaluation metric from the same YAML composition as ``rl/train.py`` (Shapes world by
 default), applies an exported diffusers-format LoRA (``--lora DIR``), a training checkpoint (``--checkpoint DIR``: the
-adapter a ``run.keep_best`` run chose when the checkpoint holds one, else the trained adapter "default"; ``--last``
-forces the latter) or nothing (the pretrained policy), samples the eval prompts with fixed noise and prints the
-mean of every metric criterion. Exit 2 on a bad config or path.
+adapter a ``run.keep_best`` run chose when the checkpoint holds one, else the adapter the run evaluates and exports --
+its EMA "ema" when the trainer keeps one (``algo.ema_decay`` > 0), else the trained "default"; ``--last`` skips the
+kept one) or nothing (the pretrained policy), samples the eval prompts with fixed noise and prints the mean of every
+metric criterion. ``--algo`` names the trainer whose ``--config`` files are given (their ``algo`` keys differ), as
+for rl/train.py. Exit 2 on a bad config or path.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--checkpoint", help="checkpoint dir, run dir or 'latest' of run.output_dir")
     parser.add_argument("--last", action="store_true",
                         help="with --checkpoint: the last trained adapter even if the run kept a best one (keep_best)")
+    parser.add_argument("--algo", default="nft", help="the trainer the --config files are for (as for rl/train.py)")
     parser.add_argument("--config", action="append", default=[], help="extra YAML (as for rl/train.py)")
     parser.add_argument("--json", type=Path, help="also write the metrics here")
     parser.add_argument("overrides", nargs="*", help="key=value (e.g. eval.guidance_scale=4.5 prompts.eval.n=512)")
@@ -41,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from rl.selection import GROUP as BEST
 
     try:
-        composed = train.compose_config(train.parse_args(["--critic", "terminal", *sum(
+        composed = train.compose_config(train.parse_args(["--algo", args.algo, "--critic", "terminal", *sum(
             (["--config", c] for c in args.config), []), *args.overrides]))
         raw = composed.raw
         accelerator = Accelerator()
@@ -60,9 +63,11 @@ def main(argv: list[str] | None = None) -> int:
             spec = lora.LoraSpec(r=algo.get("lora_rank", 32), alpha=algo.get("lora_alpha", 64.0),
                                  target_modules=tuple(algo.get("lora_targets", lora.SD3_TARGETS)))
             lora.add_lora(transformer, spec, "default")
-            group = "lora_default" if args.last or BEST not in loaded.tensors else BEST
-            print(f"checkpoint {loaded.path}: adapter {'kept by validation (keep_best)' if group == BEST else 'last'}",
-                  file=sys.stderr)
+            # what the run itself evaluated and exported: the kept adapter, else its EMA when it has one
+            last = "lora_ema" if "lora_ema" in loaded.tensors else "lora_default"
+            group = last if args.last or BEST not in loaded.tensors else BEST
+            which = {BEST: "kept by validation (keep_best)", "lora_ema": "last (EMA)", "lora_default": "last"}[group]
+            print(f"checkpoint {loaded.path}: adapter {which}", file=sys.stderr)
             lora.load_adapter_state_dict(transformer, {k: v.to(accelerator.device)
                                                        for k, v in loaded.tensors[group].items()})
         eval_prompts = instantiate(raw["prompts"]["eval"], _path="prompts.eval")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -35,6 +34,7 @@ import torch
 from critics.base import Critic
 from policies.flow import FlowPolicy
 from policies.graphs import CUDA_GRAPH_MODES
+from rl.checkpoint import atomic_write_json
 from rl.config import ConfigError, apply_overrides, check, compose, from_dict, load_yaml, option, to_dict
 from rl.steering.dps import DPSConfig
 from rl.steering.fk import FKConfig
@@ -64,6 +64,7 @@ class SteerConfig:
     def __post_init__(self):
         check(self.num_steps is None or self.num_steps >= 1, "num_steps", f"must be >= 1, got {self.num_steps}")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.grid_images >= 0, "grid_images", f"must be >= 0 (0: no grid.png), got {self.grid_images}")
         check(self.eta >= 0, "eta", f"must be >= 0, got {self.eta}")
         check(self.cuda_graph in CUDA_GRAPH_MODES, "cuda_graph",
               f"must be null (eager), 'tail' or 'full', got {self.cuda_graph!r}")
@@ -213,9 +214,10 @@ def run(method: str, world: World, cfg: SteerConfig, out_dir: Path) -> dict[str,
     metrics["reward/mean"] = torch.cat(scores["reward"]).mean().item()
     metrics["time/seconds_per_sample"] = seconds / len(prompts)
     out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "metrics.json", {"metrics": metrics, "config": to_dict(cfg)})  # first: the result
     grid = torch.cat(images)[: cfg.grid_images]
-    save_image(grid, out_dir / "grid.png", nrow=max(1, int(math.sqrt(len(grid)))), padding=1)
-    (out_dir / "metrics.json").write_text(json.dumps({"metrics": metrics, "config": to_dict(cfg)}, indent=2) + "\n")
+    if len(grid):
+        save_image(grid, out_dir / "grid.png", nrow=max(1, int(math.sqrt(len(grid)))), padding=1)
     return metrics
 
 

@@ -294,9 +294,17 @@ def main(argv: list[str] | None = None) -> int:
         from rl.checkpoint import CheckpointError, resolve_checkpoint
 
         try:
-            resolve_checkpoint(composed.run_cfg.output_dir if args.resume == "latest" else args.resume)
+            step_dir = resolve_checkpoint(composed.run_cfg.output_dir if args.resume == "latest" else args.resume)
         except CheckpointError as e:
             print(f"error: --resume {args.resume}: {e}", file=sys.stderr)
+            return 2
+        # a resumed run writes its checkpoints, metrics and export into run.output_dir: continuing another
+        # directory's checkpoint there would mix two runs (and without run.output_dir, into the default one)
+        run_dir = Path(composed.run_cfg.output_dir).resolve()
+        if not step_dir.resolve().is_relative_to(run_dir):
+            print(f"error: --resume {args.resume} is a checkpoint of the run in {step_dir.resolve().parent.parent}, "
+                  f"but this run writes into run.output_dir={composed.run_cfg.output_dir}; set "
+                  f"run.output_dir={step_dir.resolve().parent.parent} to continue that run", file=sys.stderr)
             return 2
     else:
         try:
@@ -309,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if run.accelerator.is_main_process:
+    if run.accelerator.is_main_process and args.resume is None:  # a resumed run writes it once restored
         to_yaml(composed.raw, Path(run.run_cfg.output_dir) / "config.yaml")
     algo = importlib.import_module(ALGOS[args.algo][0])
     try:

@@ -188,8 +188,36 @@ def test_resume_with_other_algo_settings_is_a_clear_error():
     saved = {"lr": 0.0003, "sde_window_start": [0, 4], "advantages": "dense"}
     check_same_algo(saved, {"lr": 3e-4, "sde_window_start": (0, 4), "advantages": "dense"}, "ckpt")  # same after JSON
     check_same_algo(None, {"lr": 1.0}, "ckpt")  # nothing recorded: nothing to compare
-    with pytest.raises(ConfigError, match=r"exact_ode \(saved '<absent>', now True\), lr \(saved 0.0003, now 0.0001\)"):
+    with pytest.raises(ConfigError, match=r"algo.exact_ode \(saved '<absent>', now True\), algo.lr \(saved 0.0003, "
+                                          r"now 0.0001\)"):
         check_same_algo(saved, {"lr": 1e-4, "sde_window_start": [0, 4], "advantages": "dense", "exact_ode": True}, "ckpt")
+
+
+def test_resume_checks_the_critic_reward_model_prompts_and_seed():
+    from rl.common import check_same_run
+    from rl.config import ConfigError
+
+    saved = {"algo": {"lr": 1e-4}, "critic": {"_component_": "critics.baselines.TerminalCritic"},
+             "reward": {"_component_": "r"}, "model": {"_component_": "m"},
+             "prompts": {"train": {"n": 8}, "eval": {"n": 4}}, "run": {"seed": 0, "max_epochs": 10}}
+    same = json.loads(json.dumps(saved))
+    same["run"]["max_epochs"] = 20  # budgets, evaluation and logging may change
+    same["prompts"]["eval"] = {"n": 512}
+    check_same_run(saved, same, "ckpt")
+    check_same_run(None, same, "ckpt")
+    check_same_run({"algo": {"lr": 1e-4}}, same, "ckpt")  # a checkpoint that recorded less: only what it has
+    for path, value, message in (
+            (("critic", "_component_"), "critics.load.stitchvm", r"other critic settings: critic._component_ \(saved"),
+            (("critic", "cotrain"), {"enabled": True}, r"critic.cotrain \(saved '<absent>'"),
+            (("prompts", "train", "n"), 16, r"other prompts.train settings: prompts.train.n"),
+            (("run", "seed"), 7, r"other run.seed settings: run.seed \(saved 0, now 7\)")):
+        changed = json.loads(json.dumps(saved))
+        node = changed
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        with pytest.raises(ConfigError, match=message):
+            check_same_run(saved, changed, "ckpt")
 
 
 def test_normalize_step_advantages():
@@ -396,12 +424,26 @@ def test_ema_adapter_is_the_warmed_up_average_and_is_what_is_exported(tmp_path, 
         torch.testing.assert_close(exported[f"transformer.{k}"].double(), v)
 
 
+def test_evaluate_checkpoint_scores_the_ema_adapter_the_run_exported(tmp_path, capsys):
+    from rl import evaluate
+
+    out = run_tiny(tmp_path, "grpo", "terminal", "algo.ema_decay=0.9", "run.max_epochs=3")
+    capsys.readouterr()
+    final = metrics(out)[-1]["eval/score"]  # the run evaluated (and exported) its EMA adapter
+    assert evaluate.main(["--lora", str(out / "lora"), "--config", TINY]) == 0
+    lora_score = json.loads(capsys.readouterr().out)["eval/score"]
+    assert evaluate.main(["--checkpoint", str(out), "--config", TINY]) == 0
+    captured = capsys.readouterr()
+    assert "adapter last (EMA)" in captured.err
+    assert json.loads(captured.out)["eval/score"] == pytest.approx(final, abs=1e-6) == pytest.approx(lora_score, abs=1e-6)
+
+
 def test_resume_with_another_adapter_set_is_a_clear_error(tmp_path, capsys):
     out = run_tiny(tmp_path, "grpo", "terminal", "run.max_epochs=1")
     rc = train.main(["--algo", "grpo", "--critic", "terminal", "--config", TINY, *DROP["grpo"], f"run.output_dir={out}",
                      "algo.ema_decay=0.9", "run.max_epochs=2", "--resume", "latest"])
     err = capsys.readouterr().err
-    assert rc == 2 and "other algo settings: ema_decay (saved 0.0, now 0.9)" in err and "Traceback" not in err, err
+    assert rc == 2 and "other algo settings: algo.ema_decay (saved 0.0, now 0.9)" in err and "Traceback" not in err, err
     # another LoRA rank: the settings check names the key before the adapter load could fail on shapes
     rc = train.main(["--algo", "grpo", "--critic", "terminal", "--config", TINY, *DROP["grpo"], f"run.output_dir={out}",
                      "algo.lora_rank=2", "run.max_epochs=2", "--resume", "latest"])
@@ -411,4 +453,18 @@ def test_resume_with_another_adapter_set_is_a_clear_error(tmp_path, capsys):
     rc = train.main(["--algo", "grpo", "--critic", "terminal", "--config", TINY, *DROP["grpo"], f"run.output_dir={out}",
                      "algo.exact_ode=false", "run.max_epochs=2", "--resume", "latest"])
     err = capsys.readouterr().err
-    assert rc == 2 and "other algo settings: exact_ode (saved True, now False)" in err and "Traceback" not in err, err
+    assert rc == 2 and "other algo settings: algo.exact_ode (saved True, now False)" in err and "Traceback" not in err, err
+    config_before = (out / "config.yaml").read_text()
+    # another --critic (e.g. the README's `--resume latest` without repeating the run's --critic flag)
+    rc = train.main(["--algo", "grpo", "--critic", "tweedie", "--config", TINY, *DROP["grpo"], f"run.output_dir={out}",
+                     "run.max_epochs=2", "--resume", "latest"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "other critic settings: critic." in err and "Traceback" not in err, err
+    assert (out / "config.yaml").read_text() == config_before  # a refused resume leaves the run's record alone
+    # another run's checkpoint resumed into this output_dir would mix the two runs there
+    other = tmp_path / "other"
+    rc = train.main(["--algo", "grpo", "--critic", "terminal", "--config", TINY, *DROP["grpo"],
+                     f"run.output_dir={other}", "run.max_epochs=2", "--resume", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"set run.output_dir={out.resolve()} to continue that run" in err, err
+    assert not other.exists()

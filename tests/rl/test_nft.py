@@ -205,6 +205,12 @@ def test_evaluate_cli_scores_export_checkpoint_and_base(tmp_path, capsys):
     assert "eval_metric: null" in capsys.readouterr().err
     assert evaluate.main([*common, "prompts.eval=null"]) == 2
     assert "prompts.eval: no evaluation prompts" in capsys.readouterr().err
+    # the other trainers' experiment configs compose with --algo (their algo keys are not NFT's)
+    grpo_yaml = str(Path(__file__).resolve().parents[2] / "configs" / "experiments" / "shapes_gpu_grpo.yaml")
+    assert evaluate.main(["--config", grpo_yaml, "--checkpoint", str(tmp_path / "no")]) == 2
+    assert "algo.sde_window" in capsys.readouterr().err
+    assert evaluate.main(["--algo", "grpo", "--config", grpo_yaml, "--checkpoint", str(tmp_path / "no")]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err  # composed; only the path is wrong
 
 
 def test_every_group_is_valued_at_one_tau():

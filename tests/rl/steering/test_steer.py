@@ -37,6 +37,15 @@ def test_cli_smoke_on_tiny_world(tmp_path, capsys, method, critic):
     assert "seconds_per_sample" in capsys.readouterr().out
 
 
+def test_grid_images_zero_writes_no_grid_and_negative_is_refused(tmp_path, capsys):
+    out = tmp_path / "g"
+    assert steer.main(["--world", "tiny", "--method", "none", "--n", "2", "--out", str(out), "--device", "cpu",
+                       "batch_size=2", "num_steps=2", "grid_images=0"]) == 0
+    assert (out / "metrics.json").is_file() and not (out / "grid.png").exists()
+    with pytest.raises(ConfigError, match="grid_images: must be >= 0"):
+        steer.load_config("none", [], ["grid_images=-1"])
+
+
 def test_cli_missing_stitchvm_is_a_clear_error(tmp_path, capsys):
     cfg = steer.load_config("dps", [], [f"stitchvm_path={tmp_path / 'nowhere'}"])
     with pytest.raises(FileNotFoundError, match=f"no critic at {tmp_path / 'nowhere'}"):
