@@ -27,6 +27,8 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, default=Path("runs/examples/lora_samples.png"))
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
+    if not (args.lora / "pytorch_lora_weights.safetensors").is_file():  # diffusers would look it up on the Hub
+        parser.error(f"no pytorch_lora_weights.safetensors in {args.lora} (a run's export: <run.output_dir>/lora)")
     if args.tiny:
         from policies.testing import tiny_policy
 

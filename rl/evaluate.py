@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the metrics here")
     parser.add_argument("overrides", nargs="*", help="key=value (e.g. eval.guidance_scale=4.5 prompts.eval.n=512)")
     args = parser.parse_args(argv)
+    if args.json is not None and args.json.is_dir():  # found before the evaluation, not after it
+        print(f"error: --json {args.json} is a directory; give a file path", file=sys.stderr)
+        return 2
     if args.last and args.checkpoint is None:
         print("error: --last chooses between a checkpoint's adapters: pass --checkpoint DIR too", file=sys.stderr)
         return 2
@@ -54,8 +57,12 @@ def main(argv: list[str] | None = None) -> int:
             if not (args.lora / "pytorch_lora_weights.safetensors").is_file():
                 raise FileNotFoundError(f"no pytorch_lora_weights.safetensors in '{args.lora}' (export of a run: "
                                         f"<run.output_dir>/lora)")
-            transformer.load_lora_adapter(str(args.lora), weight_name="pytorch_lora_weights.safetensors",
-                                          adapter_name="default")
+            try:
+                transformer.load_lora_adapter(str(args.lora), weight_name="pytorch_lora_weights.safetensors",
+                                              adapter_name="default")
+            except RuntimeError as e:  # e.g. size mismatches: a LoRA of another model
+                raise ValueError(f"{args.lora}: not a LoRA of this model ({str(e).splitlines()[0]}); evaluate it with "
+                                 f"the --config of the run that trained it") from e
         elif args.checkpoint is not None:
             source = raw["run"]["output_dir"] if args.checkpoint == "latest" else args.checkpoint
             loaded = ckpt.load_checkpoint(source)

@@ -205,6 +205,10 @@ def test_evaluate_cli_scores_export_checkpoint_and_base(tmp_path, capsys):
     assert "eval_metric: null" in capsys.readouterr().err
     assert evaluate.main([*common, "prompts.eval=null"]) == 2
     assert "prompts.eval: no evaluation prompts" in capsys.readouterr().err
+    assert evaluate.main(["--lora", str(out / "lora")]) == 2  # the tiny run's LoRA on the Shapes world's model
+    assert "not a LoRA of this model" in capsys.readouterr().err
+    assert evaluate.main([*common, "--json", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
     # the other trainers' experiment configs compose with --algo (their algo keys are not NFT's)
     grpo_yaml = str(Path(__file__).resolve().parents[2] / "configs" / "experiments" / "shapes_gpu_grpo.yaml")
     assert evaluate.main(["--config", grpo_yaml, "--checkpoint", str(tmp_path / "no")]) == 2
