@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", action="append", default=[], help="extra YAML (as for rl/train.py)")
     parser.add_argument("--json", type=Path, help="also write the metrics here")
     parser.add_argument("overrides", nargs="*", help="key=value (e.g. eval.guidance_scale=4.5 prompts.eval.n=512)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value may come before or after the flags, as for rl/train.py
     if args.json is not None and args.json.is_dir():  # found before the evaluation, not after it
         print(f"error: --json {args.json} is a directory; give a file path", file=sys.stderr)
         return 2

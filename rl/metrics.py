@@ -137,9 +137,20 @@ class MetricLogger:
         path = self.run_dir / "metrics.jsonl"
         self._jsonl.close()
         lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
-        offset = max((json.loads(line).get("wall_time", 0.0) for line in kept), default=0.0)
+        kept = []  # (line, row) of the epochs up to the checkpoint
+        for k, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if k == len(lines) - 1:  # a kill while the last row was written: that epoch is trained again
+                    continue
+                raise ValueError(f"{path}: line {k + 1} is not JSON; repair or remove it to resume") from None
+            if row.get("step", 0) <= step:
+                kept.append((line, row))
+        atomic_write_bytes(path, "".join(line + "\n" for line, _ in kept).encode())
+        offset = max((row.get("wall_time", 0.0) for _, row in kept), default=0.0)
         self._start = time.time() - offset
         self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
 

@@ -210,7 +210,9 @@ def run(method: str, world: World, cfg: SteerConfig, out_dir: Path) -> dict[str,
             scores.setdefault(k, []).append(getattr(result, k).cpu())
         scores.setdefault("position", []).append(result.position[result.has_relation].cpu())
         images.append(x.cpu())
-    metrics = {f"shapes_eval/{k}": torch.cat(v).mean().item() for k, v in scores.items() if k != "reward"}
+    # position is scored on relation prompts only: none among them leaves it out (not NaN, which strict JSON lacks)
+    metrics = {f"shapes_eval/{k}": torch.cat(v).mean().item() for k, v in scores.items()
+               if k != "reward" and torch.cat(v).numel()}
     metrics["reward/mean"] = torch.cat(scores["reward"]).mean().item()
     metrics["time/seconds_per_sample"] = seconds / len(prompts)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -234,7 +236,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="output directory (default runs/steer/<method>_<critic>)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of SteerConfig")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # key=value may come before or after the flags, as for rl/train.py
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     label = args.method if args.method == "none" else f"{args.method}_{args.critic}"
     out_dir = Path(args.out or f"runs/steer/{label}")
     metrics = run(args.method, world, cfg, out_dir)
-    print(f"{label}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()) + f"  -> {out_dir / 'grid.png'}")
+    grid = f"  -> {out_dir / 'grid.png'}" if cfg.grid_images else ""
+    print(f"{label}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()) + grid)
     return 0
 
 

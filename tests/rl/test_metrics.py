@@ -112,3 +112,21 @@ def test_timer_accumulates_per_section():
         raise RuntimeError
     assert timer.summary(reset=True) == {"time/rollout": 1.75, "time/optimise": 2.0}
     assert timer.summary() == {}
+
+
+def test_resume_at_drops_later_rows_and_a_torn_last_line(tmp_path):
+    with MetricLogger(tmp_path, backends=()) as logger:
+        for step in range(4):
+            logger.log({"loss/x": float(step)}, step)
+    path = tmp_path / "metrics.jsonl"
+    rows = path.read_text().splitlines()
+    path.write_text("\n".join(rows) + '\n{"step": 4, "loss/x": 4.0, "wal')  # killed while writing step 4
+    with MetricLogger(tmp_path, backends=()) as logger:
+        logger.resume_at(2)
+        logger.log({"loss/x": 30.0}, 3)
+    got = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [(r["step"], r["loss/x"]) for r in got] == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 30.0)]
+    assert got[3]["wall_time"] >= got[2]["wall_time"]  # the clock goes on from the kept rows
+    path.write_text(rows[0] + "\nnot json\n" + rows[1] + "\n")  # damage inside the file is not a torn write
+    with MetricLogger(tmp_path, backends=()) as logger, pytest.raises(ValueError, match="line 2 is not JSON"):
+        logger.resume_at(1)

@@ -192,7 +192,7 @@ def test_evaluate_cli_scores_export_checkpoint_and_base(tmp_path, capsys):
     lora_scores = json.loads(capsys.readouterr().out)
     assert evaluate.main(["--checkpoint", str(out), *common]) == 0
     ckpt_scores = json.loads(capsys.readouterr().out)
-    assert evaluate.main(common) == 0
+    assert evaluate.main(["eval.batch_size=3", *common]) == 0  # an override before the flags, as rl/train.py takes
     base_scores = json.loads(capsys.readouterr().out)
     # the exported LoRA and the final checkpoint are the same policy; the base differs
     assert lora_scores["eval/score"] == pytest.approx(ckpt_scores["eval/score"], abs=1e-6)

@@ -37,11 +37,18 @@ def test_cli_smoke_on_tiny_world(tmp_path, capsys, method, critic):
     assert "seconds_per_sample" in capsys.readouterr().out
 
 
-def test_grid_images_zero_writes_no_grid_and_negative_is_refused(tmp_path, capsys):
+def test_grid_images_zero_writes_no_grid_and_negative_is_refused(tmp_path):
     out = tmp_path / "g"
-    assert steer.main(["--world", "tiny", "--method", "none", "--n", "2", "--out", str(out), "--device", "cpu",
-                       "batch_size=2", "num_steps=2", "grid_images=0"]) == 0
-    assert (out / "metrics.json").is_file() and not (out / "grid.png").exists()
+    # one prompt without a relation ("--prompt-seed 2"), overrides before the flags as rl/train.py accepts them
+    assert steer.main(["batch_size=1", "num_steps=2", "grid_images=0", "--world", "tiny", "--method", "none", "--n",
+                       "1", "--prompt-seed", "2", "--out", str(out), "--device", "cpu"]) == 0
+    assert not (out / "grid.png").exists()
+
+    def strict(constant):
+        raise ValueError(f"metrics.json holds {constant}, which strict JSON lacks")
+
+    metrics = json.loads((out / "metrics.json").read_text(), parse_constant=strict)["metrics"]
+    assert "shapes_eval/overall" in metrics and "shapes_eval/position" not in metrics  # no relation prompt
     with pytest.raises(ConfigError, match="grid_images: must be >= 0"):
         steer.load_config("none", [], ["grid_images=-1"])
 
