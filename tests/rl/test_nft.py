@@ -182,6 +182,7 @@ def test_config_errors_exit_2(tmp_path, capsys):
     assert "a multiple of group_size (4)" in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters:RuntimeWarning")  # the other model's LoRA
 def test_evaluate_cli_scores_export_checkpoint_and_base(tmp_path, capsys):
     from rl import evaluate
 
