@@ -378,7 +378,7 @@ def save(run: Run, epoch: int, optimizer, adapters: tuple[str, ...], extra: dict
 RESUME_NODES = (("algo",), ("critic",), ("reward",), ("model",), ("prompts", "train"), ("run", "seed"))
 
 
-def check_same_algo(saved: dict | None, now: dict | None, source: str, node: str = "algo") -> None:
+def check_same_settings(saved: dict | None, now: dict | None, source: str, node: str = "algo") -> None:
     """A resumed run must go on with the settings it was saved with: a changed or newly added key of ``node`` (e.g.
     ``algo.exact_ode``, which a run saved before it existed ran as false) would silently change the run half-way.
     Raises ConfigError naming every differing key; None on either side (no record) passes."""
@@ -400,7 +400,7 @@ def check_same_algo(saved: dict | None, now: dict | None, source: str, node: str
 
 
 def check_same_run(saved: dict | None, now: dict, source: str) -> None:
-    """check_same_algo for every node of RESUME_NODES present in the checkpoint's saved config."""
+    """check_same_settings for every node of RESUME_NODES present in the checkpoint's saved config."""
     if not saved:
         return
     missing = object()
@@ -411,7 +411,7 @@ def check_same_run(saved: dict | None, now: dict, source: str) -> None:
             b = b.get(key, missing) if isinstance(b, dict) else missing
         if a is missing:  # a checkpoint written before this node was recorded
             continue
-        check_same_algo(a, None if b is missing else b, source, ".".join(path))
+        check_same_settings(a, None if b is missing else b, source, ".".join(path))
 
 
 def restore(run: Run, source: str, optimizer, adapters: tuple[str, ...]) -> tuple[int, dict]:

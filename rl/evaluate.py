@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--lora", type=Path, help="exported LoRA directory (pytorch_lora_weights.safetensors)")
     src.add_argument("--checkpoint", help="checkpoint dir, run dir or 'latest' of run.output_dir")
     parser.add_argument("--last", action="store_true",
-                        help="with --checkpoint: the last trained adapter even if the run kept a best one (keep_best)")
+                        help="with --checkpoint: the run's last adapter (its EMA when it keeps one) even if it kept a "
+                             "best one (keep_best)")
     parser.add_argument("--algo", default="nft", help="the trainer the --config files are for (as for rl/train.py)")
     parser.add_argument("--config", action="append", default=[], help="extra YAML (as for rl/train.py)")
     parser.add_argument("--json", type=Path, help="also write the metrics here")

@@ -300,11 +300,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         # a resumed run writes its checkpoints, metrics and export into run.output_dir: continuing another
         # directory's checkpoint there would mix two runs (and without run.output_dir, into the default one)
-        run_dir = Path(composed.run_cfg.output_dir).resolve()
-        if not step_dir.resolve().is_relative_to(run_dir):
-            print(f"error: --resume {args.resume} is a checkpoint of the run in {step_dir.resolve().parent.parent}, "
-                  f"but this run writes into run.output_dir={composed.run_cfg.output_dir}; set "
-                  f"run.output_dir={step_dir.resolve().parent.parent} to continue that run", file=sys.stderr)
+        saved_in = step_dir.resolve().parent.parent  # <run dir>/checkpoints/step_XXXXXXXX
+        if not step_dir.resolve().is_relative_to(Path(composed.run_cfg.output_dir).resolve()):
+            print(f"error: --resume {args.resume} is a checkpoint of the run in {saved_in}, but this run writes into "
+                  f"run.output_dir={composed.run_cfg.output_dir}; set run.output_dir={saved_in} to continue that run",
+                  file=sys.stderr)
             return 2
     else:
         try:

@@ -393,10 +393,11 @@ def load_shapes_policy(device: str | torch.device = "cpu", dtype: torch.dtype = 
     weights_dir = Path(weights_dir or WEIGHTS_DIR)
     cfg = policy_config(weights_dir)
     path = _require_model_dir(weights_dir / TRANSFORMER_DIR, DIFFUSERS_WEIGHTS)
-    check_policy_parts(weights_dir, json.loads((weights_dir / POLICY_FILE).read_text()).get("weights_sha256"))
+    recorded = json.loads((weights_dir / POLICY_FILE).read_text())  # what the policy save wrote last
+    check_policy_parts(weights_dir, recorded.get("weights_sha256"))
     transformer = _strict_load(SD3Transformer2DModel, path, torch_dtype=dtype)
     vae = shapes_vae(device, dtype, weights_dir)
-    trained_on = json.loads((weights_dir / POLICY_FILE).read_text()).get("vae_fingerprint")
+    trained_on = recorded.get("vae_fingerprint")
     if trained_on is not None:
         from critics.vae_stitch import vae_fingerprint
 

@@ -182,15 +182,17 @@ def test_dense_fast_window_calls_the_critic_only_in_the_window(tmp_path, monkeyp
 
 
 def test_resume_with_other_algo_settings_is_a_clear_error():
-    from rl.common import check_same_algo
+    from rl.common import check_same_settings
     from rl.config import ConfigError
 
     saved = {"lr": 0.0003, "sde_window_start": [0, 4], "advantages": "dense"}
-    check_same_algo(saved, {"lr": 3e-4, "sde_window_start": (0, 4), "advantages": "dense"}, "ckpt")  # same after JSON
-    check_same_algo(None, {"lr": 1.0}, "ckpt")  # nothing recorded: nothing to compare
+    same_after_json = {"lr": 3e-4, "sde_window_start": (0, 4), "advantages": "dense"}
+    check_same_settings(saved, same_after_json, "ckpt")
+    check_same_settings(None, {"lr": 1.0}, "ckpt")  # nothing recorded: nothing to compare
     with pytest.raises(ConfigError, match=r"algo.exact_ode \(saved '<absent>', now True\), algo.lr \(saved 0.0003, "
                                           r"now 0.0001\)"):
-        check_same_algo(saved, {"lr": 1e-4, "sde_window_start": [0, 4], "advantages": "dense", "exact_ode": True}, "ckpt")
+        check_same_settings(saved, {"lr": 1e-4, "sde_window_start": [0, 4], "advantages": "dense", "exact_ode": True},
+                            "ckpt")
 
 
 def test_resume_checks_the_critic_reward_model_prompts_and_seed():
