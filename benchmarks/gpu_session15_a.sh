@@ -16,12 +16,22 @@
 set -u
 OUT=${1:?out}; MINUTES=${MINUTES:-8.5}; source benchmarks/session3_lib.sh
 K="--config configs/experiments/keep_best.yaml run.ckpt_every=100000 algo.gae_lambda=1.0 algo.dense_calibration=batch algo.dense_norm=group_step"
-train 0 grpo stitchvm grpo_fast_l1cal $K
-train 1 grpo stitchvm grpo_fast_l1cal_s1 $K run.seed=1
-train 2 ddpo stitchvm ddpo_fast_l1cal $K
-train 3 grpo stitchvm grpo_fast_l1cal_w46 $K 'algo.sde_window_start=[4,6]'
+# Four-GPU kinds were not lent at the start of session 15: PAIR=1 runs the first two on two GPUs, PAIR=2 the last two
+# (GRPO seed 1 and DDPO seed 1 with PAIR=2b).
+case ${PAIR:-all} in
+  all) train 0 grpo stitchvm grpo_fast_l1cal $K; train 1 grpo stitchvm grpo_fast_l1cal_s1 $K run.seed=1
+       train 2 ddpo stitchvm ddpo_fast_l1cal $K; train 3 grpo stitchvm grpo_fast_l1cal_w46 $K 'algo.sde_window_start=[4,6]'
+       NAMES="grpo_fast_l1cal grpo_fast_l1cal_s1 ddpo_fast_l1cal grpo_fast_l1cal_w46";;
+  1) train 0 grpo stitchvm grpo_fast_l1cal $K; train 1 ddpo stitchvm ddpo_fast_l1cal $K
+     NAMES="grpo_fast_l1cal ddpo_fast_l1cal";;
+  2) train 0 grpo stitchvm grpo_fast_l1cal_s1 $K run.seed=1; train 1 grpo stitchvm grpo_fast_l1cal_w46 $K 'algo.sde_window_start=[4,6]'
+     NAMES="grpo_fast_l1cal_s1 grpo_fast_l1cal_w46";;
+  2b) train 0 grpo stitchvm grpo_fast_l1cal_s1 $K run.seed=1; train 1 ddpo stitchvm ddpo_fast_l1cal_s1 $K run.seed=1
+     NAMES="grpo_fast_l1cal_s1 ddpo_fast_l1cal_s1";;
+  *) echo "error: PAIR must be all, 1, 2 or 2b, got '$PAIR'" >&2; exit 2;;
+esac
 nvidia-smi --query-gpu=name --format=csv,noheader | head -1
 wait
-SESSION=15 finish grpo_fast_l1cal grpo_fast_l1cal_s1 ddpo_fast_l1cal grpo_fast_l1cal_w46
+SESSION=15 finish $NAMES
 (cd $OUT && tar -cf logs.tar log && rm -rf log)  # the device tool returns at most 8 files
 ls $OUT
