@@ -193,6 +193,46 @@ def ema_update(transformer: nn.Module, src: str, dst: str, decay: float) -> None
             shadows[(dst, key)] = shadow
 
 
+def ema_shadow_state(transformer: nn.Module, name: str) -> dict[str, Tensor]:
+    """The float32 shadows of adapter ``name``'s low-precision parameters (see :func:`ema_update`), keyed as
+    :func:`adapter_parameters`, for a checkpoint: without them a resumed bf16 EMA restarts from the rounded adapter
+    and drifts from the uninterrupted run. Only shadows that still round to the adapter are returned (others
+    would be restarted anyway); {} for a float32 adapter or one never averaged."""
+    shadows = transformer.__dict__.get(_EMA_SHADOW, {})
+    params = adapter_parameters(transformer, name)
+    out = {}
+    with gathered(params.values()):
+        for key, p in params.items():
+            shadow = shadows.get((name, key))
+            if shadow is not None and shadow.shape == p.shape and torch.equal(shadow.to(p.dtype), p.to(shadow.device)):
+                out[key] = shadow.detach().cpu().clone()
+    return out
+
+
+def load_ema_shadow_state(transformer: nn.Module, name: str, state: dict[str, Tensor]) -> None:
+    """Inverse of :func:`ema_shadow_state`, after the adapter's own values are loaded. A float32 adapter (a bf16 run
+    resumed in full precision) takes the shadow's exact average as its value. A shadow that does not round to the
+    loaded adapter is an error: the checkpoint mixes two states."""
+    params = adapter_parameters(transformer, name)
+    unknown = sorted(state.keys() - params.keys())
+    if unknown:
+        raise ValueError(f"EMA shadow for adapter '{name}' has keys the adapter lacks: {unknown[:5]}")
+    shadows = transformer.__dict__.setdefault(_EMA_SHADOW, {})
+    with gathered(params.values(), modify=True), torch.no_grad():
+        for key, value in state.items():
+            p = params[key]
+            low = p.dtype not in (torch.float32, torch.float64)
+            rounded = value.to(p.dtype if low else torch.bfloat16).to(p.device)
+            if value.shape != p.shape or not torch.equal(rounded, p if low else p.to(torch.bfloat16)):
+                raise ValueError(f"EMA shadow '{key}' of adapter '{name}' does not round to the adapter's loaded "
+                                 f"value (shape {tuple(value.shape)} vs {tuple(p.shape)}): the checkpoint mixes "
+                                 f"two states")
+            if low:
+                shadows[(name, key)] = value.detach().float().to(p.device).clone()
+            else:
+                p.copy_(value)
+
+
 def adapter_state_dict(transformer: nn.Module, name: str = "default") -> dict[str, Tensor]:
     """peft state dict of one adapter (keys without the adapter name, as diffusers stores them)."""
     from peft.utils import get_peft_model_state_dict

@@ -343,6 +343,10 @@ def trained_state(run: Run, optimizer: torch.optim.Optimizer, adapters: tuple[st
     AdamW's layout under every backend, so a checkpoint resumes with any number of processes or ZeRO stage)."""
     params = list(lora.adapter_parameters(run.policy.transformer, "default").values())
     tensors = {f"lora_{name}": adapter_tensors(run, name) for name in adapters}
+    for name in adapters:  # a bf16 EMA's float32 average (policies.lora.ema_update); a resume is then bit-exact
+        shadow = lora.ema_shadow_state(run.policy.transformer, name)
+        if shadow:
+            tensors[f"ema_shadow_{name}"] = shadow
     opt_state = distributed.optimizer_state_dict(run.accelerator, optimizer, params)
     opt_tensors, opt_meta = ckpt.optimizer_state_to_tensors(opt_state)
     tensors["optimizer"] = opt_tensors
@@ -426,6 +430,8 @@ def restore(run: Run, source: str, optimizer, adapters: tuple[str, ...]) -> tupl
             raise ConfigError(f"checkpoint {source} has no adapter '{name}' (it holds {held}); resume with the "
                               f"settings it was saved with (algo.ema_decay > 0 adds 'ema') or start a new run")
         load_adapter(run, name, loaded.tensors[f"lora_{name}"])
+        if f"ema_shadow_{name}" in loaded.tensors:
+            lora.load_ema_shadow_state(run.policy.transformer, name, loaded.tensors[f"ema_shadow_{name}"])
     trained = lora.adapter_parameters(run.policy.transformer, "default")
     opt_state = ckpt.optimizer_state_from_tensors(loaded.tensors["optimizer"], loaded.state["optimizer"])
     distributed.load_optimizer_state_dict(run.accelerator, optimizer, list(trained.values()), opt_state)

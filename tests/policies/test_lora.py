@@ -85,6 +85,66 @@ def test_ema_of_a_bf16_adapter_follows_the_float32_recursion(policy):
         torch.testing.assert_close(v.float(), (0.5 * src[k]).bfloat16().float(), rtol=0, atol=0)
 
 
+def _bf16_ema_policy():
+    policy = tiny_policy()
+    t = policy.transformer.to(torch.bfloat16)
+    lora.add_lora(t, lora.LoraSpec(r=4, alpha=8))
+    lora.add_lora(t, lora.LoraSpec(r=4, alpha=8), "ema")
+    return policy
+
+
+def _train_and_average(t, steps):
+    """Stand-in for training: the trained adapter moves each step, the EMA follows at decay 0.98."""
+    for s in steps:
+        _perturb(t, "default", 100 + s)
+        lora.ema_update(t, "default", "ema", 0.98)
+
+
+def test_bf16_ema_resumes_bit_exact_with_its_float32_shadow():
+    # Uninterrupted: 30 steps. Resumed: 20 steps, the adapters and the shadow saved and loaded into a fresh policy,
+    # 10 more. The shadow holds the average below bf16's resolution, so without it the resumed EMA drifts.
+    full = _bf16_ema_policy().transformer
+    _train_and_average(full, range(30))
+    reference = lora.adapter_state_dict(full, "ema")
+
+    first = _bf16_ema_policy().transformer
+    _train_and_average(first, range(20))
+    saved = {name: lora.adapter_state_dict(first, name) for name in ("default", "ema")}
+    shadow = lora.ema_shadow_state(first, "ema")
+    assert shadow and all(v.dtype == torch.float32 for v in shadow.values())
+    assert lora.ema_shadow_state(first, "default") == {}  # never averaged into
+
+    def resumed(with_shadow):
+        t = _bf16_ema_policy().transformer
+        for name, state in saved.items():
+            lora.load_adapter_state_dict(t, state, name)
+        if with_shadow:
+            lora.load_ema_shadow_state(t, "ema", shadow)
+        _train_and_average(t, range(20, 30))
+        return lora.adapter_state_dict(t, "ema")
+
+    got = resumed(with_shadow=True)
+    for k, v in reference.items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=0)
+    without = resumed(with_shadow=False)
+    assert any(not torch.equal(without[k], v) for k, v in reference.items())
+
+    # a float32 adapter (the run resumed in full precision) takes the exact average
+    t32 = tiny_policy().transformer
+    lora.add_lora(t32, lora.LoraSpec(r=4, alpha=8), "ema")
+    lora.load_adapter_state_dict(t32, {k: v.float() for k, v in saved["ema"].items()}, "ema")
+    lora.load_ema_shadow_state(t32, "ema", shadow)
+    for k, p in lora.adapter_parameters(t32, "ema").items():
+        torch.testing.assert_close(p.detach(), shadow[k], rtol=0, atol=0)
+
+    # a shadow of another state is refused
+    bad = {k: v + 1.0 for k, v in shadow.items()}
+    with pytest.raises(ValueError, match="does not round to the adapter"):
+        lora.load_ema_shadow_state(_bf16_ema_policy().transformer, "ema", bad)
+    with pytest.raises(ValueError, match="keys the adapter lacks"):
+        lora.load_ema_shadow_state(first, "ema", {"nope.lora_A.weight": torch.zeros(1)})
+
+
 def test_state_dict_round_trip_and_errors(policy):
     t = policy.transformer
     state = lora.adapter_state_dict(t)
