@@ -350,7 +350,13 @@ def trained_state(run: Run, optimizer: torch.optim.Optimizer, adapters: tuple[st
     opt_state = distributed.optimizer_state_dict(run.accelerator, optimizer, params)
     opt_tensors, opt_meta = ckpt.optimizer_state_to_tensors(opt_state)
     tensors["optimizer"] = opt_tensors
-    return tensors, {"optimizer": opt_meta}
+    state = {"optimizer": opt_meta}
+    if run.accelerator.scaler is not None:
+        # fp16 (without DeepSpeed): the loss scale and its growth clock, or a resumed run starts again from 65536
+        # and skips steps until it backs off to where it was. DeepSpeed's fp16 loss scaler is not saved (bf16 is
+        # what the shipped configs use); a resumed DeepSpeed fp16 run re-warms its scale.
+        state["grad_scaler"] = run.accelerator.scaler.state_dict()
+    return tensors, state
 
 
 def save(run: Run, epoch: int, optimizer, adapters: tuple[str, ...], extra: dict | None = None,
@@ -435,6 +441,8 @@ def restore(run: Run, source: str, optimizer, adapters: tuple[str, ...]) -> tupl
     trained = lora.adapter_parameters(run.policy.transformer, "default")
     opt_state = ckpt.optimizer_state_from_tensors(loaded.tensors["optimizer"], loaded.state["optimizer"])
     distributed.load_optimizer_state_dict(run.accelerator, optimizer, list(trained.values()), opt_state)
+    if run.accelerator.scaler is not None and loaded.state.get("grad_scaler"):
+        run.accelerator.scaler.load_state_dict(loaded.state["grad_scaler"])
     # Every trainer draws its randomness from generators seeded by (seed, epoch, stream), so a resumed run repeats
     # its epochs without the global streams. Those are restored for anything else (Python, NumPy, torch CPU), but
     # not the per-device CUDA states: they would tie a checkpoint to its host's GPU count, and the checkpoint holds

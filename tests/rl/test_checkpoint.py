@@ -350,3 +350,40 @@ def test_directory_swap_interrupted_between_renames_is_recovered(tmp_path):
     os.replace(out, tmp_path / ".critic.old")
     write_dir_atomically(out, lambda d: (Path(d) / "w.txt").write_text("v2"))
     assert (out / "w.txt").read_text() == "v2" and sorted(p.name for p in tmp_path.iterdir()) == ["critic"]
+
+
+def test_fp16_loss_scale_is_checkpointed_and_restored(tmp_path):
+    """fp16 without DeepSpeed: the GradScaler's scale and growth clock go into state.json and come back on resume
+    (a fresh scaler would restart at 65536 and skip steps until it backed off again)."""
+    from accelerate import Accelerator
+
+    from policies import lora
+    from policies.testing import tiny_policy
+    from rl import common
+    from rl.metrics import MetricLogger
+
+    def make_run():
+        policy = tiny_policy()
+        lora.add_lora(policy.transformer, lora.LoraSpec(r=4, alpha=8))
+        accelerator = Accelerator(cpu=True)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, growth_interval=7)
+        run = common.Run(policy=policy, critic=None, train_prompts=[], eval_prompts=[], eval_metric=None,
+                         accelerator=accelerator, logger=MetricLogger(tmp_path, backends=()),
+                         run_cfg=common.RunConfig(output_dir=str(tmp_path)), eval_cfg=common.EvalConfig())
+        params = list(lora.adapter_parameters(policy.transformer, "default").values())
+        return run, torch.optim.AdamW(params, lr=1e-3)
+
+    run, optimizer = make_run()
+    scaler = run.accelerator.scaler
+    scaler.scale(torch.ones(()))  # the scaler's state starts at its first use
+    scaler.update(2.0 ** 10)  # backed off, and three steps into the growth interval
+    scaler._growth_tracker = torch.full((), 3, dtype=torch.int32)
+    common.save(run, 1, optimizer, ("default",))
+    assert rl.checkpoint.load_checkpoint(tmp_path).state["grad_scaler"]["scale"] == 2.0 ** 10
+
+    resumed, optimizer = make_run()
+    assert resumed.accelerator.scaler.get_scale() == 2.0 ** 16
+    epoch, _ = common.restore(resumed, "latest", optimizer, ("default",))
+    assert epoch == 1
+    restored = resumed.accelerator.scaler.state_dict()
+    assert restored["scale"] == 2.0 ** 10 and restored["_growth_tracker"] == 3 and restored["growth_interval"] == 7
