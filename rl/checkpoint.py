@@ -490,6 +490,8 @@ def save_checkpoint(
 
     root = Path(run_dir) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
+    for p in root.glob("step_*.old.tmp"):  # before any leftover is deleted: a killed re-save's only copy
+        _recover_resave(p.with_name(p.name.removesuffix(".old.tmp")))
     final = root / _step_dir_name(step)
     tmp = root / f"{final.name}.tmp"
     if tmp.exists():
@@ -620,6 +622,24 @@ def _previous_good(ckpt_dir: Path) -> Path | None:
     return None
 
 
+def _recover_resave(ckpt_dir: Path) -> None:
+    """Finish a re-save of ``ckpt_dir``'s step that a kill interrupted between its two renames (save_checkpoint moves
+    the old directory to ``.old.tmp`` before moving the new one in): the new one if it is complete, else the old."""
+    if ckpt_dir.exists() or not _STEP_DIR.match(ckpt_dir.name):
+        return
+    new, old = ckpt_dir.with_name(f"{ckpt_dir.name}.tmp"), ckpt_dir.with_name(f"{ckpt_dir.name}.old.tmp")
+    if not old.is_dir():
+        return
+    try:
+        verify_checkpoint(new)
+        os.replace(new, ckpt_dir)
+        shutil.rmtree(old)
+    except CheckpointError:
+        os.replace(old, ckpt_dir)
+        shutil.rmtree(new, ignore_errors=True)  # the new one's incomplete writing
+    _fsync_dir(ckpt_dir.parent)
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Verify and load a checkpoint (see ``resolve_checkpoint`` for what ``path`` may be).
 
@@ -628,6 +648,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             earlier checkpoint that verifies, to resume from explicitly. There is no silent fallback.
     """
     ckpt_dir = resolve_checkpoint(path)
+    _recover_resave(ckpt_dir)
     try:
         manifest = verify_checkpoint(ckpt_dir)
     except CheckpointError as e:

@@ -387,3 +387,37 @@ def test_fp16_loss_scale_is_checkpointed_and_restored(tmp_path):
     assert epoch == 1
     restored = resumed.accelerator.scaler.state_dict()
     assert restored["scale"] == 2.0 ** 10 and restored["_growth_tracker"] == 3 and restored["growth_interval"] == 7
+
+
+def test_a_killed_re_save_keeps_a_checkpoint_of_that_step(tmp_path, monkeypatch):
+    """Re-saving a step moves the old directory to .old.tmp, then the new one in. A kill between the two renames
+    left no step directory while `latest` named it, and the next save deleted the leftovers."""
+    save_checkpoint(tmp_path, 1, _tensors(), {"v": "one"})
+    save_checkpoint(tmp_path, 2, _tensors(), {"v": "old"})
+    real_replace = os.replace
+
+    def killed_before_the_second_rename(src, dst):
+        real_replace(src, dst)
+        if str(src).endswith("step_00000002") and str(dst).endswith(".old.tmp"):
+            raise KeyboardInterrupt  # the kill
+
+    for new_complete in (True, False):
+        monkeypatch.setattr(os, "replace", killed_before_the_second_rename)
+        with pytest.raises(KeyboardInterrupt):
+            save_checkpoint(tmp_path, 2, _tensors(), {"v": "new"})
+        monkeypatch.setattr(os, "replace", real_replace)
+        root = tmp_path / "checkpoints"
+        assert not (root / "step_00000002").exists() and (root / "step_00000002.old.tmp").is_dir()
+        if not new_complete:  # killed earlier in the new one's writing: the old one comes back
+            (root / "step_00000002.tmp" / "manifest.json").unlink()
+        assert load_checkpoint(tmp_path).state["v"] == ("new" if new_complete else "old")
+        assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001", "step_00000002"]
+        save_checkpoint(tmp_path, 2, _tensors(), {"v": "old"})
+
+    # the next save (of another step) recovers it too, before deleting leftovers
+    monkeypatch.setattr(os, "replace", killed_before_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 2, _tensors(), {"v": "new"})
+    monkeypatch.setattr(os, "replace", real_replace)
+    save_checkpoint(tmp_path, 3, _tensors(), {"v": "three"}, keep=None)
+    assert load_checkpoint(tmp_path / "checkpoints" / "step_00000002").state["v"] == "new"
