@@ -13,14 +13,18 @@
 set -u
 OUT=${1:?out}; BUILD_S=${BUILD_S:-380}; BANK=32768; WORKERS=12; LOG_EVERY=500; source benchmarks/critic_call_lib.sh
 LOW="distill.sigma_sampling=logit_normal distill.sigma_mean=-2.2 distill.sigma_std=0.6"
-crit 0 low_b0 $LOW &
-crit 1 low_b2 $LOW stitch_blocks=2 &
-crit 2 low_b4 $LOW stitch_blocks=4 &
-crit 3 low_b2_lr1 $LOW stitch_blocks=2 distill.stitch_lr_mult=1 &
+# On two GPUs (four-GPU kinds not lent), PAIR=1 builds the control and stitch_blocks 2 only.
+case ${PAIR:-all} in
+  all) crit 0 low_b0 $LOW & crit 1 low_b2 $LOW stitch_blocks=2 & crit 2 low_b4 $LOW stitch_blocks=4 &
+       crit 3 low_b2_lr1 $LOW stitch_blocks=2 distill.stitch_lr_mult=1 &
+       NAMES="low_b0 low_b2 low_b4 low_b2_lr1";;
+  1) crit 0 low_b0 $LOW & crit 1 low_b2 $LOW stitch_blocks=2 &
+     NAMES="low_b0 low_b2";;
+  *) echo "error: PAIR must be all or 1, got '$PAIR'" >&2; exit 2;;
+esac
 nvidia-smi --query-gpu=name --format=csv,noheader | head -1
 wait
 grep -h "policy samples\|build:save\|step 4000\|rror" $OUT/log/*.txt
-NAMES="low_b0 low_b2 low_b4 low_b2_lr1"
 bench $NAMES
 wait
 bench_report
