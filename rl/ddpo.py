@@ -13,7 +13,8 @@ the Flow-GRPO SDE step, policies/samplers.py). Each epoch:
                               ``stat_min_count``), the same for every step of a sample;
      dense   (critic)         A_k = GAE_lambda(delta)_k, delta_k = V(z_{k+1}) - V(z_k), V(z_N) := R, centred per
                               step (within each prompt's group when group_size >= 2, else over the batch) and
-                              divided by the global std. V(z_k) is a prompt- *and state*-dependent baseline, so it
+                              divided by that std (``dense_norm: group_step``, default) or the global one; by
+                              default lambda = 1 (R - V(z_k)) on V calibrated by the batch (as in rl/grpo.py). V(z_k) is a prompt- *and state*-dependent baseline, so it
                               replaces the per-prompt history (see rl/grpo.py for why it reduces variance). V is
                               carried exactly across ODE steps (``exact_ode``, as in rl/grpo.py).
    Both clipped to [-adv_clip, adv_clip].
@@ -77,11 +78,11 @@ class DDPOConfig(common.EMAAdapters):
     stat_min_count: int = option(16, help="use a prompt's own statistics once its buffer holds this many rewards")
     advantages: Literal["sparse", "dense"] = option(
         "sparse", help="sparse: normalised R shared by every step; dense: per-step GAE on the critic's V")
-    gae_lambda: float = option(0.0, help="dense: lambda of GAE (0: V(z_k+1) - V(z_k); 1: R - V(z_k))")
+    gae_lambda: float = option(1.0, help="dense: lambda of GAE (0: V(z_k+1) - V(z_k); 1: R - V(z_k))")
     dense_norm: Literal["global", "group_step", "none"] = option(
-        "global", help="dense: after centring per step divide by the global std, the per-step std, or nothing")
+        "group_step", help="dense: after centring per step divide by the global std, the per-step std, or nothing")
     exact_ode: bool = option(True, help=pg.EXACT_ODE_HELP)
-    dense_calibration: Literal["none", "batch"] = option("none", help=pg.DENSE_CALIBRATION_HELP)
+    dense_calibration: Literal["none", "batch"] = option("batch", help=pg.DENSE_CALIBRATION_HELP)
     adv_eps: float = option(1e-4, help="dense: eps added to the std")
     kl_beta: float = option(0.0, help="weight of Flow-GRPO's KL to the reference (adapters off); DDPO has none (0), "
                                       "> 0 anchors a long run")

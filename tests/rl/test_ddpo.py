@@ -27,7 +27,7 @@ def test_per_prompt_stat_tracker_hand_derived():
 
 
 def test_dense_advantages_centre_per_step_over_the_batch():
-    cfg = ddpo.DDPOConfig(advantages="dense", gae_lambda=1.0, dense_norm="none", group_size=1)
+    cfg = ddpo.DDPOConfig(advantages="dense", gae_lambda=1.0, dense_norm="none", dense_calibration="none", group_size=1)
     values = torch.tensor([[0.0, 1.0, 9.0], [2.0, 2.0, 9.0], [1.0, 0.0, 9.0]])
     rewards = torch.tensor([3.0, 1.0, 2.0])
     adv = ddpo.ddpo_advantages(rewards, values, torch.ones(3, 2, dtype=torch.bool), ["p"] * 3, None, cfg)
@@ -37,8 +37,7 @@ def test_dense_advantages_centre_per_step_over_the_batch():
 
 @pytest.mark.parametrize("critic,overrides", [
     ("terminal", ["algo.inner_epochs=2", "algo.stat_min_count=2"]),
-    ("tweedie", ["algo.advantages=dense", "algo.inner_epochs=1", "algo.timestep_fraction=0.5",
-                 "algo.dense_calibration=batch"]),
+    ("tweedie", ["algo.advantages=dense", "algo.inner_epochs=1", "algo.timestep_fraction=0.5"]),  # dense defaults
 ])
 def test_smoke_run(tmp_path, critic, overrides):
     out = run_tiny(tmp_path, "ddpo", critic, *overrides)
@@ -46,7 +45,7 @@ def test_smoke_run(tmp_path, critic, overrides):
     train_rows = [r for r in metrics(out) if "loss/policy" in r]
     assert len(train_rows) == 2 and all("policy/approx_kl" in r for r in train_rows)
     assert ("critic/value_mse" in train_rows[0]) == (critic == "tweedie")
-    assert ("adv/value_slope" in train_rows[0]) == (critic == "tweedie")  # dense_calibration=batch logs its slope
+    assert ("adv/value_slope" in train_rows[0]) == (critic == "tweedie")  # dense_calibration: batch (default) logs its slope
     assert all(r["loss/kl"] == 0 for r in train_rows)  # DDPO: no KL term by default
 
 

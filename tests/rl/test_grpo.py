@@ -367,7 +367,8 @@ def test_config_errors(tmp_path, capsys):
     ("terminal", ["algo.guidance_scale=2.0", "algo.sde_window=2", "algo.sde_window_start=[0,2]", "algo.group_noise=true"]),
     ("tweedie", ["algo.advantages=dense", "algo.gae_lambda=0.5", "algo.timestep_fraction=0.5",
                  "algo.dense_calibration=batch"]),
-    ("mc", ["algo.advantages=dense", "algo.timestep_fraction=0.25", "critic.num_rollouts=2", "critic.num_steps=2"]),
+    ("mc", ["algo.advantages=dense", "algo.timestep_fraction=0.25", "critic.num_rollouts=2", "critic.num_steps=2",
+            "algo.gae_lambda=0.0", "algo.dense_norm=global", "algo.dense_calibration=none"]),  # the pre-session-15 one
 ])
 def test_smoke_run(tmp_path, critic, overrides):
     out = run_tiny(tmp_path, "grpo", critic, *overrides)
@@ -377,7 +378,8 @@ def test_smoke_run(tmp_path, critic, overrides):
     assert len(train_rows) == 2 and any("eval/score" in r for r in rows)
     assert all(r["policy/ratio"] == pytest.approx(1.0, abs=1e-3) for r in train_rows)
     assert ("critic/value_mse@sigma<=1.00" in train_rows[0]) == (critic != "terminal")
-    assert ("adv/value_slope" in train_rows[0]) == ("algo.dense_calibration=batch" in overrides)
+    calibrated = critic != "terminal" and "algo.dense_calibration=none" not in overrides  # the dense default: batch
+    assert ("adv/value_slope" in train_rows[0]) == calibrated
 
 
 @pytest.mark.parametrize("algo", ["grpo", "ddpo"])
