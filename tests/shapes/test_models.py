@@ -13,8 +13,9 @@ from shapes import bench_world, models
 from shapes.data import vocabulary
 
 # 23 MB of world models + the shipped critics in float16: stitchvm, stitchvm_checker, vae_stitch (2.7-2.8 MB each)
-# and the two prompt-conditioned experts of stitchvm_experts, stitchvm_prompt_low and stitchvm_prompt (5.3 MB each:
-# their tail is the whole CLIP tower, j = 1; session 7 replaced session 6's single null-text low-sigma expert)
+# and the two prompt-conditioned experts of stitchvm_experts, stitchvm_prompt_low and stitchvm_prompt (7.3 and 5.3 MB:
+# their tail is the whole CLIP tower, j = 1; session 7 replaced session 6's single null-text low-sigma expert, session
+# 15 the low one by a build with two transformer blocks after the stitch, stitch_blocks 2)
 WEIGHT_BUDGET_BYTES = 45 * 10**6
 
 
