@@ -10,6 +10,15 @@ Prints, per run: the score at start and end, the gain, wall-clock, and the time 
 other's final score (within --tol), so "the same final score in <= 1/2 of the wall-clock" is read off directly.
 "Plateau" is the mean of the --plateau evaluations before the last one (with keep_best the last one re-scores the
 kept adapter): one 512-prompt score has a standard error of ~0.022, so a run's level reads steadier from several.
+
+Runs from another card: a run is deterministic given its seed on either card, which only sets how many epochs fit
+(docs/bench/trainers_session10.md). ``--clock RUN=REF`` puts RUN's epochs on the wall clock of REF, a run doing the
+same work per epoch on the card to compare on (e.g. an H100 run of the same trainer and critic), and cuts RUN at REF's
+last epoch. With keep_best (the run logged val/overall) the final is then replayed: the evaluation at the epoch of
+the best validation up to the cut, which is what the run would have kept on that card.
+
+    python benchmarks/compare_runs.py s15a_grpo_fast_l1cal.jsonl.gz s12d_grpo_fast_terminal_graphs.jsonl.gz \
+        --clock s15a_grpo_fast_l1cal.jsonl.gz=s13b_grpo_fast_kl0.01.jsonl.gz
 """
 
 from __future__ import annotations
@@ -20,16 +29,50 @@ import json
 from pathlib import Path
 
 
-def curve(run: Path, metric: str) -> list[tuple[float, float]]:
+def read_rows(run: Path) -> list[dict]:
     path = run / "metrics.jsonl" if run.is_dir() else run
     if not path.is_file():
         raise SystemExit(f"{run}: not a run directory with a metrics.jsonl, nor a metrics file")
     text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def curve(run: Path, metric: str, clock: Path | None = None) -> list[tuple[float, float]]:
+    rows = read_rows(run)
+    if clock is not None:
+        rows = on_clock(rows, read_rows(clock), metric, clock)
     points = [(r["wall_time"], r[metric]) for r in rows if metric in r]
     if not points:
-        raise SystemExit(f"{path}: no '{metric}' in it")
+        raise SystemExit(f"{run}: no '{metric}' in it")
     return points
+
+
+def on_clock(rows: list[dict], ref: list[dict], metric: str, ref_name: Path) -> list[dict]:
+    """``rows`` on ``ref``'s clock: wall_time(epoch) interpolated from ref, cut at ref's last epoch, the final
+    (keep_best) evaluation replayed as the one at the best val/overall up to the cut."""
+    clock = sorted({r["step"]: r["wall_time"] for r in ref if "step" in r and "wall_time" in r}.items())
+    if len(clock) < 2:
+        raise SystemExit(f"{ref_name}: too few epochs with a wall_time to serve as a clock")
+    last = clock[-1][0]
+
+    def wall(step: float) -> float:
+        for (s0, w0), (s1, w1) in zip(clock, clock[1:]):
+            if step <= s1:
+                return w0 + (w1 - w0) * (step - s0) / (s1 - s0) if s1 > s0 else w1
+        return clock[-1][1]
+
+    kept = [dict(r, wall_time=wall(r["step"])) for r in rows if r.get("step", 0) <= last]
+    evals = [r for r in kept if metric in r]
+    if not evals:
+        raise SystemExit(f"no '{metric}' up to epoch {last} (the end of {ref_name})")
+    vals = [r for r in evals if "val/overall" in r]
+    if vals:  # keep_best: the cut run keeps the adapter that validated best up to the cut (ties: the earliest)
+        best = max(vals, key=lambda r: (r["val/overall"], -r["step"]))
+        final = dict(best, wall_time=wall(last), step=last)
+    else:
+        final = evals[-1]
+    cut = [r for r in evals if r["step"] < final["step"]]
+    return cut + [final]
 
 
 def time_to_reach(points: list[tuple[float, float]], target: float) -> float | None:
@@ -48,8 +91,17 @@ def main() -> None:
     parser.add_argument("--metric", default="eval/overall")
     parser.add_argument("--tol", type=float, default=0.02, help="'the same score' tolerance")
     parser.add_argument("--plateau", type=int, default=5, help="evaluations averaged in the plateau column")
+    parser.add_argument("--clock", action="append", default=[], metavar="RUN=REF",
+                        help="put RUN (as given) on the wall clock of REF, a run of the same work per epoch on another "
+                             "card; RUN is cut at REF's last epoch and its keep_best final replayed (repeatable)")
     args = parser.parse_args()
-    curves = {r: curve(r, args.metric) for r in args.runs}
+    clocks = {}
+    for item in args.clock:
+        run, sep, ref = item.partition("=")
+        if not sep or Path(run) not in args.runs:
+            raise SystemExit(f"--clock {item!r}: expected RUN=REF with RUN one of the runs given")
+        clocks[Path(run)] = Path(ref)
+    curves = {r: curve(r, args.metric, clocks.get(r)) for r in args.runs}
     print(f"| run | {args.metric} start | end | gain | wall s | best | plateau ({args.plateau}) "
           "| s to reach others' final - tol |")
     print("|---|---|---|---|---|---|---|---|")
@@ -57,7 +109,8 @@ def main() -> None:
         others = [c[-1][1] - args.tol for r, c in curves.items() if r != run]
         reach = [time_to_reach(pts, t) for t in others]
         reach_s = ", ".join("never" if x is None else f"{x:.0f}" for x in reach) or "-"
-        print(f"| {run.name} | {pts[0][1]:.3f} | {pts[-1][1]:.3f} | {pts[-1][1] - pts[0][1]:+.3f} | "
+        name = f"{run.name} (on {clocks[run].name}'s clock)" if run in clocks else run.name
+        print(f"| {name} | {pts[0][1]:.3f} | {pts[-1][1]:.3f} | {pts[-1][1] - pts[0][1]:+.3f} | "
               f"{pts[-1][0]:.0f} | {max(v for _, v in pts):.3f} | {plateau(pts, args.plateau):.3f} | {reach_s} |")
 
 

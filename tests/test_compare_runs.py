@@ -31,3 +31,25 @@ def test_plateau_averages_the_evaluations_before_the_final_one():
     assert plateau(points, 2) == pytest.approx(0.5)  # (0.4 + 0.6) / 2
     assert plateau(points, 10) == pytest.approx(0.45)  # all four before the last
     assert plateau([(0.0, 0.3)], 5) == pytest.approx(0.3)  # a single evaluation is its own plateau
+
+
+def test_a_run_on_another_cards_clock_is_cut_and_its_kept_adapter_replayed(tmp_path):
+    # The run (a faster card): 1 s per epoch, evaluations every 10 epochs, keep_best's final at epoch 40 re-scores
+    # epoch 30's adapter (its best validation). The reference (the slower card): 2 s per epoch, 25 epochs. On that
+    # card the run stops at epoch 25 and keeps epoch 10's adapter, the best validation up to there.
+    def write(name, rows):
+        (tmp_path / name).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        return tmp_path / name
+
+    run = write("run.jsonl", [
+        {"step": 0, "wall_time": 0.0, "eval/overall": 0.30, "val/overall": 0.40},
+        {"step": 10, "wall_time": 10.0, "eval/overall": 0.45, "val/overall": 0.52},
+        {"step": 20, "wall_time": 20.0, "eval/overall": 0.50, "val/overall": 0.51},
+        {"step": 30, "wall_time": 30.0, "eval/overall": 0.40, "val/overall": 0.60},
+        {"step": 40, "wall_time": 41.0, "eval/overall": 0.40, "val/overall": 0.60}])
+    ref = write("ref.jsonl", [{"step": s, "wall_time": 2.0 * s + 1.0} for s in range(26)])
+    points = curve(run, "eval/overall", clock=ref)
+    assert points == [(1.0, 0.30), (21.0, 0.45), (41.0, 0.50), (51.0, 0.45)]
+    assert curve(run, "val/overall", clock=ref)[-1] == (51.0, 0.52)
+    with pytest.raises(SystemExit, match="too few epochs"):
+        curve(run, "eval/overall", clock=write("one.jsonl", [{"step": 0, "wall_time": 1.0}]))
