@@ -61,6 +61,8 @@ def on_clock(rows: list[dict], ref: list[dict], metric: str, ref_name: Path) -> 
                 return w0 + (w1 - w0) * (step - s0) / (s1 - s0) if s1 > s0 else w1
         return clock[-1][1]
 
+    if max(r.get("step", 0) for r in rows) <= last:  # the run ended first: it is all there, only the clock changes
+        return [dict(r, wall_time=wall(r["step"])) for r in rows if "step" in r]
     kept = [dict(r, wall_time=wall(r["step"])) for r in rows if r.get("step", 0) <= last]
     evals = [r for r in kept if metric in r]
     if not evals:

@@ -16,8 +16,9 @@
 set -u
 OUT=${1:?out}; MINUTES=${MINUTES:-8.5}; source benchmarks/session3_lib.sh
 K="--config configs/experiments/keep_best.yaml run.ckpt_every=100000 algo.gae_lambda=1.0 algo.dense_calibration=batch algo.dense_norm=group_step"
-# Four-GPU kinds were not lent at the start of session 15: PAIR=1 runs the first two on two GPUs, PAIR=2 the last two
-# (GRPO seed 1 and DDPO seed 1 with PAIR=2b).
+# Four-GPU kinds were not lent at the start of session 15, so on two GPUs: PAIR=1 runs GRPO and DDPO seed 0 (GPUs 0 and
+# 2 above), PAIR=2 GRPO seed 1 and the moved window (GPUs 1 and 3), PAIR=2b GRPO and DDPO seed 1 (what session 15 ran).
+# Since session 15 the three estimator overrides in K are the configs' defaults (kept: the record of what ran).
 case ${PAIR:-all} in
   all) train 0 grpo stitchvm grpo_fast_l1cal $K; train 1 grpo stitchvm grpo_fast_l1cal_s1 $K run.seed=1
        train 2 ddpo stitchvm ddpo_fast_l1cal $K; train 3 grpo stitchvm grpo_fast_l1cal_w46 $K 'algo.sde_window_start=[4,6]'

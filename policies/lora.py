@@ -210,9 +210,10 @@ def ema_shadow_state(transformer: nn.Module, name: str) -> dict[str, Tensor]:
 
 
 def load_ema_shadow_state(transformer: nn.Module, name: str, state: dict[str, Tensor]) -> None:
-    """Inverse of :func:`ema_shadow_state`, after the adapter's own values are loaded. A float32 adapter (a bf16 run
-    resumed in full precision) takes the shadow's exact average as its value. A shadow that does not round to the
-    loaded adapter is an error: the checkpoint mixes two states."""
+    """Inverse of :func:`ema_shadow_state`, after the adapter's own values are loaded. The shadow was saved only
+    where it rounds to the saved adapter, so it is that adapter's exact value: the adapter takes it, rounded to its
+    dtype (a run resumed in float32 gets the exact average, one resumed in another low precision the nearest value),
+    and a low-precision adapter keeps it as its shadow."""
     params = adapter_parameters(transformer, name)
     unknown = sorted(state.keys() - params.keys())
     if unknown:
@@ -221,16 +222,12 @@ def load_ema_shadow_state(transformer: nn.Module, name: str, state: dict[str, Te
     with gathered(params.values(), modify=True), torch.no_grad():
         for key, value in state.items():
             p = params[key]
-            low = p.dtype not in (torch.float32, torch.float64)
-            rounded = value.to(p.dtype if low else torch.bfloat16).to(p.device)
-            if value.shape != p.shape or not torch.equal(rounded, p if low else p.to(torch.bfloat16)):
-                raise ValueError(f"EMA shadow '{key}' of adapter '{name}' does not round to the adapter's loaded "
-                                 f"value (shape {tuple(value.shape)} vs {tuple(p.shape)}): the checkpoint mixes "
-                                 f"two states")
-            if low:
+            if value.shape != p.shape:
+                raise ValueError(f"EMA shadow '{key}' of adapter '{name}' has shape {tuple(value.shape)}, the adapter "
+                                 f"{tuple(p.shape)} (different rank?)")
+            p.copy_(value)
+            if p.dtype not in (torch.float32, torch.float64):
                 shadows[(name, key)] = value.detach().float().to(p.device).clone()
-            else:
-                p.copy_(value)
 
 
 def adapter_state_dict(transformer: nn.Module, name: str = "default") -> dict[str, Tensor]:

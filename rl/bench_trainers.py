@@ -49,6 +49,9 @@ TINY_DROP = {"nft": [], "grpo": ["~algo.tau_min", "~algo.tau_max"], "ddpo": ["~a
              "draft": ["~algo.group_size", "~algo.rollout_batch_size"]}
 TINY_CRITIC = ["critic._component_=tests.rl.test_cotrain.tiny_stitchvm_critic"]  # on top of --critic terminal
 ESTIMATORS = {"sparse": ("sparse", 0.0), "dense-l0": ("dense", 0.0), "dense-l1": ("dense", 1.0)}
+# the recorded figures' dense estimators, before session 15 changed the defaults (group_step, batch calibration)
+DENSE_AS_RECORDED = {"dense_norm": "global", "dense_calibration": "none"}
+DENSE_AS_RECORDED_ARGS = [f"algo.{k}={v}" for k, v in DENSE_AS_RECORDED.items()]
 # the dense estimators follow the run's algo.exact_ode (on since session 8; off in the session 3-4 figures, which
 # used configs without a Fast window, where it changes nothing)
 VARIANCE_ESTIMATORS = {"sparse": ("sparse", 0.0), "dense-l0": ("dense", 0.0), "dense-l0.5": ("dense", 0.5),
@@ -160,7 +163,7 @@ def gradient_variance_at_init(args, seed: int) -> dict[str, float]:
                          cfg.sde_window, cfg.sde_window_start, rng, generator)
     values = cotrain.trajectory_values(run.critic, rollout.latents, rollout.sigmas, rows, cfg.value_batch_size)
     advs = {est: grpo.grpo_advantages(rollout.rewards, values, rollout.sde_mask,
-                                      dataclasses.replace(cfg, advantages=mode, gae_lambda=lam))
+                                      dataclasses.replace(cfg, advantages=mode, gae_lambda=lam, **DENSE_AS_RECORDED))
             for est, (mode, lam) in VARIANCE_ESTIMATORS.items()}
     out = pg.gradient_variance(run.policy, rollout, advs, params, cfg.eta, cfg.guidance_scale, args.variance_samples)
     run.logger.close()
@@ -187,7 +190,8 @@ def section_dense(args) -> dict:
     for algo in args.algos:
         for est, (mode, lam) in ESTIMATORS.items():
             for seed in args.seeds:
-                extra = [f"algo.advantages={mode}", f"algo.gae_lambda={lam}", f"run.seed={seed}", *budget(args)]
+                extra = [f"algo.advantages={mode}", f"algo.gae_lambda={lam}", *DENSE_AS_RECORDED_ARGS, f"run.seed={seed}",
+                         *budget(args)]
                 runs.append({**train_once(args, algo, critic_args(args, mode == "dense"), f"dense/{algo}-{est}-s{seed}",
                                           extra), "estimator": est, "seed": seed})
     eval_keys = sorted({k for r in runs for k in r["eval"]})
@@ -210,7 +214,7 @@ def section_cotrain(args) -> dict:
     runs = []
     for on in (False, True):
         for seed in args.seeds:
-            extra = ["algo.advantages=dense", "algo.gae_lambda=0", f"run.seed={seed}", *budget(args),
+            extra = ["algo.advantages=dense", "algo.gae_lambda=0", *DENSE_AS_RECORDED_ARGS, f"run.seed={seed}", *budget(args),
                      f"+critic.cotrain.enabled={str(on).lower()}"]
             runs.append({**train_once(args, "grpo", critic_args(args, True), f"cotrain/{'on' if on else 'off'}-s{seed}",
                                       extra), "cotrain": on, "seed": seed})

@@ -53,6 +53,7 @@ __all__ = [
     "capture_rng",
     "list_checkpoints",
     "load_checkpoint",
+    "recover_resave",
     "optimizer_state_from_tensors",
     "optimizer_state_to_tensors",
     "resolve_checkpoint",
@@ -570,6 +571,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path.parent / name
     if path.is_dir() and _STEP_DIR.match(path.name):
         return path
+    if _STEP_DIR.match(path.name) and _resave_dirs(path)[1].is_dir():  # a re-save killed between its renames
+        return path
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}: the path does not exist")
     raise CheckpointError(
@@ -622,22 +625,48 @@ def _previous_good(ckpt_dir: Path) -> Path | None:
     return None
 
 
-def _recover_resave(ckpt_dir: Path) -> None:
-    """Finish a re-save of ``ckpt_dir``'s step that a kill interrupted between its two renames (save_checkpoint moves
-    the old directory to ``.old.tmp`` before moving the new one in): the new one if it is complete, else the old."""
-    if ckpt_dir.exists() or not _STEP_DIR.match(ckpt_dir.name):
-        return
-    new, old = ckpt_dir.with_name(f"{ckpt_dir.name}.tmp"), ckpt_dir.with_name(f"{ckpt_dir.name}.old.tmp")
-    if not old.is_dir():
-        return
+def _resave_dirs(ckpt_dir: Path) -> tuple[Path, Path]:
+    """(new, old): where save_checkpoint writes a step's new directory and moves its old one during a re-save."""
+    return ckpt_dir.with_name(f"{ckpt_dir.name}.tmp"), ckpt_dir.with_name(f"{ckpt_dir.name}.old.tmp")
+
+
+def _complete(directory: Path) -> bool:
     try:
-        verify_checkpoint(new)
-        os.replace(new, ckpt_dir)
-        shutil.rmtree(old)
+        verify_checkpoint(directory)
+        return True
     except CheckpointError:
-        os.replace(old, ckpt_dir)
-        shutil.rmtree(new, ignore_errors=True)  # the new one's incomplete writing
+        return False
+
+
+def _resave_source(ckpt_dir: Path) -> Path:
+    """The directory that holds ``ckpt_dir``'s step: itself, or -- a re-save killed between its two renames (the
+    old directory moved to ``.old.tmp``, the new one not yet moved in) -- the new one if complete, else the old."""
+    new, old = _resave_dirs(ckpt_dir)
+    if ckpt_dir.exists() or not _STEP_DIR.match(ckpt_dir.name) or not old.is_dir():
+        return ckpt_dir
+    return new if _complete(new) else old
+
+
+def _recover_resave(ckpt_dir: Path) -> None:
+    """Finish an interrupted re-save of ``ckpt_dir``'s step (see :func:`_resave_source`) by moving the surviving
+    directory into place. Renames: only the process that writes checkpoints may call it."""
+    source = _resave_source(ckpt_dir)
+    if source == ckpt_dir:
+        return
+    os.replace(source, ckpt_dir)
+    for leftover in _resave_dirs(ckpt_dir):
+        shutil.rmtree(leftover, ignore_errors=True)
     _fsync_dir(ckpt_dir.parent)
+
+
+def recover_resave(path: str | Path) -> None:
+    """:func:`_recover_resave` for whatever ``path`` names (see :func:`resolve_checkpoint`); nothing if it names no
+    checkpoint. For the main process before a resume: ``load_checkpoint`` itself only reads (every process of a run
+    and ``rl.evaluate`` may load at once), from the surviving directory."""
+    try:
+        _recover_resave(resolve_checkpoint(path))
+    except CheckpointError:
+        return
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
@@ -647,8 +676,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         CheckpointError: nothing there, or a file missing/truncated/corrupt — naming the file and the newest
             earlier checkpoint that verifies, to resume from explicitly. There is no silent fallback.
     """
-    ckpt_dir = resolve_checkpoint(path)
-    _recover_resave(ckpt_dir)
+    ckpt_dir = _resave_source(resolve_checkpoint(path))
     try:
         manifest = verify_checkpoint(ckpt_dir)
     except CheckpointError as e:

@@ -386,6 +386,9 @@ def save(run: Run, epoch: int, optimizer, adapters: tuple[str, ...], extra: dict
 # half-way; a co-trained critic's state would be dropped), the model, the training prompts and the seed every
 # (seed, epoch) generator is drawn from. Budgets, evaluation and logging may change.
 RESUME_NODES = (("algo",), ("critic",), ("reward",), ("model",), ("prompts", "train"), ("run", "seed"))
+# GRPO / DDPO keys only the dense estimator reads, and their defaults before session 15 (for the resume error's hint)
+DENSE_ONLY_KEYS = ("gae_lambda", "dense_norm", "dense_calibration", "exact_ode")
+DEFAULTS_BEFORE = {"gae_lambda": 0.0, "dense_norm": "global", "dense_calibration": "none"}
 
 
 def check_same_settings(saved: dict | None, now: dict | None, source: str, node: str = "algo") -> None:
@@ -401,12 +404,17 @@ def check_same_settings(saved: dict | None, now: dict | None, source: str, node:
         prefix = f"{node}."
     missing = object()
     keys = sorted(k for k in set(saved) | set(now) if saved.get(k, missing) != now.get(k, missing))
+    if node == "algo" and saved.get("advantages") == now.get("advantages") == "sparse":
+        keys = [k for k in keys if k not in DENSE_ONLY_KEYS]  # unused by the sparse estimator
     if keys:
         diff = ", ".join(f"{prefix}{k} (saved {saved.get(k, '<absent>')!r}, now {now.get(k, '<absent>')!r})"
                          for k in keys)
+        old = [f"{prefix}{k}={v}" for k, v in DEFAULTS_BEFORE.items() if k in keys and saved.get(k, missing) == v]
+        hint = (f" A run saved before session 15 has the old dense defaults: add {' '.join(old)} to resume it."
+                if node == "algo" and old else "")
         raise ConfigError(f"checkpoint {source} was trained with other {node} settings: {diff}. Resume with the "
                           f"settings it was saved with (override each key back, or pass the same --critic / "
-                          f"--config) or start a new run")
+                          f"--config) or start a new run.{hint}")
 
 
 def check_same_run(saved: dict | None, now: dict, source: str) -> None:
@@ -427,6 +435,9 @@ def check_same_run(saved: dict | None, now: dict, source: str) -> None:
 def restore(run: Run, source: str, optimizer, adapters: tuple[str, ...]) -> tuple[int, dict]:
     """Load a checkpoint ('latest', a run dir or a step dir) into the policy and optimizer; returns (epoch, state)."""
     source = str(run.run_dir) if source == "latest" else source
+    if run.accelerator.is_main_process:  # renames, so one process; the others then read the repaired directory
+        ckpt.recover_resave(source)
+    run.accelerator.wait_for_everyone()
     loaded = ckpt.load_checkpoint(source)
     held = sorted(k.removeprefix("lora_") for k in loaded.tensors if k.startswith("lora_"))
     # settings first: a changed lora_rank is then a config error naming the key, not a shape mismatch in the load

@@ -112,6 +112,11 @@ class DDPOConfig(common.EMAAdapters):
                   f"dense advantages with group_size 1 are centred per step over the whole batch, whose {rounds} "
                   f"rollout rounds draw different windows: use one round (rollout_batch_size >= prompts_per_epoch * "
                   f"group_size), group_size >= 2 or a fixed window start (sde_window_start [k, k])")
+        check(self.advantages != "dense" or self.dense_calibration != "batch"
+              or self.prompts_per_epoch * self.group_size >= 2, "dense_calibration",
+              f"'batch' fits the slope of R on V over an epoch's samples, which needs >= 2 "
+              f"(prompts_per_epoch * group_size = {self.prompts_per_epoch * self.group_size}): sample more or set "
+              f"algo.dense_calibration=none")
         check(0 < self.timestep_fraction <= 1, "timestep_fraction", f"must be in (0, 1], got {self.timestep_fraction}")
         check(self.clip_range > 0, "clip_range", f"must be > 0, got {self.clip_range}")
         check(self.adv_clip > 0, "adv_clip", f"must be > 0, got {self.adv_clip}")

@@ -51,5 +51,9 @@ def test_a_run_on_another_cards_clock_is_cut_and_its_kept_adapter_replayed(tmp_p
     points = curve(run, "eval/overall", clock=ref)
     assert points == [(1.0, 0.30), (21.0, 0.45), (41.0, 0.50), (51.0, 0.45)]
     assert curve(run, "val/overall", clock=ref)[-1] == (51.0, 0.52)
+    # a run that ended before the reference's last epoch is kept whole, its own final included once
+    long_ref = write("long.jsonl", [{"step": s, "wall_time": 2.0 * s} for s in range(61)])
+    assert curve(run, "eval/overall", clock=long_ref) == [(0.0, 0.30), (20.0, 0.45), (40.0, 0.50), (60.0, 0.40),
+                                                        (80.0, 0.40)]
     with pytest.raises(SystemExit, match="too few epochs"):
         curve(run, "eval/overall", clock=write("one.jsonl", [{"step": 0, "wall_time": 1.0}]))

@@ -137,10 +137,19 @@ def test_bf16_ema_resumes_bit_exact_with_its_float32_shadow():
     for k, p in lora.adapter_parameters(t32, "ema").items():
         torch.testing.assert_close(p.detach(), shadow[k], rtol=0, atol=0)
 
-    # a shadow of another state is refused
-    bad = {k: v + 1.0 for k, v in shadow.items()}
-    with pytest.raises(ValueError, match="does not round to the adapter"):
-        lora.load_ema_shadow_state(_bf16_ema_policy().transformer, "ema", bad)
+    # a run resumed in another low precision (fp16) continues from the exact average, without error
+    t16 = tiny_policy().transformer.to(torch.float16)
+    lora.add_lora(t16, lora.LoraSpec(r=4, alpha=8))
+    lora.add_lora(t16, lora.LoraSpec(r=4, alpha=8), "ema")
+    for name, state in saved.items():
+        lora.load_adapter_state_dict(t16, {k: v.half() for k, v in state.items()}, name)
+    lora.load_ema_shadow_state(t16, "ema", shadow)
+    for k, p in lora.adapter_parameters(t16, "ema").items():
+        torch.testing.assert_close(p.detach(), shadow[k].half(), rtol=0, atol=0)
+    assert lora.ema_shadow_state(t16, "ema").keys() == shadow.keys()  # kept as its shadow
+
+    with pytest.raises(ValueError, match="different rank"):
+        lora.load_ema_shadow_state(first, "ema", {k: v[:1] for k, v in shadow.items()})
     with pytest.raises(ValueError, match="keys the adapter lacks"):
         lora.load_ema_shadow_state(first, "ema", {"nope.lora_A.weight": torch.zeros(1)})
 

@@ -20,6 +20,7 @@ from rl.checkpoint import (
     capture_rng,
     list_checkpoints,
     load_checkpoint,
+    recover_resave,
     optimizer_state_from_tensors,
     optimizer_state_to_tensors,
     resolve_checkpoint,
@@ -391,9 +392,13 @@ def test_fp16_loss_scale_is_checkpointed_and_restored(tmp_path):
 
 def test_a_killed_re_save_keeps_a_checkpoint_of_that_step(tmp_path, monkeypatch):
     """Re-saving a step moves the old directory to .old.tmp, then the new one in. A kill between the two renames
-    left no step directory while `latest` named it, and the next save deleted the leftovers."""
+    left no step directory while `latest` named it, and the next save deleted the leftovers. Now load_checkpoint
+    reads the surviving copy without renaming (every process of a run, and rl.evaluate, may load at once), and
+    recover_resave (the main process, before a resume) or the next save moves it into place."""
     save_checkpoint(tmp_path, 1, _tensors(), {"v": "one"})
     save_checkpoint(tmp_path, 2, _tensors(), {"v": "old"})
+    root = tmp_path / "checkpoints"
+    step2 = root / "step_00000002"
     real_replace = os.replace
 
     def killed_before_the_second_rename(src, dst):
@@ -401,23 +406,28 @@ def test_a_killed_re_save_keeps_a_checkpoint_of_that_step(tmp_path, monkeypatch)
         if str(src).endswith("step_00000002") and str(dst).endswith(".old.tmp"):
             raise KeyboardInterrupt  # the kill
 
-    for new_complete in (True, False):
+    def killed_resave():
         monkeypatch.setattr(os, "replace", killed_before_the_second_rename)
         with pytest.raises(KeyboardInterrupt):
             save_checkpoint(tmp_path, 2, _tensors(), {"v": "new"})
         monkeypatch.setattr(os, "replace", real_replace)
-        root = tmp_path / "checkpoints"
-        assert not (root / "step_00000002").exists() and (root / "step_00000002.old.tmp").is_dir()
-        if not new_complete:  # killed earlier in the new one's writing: the old one comes back
+        assert not step2.exists() and (root / "step_00000002.old.tmp").is_dir()
+
+    for new_complete in (True, False):
+        killed_resave()
+        if not new_complete:  # killed earlier in the new one's writing: the old one survives
             (root / "step_00000002.tmp" / "manifest.json").unlink()
-        assert load_checkpoint(tmp_path).state["v"] == ("new" if new_complete else "old")
+        expected = "new" if new_complete else "old"
+        for path in (tmp_path, step2):  # through `latest`, and the step's own path
+            assert load_checkpoint(path).state["v"] == expected
+        assert not step2.exists()  # loading only reads
+        recover_resave(tmp_path)
+        assert load_checkpoint(step2).state["v"] == expected
         assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001", "step_00000002"]
         save_checkpoint(tmp_path, 2, _tensors(), {"v": "old"})
 
     # the next save (of another step) recovers it too, before deleting leftovers
-    monkeypatch.setattr(os, "replace", killed_before_the_second_rename)
-    with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(tmp_path, 2, _tensors(), {"v": "new"})
-    monkeypatch.setattr(os, "replace", real_replace)
+    killed_resave()
     save_checkpoint(tmp_path, 3, _tensors(), {"v": "three"}, keep=None)
-    assert load_checkpoint(tmp_path / "checkpoints" / "step_00000002").state["v"] == "new"
+    assert load_checkpoint(step2).state["v"] == "new"
+    recover_resave(tmp_path / "nothing")  # names no checkpoint: nothing to do

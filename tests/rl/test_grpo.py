@@ -195,6 +195,23 @@ def test_resume_with_other_algo_settings_is_a_clear_error():
                             "ckpt")
 
 
+def test_resume_across_the_session_15_dense_defaults():
+    """A sparse run saved before the dense defaults changed resumes (the sparse estimator never reads them); a dense
+    one is refused with the overrides that restore its settings."""
+    from rl.common import check_same_settings
+    from rl.config import ConfigError
+
+    old = {"lr": 3e-4, "gae_lambda": 0.0, "dense_norm": "global", "dense_calibration": "none", "exact_ode": True}
+    new = {"lr": 3e-4, "gae_lambda": 1.0, "dense_norm": "group_step", "dense_calibration": "batch", "exact_ode": True}
+    check_same_settings({**old, "advantages": "sparse"}, {**new, "advantages": "sparse"}, "ckpt")
+    with pytest.raises(ConfigError, match=r"algo.gae_lambda \(saved 0.0, now 1.0\).*add algo.gae_lambda=0.0 "
+                                          r"algo.dense_norm=global algo.dense_calibration=none to resume it"):
+        check_same_settings({**old, "advantages": "dense"}, {**new, "advantages": "dense"}, "ckpt")
+    with pytest.raises(ConfigError, match="algo.lr") as err:  # a sparse run still checks every other key
+        check_same_settings({**old, "advantages": "sparse"}, {**new, "advantages": "sparse", "lr": 1e-4}, "ckpt")
+    assert "gae_lambda" not in str(err.value) and "session 15" not in str(err.value)
+
+
 def test_resume_checks_the_critic_reward_model_prompts_and_seed():
     from rl.common import check_same_run
     from rl.config import ConfigError
@@ -455,9 +472,9 @@ def test_resume_with_another_adapter_set_is_a_clear_error(tmp_path, capsys):
     assert rc == 2 and "lora_rank (saved 4, now 2)" in err and "Traceback" not in err, err
     # the same adapters, another estimator: refused before anything is loaded into the optimizer
     rc = train.main(["--algo", "grpo", "--critic", "terminal", "--config", TINY, *DROP["grpo"], f"run.output_dir={out}",
-                     "algo.exact_ode=false", "run.max_epochs=2", "--resume", "latest"])
+                     "algo.global_std=true", "run.max_epochs=2", "--resume", "latest"])
     err = capsys.readouterr().err
-    assert rc == 2 and "other algo settings: algo.exact_ode (saved True, now False)" in err and "Traceback" not in err, err
+    assert rc == 2 and "other algo settings: algo.global_std (saved False, now True)" in err and "Traceback" not in err, err
     config_before = (out / "config.yaml").read_text()
     # another --critic (e.g. the README's `--resume latest` without repeating the run's --critic flag)
     rc = train.main(["--algo", "grpo", "--critic", "tweedie", "--config", TINY, *DROP["grpo"], f"run.output_dir={out}",
