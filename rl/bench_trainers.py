@@ -190,8 +190,8 @@ def section_dense(args) -> dict:
     for algo in args.algos:
         for est, (mode, lam) in ESTIMATORS.items():
             for seed in args.seeds:
-                extra = [f"algo.advantages={mode}", f"algo.gae_lambda={lam}", *DENSE_AS_RECORDED_ARGS, f"run.seed={seed}",
-                         *budget(args)]
+                extra = [f"algo.advantages={mode}", f"algo.gae_lambda={lam}", *DENSE_AS_RECORDED_ARGS,
+                         f"run.seed={seed}", *budget(args)]
                 runs.append({**train_once(args, algo, critic_args(args, mode == "dense"), f"dense/{algo}-{est}-s{seed}",
                                           extra), "estimator": est, "seed": seed})
     eval_keys = sorted({k for r in runs for k in r["eval"]})
@@ -214,7 +214,8 @@ def section_cotrain(args) -> dict:
     runs = []
     for on in (False, True):
         for seed in args.seeds:
-            extra = ["algo.advantages=dense", "algo.gae_lambda=0", *DENSE_AS_RECORDED_ARGS, f"run.seed={seed}", *budget(args),
+            extra = ["algo.advantages=dense", "algo.gae_lambda=0", *DENSE_AS_RECORDED_ARGS, f"run.seed={seed}",
+                     *budget(args),
                      f"+critic.cotrain.enabled={str(on).lower()}"]
             runs.append({**train_once(args, "grpo", critic_args(args, True), f"cotrain/{'on' if on else 'off'}-s{seed}",
                                       extra), "cotrain": on, "seed": seed})

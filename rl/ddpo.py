@@ -14,9 +14,10 @@ the Flow-GRPO SDE step, policies/samplers.py). Each epoch:
      dense   (critic)         A_k = GAE_lambda(delta)_k, delta_k = V(z_{k+1}) - V(z_k), V(z_N) := R, centred per
                               step (within each prompt's group when group_size >= 2, else over the batch) and
                               divided by that std (``dense_norm: group_step``, default) or the global one; by
-                              default lambda = 1 (R - V(z_k)) on V calibrated by the batch (as in rl/grpo.py). V(z_k) is a prompt- *and state*-dependent baseline, so it
-                              replaces the per-prompt history (see rl/grpo.py for why it reduces variance). V is
-                              carried exactly across ODE steps (``exact_ode``, as in rl/grpo.py).
+                              default lambda = 1 (R - V(z_k)) on V calibrated by the batch (as in rl/grpo.py).
+                              V(z_k) is a prompt- *and state*-dependent baseline, so it replaces the per-prompt
+                              history (see rl/grpo.py for why it reduces variance). V is carried exactly across ODE
+                              steps (``exact_ode``, as in rl/grpo.py).
    Both clipped to [-adv_clip, adv_clip].
 4. ``inner_epochs`` passes of PPO-clip over (sample, step) pairs (DDPO Eq. 4, importance sampling):
      L = mean max(-A rho_k, -A clip(rho_k, 1 - eps, 1 + eps)),  rho_k = pi_theta / pi_old

@@ -45,7 +45,7 @@ def test_smoke_run(tmp_path, critic, overrides):
     train_rows = [r for r in metrics(out) if "loss/policy" in r]
     assert len(train_rows) == 2 and all("policy/approx_kl" in r for r in train_rows)
     assert ("critic/value_mse" in train_rows[0]) == (critic == "tweedie")
-    assert ("adv/value_slope" in train_rows[0]) == (critic == "tweedie")  # dense_calibration: batch (default) logs its slope
+    assert ("adv/value_slope" in train_rows[0]) == (critic == "tweedie")  # calibration (default) logs it
     assert all(r["loss/kl"] == 0 for r in train_rows)  # DDPO: no KL term by default
 
 
