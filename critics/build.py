@@ -780,6 +780,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         build(cfg)
+    except KeyboardInterrupt:
+        # every save swaps the whole directory in atomically, so what is there is a critic that loads, or nothing
+        print(f"interrupted: {cfg.output_dir} holds the build's last complete checkpoint, if it wrote one "
+              f"(it loads as a critic); run the command again to build from the start", file=sys.stderr)
+        return 130
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

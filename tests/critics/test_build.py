@@ -196,6 +196,23 @@ def test_build_yamls_are_valid_build_configs():
             inspect.signature(target).bind_partial(**{k: v for k, v in node.items() if k != "_component_"})
     with pytest.raises(ConfigError, match="unknown key 'search.pined'"):
         load_config(SHAPES_YAML, ["+search.pined=[1,1]"])
+    # the README's build command must not replace a shipped critic or a tracked image unless asked (a newcomer's
+    # one-minute try rewrote docs/img/ and, had it reached a checkpoint, shapes/weights/stitchvm)
+    for path in sorted(CONFIGS.glob("build_shapes*.yaml")):
+        cfg = load_config(path)
+        assert Path(cfg.output_dir).parts[0] == "runs" and cfg.heatmap is None, path
+
+
+def test_ctrl_c_stops_a_build_with_a_message(monkeypatch, tmp_path, capsys):
+    import critics.build as build_module
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_module, "build", interrupted)
+    assert main(["--config", SHAPES_YAML, f"output_dir={tmp_path / 'c'}"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted:" in err and "last complete checkpoint" in err and "Traceback" not in err
 
 
 def test_sd35m_config_runs_on_tiny_models_of_the_same_classes(tmp_path, monkeypatch):
