@@ -212,6 +212,18 @@ def test_resume_across_the_session_15_dense_defaults():
     assert "gae_lambda" not in str(err.value) and "session 15" not in str(err.value)
 
 
+def test_resume_with_another_algo_names_the_cause():
+    from rl.common import check_same_settings
+    from rl.config import ConfigError
+
+    nft_like, grpo_like = {"lr": 1e-4, "nft_beta": 1.0, "tau_min": 2}, {"lr": 3e-4, "clip_range": 1e-4, "kl_beta": 0.04}
+    with pytest.raises(ConfigError, match=r"trained with another --algo: .*lacks \(nft_beta, tau_min\) and lack "
+                                          r"\(clip_range, kl_beta\)"):
+        check_same_settings(nft_like, grpo_like, "ckpt")
+    with pytest.raises(ConfigError, match="other algo settings: algo.kl_beta"):  # a key added since: not another algo
+        check_same_settings({"lr": 3e-4}, {"lr": 3e-4, "kl_beta": 0.04}, "ckpt")
+
+
 def test_resume_checks_the_critic_reward_model_prompts_and_seed():
     from rl.common import check_same_run
     from rl.config import ConfigError
