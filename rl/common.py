@@ -475,6 +475,19 @@ def restore(run: Run, source: str, optimizer, adapters: tuple[str, ...]) -> tupl
     return loaded.step, loaded.state
 
 
+def print_epoch(run: Run, epoch: int, metrics: dict) -> None:
+    """The console's line for an epoch (epoch 0: the starting evaluation); metrics.jsonl / TensorBoard hold all."""
+    shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.split("/")[0] in ("reward", "eval", "loss"))
+    run.accelerator.print(f"epoch {epoch}/{run.run_cfg.max_epochs}: {shown}")
+
+
+def print_resumed(run: Run, epoch: int) -> None:
+    done = epoch >= run.run_cfg.max_epochs
+    run.accelerator.print(f"resumed from epoch {epoch}" + (
+        f": nothing left to train (run.max_epochs={run.run_cfg.max_epochs}; raise it to train on), only the final "
+        f"evaluation runs" if done else ""))
+
+
 def finish(run: Run, adapter: str = "default") -> Path | None:
     """Export the trained adapter in diffusers format to ``run_dir/lora`` (written by the main process; every
     process must call it)."""

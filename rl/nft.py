@@ -343,7 +343,7 @@ def setup_policy(run: common.Run, cfg: NFTConfig) -> tuple[torch.optim.Optimizer
 
 def train(run: common.Run, cfg: NFTConfig, resume: str | None = None) -> dict[str, float]:
     """DiffusionNFT. Returns the final evaluation metrics."""
-    policy, accel, critic = run.policy, run.accelerator, run.critic
+    policy, critic = run.policy, run.critic
     if critic.dense and cfg.tau_max >= cfg.num_steps and cfg.tau_min >= cfg.num_steps:
         raise ConfigError("algo.tau_min/tau_max: a value critic needs an early stop tau < num_steps")
     transformer = policy.transformer
@@ -352,12 +352,13 @@ def train(run: common.Run, cfg: NFTConfig, resume: str | None = None) -> dict[st
     if resume:
         start_epoch, state = common.restore(run, resume, optimizer, ADAPTERS)
         history = state.get("history", [])
-        accel.print(f"resumed from epoch {start_epoch}")
+        common.print_resumed(run, start_epoch)
         selection.on_resume(run, start_epoch)
     else:
         metrics, images = common.evaluate(run)
         metrics.update(selection.on_evaluation(run, 0))
         run.logger.log({**metrics, "train/epoch": 0}, 0)
+        common.print_epoch(run, 0, metrics)
         if images.numel():
             run.logger.log_images("eval/samples", images, 0)
         history.append(metrics)
@@ -402,7 +403,7 @@ def train(run: common.Run, cfg: NFTConfig, resume: str | None = None) -> dict[st
                 metrics.update(selection.on_evaluation(run, epoch + 1))
             metrics.update(run.timer.summary(reset=True))
             run.logger.log(metrics, epoch + 1)
-            accel.print(" ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.split("/")[0] in ("reward", "eval", "loss")))
+            common.print_epoch(run, epoch + 1, metrics)
             last = epoch + 1 == run.run_cfg.max_epochs
             halt = run.should_halt(stop)
             if halt or last or (epoch + 1) % run.run_cfg.ckpt_every == 0:

@@ -405,13 +405,14 @@ def start_run(run: common.Run, optimizer, adapters: tuple[str, ...], resume: str
     if resume:
         epoch, state = common.restore(run, resume, optimizer, adapters)
         cotrain.restore(critic_trainer, str(run.run_dir) if resume == "latest" else resume)
-        run.accelerator.print(f"resumed from epoch {epoch}")
+        common.print_resumed(run, epoch)
         selection.on_resume(run, epoch, eval_adapter)
         run.timer.reset()
         return epoch, list(state.get("history", [])), state
     metrics, images = common.evaluate(run, eval_adapter)
     metrics.update(selection.on_evaluation(run, 0, eval_adapter))
     run.logger.log({**metrics, "train/epoch": 0}, 0)
+    common.print_epoch(run, 0, metrics)
     if images.numel():
         run.logger.log_images("eval/samples", images, 0)
     run.timer.reset()
@@ -440,8 +441,7 @@ def end_epoch(run: common.Run, epoch: int, metrics: dict, optimizer, adapters: t
         metrics.update(selection.on_evaluation(run, epoch + 1, eval_adapter))
     metrics.update(run.timer.summary(reset=True))
     run.logger.log(metrics, epoch + 1)
-    run.accelerator.print(" ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                                   if k.split("/")[0] in ("reward", "eval", "loss")))
+    common.print_epoch(run, epoch + 1, metrics)
     halt = run.should_halt(stop)
     if halt or epoch + 1 == cfg.max_epochs or (epoch + 1) % cfg.ckpt_every == 0:
         save(run, epoch + 1, optimizer, adapters, {"history": history, **extra}, critic_trainer)
