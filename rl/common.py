@@ -407,14 +407,14 @@ def check_same_settings(saved: dict | None, now: dict | None, source: str, node:
     if node == "algo" and saved.get("advantages") == now.get("advantages") == "sparse":
         keys = [k for k in keys if k not in DENSE_ONLY_KEYS]  # unused by the sparse estimator
     if keys:
-        diff = ", ".join(f"{prefix}{k} (saved {saved.get(k, '<absent>')!r}, now {now.get(k, '<absent>')!r})"
-                         for k in keys)
         only_saved, only_now = sorted(set(saved) - set(now)), sorted(set(now) - set(saved))
         if node == "algo" and only_saved and only_now:  # each side has keys the other lacks: another trainer's config
             raise ConfigError(f"checkpoint {source} was trained with another --algo: its algo settings have keys this "
                               f"one lacks ({', '.join(only_saved[:4])}{'…' if len(only_saved) > 4 else ''}) and lack "
                               f"({', '.join(only_now[:4])}{'…' if len(only_now) > 4 else ''}). Resume with the --algo "
                               f"(and --critic, --config) the run was started with")
+        diff = ", ".join(f"{prefix}{k} (saved {saved.get(k, '<absent>')!r}, now {now.get(k, '<absent>')!r})"
+                         for k in keys)
         old = [f"{prefix}{k}={v}" for k, v in DEFAULTS_BEFORE.items() if k in keys and saved.get(k, missing) == v]
         hint = (f" A run saved before session 15 has the old dense defaults: add {' '.join(old)} to resume it."
                 if node == "algo" and old else "")
