@@ -351,11 +351,13 @@ def trained_state(run: Run, optimizer: torch.optim.Optimizer, adapters: tuple[st
     opt_tensors, opt_meta = ckpt.optimizer_state_to_tensors(opt_state)
     tensors["optimizer"] = opt_tensors
     state = {"optimizer": opt_meta}
+    # fp16: the loss scale and its clocks, or a resumed run starts again from 65536 and skips steps until it backs off
+    # to where it was -- accelerate's GradScaler, or DeepSpeed's own dynamic scaler
     if run.accelerator.scaler is not None:
-        # fp16 (without DeepSpeed): the loss scale and its growth clock, or a resumed run starts again from 65536
-        # and skips steps until it backs off to where it was. DeepSpeed's fp16 loss scaler is not saved (bf16 is
-        # what the shipped configs use); a resumed DeepSpeed fp16 run re-warms its scale.
         state["grad_scaler"] = run.accelerator.scaler.state_dict()
+    deepspeed_scale = distributed.loss_scaler_state(run.accelerator, optimizer)
+    if deepspeed_scale is not None:
+        state["deepspeed_loss_scaler"] = deepspeed_scale
     return tensors, state
 
 
@@ -460,6 +462,8 @@ def restore(run: Run, source: str, optimizer, adapters: tuple[str, ...]) -> tupl
     distributed.load_optimizer_state_dict(run.accelerator, optimizer, list(trained.values()), opt_state)
     if run.accelerator.scaler is not None and loaded.state.get("grad_scaler"):
         run.accelerator.scaler.load_state_dict(loaded.state["grad_scaler"])
+    if loaded.state.get("deepspeed_loss_scaler"):
+        distributed.load_loss_scaler_state(run.accelerator, optimizer, loaded.state["deepspeed_loss_scaler"])
     # Every trainer draws its randomness from generators seeded by (seed, epoch, stream), so a resumed run repeats
     # its epochs without the global streams. Those are restored for anything else (Python, NumPy, torch CPU), but
     # not the per-device CUDA states: they would tie a checkpoint to its host's GPU count, and the checkpoint holds

@@ -301,6 +301,34 @@ def _zero_optimizer(optimizer):
     return zero, zero.optimizer
 
 
+# DeepSpeed's dynamic fp16 loss scaler (deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler): the scale and the
+# clocks that grow it back after an overflow. Its own checkpoints pickle the whole object; ours keep these numbers.
+LOSS_SCALER_STATE = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def loss_scaler_state(accelerator, optimizer) -> dict | None:
+    """Under DeepSpeed with a dynamic (fp16) loss scale: its state, for a checkpoint's JSON; None otherwise (bf16 and
+    fp32 have a static scale of 1)."""
+    if not is_deepspeed(accelerator):
+        return None
+    scaler = getattr(_zero_optimizer(optimizer)[0], "loss_scaler", None)
+    if scaler is None or not getattr(scaler, "dynamic", False):
+        return None
+    return {k: getattr(scaler, k) for k in LOSS_SCALER_STATE if hasattr(scaler, k)}
+
+
+def load_loss_scaler_state(accelerator, optimizer, state: dict) -> None:
+    """Inverse of :func:`loss_scaler_state` (nothing to do without DeepSpeed's dynamic scaler)."""
+    if not is_deepspeed(accelerator):
+        return
+    scaler = getattr(_zero_optimizer(optimizer)[0], "loss_scaler", None)
+    if scaler is None or not getattr(scaler, "dynamic", False):
+        return
+    for key in LOSS_SCALER_STATE:
+        if key in state:
+            setattr(scaler, key, type(getattr(scaler, key))(state[key]))
+
+
 def master_weights(accelerator, params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
     """Under DeepSpeed: the fp32 master copies of the trained parameters (the module holds bf16/fp16 copies with
     mixed precision), gathered in full, keyed like ``params``. {} otherwise. Collective."""

@@ -321,3 +321,31 @@ def test_zero3_makes_each_transformer_block_one_fetch():
     assert zero3_leaf_blocks(accel(3), transformer) == ["JointTransformerBlock"]
     assert all(z3_leaf_module(b) for b in transformer.transformer_blocks)
     assert not z3_leaf_module(transformer) and not z3_leaf_module(transformer.pos_embed)
+
+
+def test_deepspeed_fp16_loss_scaler_state_round_trips():
+    """DeepSpeed's dynamic fp16 loss scaler (the real class) behind accelerate's wrapper: its scale and clocks go into
+    the checkpoint's JSON and back; without DeepSpeed, or with a static scale (bf16), there is nothing to keep."""
+    from accelerate.utils import DistributedType
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+
+    def wrapped(scaler):  # accelerate's DeepSpeedOptimizerWrapper -> ZeRO optimizer (.loss_scaler, .optimizer)
+        return SimpleNamespace(optimizer=SimpleNamespace(loss_scaler=scaler, optimizer=None))
+
+    def dynamic():
+        return DynamicLossScaler(init_scale=2 ** 16, scale_window=1000, min_scale=1, delayed_shift=2,
+                                 consecutive_hysteresis=False)
+
+    ds = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED)
+    trained = dynamic()  # two overflows backed it off once its hysteresis was spent (an overflow logs through
+    trained.cur_scale, trained.cur_hysteresis, trained.last_overflow_iter, trained.cur_iter = 2 ** 15, 1, 1, 2
+    for _ in range(5):  # torch.distributed, so they are set here), then five clean steps
+        trained.update_scale(overflow=False)
+    state = json.loads(json.dumps(distributed.loss_scaler_state(ds, wrapped(trained))))
+    assert state == {"cur_scale": 2 ** 15, "cur_iter": 7, "last_overflow_iter": 1, "cur_hysteresis": 1}
+    resumed = dynamic()
+    distributed.load_loss_scaler_state(ds, wrapped(resumed), state)
+    assert all(getattr(resumed, k) == getattr(trained, k) for k in distributed.LOSS_SCALER_STATE)
+    assert distributed.loss_scaler_state(ds, wrapped(LossScaler(1.0))) is None  # static (bf16): nothing
+    plain = SimpleNamespace(distributed_type=DistributedType.NO)
+    assert distributed.loss_scaler_state(plain, wrapped(trained)) is None
