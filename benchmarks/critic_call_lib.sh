@@ -43,3 +43,14 @@ pack() {
   (cd "$OUT" && shopt -s nullglob && f=(log *.json *.md *.png) && tar -cf results.tar "${f[@]}" && rm -rf "${f[@]}")
   ls -la $OUT
 }
+# end_builds NAME...: the end of a build call (since session 16's scripts): the card's name, wait for the builds, their
+# save lines and errors, the value benchmark of those that saved, and the packed results
+end_builds() {
+  nvidia-smi --query-gpu=name --format=csv,noheader | head -1
+  wait
+  grep -h "policy samples\|build:save\|step 4000\|step 600\|rror" "$OUT"/log/*.txt
+  bench "$@"
+  wait
+  bench_report
+  pack "$@"
+}

@@ -30,8 +30,4 @@ case ${PAIR:-all} in
      NAMES="grpo_fast_experts grpo_fast_experts_w46";;
   *) echo "error: PAIR must be all, 1, 2, w or x, got '$PAIR'" >&2; exit 2;;
 esac
-nvidia-smi --query-gpu=name --format=csv,noheader | head -1
-wait
-SESSION=16 finish $NAMES
-(cd $OUT && tar -cf logs.tar log && rm -rf log)  # the device tool returns at most 8 files
-ls $OUT
+end_call 16 $NAMES

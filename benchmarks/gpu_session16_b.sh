@@ -23,10 +23,4 @@ case ${PAIR:-all} in
   2) mid 0 & unif 1 & NAMES="low_b2_mid unif_b2";;
   *) echo "error: PAIR must be all, 1 or 2, got '$PAIR'" >&2; exit 2;;
 esac
-nvidia-smi --query-gpu=name --format=csv,noheader | head -1
-wait
-grep -h "policy samples\|build:save\|step 4000\|step 600\|rror" $OUT/log/*.txt
-bench $NAMES
-wait
-bench_report
-pack $NAMES
+end_builds $NAMES

@@ -55,3 +55,13 @@ finish() {
   done
   rm -rf "$OUT/runs"
 }
+# end_call SESSION NAME...: the end of a training call (since session 16's scripts): the card's name, wait for the
+# runs, `finish` them as sSESSION_NAME.jsonl, and pack the logs into one tar (the device tool returns at most 8 files)
+end_call() {
+  local session=$1; shift
+  nvidia-smi --query-gpu=name --format=csv,noheader | head -1
+  wait
+  SESSION=$session finish "$@"
+  (cd "$OUT" && tar -cf logs.tar log && rm -rf log)
+  ls "$OUT"
+}
