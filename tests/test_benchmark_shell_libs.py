@@ -59,3 +59,19 @@ RC=1 crit 2 failed
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines() == ["== build stopped: exit status 124 (stopped after BUILD_S) (log/stopped.txt)",
                                        "== build failed: exit status 1 (log/failed.txt)"]
+
+
+def test_end_call_waits_keeps_each_runs_metrics_and_packs_the_logs(tmp_path):
+    out = tmp_path / "out"
+    script = f"""set -u
+OUT={out}; source {LIB}
+nvidia-smi() {{ echo FAKE-GPU; }}
+python() {{ sleep 0.2; mkdir -p "$OUT/runs/$N"; echo '{{"step": 2}}' > "$OUT/runs/$N/metrics.jsonl"; }}
+N=a train 0 grpo stitchvm a
+N=b train 1 ddpo stitchvm b
+end_call 16 a b
+"""
+    res = run_bash(script)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[0] == "FAKE-GPU" and "EXIT STATUS" not in res.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["logs.tar", "s16_a.jsonl", "s16_b.jsonl"]  # waited for both
