@@ -34,9 +34,10 @@ A_{k+1}* = R - V*, group means removed. Each estimator's advantages are given, a
 advantages with the truth is reported (scale-free, as the trainers normalise):
 
     sparse              A_k = A_{k+1} = R                           (Flow-GRPO; the decode-and-score twins)
-    dense, lambda 0     A_k = V(z_{k+1}),  A_{k+1} = R - V(z_{k+1})  (the shipped configs)
+    dense, lambda 0     A_k = V(z_{k+1}),  A_{k+1} = R - V(z_{k+1})  (the shipped configs until session 15)
     dense, lambda 0, cal  the same with V scaled by the batch's slope of R on V (``dense_calibration: batch``)
     dense, lambda 1, cal  A_k = R - V(z_k) = R (z_k is shared within a group), A_{k+1} = R - beta V(z_{k+1})
+                          (the trainers' dense default since session 15)
 
 A step whose advantages are all 0 (a calibrated critic with slope 0) has no correlation: "0 (no credit)".
 """

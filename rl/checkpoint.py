@@ -612,30 +612,26 @@ def verify_checkpoint(ckpt_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def _complete(directory: Path) -> bool:
+    """Whether ``directory`` is a checkpoint that verifies against its manifest."""
+    try:
+        verify_checkpoint(directory)
+        return True
+    except CheckpointError:
+        return False
+
+
 def _previous_good(ckpt_dir: Path) -> Path | None:
     step = int(_STEP_DIR.match(ckpt_dir.name).group(1))
     for p in reversed(list_checkpoints(ckpt_dir.parent.parent)):
-        if int(_STEP_DIR.match(p.name).group(1)) >= step:
-            continue
-        try:
-            verify_checkpoint(p)
-        except CheckpointError:
-            continue
-        return p
+        if int(_STEP_DIR.match(p.name).group(1)) < step and _complete(p):
+            return p
     return None
 
 
 def _resave_dirs(ckpt_dir: Path) -> tuple[Path, Path]:
     """(new, old): where save_checkpoint writes a step's new directory and moves its old one during a re-save."""
     return ckpt_dir.with_name(f"{ckpt_dir.name}.tmp"), ckpt_dir.with_name(f"{ckpt_dir.name}.old.tmp")
-
-
-def _complete(directory: Path) -> bool:
-    try:
-        verify_checkpoint(directory)
-        return True
-    except CheckpointError:
-        return False
 
 
 def _resave_source(ckpt_dir: Path) -> Path:

@@ -306,25 +306,25 @@ def _zero_optimizer(optimizer):
 LOSS_SCALER_STATE = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
 
 
-def loss_scaler_state(accelerator, optimizer) -> dict | None:
-    """Under DeepSpeed with a dynamic (fp16) loss scale: its state, for a checkpoint's JSON; None otherwise (bf16 and
-    fp32 have a static scale of 1)."""
+def _dynamic_loss_scaler(accelerator, optimizer):
+    """DeepSpeed's dynamic (fp16) loss scaler behind accelerate's wrapper; None without DeepSpeed or with a static
+    scale (bf16 and fp32 have a scale of 1)."""
     if not is_deepspeed(accelerator):
         return None
     scaler = getattr(_zero_optimizer(optimizer)[0], "loss_scaler", None)
-    if scaler is None or not getattr(scaler, "dynamic", False):
-        return None
-    return {k: getattr(scaler, k) for k in LOSS_SCALER_STATE if hasattr(scaler, k)}
+    return scaler if getattr(scaler, "dynamic", False) else None
+
+
+def loss_scaler_state(accelerator, optimizer) -> dict | None:
+    """The dynamic loss scaler's state, for a checkpoint's JSON; None where there is none."""
+    scaler = _dynamic_loss_scaler(accelerator, optimizer)
+    return None if scaler is None else {k: getattr(scaler, k) for k in LOSS_SCALER_STATE if hasattr(scaler, k)}
 
 
 def load_loss_scaler_state(accelerator, optimizer, state: dict) -> None:
     """Inverse of :func:`loss_scaler_state` (nothing to do without DeepSpeed's dynamic scaler)."""
-    if not is_deepspeed(accelerator):
-        return
-    scaler = getattr(_zero_optimizer(optimizer)[0], "loss_scaler", None)
-    if scaler is None or not getattr(scaler, "dynamic", False):
-        return
-    for key in LOSS_SCALER_STATE:
+    scaler = _dynamic_loss_scaler(accelerator, optimizer)
+    for key in LOSS_SCALER_STATE if scaler is not None else ():
         if key in state:
             setattr(scaler, key, type(getattr(scaler, key))(state[key]))
 

@@ -11,8 +11,8 @@ Group relative policy optimisation on the flow SDE. Each epoch:
      sparse  (Flow-GRPO)  A_k = (R - mean_group R) / (std + eps), the same for every step of a sample;
      dense   (critic)     A_k = GAE_lambda(delta)_k, delta_k = V(z_{k+1}) - V(z_k), V(z_N) := R
                           (lambda = 0: the value gained by step k; lambda = 1, the default: R - V(z_k)),
-                          centred per (group, step) and divided by the (group, step) std or the global one
-                          (``dense_norm``). Across ODE steps V is
+                          centred per (group, step) and divided by the (group, step) std, the default, or the
+                          global one (``dense_norm``). Across ODE steps V is
                           carried exactly, V(z_k) = V(z_{k+1}) (``exact_ode``): after a Fast window's last
                           stochastic step the value is R itself, so the critic is called only at the window's
                           latents, and with lambda = 0 the window's raw advantages sum to R - V(z_window start).
@@ -31,8 +31,10 @@ at the end, so Q(z_k, z_{k+1}) = V(z_{k+1}) and delta_k is the advantage of the 
 sparse estimator credits every step with R, i.e. with the noise of all *other* steps too; delta_k only
 carries step k's own noise (its expectation given z_k is 0 for an exact V). R - V(z_k) (lambda = 1) keeps the
 noise of the later steps but stays unbiased for any V (a state baseline). Centring per (group, step) removes
-a critic's systematic drift along sigma; a global (not per-step) scale keeps the steps' relative weight, so a
-step where the critic sees nothing happen is not blown up to unit variance.
+a critic's systematic drift along sigma. Uncalibrated, a global (not per-step) scale keeps the steps' relative
+weight, so a step where the critic sees nothing happen is not blown up to unit variance; calibrated, such a step
+carries the sparse credit rather than the critic's noise, and the default scales per (group, step) as Flow-GRPO
+scales per group.
 The estimator is only as good as the critic where it is asked. With lambda = 0 one value at sigma_{k+1} splits
 each reward between a Fast window's two steps; a critic that barely ranks a group's samples there (the Shapes
 StitchVM at sigma 0.7-0.96, benchmarks/window_credit.py) hands its noise to both, and the sparse twins trained
