@@ -7,6 +7,9 @@
 #   PAIR=all (four GPUs): GPU 0/1 GRPO-Fast seeds 2/3, GPU 2/3 DDPO-Fast seeds 2/3
 #   PAIR=1 / PAIR=2 (two GPUs): GRPO seeds 2 and 3 / DDPO seeds 2 and 3
 #   PAIR=w (two GPUs): GRPO-Fast seed 0 with the window at sigma <= 0.71 (start U{4..6}), and DDPO-Fast likewise
+#   PAIR=w4 (four GPUs, session 16's third call): GRPO-Fast seed 0 with the window at U{4..6}: --critic stitchvm, its
+#          sparse twin (--critic terminal algo.advantages=sparse), and --critic stitchvm_experts; and the experts at the
+#          shipped window (against session 15's seed-0 stitchvm run, s15a_grpo_fast_*)
 #   PAIR=x (two GPUs): GRPO-Fast with --critic stitchvm_experts, shipped window and at U{4..6}. With the shipped
 #          estimator the experts raise the second window step's credit above the sparse one at k = 3-4 (.74 -> .82,
 #          .63 -> .76; benchmarks/window_credit.py, docs/bench/window_credit_cpu.md), where stitchvm adds nothing
@@ -26,8 +29,11 @@ case ${PAIR:-all} in
      NAMES="ddpo_fast_s2 ddpo_fast_s3";;
   w) train 0 grpo stitchvm grpo_fast_w46 $K "$W"; train 1 ddpo stitchvm ddpo_fast_w46 $K "$W"
      NAMES="grpo_fast_w46 ddpo_fast_w46";;
+  w4) train 0 grpo stitchvm grpo_fast_w46 $K "$W"; train 1 grpo terminal grpo_fast_w46_terminal $K "$W" algo.advantages=sparse
+      train 2 grpo stitchvm_experts grpo_fast_experts_w46 $K "$W"; train 3 grpo stitchvm_experts grpo_fast_experts $K
+      NAMES="grpo_fast_w46 grpo_fast_w46_terminal grpo_fast_experts_w46 grpo_fast_experts";;
   x) train 0 grpo stitchvm_experts grpo_fast_experts $K; train 1 grpo stitchvm_experts grpo_fast_experts_w46 $K "$W"
      NAMES="grpo_fast_experts grpo_fast_experts_w46";;
-  *) echo "error: PAIR must be all, 1, 2, w or x, got '$PAIR'" >&2; exit 2;;
+  *) echo "error: PAIR must be all, 1, 2, w, w4 or x, got '$PAIR'" >&2; exit 2;;
 esac
 end_call 16 $NAMES

@@ -22,7 +22,8 @@ Choices (not in the paper):
   (RL rollouts are CFG-free, evaluation uses CFG), step count drawn from `num_steps`. Each step inserts
   `latents_per_trajectory` noise levels σ ~ U(`sigma_range`) into the schedule and regresses at exactly those
   nodes; the default U(0, 1) covers every level uniformly, as stage 2's default law does.
-- The value term is divided by Var(r), a running (EMA, momentum 0.99) variance of the rewards seen so far: λ_v = 1
+- The value term is divided by Var(r), a running (EMA, momentum 0.99, bias-corrected as Adam's moments so the first
+  steps average the batches seen so far rather than trust the first one) variance of the rewards seen so far: λ_v = 1
   then weighs a fit at the level of R² against the O(1) embedding term, whatever the reward's scale (CLIP 0..1,
   PickScore ~20, HPS ~0.3). A per-batch variance would blow the term up on batches of near-equal rewards (one
   CFG-free batch of failures).
@@ -53,6 +54,13 @@ from critics.tails import make_tail
 from rl.config import check, option
 
 VAR_MOMENTUM = 0.99  # EMA of the reward variance that scales the value term
+
+
+def debiased_ema(ema: float, x: float, step: int, momentum: float = VAR_MOMENTUM) -> tuple[float, float]:
+    """One update of an EMA started at 0 (step counts from 0): returns (new ema, bias-corrected estimate
+    ema / (1 - momentum^(step+1))), a weighted mean of every x so far, not the first x alone (Adam's correction)."""
+    ema = momentum * ema + (1 - momentum) * x
+    return ema, ema / (1 - momentum ** (step + 1))
 
 
 @dataclass
@@ -199,7 +207,7 @@ def onpolicy_finetune(model: StitchVM, policy, reward: nn.Module, prompts: list[
     rng = np.random.default_rng(cfg.seed)
     stats: dict[str, list[float]] = {f"onpolicy/{k}": [] for k in (
         "loss", "value_loss", "embed_loss", "token_loss", "lr", "grad_norm", "reward_std", "value_mse")}
-    reward_var = None
+    var_ema = 0.0
     bar = tqdm(total=cfg.steps, disable=not cfg.progress, desc="stitchvm on-policy")
     for step in range(cfg.steps):
         # 1. the policy's trajectories through this step's noise levels; targets on their decoded ends
@@ -214,8 +222,7 @@ def onpolicy_finetune(model: StitchVM, policy, reward: nn.Module, prompts: list[
             t_out = teacher.encode(roll.images)
             r = (reward if target is None else target)(roll.images, roll.prompts_x0).float()  # (b,)
             r = r.to(roll.z_t.device)  # a checker target scores on the CPU
-        batch_var = r.var().item()
-        reward_var = batch_var if reward_var is None else VAR_MOMENTUM * reward_var + (1 - VAR_MOMENTUM) * batch_var
+        var_ema, reward_var = debiased_ema(var_ema, r.var().item(), step)
         # 2. the critic on z_t
         model.train()
         s_out = model.features(roll.z_t, roll.sigma, roll.prompts)  # a prompt-conditioned head sees the prompt

@@ -10,7 +10,8 @@ import torch
 
 from critics import load
 from critics.build import build, load_config
-from critics.onpolicy import OnPolicyConfig, onpolicy_loss, sample_rollouts, schedule_with_nodes
+from critics.onpolicy import (VAR_MOMENTUM, OnPolicyConfig, debiased_ema, onpolicy_loss, sample_rollouts,
+                              schedule_with_nodes)
 from rl.config import ConfigError
 from shapes.models import load_shapes_policy, load_shapes_reward
 from tests.critics.tiny_world import BUILD_YAML, tiny_overrides
@@ -222,3 +223,16 @@ def test_sigma_range_bounds_the_inserted_noise_levels(built, world, tmp_path, mo
     assert len(seen) == 3 and levels.numel() == 6 and bool(((levels >= 0.2) & (levels <= 0.4)).all())
     with pytest.raises(ConfigError, match=r"sigma_range: need 0 <= lo < hi <= 1"):
         load_config(BUILD_YAML, tiny_overrides(world, tmp_path / "a", "onpolicy.sigma_range=[0.5,0.5]"))
+
+
+def test_debiased_ema_is_the_weighted_mean_of_the_batches_so_far():
+    # step 0: the first batch itself; step 1: (m·a + b) / (1 + m); a constant input is returned exactly at every step
+    m = VAR_MOMENTUM
+    ema, est = debiased_ema(0.0, 4.0, 0)
+    assert est == pytest.approx(4.0, rel=1e-12)
+    ema, est = debiased_ema(ema, 1.0, 1)
+    assert est == pytest.approx((m * 4.0 + 1.0) / (1 + m), rel=1e-12)
+    ema = 0.0
+    for step in range(300):
+        ema, est = debiased_ema(ema, 0.25, step)
+        assert est == pytest.approx(0.25, rel=1e-9)
