@@ -185,10 +185,12 @@ def calibrate_values(values: Tensor, rewards: Tensor, group_size: int) -> tuple[
     taken as 0 (no credit from V), not as an inverted critic.
 
     Args:
-        values: (B, N+1); columns with a non-finite entry (latents the critic was not asked at) are left as they are.
+        values: (B, N+1); entries the critic was not asked at are non-finite and left as they are. A group's rows
+            share them: a latent index asked in some groups only (GRPO's ``values_at: trained``) is calibrated on
+            those groups.
         rewards: (B,) R.  group_size: G, rows in consecutive groups.
     Returns:
-        (values (B, N+1) float32, beta (N+1,) float32: NaN for the columns left alone).
+        (values (B, N+1) float32, beta (N+1,) float32: NaN for columns asked in no group).
     """
     if values.ndim != 2 or rewards.shape != values.shape[:1]:
         raise ValueError(f"values (B, N+1) and rewards (B,) disagree: {tuple(values.shape)}, {tuple(rewards.shape)}")
@@ -196,12 +198,12 @@ def calibrate_values(values: Tensor, rewards: Tensor, group_size: int) -> tuple[
         raise ValueError(f"calibration needs groups of >= 2 rows; {values.shape[0]} rows in groups of {group_size}")
     v = values.float().view(-1, group_size, values.shape[1])  # (P, G, N+1)
     r = rewards.float().view(-1, group_size, 1)
-    dv = v - v.mean(1, keepdim=True)
+    asked = torch.isfinite(v).all(1, keepdim=True)  # (P, 1, N+1): the groups whose column k is whole
+    dv = torch.where(asked, v - v.mean(1, keepdim=True), torch.zeros_like(v))
     dr = r - r.mean(1, keepdim=True)
     beta = ((dv * dr).sum((0, 1)) / (dv * dv).sum((0, 1)).clamp_min(1e-12)).clamp_min(0.0)  # (N+1,)
-    ok = torch.isfinite(v).all(0).all(0)
-    out = torch.where(ok, v - dv + beta * dv, v)
-    return out.view_as(values), torch.where(ok, beta, torch.full_like(beta, math.nan))
+    out = torch.where(asked, v - dv + beta * dv, v)
+    return out.view_as(values), torch.where(asked.any(0).squeeze(0), beta, torch.full_like(beta, math.nan))
 
 
 def calibration_slope(values: Tensor, rewards: Tensor, group_size: int) -> float:

@@ -55,9 +55,12 @@ DENSE_AS_RECORDED_ARGS = [f"algo.{k}={v}" for k, v in DENSE_AS_RECORDED.items()]
 # the dense estimators follow the run's algo.exact_ode (on since session 8; off in the session 3-4 figures, which
 # used configs without a Fast window, where it changes nothing)
 VARIANCE_ESTIMATORS = {"sparse": ("sparse", 0.0), "dense-l0": ("dense", 0.0), "dense-l0.5": ("dense", 0.5),
-                       "dense-l1": ("dense", 1.0), "dense-shipped": ("dense", 1.0)}
-# the variance section's estimators as recorded (sessions 3-5) but "dense-shipped": the defaults since session 15
-SHIPPED_DENSE = {"dense_norm": "group_step", "dense_calibration": "batch"}
+                       "dense-l1": ("dense", 1.0), "dense-shipped": ("dense", 1.0), "dense-l1-cal": ("dense", 1.0)}
+# the variance section's estimators as recorded (sessions 3-5) but: "dense-shipped", the defaults since session 15;
+# "dense-l1-cal" (session 16), calibrated with the global scale, which keeps the steps' relative weight where a
+# per-(group, step) std would blow a late step's small residual R - V up to unit scale (whole-trajectory SDE)
+VARIANCE_OVERRIDES = {"dense-shipped": {"dense_norm": "group_step", "dense_calibration": "batch"},
+                      "dense-l1-cal": {"dense_norm": "global", "dense_calibration": "batch"}}
 UNLIMITED = 10**9
 
 
@@ -165,8 +168,8 @@ def gradient_variance_at_init(args, seed: int) -> dict[str, float]:
                          cfg.sde_window, cfg.sde_window_start, rng, generator)
     values = cotrain.trajectory_values(run.critic, rollout.latents, rollout.sigmas, rows, cfg.value_batch_size)
     advs = {est: grpo.grpo_advantages(rollout.rewards, values, rollout.sde_mask,
-                                      dataclasses.replace(cfg, advantages=mode, gae_lambda=lam, **(
-                                          SHIPPED_DENSE if est == "dense-shipped" else DENSE_AS_RECORDED)))
+                                      dataclasses.replace(cfg, advantages=mode, gae_lambda=lam,
+                                                          **VARIANCE_OVERRIDES.get(est, DENSE_AS_RECORDED)))
             for est, (mode, lam) in VARIANCE_ESTIMATORS.items()}
     out = pg.gradient_variance(run.policy, rollout, advs, params, cfg.eta, cfg.guidance_scale, args.variance_samples)
     run.logger.close()

@@ -90,21 +90,28 @@ def cotrain_config(node: Any) -> CotrainConfig:
 # ------------------------------------------------------------------------------------------------ critic helpers
 @torch.no_grad()
 def trajectory_values(critic, latents: Tensor, sigmas: Tensor, prompts: list[str], batch_size: int,
-                      steps: Iterable[int] | None = None) -> Tensor:
+                      steps: Iterable[int] | Tensor | None = None) -> Tensor:
     """V at the visited latents of a batch of trajectories, batched over (sample, step).
 
     Args:
         critic: a dense critic (``value(z_t, sigma (n,), prompts)``).
         latents: (B, K+1, C, h, w); sigmas: (K+1,); prompts: B strings.
         batch_size: latents per critic call.
-        steps: which of the K+1 latents to score (default all); the others are NaN.
+        steps: which of the K+1 latents to score (default all), or a (B, K+1) bool mask of the (row, latent) pairs
+            to score; the others are NaN.
     Returns:
         (B, K+1) float32.
     """
     n_rows, n_lat = latents.shape[:2]
-    steps = list(range(n_lat)) if steps is None else list(steps)
+    if isinstance(steps, Tensor):
+        if steps.shape != (n_rows, n_lat) or steps.dtype != torch.bool:
+            raise ValueError(f"a mask of (row, latent) pairs must be bool ({n_rows}, {n_lat}), got {steps.dtype} "
+                             f"{tuple(steps.shape)}")
+        rows = [(int(i), int(k)) for k, i in torch.nonzero(steps.T).tolist()]  # latent-major, as below
+    else:
+        steps = list(range(n_lat)) if steps is None else list(steps)
+        rows = [(i, k) for k in steps for i in range(n_rows)]
     out = torch.full((n_rows, n_lat), math.nan, device=latents.device)
-    rows = [(i, k) for k in steps for i in range(n_rows)]
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         i_idx = torch.tensor([i for i, _ in chunk], device=latents.device)

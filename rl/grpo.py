@@ -19,7 +19,9 @@ Group relative policy optimisation on the flow SDE. Each epoch:
                           ``dense_calibration: batch`` (default) first rescales each latent's V around its group
                           mean by the batch's least-squares slope of R on V (rl.advantages.calibrate_values).
    Both clipped to [-adv_clip, adv_clip].
-4. Policy update on a random ``timestep_fraction`` of each sample's stochastic steps (Eq. 8):
+4. Policy update on a random ``timestep_fraction`` of each sample's stochastic steps (Eq. 8); with
+   ``values_at: trained`` they are drawn per group before stage 2, and the critic is asked at their latents only:
+   a whole-trajectory SDE (``sde_window: 0``) then costs the critic what a Fast window does.
      rho_k = pi_theta(z_{k+1} | z_k) / pi_old(z_{k+1} | z_k)
      L = mean max(-A_k rho_k, -A_k clip(rho_k, 1 - eps, 1 + eps)) + beta_KL mean ||mu_theta - mu_ref||^2 / (2 std_k^2)
    with the reference = the model with its LoRA adapters disabled.
@@ -42,6 +44,10 @@ better (docs/bench/trainers_session14.md). With lambda = 1, group noise and ``de
 first latent is shared within a group, so its step gets exactly the sparse credit, and the second gets
 R - V(z_{k+1}), a state baseline (calibrated: scaled by the batch's slope of R on V). These are the defaults since
 session 15: validation plateaus .58-.62 against .52-.57 for lambda 0 (docs/bench/trainers_session15.md).
+In the Fast window that is all V can do. With the SDE at every step (``sde_window: 0``) lambda 1, calibrated, with
+the global scale is 4-7x less variable than sparse credit (CPU, docs/bench/trainers_session16.md): R - V(z_k) is small
+at the late steps whose log-prob gradients are largest. ``group_step`` would scale those residuals back up, so there
+use ``dense_norm: global``, and ``values_at: trained`` to pay for V only at the trained steps.
 
 Notation:
     symbol          here
@@ -101,6 +107,11 @@ class GRPOConfig(common.EMAAdapters):
         "group_step", help="dense: after centring per (group, step) divide by the global std, the (group, step) std, "
                        "or nothing")
     exact_ode: bool = option(True, help=pg.EXACT_ODE_HELP)
+    values_at: Literal["stochastic", "trained"] = option(
+        "stochastic", help="dense: ask the critic at every stochastic step's latent, or (trained) draw each group's "
+                           "timestep_fraction of the steps before the value pass and ask it there only, which cuts "
+                           "the critic's cost by that fraction on a whole-trajectory SDE (needs gae_lambda 1: R - "
+                           "V(z_k) reads V at z_k alone; the same steps in every inner epoch)")
     dense_calibration: Literal["none", "batch"] = option("batch", help=pg.DENSE_CALIBRATION_HELP)
     lr: float = option(3e-4, help="AdamW learning rate of the LoRA (Flow-GRPO: 3e-4)")
     weight_decay: float = option(1e-4, help="AdamW weight decay")
@@ -129,6 +140,13 @@ class GRPOConfig(common.EMAAdapters):
         check(self.kl_beta >= 0, "kl_beta", f"must be >= 0, got {self.kl_beta}")
         check(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         check(0 <= self.gae_lambda <= 1, "gae_lambda", f"must be in [0, 1], got {self.gae_lambda}")
+        if self.values_at == "trained":
+            check(self.advantages == "dense", "values_at", "'trained' narrows the critic's values, which only dense "
+                                                           "advantages read: set algo.advantages=dense or "
+                                                           "values_at=stochastic")
+            check(self.gae_lambda == 1.0 and self.exact_ode, "values_at",
+                  f"'trained' needs gae_lambda 1 and exact_ode (R - V(z_k) reads V at z_k alone; GAE with lambda < "
+                  f"1 reads every later latent), got gae_lambda {self.gae_lambda}, exact_ode {self.exact_ode}")
         common.check_optimizer_and_lora(self)
         for key in ("prompts_per_epoch", "train_batch_size", "value_batch_size", "inner_epochs"):
             check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
@@ -204,14 +222,21 @@ def train(run: common.Run, cfg: GRPOConfig, resume: str | None = None) -> dict[s
             finite = torch.isfinite(rewards)
             metrics = {**common.log_mean_std("reward", rewards), "train/epoch": epoch + 1,
                        "reward/nonfinite": float((~finite).sum())}
+            mine = pg.process_rows(len(rows), cfg.rollout_batch_size, run.accelerator)
+            sde_mask = pg.gather(run, rollout.sde_mask, len(rows), cfg.rollout_batch_size)  # (B, N)
+            steps = None  # values_at: trained: each group's trained steps, drawn now (the same on every process)
+            if cfg.values_at == "trained":
+                steps = pg.train_steps(sde_mask, cfg.timestep_fraction, pg.epoch_generator(run, epoch, 4)[1],
+                                       cfg.group_size)  # (B, n_t)
+                sde_mask = torch.zeros_like(sde_mask).scatter_(1, steps, True)  # only these are trained
             # 2. V(z_k) along every trajectory (calibration logged before any update on these trajectories)
             values = None
             if want_values:
-                values, calibration = pg.trajectory_values(run, critic, rollout, rewards, cfg, edges)  # (B, N+1)
+                values, calibration = pg.trajectory_values(run, critic, rollout, rewards, cfg, edges,
+                                                           None if steps is None else sde_mask[mine])  # (B, N+1)
                 metrics.update(calibration)
             if finite.all():
                 # 3. advantages: sparse group-normalised R, or dense per-step from V
-                sde_mask = pg.gather(run, rollout.sde_mask, len(rows), cfg.rollout_batch_size)
                 adv = grpo_advantages(rewards, values, sde_mask, cfg)
                 metrics["adv/abs_mean"] = adv[sde_mask].abs().mean().item()
                 if values is not None and cfg.advantages == "dense" and cfg.dense_calibration == "batch":
@@ -219,9 +244,9 @@ def train(run: common.Run, cfg: GRPOConfig, resume: str | None = None) -> dict[s
                 # 4. PPO-clip + KL on a fraction of the stochastic steps
                 _, generator = pg.epoch_generator(run, epoch, 2)
                 with run.timer("update"):
-                    mine = pg.process_rows(len(rows), cfg.rollout_batch_size, run.accelerator)
                     metrics.update(pg.ppo_update(run, rollout, adv[mine], optimizer, params,
-                                                 cfg.update_settings(epoch), generator))
+                                                 cfg.update_settings(epoch), generator,
+                                                 None if steps is None else steps[mine]))
                 consecutive_bad = consecutive_bad + 1 if metrics["train/skipped_updates"] else 0
             else:
                 metrics["train/skipped_updates"] = 1.0

@@ -97,15 +97,19 @@ def check_window(num_steps: int, window: int, window_start: tuple[int, int]) -> 
         check(hi <= last, "sde_window_start", f"need 0 <= lo <= hi <= num_steps - sde_window ({last}), got ({lo}, {hi})")
 
 
-def trajectory_values(run: common.Run, critic, rollout: SDERollout, rewards: Tensor, cfg, edges) -> tuple[Tensor, dict]:
+def trajectory_values(run: common.Run, critic, rollout: SDERollout, rewards: Tensor, cfg, edges,
+                      asked: Tensor | None = None) -> tuple[Tensor, dict]:
     """Stage 2 of GRPO / DDPO: V(z_k) along this process's trajectories, gathered for every row (B, N+1), and its
     calibration against the realised ``rewards`` (B,) per sigma bucket ``edges``.
 
     With dense advantages and ``cfg.exact_ode`` the critic is asked only at latents that begin a stochastic step
     of some row (NaN elsewhere: rl.advantages.ode_values carries V exactly across the rest, and the calibration
     skips them); otherwise (the critic-everywhere estimator, or a sparse run that co-trains its critic) at every
-    latent."""
+    latent. ``asked`` ((b, N) bool, this process's rows) narrows it to the latents that begin those steps (GRPO's
+    ``values_at: trained``)."""
     steps = value_steps(rollout.sde_mask) if cfg.exact_ode and cfg.advantages == "dense" else None
+    if asked is not None:  # (b, N) this process's rows: the latents that begin these steps only
+        steps = torch.cat([asked, asked.new_zeros(asked.shape[0], 1)], 1)
     with run.timer("value"):
         local = cotrain.trajectory_values(critic, rollout.latents, rollout.sigmas, rollout.prompts,
                                           cfg.value_batch_size, steps)
@@ -249,24 +253,31 @@ class UpdateSettings:
     ema_step: int = 0  # the run's optimizer-step index of this call's first step (the warm-up's clock)
 
 
-def train_steps(mask: Tensor, fraction: float, generator: torch.Generator) -> Tensor:
+def train_steps(mask: Tensor, fraction: float, generator: torch.Generator, group_size: int = 1) -> Tensor:
     """Per row, a random subset of its stochastic steps: (B, n) step indices, n = max(1, round(fraction * #SDE)).
 
-    Rows must have the same number of stochastic steps (one window length per run)."""
+    Rows must have the same number of stochastic steps (one window length per run). With ``group_size`` > 1 the
+    rows of each group of consecutive rows share their subset (and must share their mask)."""
     counts = mask.sum(1)
     if bool((counts != counts[0]).any()) or int(counts[0]) == 0:
         raise ValueError(f"every row needs the same, non-zero number of stochastic steps; got {counts.tolist()}")
+    if group_size < 1 or mask.shape[0] % group_size:
+        raise ValueError(f"{mask.shape[0]} rows are not a whole number of groups of {group_size}")
     n = max(1, round(fraction * int(counts[0])))
-    keys = torch.rand(mask.shape, generator=generator, device=generator.device).to(mask.device)
+    shape = (mask.shape[0] // group_size, mask.shape[1])
+    keys = torch.rand(shape, generator=generator, device=generator.device).to(mask.device)
+    keys = keys.repeat_interleave(group_size, dim=0)
     keys = torch.where(mask, keys, torch.full_like(keys, 2.0))  # ODE steps sort last, never picked
     return keys.argsort(dim=1)[:, :n]
 
 
 def ppo_update(run: common.Run, rollout: SDERollout, adv: Tensor, optimizer: torch.optim.Optimizer,
-               params: list[nn.Parameter], s: UpdateSettings, generator: torch.Generator) -> dict[str, float]:
+               params: list[nn.Parameter], s: UpdateSettings, generator: torch.Generator,
+               steps: Tensor | None = None) -> dict[str, float]:
     """Minibatch epochs of PPO-clip (+ KL) over the rollout's (sample, trained step) pairs.
 
-    Each inner epoch reshuffles the samples and redraws each sample's trained steps; the gradient of a
+    Each inner epoch reshuffles the samples and redraws each sample's trained steps, unless ``steps`` (this
+    process's rows, (b, n_t) step indices) fixes them for every inner epoch; the gradient of a
     minibatch is accumulated over its trained steps (one optimizer step per minibatch, as Flow-GRPO / DDPO).
     A minibatch with a non-finite loss or gradient is skipped (it never reaches the weights).
 
@@ -283,7 +294,7 @@ def ppo_update(run: common.Run, rollout: SDERollout, adv: Tensor, optimizer: tor
     ema_decay = math.nan
     for _ in range(s.inner_epochs):
         perm = torch.randperm(n, generator=generator, device=generator.device).to(run.device)
-        steps_all = train_steps(rollout.sde_mask, s.timestep_fraction, generator)  # (B, n_t)
+        steps_all = train_steps(rollout.sde_mask, s.timestep_fraction, generator) if steps is None else steps
         num_t = steps_all.shape[1]
         for start in range(0, n, batch_size):
             idx = perm[start:start + batch_size]

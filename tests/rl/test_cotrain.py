@@ -215,3 +215,22 @@ def test_a_process_without_finite_rewards_joins_the_critic_step(tmp_path):
     assert "critic/train_mse" not in r1["out"]  # it had no loss of its own, but took the same steps
     for a, b in zip(r0["params"], r1["params"]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_trajectory_values_at_a_mask_of_pairs():
+    """A (B, K+1) bool mask asks the critic at exactly those (row, latent) pairs, in any batch size."""
+
+    class Probe:
+        def value(self, z, sigma, prompts):  # a value that names its input: sum of the latent + 10 * sigma
+            return z.flatten(1).sum(1) + 10 * sigma
+
+    latents = torch.randn(5, 4, 2, 3, 3)
+    sigmas = torch.tensor([1.0, 0.6, 0.3, 0.0])
+    mask = torch.rand(5, 4, generator=torch.Generator().manual_seed(0)) < 0.5
+    for batch in (1, 3, 64):
+        out = cotrain.trajectory_values(Probe(), latents, sigmas, ["p"] * 5, batch, mask)
+        want = latents.flatten(2).sum(2) + 10 * sigmas
+        torch.testing.assert_close(out[mask], want[mask])
+        assert bool(out[~mask].isnan().all())
+    with pytest.raises(ValueError, match="bool"):
+        cotrain.trajectory_values(Probe(), latents, sigmas, ["p"] * 5, 8, mask.float())

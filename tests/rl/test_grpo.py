@@ -141,6 +141,42 @@ def test_value_calibration_recovers_a_planted_slope_and_keeps_the_telescope():
         calibrate_values(values, rewards, 1)
 
 
+def test_calibration_of_a_latent_asked_in_some_groups_uses_those_groups():
+    """values_at: trained asks a latent in some groups only: its slope is the one of those groups alone, and the
+    other groups' entries stay NaN."""
+    torch.manual_seed(1)
+    P, G = 300, 4
+    v = torch.randn(P * G, 3)
+    rewards = 2.0 * v[:, 1] + torch.randn(P * G)
+    partial = v.clone()
+    holes = torch.rand(P) < 0.5
+    partial[holes.repeat_interleave(G), 1] = math.nan  # column 1 not asked in half of the groups
+    out, beta = calibrate_values(partial, rewards, G)
+    keep = (~holes).repeat_interleave(G)
+    sub_out, sub_beta = calibrate_values(v[keep], rewards[keep], G)
+    assert beta[1].item() == pytest.approx(sub_beta[1].item(), rel=1e-5)
+    torch.testing.assert_close(out[keep, 1], sub_out[:, 1])
+    assert bool(out[~keep, 1].isnan().all())
+    torch.testing.assert_close(beta[[0, 2]], calibrate_values(v, rewards, G)[1][[0, 2]])  # whole columns unchanged
+
+
+def test_train_steps_shared_within_groups():
+    from rl import policy_gradient as pg
+
+    mask = torch.ones(12, 10, dtype=torch.bool)
+    steps = pg.train_steps(mask, 0.2, torch.Generator().manual_seed(0), group_size=4)
+    assert steps.shape == (12, 2)
+    groups = steps.view(3, 4, 2)
+    assert all(torch.equal(g[0], g[i]) for g in groups for i in range(4))
+    assert not torch.equal(groups[0][0].sort().values, groups[1][0].sort().values) or not torch.equal(
+        groups[1][0].sort().values, groups[2][0].sort().values)  # groups draw their own
+    window = torch.zeros(8, 10, dtype=torch.bool)
+    window[:, 3:5] = True
+    assert set(pg.train_steps(window, 0.5, torch.Generator().manual_seed(0), 4).flatten().tolist()) <= {3, 4}
+    with pytest.raises(ValueError, match="groups of 4"):
+        pg.train_steps(torch.ones(6, 10, dtype=torch.bool), 0.2, torch.Generator(), 4)
+
+
 def test_lambda_one_group_step_gives_the_first_shared_step_the_sparse_credit():
     """gae_lambda 1, dense_norm group_step, group noise: the window's first latent is shared within a group, so its
     step gets exactly GRPO's sparse (R - mean) / std for any critic, calibrated or not; the second step gets R minus
@@ -376,6 +412,50 @@ def test_gradient_variance_of_identical_samples_is_zero():
 def test_shipped_algo_config_composes(algo, capsys):
     assert train.main(["--algo", algo, "--critic", "terminal", "--print-config"]) == 0
     assert "advantages" in capsys.readouterr().out or algo == "draft"
+
+
+def test_values_at_trained_asks_the_critic_only_where_each_group_trains(tmp_path, monkeypatch):
+    """values_at: trained on a whole-trajectory SDE: the critic sees only the latents that begin each group's drawn
+    steps (timestep_fraction of them, shared by the group's rows), and the update trains exactly those steps."""
+    from rl import cotrain
+    from rl import policy_gradient as pg
+
+    asked, trained = [], []
+    real_values, real_update = cotrain.trajectory_values, pg.ppo_update
+
+    def spy_values(critic, latents, sigmas, prompts, batch_size, steps=None):
+        asked.append(steps.clone())
+        return real_values(critic, latents, sigmas, prompts, batch_size, steps)
+
+    def spy_update(run, rollout, adv, optimizer, params, s, generator, steps=None):
+        trained.append((steps.clone(), adv.clone()))
+        return real_update(run, rollout, adv, optimizer, params, s, generator, steps)
+
+    monkeypatch.setattr(cotrain, "trajectory_values", spy_values)
+    monkeypatch.setattr(pg, "ppo_update", spy_update)
+    out = run_tiny(tmp_path, "grpo", "tweedie", "algo.advantages=dense", "algo.values_at=trained",
+                   "algo.timestep_fraction=0.5", "algo.dense_norm=global")
+    assert lora_moved(out) and len(asked) == len(trained) == 2
+    cfg = train.compose_config(train.parse_args(["--algo", "grpo", "--critic", "tweedie", "--config", TINY,
+                                                 *DROP["grpo"]])).algo_cfg
+    G, N = cfg.group_size, cfg.num_steps
+    for mask, (steps, adv) in zip(asked, trained):
+        assert mask.shape == (steps.shape[0], N + 1) and not mask[:, -1].any()
+        assert steps.shape[1] == round(0.5 * N)
+        expected = torch.zeros(steps.shape[0], N + 1, dtype=torch.bool).scatter_(1, steps.cpu(), True)
+        assert torch.equal(mask.cpu(), expected)  # the critic's latents are exactly the trained steps'
+        assert all(torch.equal(g[0], g[i]) for g in mask.view(-1, G, N + 1) for i in range(G))  # shared by a group
+        untrained = torch.ones_like(adv, dtype=torch.bool).scatter_(1, steps, False)
+        assert (adv[untrained] == 0).all() and adv[~untrained].abs().sum() > 0
+
+
+def test_values_at_trained_config_errors(tmp_path, capsys):
+    base = ["--algo", "grpo", "--critic", "tweedie", "--config", TINY, *DROP["grpo"], f"run.output_dir={tmp_path}",
+            "algo.values_at=trained"]
+    assert train.main(base) == 2  # sparse advantages read no values
+    assert "algo.advantages=dense" in capsys.readouterr().err
+    assert train.main([*base, "algo.advantages=dense", "algo.gae_lambda=0.5"]) == 2
+    assert "gae_lambda 1" in capsys.readouterr().err
 
 
 def test_config_errors(tmp_path, capsys):

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Next GPU call for issue #6 (written in session 16, not yet run): GRPO on a whole-trajectory SDE, where the critic's
+# dense credit cuts the policy-gradient variance, at the Fast window's cost.
+# Session 16 (docs/bench/trainers_session16.md): at the Fast window (a 2-step SDE window at sigma 0.71-0.96) the
+# calibrated critic's slope is .015 and the dense runs train as sparse ones (four seeds each: GRPO +0.134, DDPO +0.130
+# on average, against +0.15). On a whole-trajectory SDE the CPU variance study (pg_variance_session16_cpu.json) finds
+# lambda 1 with the global scale and the batch calibration 4-7x less variable than sparse credit, with stitchvm and the
+# experts alike, where the shipped group_step scale cuts nothing. algo.values_at=trained draws each group's 2 trained
+# steps of 10 (timestep_fraction 0.2) before the value pass, so the critic is asked at 2 latents per sample, as in a
+# Fast window, and the update trains 2 steps per sample, as Fast does.
+#   PAIR=all (four GPUs): seeds 0 and 1 of {dense stitchvm, its sparse twin (--critic terminal)}
+#   PAIR=x (two GPUs): seeds 0 and 1 with --critic stitchvm_experts
+# Replay an H200 run at the H100's epochs: benchmarks/compare_runs.py RUN --clock RUN=docs/bench/s13b_grpo_fast_kl0.01.jsonl.gz
+# (an H100 run of the Fast config: same work per epoch here, 2 trained steps and 2 values per sample)
+#   PAIR=all bash benchmarks/gpu_session17_a.sh OUT
+set -u
+OUT=${1:?out}; MINUTES=${MINUTES:-8.5}; source benchmarks/session3_lib.sh
+K="--config configs/experiments/keep_best.yaml run.ckpt_every=100000"
+SDE="algo.sde_window=0 algo.sde_window_start=[0,0] algo.timestep_fraction=0.2"
+D="algo.values_at=trained algo.dense_norm=global"
+case ${PAIR:-all} in
+  all) train 0 grpo stitchvm grpo_sde $K $SDE $D; train 1 grpo terminal grpo_sde_terminal $K $SDE algo.advantages=sparse
+       train 2 grpo stitchvm grpo_sde_s1 $K $SDE $D run.seed=1
+       train 3 grpo terminal grpo_sde_terminal_s1 $K $SDE algo.advantages=sparse run.seed=1
+       NAMES="grpo_sde grpo_sde_terminal grpo_sde_s1 grpo_sde_terminal_s1";;
+  x) train 0 grpo stitchvm_experts grpo_sde_experts $K $SDE $D
+     train 1 grpo stitchvm_experts grpo_sde_experts_s1 $K $SDE $D run.seed=1
+     NAMES="grpo_sde_experts grpo_sde_experts_s1";;
+  *) echo "error: PAIR must be all or x, got '$PAIR'" >&2; exit 2;;
+esac
+end_call 17 $NAMES
