@@ -22,7 +22,9 @@ the Flow-GRPO SDE step, policies/samplers.py). Each epoch:
 4. ``inner_epochs`` passes of PPO-clip over (sample, step) pairs (DDPO Eq. 4, importance sampling):
      L = mean max(-A rho_k, -A clip(rho_k, 1 - eps, 1 + eps)),  rho_k = pi_theta / pi_old
    DDPO has no KL term (``kl_beta`` 0); ``kl_beta`` > 0 adds Flow-GRPO's KL to the reference policy (rl/grpo.py).
-   Every pass reshuffles the samples and redraws each sample's ``timestep_fraction`` of steps.
+   Every pass reshuffles the samples and redraws each sample's ``timestep_fraction`` of steps; with
+   ``values_at: trained`` they are drawn once, per group, before stage 2, and the critic is asked at their latents
+   only (as in rl/grpo.py).
 5. Critic co-training (``critic.cotrain``, rl/cotrain.py).
 6. Log, evaluate, checkpoint (the history buffer is part of the checkpoint).
 
@@ -83,6 +85,8 @@ class DDPOConfig(common.EMAAdapters):
     dense_norm: Literal["global", "group_step", "none"] = option(
         "group_step", help="dense: after centring per step divide by the global std, the per-step std, or nothing")
     exact_ode: bool = option(True, help=pg.EXACT_ODE_HELP)
+    values_at: Literal["stochastic", "trained"] = option("stochastic", help=pg.VALUES_AT_HELP + "; with group_size "
+                                                         "1 the whole batch shares one draw")
     dense_calibration: Literal["none", "batch"] = option("batch", help=pg.DENSE_CALIBRATION_HELP)
     adv_eps: float = option(1e-4, help="dense: eps added to the std")
     kl_beta: float = option(0.0, help="weight of Flow-GRPO's KL to the reference (adapters off); DDPO has none (0), "
@@ -130,6 +134,7 @@ class DDPOConfig(common.EMAAdapters):
         check(0 <= self.gae_lambda <= 1, "gae_lambda", f"must be in [0, 1], got {self.gae_lambda}")
         check(self.stat_min_count <= self.stat_buffer_size, "stat_min_count",
               f"must be <= stat_buffer_size ({self.stat_buffer_size}), got {self.stat_min_count}")
+        pg.check_values_at(self)
         common.check_optimizer_and_lora(self)
 
     def update_settings(self, epoch: int) -> pg.UpdateSettings:
@@ -228,14 +233,20 @@ def train(run: common.Run, cfg: DDPOConfig, resume: str | None = None) -> dict[s
             finite = torch.isfinite(rewards)
             metrics = {**common.log_mean_std("reward", rewards), "train/epoch": epoch + 1,
                        "reward/nonfinite": float((~finite).sum())}
+            mine = pg.process_rows(len(rows), cfg.rollout_batch_size, run.accelerator)
+            sde_mask = pg.gather(run, rollout.sde_mask, len(rows), cfg.rollout_batch_size)  # (B, N)
+            steps = None  # values_at: trained: the trained steps, drawn now per group (group_size 1: one draw)
+            if cfg.values_at == "trained":
+                steps, sde_mask = pg.trained_steps_first(run, sde_mask, cfg.timestep_fraction, epoch,
+                                                         cfg.group_size if cfg.group_size >= 2 else len(rows))
             # 2. V(z_k) along every trajectory (calibration before any update on these trajectories)
             values = None
             if want_values:
-                values, calibration = pg.trajectory_values(run, critic, rollout, rewards, cfg, edges)  # (B, N+1)
+                values, calibration = pg.trajectory_values(run, critic, rollout, rewards, cfg, edges,
+                                                           None if steps is None else sde_mask[mine])  # (B, N+1)
                 metrics.update(calibration)
             if finite.all():
                 # 3. advantages: per-prompt history (sparse) or per-step from V (dense)
-                sde_mask = pg.gather(run, rollout.sde_mask, len(rows), cfg.rollout_batch_size)
                 adv = ddpo_advantages(rewards, values, sde_mask, rows, tracker, cfg)
                 metrics["adv/abs_mean"] = adv[sde_mask].abs().mean().item()
                 if values is not None and cfg.advantages == "dense" and cfg.dense_calibration == "batch":
@@ -243,9 +254,9 @@ def train(run: common.Run, cfg: DDPOConfig, resume: str | None = None) -> dict[s
                 # 4. inner epochs of PPO-clip with importance sampling
                 _, generator = pg.epoch_generator(run, epoch, 2)
                 with run.timer("update"):
-                    mine = pg.process_rows(len(rows), cfg.rollout_batch_size, run.accelerator)
                     metrics.update(pg.ppo_update(run, rollout, adv[mine], optimizer, params,
-                                                 cfg.update_settings(epoch), generator))
+                                                 cfg.update_settings(epoch), generator,
+                                                 None if steps is None else steps[mine]))
                 consecutive_bad = consecutive_bad + 1 if metrics["train/skipped_updates"] else 0
             else:
                 metrics["train/skipped_updates"] = 1.0

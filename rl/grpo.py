@@ -107,11 +107,7 @@ class GRPOConfig(common.EMAAdapters):
         "group_step", help="dense: after centring per (group, step) divide by the global std, the (group, step) std, "
                        "or nothing")
     exact_ode: bool = option(True, help=pg.EXACT_ODE_HELP)
-    values_at: Literal["stochastic", "trained"] = option(
-        "stochastic", help="dense: ask the critic at every stochastic step's latent, or (trained) draw each group's "
-                           "timestep_fraction of the steps before the value pass and ask it there only, which cuts "
-                           "the critic's cost by that fraction on a whole-trajectory SDE (needs gae_lambda 1: R - "
-                           "V(z_k) reads V at z_k alone; the same steps in every inner epoch)")
+    values_at: Literal["stochastic", "trained"] = option("stochastic", help=pg.VALUES_AT_HELP)
     dense_calibration: Literal["none", "batch"] = option("batch", help=pg.DENSE_CALIBRATION_HELP)
     lr: float = option(3e-4, help="AdamW learning rate of the LoRA (Flow-GRPO: 3e-4)")
     weight_decay: float = option(1e-4, help="AdamW weight decay")
@@ -140,13 +136,7 @@ class GRPOConfig(common.EMAAdapters):
         check(self.kl_beta >= 0, "kl_beta", f"must be >= 0, got {self.kl_beta}")
         check(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         check(0 <= self.gae_lambda <= 1, "gae_lambda", f"must be in [0, 1], got {self.gae_lambda}")
-        if self.values_at == "trained":
-            check(self.advantages == "dense", "values_at", "'trained' narrows the critic's values, which only dense "
-                                                           "advantages read: set algo.advantages=dense or "
-                                                           "values_at=stochastic")
-            check(self.gae_lambda == 1.0 and self.exact_ode, "values_at",
-                  f"'trained' needs gae_lambda 1 and exact_ode (R - V(z_k) reads V at z_k alone; GAE with lambda < "
-                  f"1 reads every later latent), got gae_lambda {self.gae_lambda}, exact_ode {self.exact_ode}")
+        pg.check_values_at(self)
         common.check_optimizer_and_lora(self)
         for key in ("prompts_per_epoch", "train_batch_size", "value_batch_size", "inner_epochs"):
             check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
@@ -225,10 +215,8 @@ def train(run: common.Run, cfg: GRPOConfig, resume: str | None = None) -> dict[s
             mine = pg.process_rows(len(rows), cfg.rollout_batch_size, run.accelerator)
             sde_mask = pg.gather(run, rollout.sde_mask, len(rows), cfg.rollout_batch_size)  # (B, N)
             steps = None  # values_at: trained: each group's trained steps, drawn now (the same on every process)
-            if cfg.values_at == "trained":
-                steps = pg.train_steps(sde_mask, cfg.timestep_fraction, pg.epoch_generator(run, epoch, 4)[1],
-                                       cfg.group_size)  # (B, n_t)
-                sde_mask = torch.zeros_like(sde_mask).scatter_(1, steps, True)  # only these are trained
+            if cfg.values_at == "trained":  # (B, n_t), and the mask of only these steps
+                steps, sde_mask = pg.trained_steps_first(run, sde_mask, cfg.timestep_fraction, epoch, cfg.group_size)
             # 2. V(z_k) along every trajectory (calibration logged before any update on these trajectories)
             values = None
             if want_values:

@@ -80,6 +80,10 @@ class SDERollout(NamedTuple):
 EXACT_ODE_HELP = ("dense: V carried exactly across ODE steps, V(z_k) = V(z_k+1) (after a Fast window's last "
                   "stochastic step V = R), the critic only at latents that begin a stochastic step (its calibration "
                   "metrics too); false: the critic at every latent (the sessions-5-7 runs)")
+VALUES_AT_HELP = ("dense: ask the critic at every stochastic step's latent, or (trained) draw each group's "
+                  "timestep_fraction of the steps before the value pass and ask it there only, which cuts the "
+                  "critic's cost by that fraction on a whole-trajectory SDE (needs gae_lambda 1: R - V(z_k) reads V "
+                  "at z_k alone; the same steps in every inner epoch)")
 DENSE_CALIBRATION_HELP = ("dense: 'batch' rescales each step's values around their group mean by the batch's "
                           "least-squares slope of R on V before the advantages (rl.advantages.calibrate_values), so a "
                           "step where the critic carries little information gets little credit; logged as "
@@ -95,6 +99,26 @@ def check_window(num_steps: int, window: int, window_start: tuple[int, int]) -> 
     if window:
         last = num_steps - window
         check(hi <= last, "sde_window_start", f"need 0 <= lo <= hi <= num_steps - sde_window ({last}), got ({lo}, {hi})")
+
+
+def check_values_at(cfg) -> None:
+    """Config check of ``values_at`` (GRPOConfig / DDPOConfig)."""
+    if cfg.values_at == "trained":
+        check(cfg.advantages == "dense", "values_at", "'trained' narrows the critic's values, which only dense "
+                                                      "advantages read: set algo.advantages=dense or "
+                                                      "values_at=stochastic")
+        check(cfg.gae_lambda == 1.0 and cfg.exact_ode, "values_at",
+              f"'trained' needs gae_lambda 1 and exact_ode (R - V(z_k) reads V at z_k alone; GAE with lambda < 1 "
+              f"reads every later latent), got gae_lambda {cfg.gae_lambda}, exact_ode {cfg.exact_ode}")
+
+
+def trained_steps_first(run: common.Run, sde_mask: Tensor, fraction: float, epoch: int,
+                        group_size: int) -> tuple[Tensor, Tensor]:
+    """``values_at: trained``: each group's trained steps, drawn before the value pass (the same on every process:
+    a function of seed and epoch). sde_mask: (B, N) every row's stochastic steps. Returns (steps (B, n_t) indices,
+    the (B, N) bool mask of those steps: what the critic is asked at and the advantages are computed on)."""
+    steps = train_steps(sde_mask, fraction, epoch_generator(run, epoch, 4)[1], group_size)
+    return steps, torch.zeros_like(sde_mask).scatter_(1, steps, True)
 
 
 def trajectory_values(run: common.Run, critic, rollout: SDERollout, rewards: Tensor, cfg, edges,

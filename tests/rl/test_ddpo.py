@@ -152,3 +152,33 @@ def test_group_noise_needs_groups(capsys):
     assert train.main(["--algo", "ddpo", "--critic", "terminal", "--config", TINY, *DROP["ddpo"], "algo.group_size=1",
                        "algo.rollout_batch_size=4", "algo.group_noise=true"]) == 2
     assert "group_noise" in capsys.readouterr().err
+
+
+def test_values_at_trained_with_group_size_one_shares_one_draw(tmp_path, monkeypatch):
+    """DDPO's group_size 1 centres per step over the whole batch, so values_at: trained draws one set of steps for
+    the batch; the critic is asked at exactly their latents and only they are trained, in every inner epoch."""
+    from rl import cotrain
+    from rl import policy_gradient as pg
+
+    asked, trained = [], []
+    real_values, real_update = cotrain.trajectory_values, pg.ppo_update
+
+    def spy_values(critic, latents, sigmas, prompts, batch_size, steps=None):
+        asked.append(steps.clone())
+        return real_values(critic, latents, sigmas, prompts, batch_size, steps)
+
+    def spy_update(run, rollout, adv, optimizer, params, s, generator, steps=None):
+        trained.append((steps.clone(), adv.clone(), s.inner_epochs))
+        return real_update(run, rollout, adv, optimizer, params, s, generator, steps)
+
+    monkeypatch.setattr(cotrain, "trajectory_values", spy_values)
+    monkeypatch.setattr(pg, "ppo_update", spy_update)
+    out = run_tiny(tmp_path, "ddpo", "tweedie", "algo.advantages=dense", "algo.values_at=trained",
+                   "algo.timestep_fraction=0.5", "algo.dense_norm=global", "algo.group_size=1",
+                   "algo.dense_calibration=none")  # 2 samples: the batch slope would fit R exactly, all advantages 0
+    assert lora_moved(out) and len(asked) == len(trained) == 2
+    for mask, (steps, adv, inner) in zip(asked, trained):
+        assert inner >= 2 and bool((mask == mask[:1]).all()) and not mask[:, -1].any()
+        expected = torch.zeros_like(mask).scatter_(1, steps, True)
+        assert torch.equal(mask, expected)
+        assert (adv[~expected[:, :-1]] == 0).all() and adv[expected[:, :-1]].abs().sum() > 0
