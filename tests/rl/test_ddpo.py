@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from rl import ddpo, train
-from tests.rl.test_grpo import DROP, TINY, lora_moved, metrics, run_tiny
+from tests.rl.test_grpo import DROP, TINY, lora_moved, metrics, run_tiny, spy_asked_and_trained
 
 
 def test_per_prompt_stat_tracker_hand_derived():
@@ -157,22 +157,7 @@ def test_group_noise_needs_groups(capsys):
 def test_values_at_trained_with_group_size_one_shares_one_draw(tmp_path, monkeypatch):
     """DDPO's group_size 1 centres per step over the whole batch, so values_at: trained draws one set of steps for
     the batch; the critic is asked at exactly their latents and only they are trained, in every inner epoch."""
-    from rl import cotrain
-    from rl import policy_gradient as pg
-
-    asked, trained = [], []
-    real_values, real_update = cotrain.trajectory_values, pg.ppo_update
-
-    def spy_values(critic, latents, sigmas, prompts, batch_size, steps=None):
-        asked.append(steps.clone())
-        return real_values(critic, latents, sigmas, prompts, batch_size, steps)
-
-    def spy_update(run, rollout, adv, optimizer, params, s, generator, steps=None):
-        trained.append((steps.clone(), adv.clone(), s.inner_epochs))
-        return real_update(run, rollout, adv, optimizer, params, s, generator, steps)
-
-    monkeypatch.setattr(cotrain, "trajectory_values", spy_values)
-    monkeypatch.setattr(pg, "ppo_update", spy_update)
+    asked, trained = spy_asked_and_trained(monkeypatch)
     out = run_tiny(tmp_path, "ddpo", "tweedie", "algo.advantages=dense", "algo.values_at=trained",
                    "algo.timestep_fraction=0.5", "algo.dense_norm=global", "algo.group_size=1",
                    "algo.dense_calibration=none")  # 2 samples: the batch slope would fit R exactly, all advantages 0

@@ -414,9 +414,8 @@ def test_shipped_algo_config_composes(algo, capsys):
     assert "advantages" in capsys.readouterr().out or algo == "draft"
 
 
-def test_values_at_trained_asks_the_critic_only_where_each_group_trains(tmp_path, monkeypatch):
-    """values_at: trained on a whole-trajectory SDE: the critic sees only the latents that begin each group's drawn
-    steps (timestep_fraction of them, shared by the group's rows), and the update trains exactly those steps."""
+def spy_asked_and_trained(monkeypatch) -> tuple[list, list]:
+    """Record each epoch's (row, latent) mask the critic is asked at, and the update's (steps, adv, inner_epochs)."""
     from rl import cotrain
     from rl import policy_gradient as pg
 
@@ -428,18 +427,25 @@ def test_values_at_trained_asks_the_critic_only_where_each_group_trains(tmp_path
         return real_values(critic, latents, sigmas, prompts, batch_size, steps)
 
     def spy_update(run, rollout, adv, optimizer, params, s, generator, steps=None):
-        trained.append((steps.clone(), adv.clone()))
+        trained.append((steps.clone(), adv.clone(), s.inner_epochs))
         return real_update(run, rollout, adv, optimizer, params, s, generator, steps)
 
     monkeypatch.setattr(cotrain, "trajectory_values", spy_values)
     monkeypatch.setattr(pg, "ppo_update", spy_update)
+    return asked, trained
+
+
+def test_values_at_trained_asks_the_critic_only_where_each_group_trains(tmp_path, monkeypatch):
+    """values_at: trained on a whole-trajectory SDE: the critic sees only the latents that begin each group's drawn
+    steps (timestep_fraction of them, shared by the group's rows), and the update trains exactly those steps."""
+    asked, trained = spy_asked_and_trained(monkeypatch)
     out = run_tiny(tmp_path, "grpo", "tweedie", "algo.advantages=dense", "algo.values_at=trained",
                    "algo.timestep_fraction=0.5", "algo.dense_norm=global")
     assert lora_moved(out) and len(asked) == len(trained) == 2
     cfg = train.compose_config(train.parse_args(["--algo", "grpo", "--critic", "tweedie", "--config", TINY,
                                                  *DROP["grpo"]])).algo_cfg
     G, N = cfg.group_size, cfg.num_steps
-    for mask, (steps, adv) in zip(asked, trained):
+    for mask, (steps, adv, _) in zip(asked, trained):
         assert mask.shape == (steps.shape[0], N + 1) and not mask[:, -1].any()
         assert steps.shape[1] == round(0.5 * N)
         expected = torch.zeros(steps.shape[0], N + 1, dtype=torch.bool).scatter_(1, steps.cpu(), True)
