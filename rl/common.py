@@ -389,8 +389,11 @@ def save(run: Run, epoch: int, optimizer, adapters: tuple[str, ...], extra: dict
 # (seed, epoch) generator is drawn from. Budgets, evaluation and logging may change.
 RESUME_NODES = (("algo",), ("critic",), ("reward",), ("model",), ("prompts", "train"), ("run", "seed"))
 # GRPO / DDPO keys only the dense estimator reads, and their defaults before session 15 (for the resume error's hint)
-DENSE_ONLY_KEYS = ("gae_lambda", "dense_norm", "dense_calibration", "exact_ode")
+DENSE_ONLY_KEYS = ("gae_lambda", "dense_norm", "dense_calibration", "exact_ode", "values_at")
 DEFAULTS_BEFORE = {"gae_lambda": 0.0, "dense_norm": "global", "dense_calibration": "none"}
+# keys added after runs were saved, with the value that runs as those runs did: absent from a checkpoint and at this
+# value now is the same run (unlike exact_ode, which runs saved before it ran as false, its default's opposite)
+ADDED_AS_BEFORE = {"values_at": "stochastic"}  # session 16: the critic at every stochastic step, as before
 
 
 def check_same_settings(saved: dict | None, now: dict | None, source: str, node: str = "algo") -> None:
@@ -405,7 +408,8 @@ def check_same_settings(saved: dict | None, now: dict | None, source: str, node:
     else:
         prefix = f"{node}."
     missing = object()
-    keys = sorted(k for k in set(saved) | set(now) if saved.get(k, missing) != now.get(k, missing))
+    keys = sorted(k for k in set(saved) | set(now) if saved.get(k, missing) != now.get(k, missing)
+                  and not (node == "algo" and k not in saved and k in ADDED_AS_BEFORE and now[k] == ADDED_AS_BEFORE[k]))
     if node == "algo" and saved.get("advantages") == now.get("advantages") == "sparse":
         keys = [k for k in keys if k not in DENSE_ONLY_KEYS]  # unused by the sparse estimator
     if keys:

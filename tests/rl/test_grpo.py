@@ -231,6 +231,19 @@ def test_resume_with_other_algo_settings_is_a_clear_error():
                             "ckpt")
 
 
+def test_resume_of_a_run_saved_before_values_at():
+    """values_at (session 16) at its default runs as runs saved before it did: they resume; 'trained' is a change."""
+    from rl.common import check_same_settings
+    from rl.config import ConfigError
+
+    saved = {"lr": 3e-4, "advantages": "dense", "gae_lambda": 1.0}
+    check_same_settings(saved, {**saved, "values_at": "stochastic"}, "ckpt")
+    with pytest.raises(ConfigError, match=r"algo.values_at \(saved '<absent>', now 'trained'\)"):
+        check_same_settings(saved, {**saved, "values_at": "trained"}, "ckpt")
+    with pytest.raises(ConfigError, match="values_at"):  # recorded and changed
+        check_same_settings({**saved, "values_at": "trained"}, {**saved, "values_at": "stochastic"}, "ckpt")
+
+
 def test_resume_across_the_session_15_dense_defaults():
     """A sparse run saved before the dense defaults changed resumes (the sparse estimator never reads them); a dense
     one is refused with the overrides that restore its settings."""
