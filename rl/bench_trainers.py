@@ -164,8 +164,11 @@ def gradient_variance_at_init(args, seed: int) -> dict[str, float]:
     prompts = run.train_prompts[: max(1, math.ceil(args.variance_samples / cfg.group_size))]
     rows = [p for p in prompts for _ in range(cfg.group_size)]
     rng, generator = pg.epoch_generator(run, 0, 1)
+    # with the config's group noise (z_T shared by a prompt's samples); the records before session 16's fix
+    # (pg_variance_session15_cpu.json, the "per-sample z_T" part of pg_variance_session16_cpu.json) drew z_T per sample
     rollout = pg.collect(run, rows, cfg.num_steps, cfg.eta, cfg.guidance_scale, cfg.rollout_batch_size,
-                         cfg.sde_window, cfg.sde_window_start, rng, generator)
+                         cfg.sde_window, cfg.sde_window_start, rng, generator, None,
+                         cfg.group_size if cfg.group_noise else 1)
     values = cotrain.trajectory_values(run.critic, rollout.latents, rollout.sigmas, rows, cfg.value_batch_size)
     advs = {est: grpo.grpo_advantages(rollout.rewards, values, rollout.sde_mask,
                                       dataclasses.replace(cfg, advantages=mode, gae_lambda=lam,
