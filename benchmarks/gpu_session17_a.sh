@@ -10,21 +10,23 @@
 # Fast window, and the update trains 2 steps per sample, as Fast does.
 #   PAIR=all (four GPUs): seeds 0 and 1 of {dense stitchvm, its sparse twin (--critic terminal)}
 #   PAIR=x (two GPUs): seeds 0 and 1 with --critic stitchvm_experts
-# Replay an H200 run at the H100's epochs: benchmarks/compare_runs.py RUN --clock RUN=docs/bench/s13b_grpo_fast_kl0.01.jsonl.gz
+# Replay an H200 run at the H100's epochs:
+#   benchmarks/compare_runs.py RUN --clock RUN=docs/bench/s13b_grpo_fast_kl0.01.jsonl.gz
 # (an H100 run of the Fast config: same work per epoch here, 2 trained steps and 2 values per sample)
 #   PAIR=all bash benchmarks/gpu_session17_a.sh OUT
 set -u
 OUT=${1:?out}; MINUTES=${MINUTES:-8.5}; source benchmarks/session3_lib.sh
 K="--config configs/experiments/keep_best.yaml run.ckpt_every=100000"
-SDE="algo.sde_window=0 algo.sde_window_start=[0,0] algo.timestep_fraction=0.2"
-D="algo.values_at=trained algo.dense_norm=global"
+SDE=(algo.sde_window=0 "algo.sde_window_start=[0,0]" algo.timestep_fraction=0.2)  # quoted: [0,0] is a glob
+D=(algo.values_at=trained algo.dense_norm=global)
 case ${PAIR:-all} in
-  all) train 0 grpo stitchvm grpo_sde $K $SDE $D; train 1 grpo terminal grpo_sde_terminal $K $SDE algo.advantages=sparse
-       train 2 grpo stitchvm grpo_sde_s1 $K $SDE $D run.seed=1
-       train 3 grpo terminal grpo_sde_terminal_s1 $K $SDE algo.advantages=sparse run.seed=1
+  all) train 0 grpo stitchvm grpo_sde $K "${SDE[@]}" "${D[@]}"
+       train 1 grpo terminal grpo_sde_terminal $K "${SDE[@]}" algo.advantages=sparse
+       train 2 grpo stitchvm grpo_sde_s1 $K "${SDE[@]}" "${D[@]}" run.seed=1
+       train 3 grpo terminal grpo_sde_terminal_s1 $K "${SDE[@]}" algo.advantages=sparse run.seed=1
        NAMES="grpo_sde grpo_sde_terminal grpo_sde_s1 grpo_sde_terminal_s1";;
-  x) train 0 grpo stitchvm_experts grpo_sde_experts $K $SDE $D
-     train 1 grpo stitchvm_experts grpo_sde_experts_s1 $K $SDE $D run.seed=1
+  x) train 0 grpo stitchvm_experts grpo_sde_experts $K "${SDE[@]}" "${D[@]}"
+     train 1 grpo stitchvm_experts grpo_sde_experts_s1 $K "${SDE[@]}" "${D[@]}" run.seed=1
      NAMES="grpo_sde_experts grpo_sde_experts_s1";;
   *) echo "error: PAIR must be all or x, got '$PAIR'" >&2; exit 2;;
 esac

@@ -147,13 +147,13 @@ def budget(args) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ variance
-def gradient_variance_at_init(args, seed: int) -> dict[str, float]:
-    """Paired per-sample policy-gradient variance of the estimators on one rollout of the initial GRPO policy."""
+def initial_rollout(args, seed: int, name: str):
+    """One rollout of the initial GRPO policy (the run's config, ``--variance-samples`` rows in whole groups) and
+    V at every latent: (run, cfg, LoRA params, rollout, values (B, N+1)). Close ``run.logger`` when done."""
     from policies import lora
-    from rl import common, cotrain, grpo, train
+    from rl import common, cotrain, train
     from rl import policy_gradient as pg
 
-    name = f"variance-seed{seed}"
     argv = train_argv(args, "grpo", critic_args(args, dense=True), name, [f"run.seed={seed}"])
     composed = train.compose_config(train.parse_args(argv))
     run = train.build_run(composed)
@@ -170,6 +170,15 @@ def gradient_variance_at_init(args, seed: int) -> dict[str, float]:
                          cfg.sde_window, cfg.sde_window_start, rng, generator, None,
                          cfg.group_size if cfg.group_noise else 1)
     values = cotrain.trajectory_values(run.critic, rollout.latents, rollout.sigmas, rows, cfg.value_batch_size)
+    return run, cfg, params, rollout, values
+
+
+def gradient_variance_at_init(args, seed: int) -> dict[str, float]:
+    """Paired per-sample policy-gradient variance of the estimators on one rollout of the initial GRPO policy."""
+    from rl import grpo
+    from rl import policy_gradient as pg
+
+    run, cfg, params, rollout, values = initial_rollout(args, seed, f"variance-seed{seed}")
     advs = {est: grpo.grpo_advantages(rollout.rewards, values, rollout.sde_mask,
                                       dataclasses.replace(cfg, advantages=mode, gae_lambda=lam,
                                                           **VARIANCE_OVERRIDES.get(est, DENSE_AS_RECORDED)))
