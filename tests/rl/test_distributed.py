@@ -195,13 +195,17 @@ def test_two_processes_match_one_for_draft(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["grpo", "ddpo"])
-def test_policy_gradient_trainers_run_on_two_processes(tmp_path, algo):
+@pytest.mark.parametrize("algo,extra", [
+    ("grpo", []), ("ddpo", []),
+    # values_at: trained draws each group's steps on every process alike and asks the critic on each process's rows
+    ("grpo", ["--critic", "tweedie", "algo.advantages=dense", "algo.values_at=trained", "algo.timestep_fraction=0.5"]),
+])
+def test_policy_gradient_trainers_run_on_two_processes(tmp_path, algo, extra):
     """GRPO / DDPO: the same rollouts' z_T and windows, per-process SDE noise, so the curves agree statistically
     only; the run must complete, train and export."""
     out = tmp_path / algo
-    _run(torchrun("rl/train.py", "--algo", algo, *NFT[2:], "~algo.tau_min", "~algo.tau_max", f"run.output_dir={out}"),
-         _env(ACCELERATE_USE_CPU="true"))
+    _run(torchrun("rl/train.py", "--algo", algo, *NFT[2:], "~algo.tau_min", "~algo.tau_max", *extra,
+                  f"run.output_dir={out}"), _env(ACCELERATE_USE_CPU="true"))
     assert max(v.abs().max().item() for v in load_file(out / LORA).values()) > 0.1
     assert sorted(curves(out)["loss/total"]) == [1, 2]
 
