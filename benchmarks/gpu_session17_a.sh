@@ -8,6 +8,8 @@
 # experts alike, where the shipped group_step scale cuts nothing. algo.values_at=trained draws each group's 2 trained
 # steps of 10 (timestep_fraction 0.2) before the value pass, so the critic is asked at 2 latents per sample, as in a
 # Fast window, and the update trains 2 steps per sample, as Fast does.
+# One difference besides the credit: the dense runs train each group's 2 steps (values_at: trained draws per group, so
+# that each latent is centred and calibrated within groups); the sparse twins, Flow-GRPO's, draw 2 per sample.
 #   PAIR=all (four GPUs): seeds 0 and 1 of {dense stitchvm, its sparse twin (--critic terminal)}
 #   PAIR=x (two GPUs): seeds 0 and 1 with --critic stitchvm_experts
 # Replay an H200 run at the H100's epochs:

@@ -398,7 +398,8 @@ ADDED_AS_BEFORE = {"values_at": "stochastic"}  # session 16: the critic at every
 
 def check_same_settings(saved: dict | None, now: dict | None, source: str, node: str = "algo") -> None:
     """A resumed run must go on with the settings it was saved with: a changed or newly added key of ``node`` (e.g.
-    ``algo.exact_ode``, which a run saved before it existed ran as false) would silently change the run half-way.
+    ``algo.exact_ode``, which a run saved before it existed ran as false) would silently change the run half-way,
+    unless ADDED_AS_BEFORE names it with the value it now has (a run saved before it ran that way).
     Raises ConfigError naming every differing key; None on either side (no record) passes."""
     if saved is None or now is None:
         return

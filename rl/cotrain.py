@@ -107,7 +107,7 @@ def trajectory_values(critic, latents: Tensor, sigmas: Tensor, prompts: list[str
         if steps.shape != (n_rows, n_lat) or steps.dtype != torch.bool:
             raise ValueError(f"a mask of (row, latent) pairs must be bool ({n_rows}, {n_lat}), got {steps.dtype} "
                              f"{tuple(steps.shape)}")
-        rows = [(int(i), int(k)) for k, i in torch.nonzero(steps.T).tolist()]  # latent-major, as below
+        rows = [(i, k) for k, i in torch.nonzero(steps.T).tolist()]  # latent-major, as below
     else:
         steps = list(range(n_lat)) if steps is None else list(steps)
         rows = [(i, k) for k in steps for i in range(n_rows)]

@@ -234,21 +234,21 @@ def train(run: common.Run, cfg: DDPOConfig, resume: str | None = None) -> dict[s
             metrics = {**common.log_mean_std("reward", rewards), "train/epoch": epoch + 1,
                        "reward/nonfinite": float((~finite).sum())}
             mine = pg.process_rows(len(rows), cfg.rollout_batch_size, run.accelerator)
-            sde_mask = pg.gather(run, rollout.sde_mask, len(rows), cfg.rollout_batch_size)  # (B, N)
+            adv_mask = pg.gather(run, rollout.sde_mask, len(rows), cfg.rollout_batch_size)  # (B, N) stochastic
             steps = None  # values_at: trained: the trained steps, drawn now per group (group_size 1: one draw)
             if cfg.values_at == "trained":
-                steps, sde_mask = pg.trained_steps_first(run, sde_mask, cfg.timestep_fraction, epoch,
+                steps, adv_mask = pg.trained_steps_first(run, adv_mask, cfg.timestep_fraction, epoch,
                                                          cfg.group_size if cfg.group_size >= 2 else len(rows))
             # 2. V(z_k) along every trajectory (calibration before any update on these trajectories)
             values = None
             if want_values:
                 values, calibration = pg.trajectory_values(run, critic, rollout, rewards, cfg, edges,
-                                                           None if steps is None else sde_mask[mine])  # (B, N+1)
+                                                           None if steps is None else adv_mask[mine])  # (B, N+1)
                 metrics.update(calibration)
             if finite.all():
                 # 3. advantages: per-prompt history (sparse) or per-step from V (dense)
-                adv = ddpo_advantages(rewards, values, sde_mask, rows, tracker, cfg)
-                metrics["adv/abs_mean"] = adv[sde_mask].abs().mean().item()
+                adv = ddpo_advantages(rewards, values, adv_mask, rows, tracker, cfg)
+                metrics["adv/abs_mean"] = adv[adv_mask].abs().mean().item()
                 if values is not None and cfg.advantages == "dense" and cfg.dense_calibration == "batch":
                     metrics["adv/value_slope"] = calibration_slope(values, rewards, cfg.group_size)
                 # 4. inner epochs of PPO-clip with importance sampling

@@ -213,20 +213,20 @@ def train(run: common.Run, cfg: GRPOConfig, resume: str | None = None) -> dict[s
             metrics = {**common.log_mean_std("reward", rewards), "train/epoch": epoch + 1,
                        "reward/nonfinite": float((~finite).sum())}
             mine = pg.process_rows(len(rows), cfg.rollout_batch_size, run.accelerator)
-            sde_mask = pg.gather(run, rollout.sde_mask, len(rows), cfg.rollout_batch_size)  # (B, N)
+            adv_mask = pg.gather(run, rollout.sde_mask, len(rows), cfg.rollout_batch_size)  # (B, N) stochastic
             steps = None  # values_at: trained: each group's trained steps, drawn now (the same on every process)
             if cfg.values_at == "trained":  # (B, n_t), and the mask of only these steps
-                steps, sde_mask = pg.trained_steps_first(run, sde_mask, cfg.timestep_fraction, epoch, cfg.group_size)
+                steps, adv_mask = pg.trained_steps_first(run, adv_mask, cfg.timestep_fraction, epoch, cfg.group_size)
             # 2. V(z_k) along every trajectory (calibration logged before any update on these trajectories)
             values = None
             if want_values:
                 values, calibration = pg.trajectory_values(run, critic, rollout, rewards, cfg, edges,
-                                                           None if steps is None else sde_mask[mine])  # (B, N+1)
+                                                           None if steps is None else adv_mask[mine])  # (B, N+1)
                 metrics.update(calibration)
             if finite.all():
                 # 3. advantages: sparse group-normalised R, or dense per-step from V
-                adv = grpo_advantages(rewards, values, sde_mask, cfg)
-                metrics["adv/abs_mean"] = adv[sde_mask].abs().mean().item()
+                adv = grpo_advantages(rewards, values, adv_mask, cfg)
+                metrics["adv/abs_mean"] = adv[adv_mask].abs().mean().item()
                 if values is not None and cfg.advantages == "dense" and cfg.dense_calibration == "batch":
                     metrics["adv/value_slope"] = calibration_slope(values, rewards, cfg.group_size)
                 # 4. PPO-clip + KL on a fraction of the stochastic steps

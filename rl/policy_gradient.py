@@ -82,8 +82,9 @@ EXACT_ODE_HELP = ("dense: V carried exactly across ODE steps, V(z_k) = V(z_k+1) 
                   "metrics too); false: the critic at every latent (the sessions-5-7 runs)")
 VALUES_AT_HELP = ("dense: ask the critic at every stochastic step's latent, or (trained) draw each group's "
                   "timestep_fraction of the steps before the value pass and ask it there only, which cuts the "
-                  "critic's cost by that fraction on a whole-trajectory SDE (needs gae_lambda 1: R - V(z_k) reads V "
-                  "at z_k alone; the same steps in every inner epoch)")
+                  "critic's cost to that fraction (with timestep_fraction 1 it asks where 'stochastic' does); the "
+                  "same steps in every inner epoch; the critic/value_* metrics then cover those latents only. Needs "
+                  "gae_lambda 1 and exact_ode: R - V(z_k) reads V at z_k alone")
 DENSE_CALIBRATION_HELP = ("dense: 'batch' rescales each step's values around their group mean by the batch's "
                           "least-squares slope of R on V before the advantages (rl.advantages.calibrate_values), so a "
                           "step where the critic carries little information gets little credit; logged as "
@@ -129,8 +130,8 @@ def trajectory_values(run: common.Run, critic, rollout: SDERollout, rewards: Ten
     With dense advantages and ``cfg.exact_ode`` the critic is asked only at latents that begin a stochastic step
     of some row (NaN elsewhere: rl.advantages.ode_values carries V exactly across the rest, and the calibration
     skips them); otherwise (the critic-everywhere estimator, or a sparse run that co-trains its critic) at every
-    latent. ``asked`` ((b, N) bool, this process's rows) narrows it to the latents that begin those steps (GRPO's
-    ``values_at: trained``)."""
+    latent. ``asked`` ((b, N) bool, this process's rows) narrows it to the latents that begin those steps
+    (``values_at: trained``)."""
     steps = value_steps(rollout.sde_mask) if cfg.exact_ode and cfg.advantages == "dense" else None
     if asked is not None:  # (b, N) this process's rows: the latents that begin these steps only
         steps = torch.cat([asked, asked.new_zeros(asked.shape[0], 1)], 1)

@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import load_file
 
 from rl import ddpo, train
-from tests.rl.test_grpo import DROP, TINY, lora_moved, metrics, run_tiny, spy_asked_and_trained
+from tests.rl.test_grpo import (DROP, TINY, assert_trains_exactly, lora_moved, metrics, run_tiny,
+                                spy_asked_and_trained)
 
 
 def test_per_prompt_stat_tracker_hand_derived():
@@ -162,8 +163,9 @@ def test_values_at_trained_with_group_size_one_shares_one_draw(tmp_path, monkeyp
                    "algo.timestep_fraction=0.5", "algo.dense_norm=global", "algo.group_size=1",
                    "algo.dense_calibration=none")  # 2 samples: the batch slope would fit R exactly, all advantages 0
     assert lora_moved(out) and len(asked) == len(trained) == 2
-    for mask, (steps, adv, inner) in zip(asked, trained):
+    for mask, (steps, adv, inner, rescored) in zip(asked, trained):
         assert inner >= 2 and bool((mask == mask[:1]).all()) and not mask[:, -1].any()
+        assert_trains_exactly(steps, rescored, inner)
         expected = torch.zeros_like(mask).scatter_(1, steps, True)
         assert torch.equal(mask, expected)
         assert (adv[~expected[:, :-1]] == 0).all() and adv[expected[:, :-1]].abs().sum() > 0

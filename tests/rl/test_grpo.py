@@ -428,24 +428,44 @@ def test_shipped_algo_config_composes(algo, capsys):
 
 
 def spy_asked_and_trained(monkeypatch) -> tuple[list, list]:
-    """Record each epoch's (row, latent) mask the critic is asked at, and the update's (steps, adv, inner_epochs)."""
+    """Record each epoch's (row, latent) mask the critic is asked at, and the update's (steps, adv, inner_epochs,
+    rescored): rescored holds the (row, step) pairs the update's log-prob re-scoring visits, per call."""
     from rl import cotrain
     from rl import policy_gradient as pg
 
     asked, trained = [], []
-    real_values, real_update = cotrain.trajectory_values, pg.ppo_update
+    real_values, real_update, real_rescore = cotrain.trajectory_values, pg.ppo_update, pg.rescore
+    rescored: list[tuple[int, int]] = []
+
+    def spy_rescore(policy, rollout, idx, steps, *args, **kwargs):
+        rescored.extend(zip(idx.tolist(), steps.tolist()))
+        return real_rescore(policy, rollout, idx, steps, *args, **kwargs)
 
     def spy_values(critic, latents, sigmas, prompts, batch_size, steps=None):
         asked.append(steps.clone())
         return real_values(critic, latents, sigmas, prompts, batch_size, steps)
 
     def spy_update(run, rollout, adv, optimizer, params, s, generator, steps=None):
-        trained.append((steps.clone(), adv.clone(), s.inner_epochs))
-        return real_update(run, rollout, adv, optimizer, params, s, generator, steps)
+        rescored.clear()
+        out = real_update(run, rollout, adv, optimizer, params, s, generator, steps)
+        trained.append((steps.clone(), adv.clone(), s.inner_epochs, list(rescored)))
+        return out
 
     monkeypatch.setattr(cotrain, "trajectory_values", spy_values)
     monkeypatch.setattr(pg, "ppo_update", spy_update)
+    monkeypatch.setattr(pg, "rescore", spy_rescore)
     return asked, trained
+
+
+def assert_trains_exactly(steps, rescored, inner_epochs):
+    """Every inner epoch re-scores each row at exactly its given steps (the KL reference may re-score them again)."""
+    from collections import Counter
+
+    want = Counter((row, int(k)) for row in range(steps.shape[0]) for k in steps[row].tolist())
+    got = Counter(rescored)
+    assert set(got) == set(want)
+    per_pair = {got[p] for p in want}
+    assert per_pair <= {inner_epochs, 2 * inner_epochs} and len(per_pair) == 1  # each pair once (or twice) per pass
 
 
 def test_values_at_trained_asks_the_critic_only_where_each_group_trains(tmp_path, monkeypatch):
@@ -453,12 +473,14 @@ def test_values_at_trained_asks_the_critic_only_where_each_group_trains(tmp_path
     steps (timestep_fraction of them, shared by the group's rows), and the update trains exactly those steps."""
     asked, trained = spy_asked_and_trained(monkeypatch)
     out = run_tiny(tmp_path, "grpo", "tweedie", "algo.advantages=dense", "algo.values_at=trained",
-                   "algo.timestep_fraction=0.5", "algo.dense_norm=global")
+                   "algo.timestep_fraction=0.5", "algo.dense_norm=global", "algo.inner_epochs=2")
     assert lora_moved(out) and len(asked) == len(trained) == 2
     cfg = train.compose_config(train.parse_args(["--algo", "grpo", "--critic", "tweedie", "--config", TINY,
                                                  *DROP["grpo"]])).algo_cfg
     G, N = cfg.group_size, cfg.num_steps
-    for mask, (steps, adv, _) in zip(asked, trained):
+    for mask, (steps, adv, inner, rescored) in zip(asked, trained):
+        assert inner == 2
+        assert_trains_exactly(steps, rescored, inner)
         assert mask.shape == (steps.shape[0], N + 1) and not mask[:, -1].any()
         assert steps.shape[1] == round(0.5 * N)
         expected = torch.zeros(steps.shape[0], N + 1, dtype=torch.bool).scatter_(1, steps.cpu(), True)
