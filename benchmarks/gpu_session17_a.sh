@@ -12,6 +12,8 @@
 # that each latent is centred and calibrated within groups); the sparse twins, Flow-GRPO's, draw 2 per sample.
 #   PAIR=all (four GPUs): seeds 0 and 1 of {dense stitchvm, its sparse twin (--critic terminal)}
 #   PAIR=x (two GPUs): seeds 0 and 1 with --critic stitchvm_experts
+#   PAIR=d (two GPUs): DDPO-Fast's config on the whole-trajectory SDE, dense stitchvm against its sparse twin, seed 0
+#          (replay on docs/bench/s13b_ddpo_fast_kl0.01.jsonl.gz's clock)
 # Replay an H200 run at the H100's epochs:
 #   benchmarks/compare_runs.py RUN --clock RUN=docs/bench/s13b_grpo_fast_kl0.01.jsonl.gz
 # (an H100 run of the Fast config: same work per epoch here, 2 trained steps and 2 values per sample)
@@ -30,6 +32,9 @@ case ${PAIR:-all} in
   x) train 0 grpo stitchvm_experts grpo_sde_experts $K "${SDE[@]}" "${D[@]}"
      train 1 grpo stitchvm_experts grpo_sde_experts_s1 $K "${SDE[@]}" "${D[@]}" run.seed=1
      NAMES="grpo_sde_experts grpo_sde_experts_s1";;
-  *) echo "error: PAIR must be all or x, got '$PAIR'" >&2; exit 2;;
+  d) train 0 ddpo stitchvm ddpo_sde $K "${SDE[@]}" "${D[@]}"
+     train 1 ddpo terminal ddpo_sde_terminal $K "${SDE[@]}" algo.advantages=sparse
+     NAMES="ddpo_sde ddpo_sde_terminal";;
+  *) echo "error: PAIR must be all, x or d, got '$PAIR'" >&2; exit 2;;
 esac
 end_call 17 $NAMES
