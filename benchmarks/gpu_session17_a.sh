@@ -4,8 +4,10 @@
 # Session 16 (docs/bench/trainers_session16.md): at the Fast window (a 2-step SDE window at sigma 0.71-0.96) the
 # calibrated critic's slope is .015 and the dense runs train as sparse ones (four seeds each: GRPO +0.134, DDPO +0.130
 # on average, against +0.15). On a whole-trajectory SDE the CPU variance study (pg_variance_session16_cpu.json) finds
-# lambda 1 with the global scale and the batch calibration 4-7x less variable than sparse credit, with stitchvm and the
-# experts alike, where the shipped group_step scale cuts nothing. algo.values_at=trained draws each group's 2 trained
+# lambda 1 with the global scale and the batch calibration 4-7x less variable than sparse credit (3-7x on the 2 steps
+# trained, benchmarks/pg_variance_trained.py), with stitchvm and the experts alike; the group_step scale cuts nothing.
+# The runs add configs/experiments/whole_trajectory_grpo.yaml; the twins also algo.advantages=sparse
+# algo.values_at=stochastic. algo.values_at=trained draws each group's 2 trained
 # steps of 10 (timestep_fraction 0.2) before the value pass, so the critic is asked at 2 latents per sample, as in a
 # Fast window, and the update trains 2 steps per sample, as Fast does.
 # One difference besides the credit: the dense runs train each group's 2 steps (values_at: trained draws per group, so
@@ -21,19 +23,19 @@
 set -u
 OUT=${1:?out}; MINUTES=${MINUTES:-8.5}; source benchmarks/session3_lib.sh
 K="--config configs/experiments/keep_best.yaml run.ckpt_every=100000"
-SDE=(algo.sde_window=0 "algo.sde_window_start=[0,0]" algo.timestep_fraction=0.2)  # quoted: [0,0] is a glob
-D=(algo.values_at=trained algo.dense_norm=global)
+SDE=(--config configs/experiments/whole_trajectory_grpo.yaml)  # dense credit, values_at: trained (its header)
+TWIN=(algo.advantages=sparse algo.values_at=stochastic)  # the sparse twin on the same whole-trajectory SDE
 case ${PAIR:-all} in
-  all) train 0 grpo stitchvm grpo_sde $K "${SDE[@]}" "${D[@]}"
-       train 1 grpo terminal grpo_sde_terminal $K "${SDE[@]}" algo.advantages=sparse
-       train 2 grpo stitchvm grpo_sde_s1 $K "${SDE[@]}" "${D[@]}" run.seed=1
-       train 3 grpo terminal grpo_sde_terminal_s1 $K "${SDE[@]}" algo.advantages=sparse run.seed=1
+  all) train 0 grpo stitchvm grpo_sde $K "${SDE[@]}"
+       train 1 grpo terminal grpo_sde_terminal $K "${SDE[@]}" "${TWIN[@]}"
+       train 2 grpo stitchvm grpo_sde_s1 $K "${SDE[@]}" run.seed=1
+       train 3 grpo terminal grpo_sde_terminal_s1 $K "${SDE[@]}" "${TWIN[@]}" run.seed=1
        NAMES="grpo_sde grpo_sde_terminal grpo_sde_s1 grpo_sde_terminal_s1";;
-  x) train 0 grpo stitchvm_experts grpo_sde_experts $K "${SDE[@]}" "${D[@]}"
-     train 1 grpo stitchvm_experts grpo_sde_experts_s1 $K "${SDE[@]}" "${D[@]}" run.seed=1
+  x) train 0 grpo stitchvm_experts grpo_sde_experts $K "${SDE[@]}"
+     train 1 grpo stitchvm_experts grpo_sde_experts_s1 $K "${SDE[@]}" run.seed=1
      NAMES="grpo_sde_experts grpo_sde_experts_s1";;
-  d) train 0 ddpo stitchvm ddpo_sde $K "${SDE[@]}" "${D[@]}"
-     train 1 ddpo terminal ddpo_sde_terminal $K "${SDE[@]}" algo.advantages=sparse
+  d) train 0 ddpo stitchvm ddpo_sde $K "${SDE[@]}"
+     train 1 ddpo terminal ddpo_sde_terminal $K "${SDE[@]}" "${TWIN[@]}"
      NAMES="ddpo_sde ddpo_sde_terminal";;
   *) echo "error: PAIR must be all, x or d, got '$PAIR'" >&2; exit 2;;
 esac
