@@ -10,6 +10,8 @@
 # algo.values_at=stochastic. algo.values_at=trained draws each group's 2 trained
 # steps of 10 (timestep_fraction 0.2) before the value pass, so the critic is asked at 2 latents per sample, as in a
 # Fast window, and the update trains 2 steps per sample, as Fast does.
+# A prior against it: session 3's whole-trajectory dense GRPO (critic at every latent, no group noise, before the Fast
+# settings) trained no better than sparse despite the same variance cut (0.426 vs 0.459, docs/bench/trainers_history.md).
 # One difference besides the credit: the dense runs train each group's 2 steps (values_at: trained draws per group, so
 # that each latent is centred and calibrated within groups); the sparse twins, Flow-GRPO's, draw 2 per sample.
 #   PAIR=all (four GPUs): seeds 0 and 1 of {dense stitchvm, its sparse twin (--critic terminal)}
