@@ -233,30 +233,27 @@ def train(run: common.Run, cfg: DDPOConfig, resume: str | None = None) -> dict[s
             finite = torch.isfinite(rewards)
             metrics = {**common.log_mean_std("reward", rewards), "train/epoch": epoch + 1,
                        "reward/nonfinite": float((~finite).sum())}
-            mine = pg.process_rows(len(rows), cfg.rollout_batch_size, run.accelerator)
-            adv_mask = pg.gather(run, rollout.sde_mask, len(rows), cfg.rollout_batch_size)  # (B, N) stochastic
-            steps = None  # values_at: trained: the trained steps, drawn now per group (group_size 1: one draw)
-            if cfg.values_at == "trained":
-                steps, adv_mask = pg.trained_steps_first(run, adv_mask, cfg.timestep_fraction, epoch,
-                                                         cfg.group_size if cfg.group_size >= 2 else len(rows))
+            # the steps the advantages are computed on and trained (values_at: trained: drawn per group now,
+            # one draw for the batch at group_size 1, where dense advantages are centred over the batch)
+            sel = pg.advantage_steps(run, rollout, len(rows), cfg, epoch,
+                                     cfg.group_size if cfg.group_size >= 2 else len(rows))
             # 2. V(z_k) along every trajectory (calibration before any update on these trajectories)
             values = None
             if want_values:
                 values, calibration = pg.trajectory_values(run, critic, rollout, rewards, cfg, edges,
-                                                           None if steps is None else adv_mask[mine])  # (B, N+1)
+                                                           sel.asked)  # (B, N+1)
                 metrics.update(calibration)
             if finite.all():
                 # 3. advantages: per-prompt history (sparse) or per-step from V (dense)
-                adv = ddpo_advantages(rewards, values, adv_mask, rows, tracker, cfg)
-                metrics["adv/abs_mean"] = adv[adv_mask].abs().mean().item()
+                adv = ddpo_advantages(rewards, values, sel.mask, rows, tracker, cfg)
+                metrics["adv/abs_mean"] = adv[sel.mask].abs().mean().item()
                 if values is not None and cfg.advantages == "dense" and cfg.dense_calibration == "batch":
                     metrics["adv/value_slope"] = calibration_slope(values, rewards, cfg.group_size)
                 # 4. inner epochs of PPO-clip with importance sampling
                 _, generator = pg.epoch_generator(run, epoch, 2)
                 with run.timer("update"):
-                    metrics.update(pg.ppo_update(run, rollout, adv[mine], optimizer, params,
-                                                 cfg.update_settings(epoch), generator,
-                                                 None if steps is None else steps[mine]))
+                    metrics.update(pg.ppo_update(run, rollout, adv[sel.mine], optimizer, params,
+                                                 cfg.update_settings(epoch), generator, sel.steps))
                 consecutive_bad = consecutive_bad + 1 if metrics["train/skipped_updates"] else 0
             else:
                 metrics["train/skipped_updates"] = 1.0

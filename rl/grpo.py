@@ -163,7 +163,7 @@ def grpo_advantages(rewards: Tensor, values: Tensor | None, sde_mask: Tensor, cf
     Args:
         rewards: (B,) realised rewards, groups of G consecutive rows.
         values: (B, N+1) critic values along the trajectories (dense), or None (sparse).
-        sde_mask: (B, N) stochastic steps.
+        sde_mask: (B, N) the steps that get advantages: the stochastic ones (values_at: trained, the drawn ones).
     """
     if cfg.advantages == "sparse":
         adv = group_normalize(rewards, cfg.group_size, cfg.adv_eps, cfg.global_std).adv  # (B,)
@@ -212,29 +212,25 @@ def train(run: common.Run, cfg: GRPOConfig, resume: str | None = None) -> dict[s
             finite = torch.isfinite(rewards)
             metrics = {**common.log_mean_std("reward", rewards), "train/epoch": epoch + 1,
                        "reward/nonfinite": float((~finite).sum())}
-            mine = pg.process_rows(len(rows), cfg.rollout_batch_size, run.accelerator)
-            adv_mask = pg.gather(run, rollout.sde_mask, len(rows), cfg.rollout_batch_size)  # (B, N) stochastic
-            steps = None  # values_at: trained: each group's trained steps, drawn now (the same on every process)
-            if cfg.values_at == "trained":  # (B, n_t), and the mask of only these steps
-                steps, adv_mask = pg.trained_steps_first(run, adv_mask, cfg.timestep_fraction, epoch, cfg.group_size)
+            # the steps the advantages are computed on and trained (values_at: trained: drawn per group now)
+            sel = pg.advantage_steps(run, rollout, len(rows), cfg, epoch, cfg.group_size)
             # 2. V(z_k) along every trajectory (calibration logged before any update on these trajectories)
             values = None
             if want_values:
                 values, calibration = pg.trajectory_values(run, critic, rollout, rewards, cfg, edges,
-                                                           None if steps is None else adv_mask[mine])  # (B, N+1)
+                                                           sel.asked)  # (B, N+1)
                 metrics.update(calibration)
             if finite.all():
                 # 3. advantages: sparse group-normalised R, or dense per-step from V
-                adv = grpo_advantages(rewards, values, adv_mask, cfg)
-                metrics["adv/abs_mean"] = adv[adv_mask].abs().mean().item()
+                adv = grpo_advantages(rewards, values, sel.mask, cfg)
+                metrics["adv/abs_mean"] = adv[sel.mask].abs().mean().item()
                 if values is not None and cfg.advantages == "dense" and cfg.dense_calibration == "batch":
                     metrics["adv/value_slope"] = calibration_slope(values, rewards, cfg.group_size)
                 # 4. PPO-clip + KL on a fraction of the stochastic steps
                 _, generator = pg.epoch_generator(run, epoch, 2)
                 with run.timer("update"):
-                    metrics.update(pg.ppo_update(run, rollout, adv[mine], optimizer, params,
-                                                 cfg.update_settings(epoch), generator,
-                                                 None if steps is None else steps[mine]))
+                    metrics.update(pg.ppo_update(run, rollout, adv[sel.mine], optimizer, params,
+                                                 cfg.update_settings(epoch), generator, sel.steps))
                 consecutive_bad = consecutive_bad + 1 if metrics["train/skipped_updates"] else 0
             else:
                 metrics["train/skipped_updates"] = 1.0

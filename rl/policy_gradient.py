@@ -113,13 +113,27 @@ def check_values_at(cfg) -> None:
               f"reads every later latent), got gae_lambda {cfg.gae_lambda}, exact_ode {cfg.exact_ode}")
 
 
-def trained_steps_first(run: common.Run, sde_mask: Tensor, fraction: float, epoch: int,
-                        group_size: int) -> tuple[Tensor, Tensor]:
-    """``values_at: trained``: each group's trained steps, drawn before the value pass (the same on every process:
-    a function of seed and epoch). sde_mask: (B, N) every row's stochastic steps. Returns (steps (B, n_t) indices,
-    the (B, N) bool mask of those steps: what the critic is asked at and the advantages are computed on)."""
-    steps = train_steps(sde_mask, fraction, epoch_generator(run, epoch, 4)[1], group_size)
-    return steps, torch.zeros_like(sde_mask).scatter_(1, steps, True)
+class AdvantageSteps(NamedTuple):
+    """Which steps an epoch's advantages are computed on and trained (see :func:`advantage_steps`)."""
+
+    mine: list[int]              # this process's rows (global indices)
+    mask: Tensor                 # (B, N) bool, every row: its stochastic steps (values_at: trained, the drawn ones)
+    asked: Tensor | None         # (b, N) this process's rows of the drawn steps (values_at: trained), else None
+    steps: Tensor | None         # (b, n_t) their indices, fixed for every inner epoch, else None (ppo_update draws)
+
+
+def advantage_steps(run: common.Run, rollout: SDERollout, n_rows: int, cfg, epoch: int,
+                    group_size: int) -> AdvantageSteps:
+    """GRPO / DDPO, before the value pass: the stochastic steps of every row (gathered), and with ``values_at:
+    trained`` each group's ``timestep_fraction`` of them, drawn from the (seed, epoch, 4) generator alike on every
+    process: the critic is asked there only and the update trains exactly those steps."""
+    mine = process_rows(n_rows, cfg.rollout_batch_size, run.accelerator)
+    mask = gather(run, rollout.sde_mask, n_rows, cfg.rollout_batch_size)
+    if cfg.values_at != "trained":
+        return AdvantageSteps(mine, mask, None, None)
+    steps = train_steps(mask, cfg.timestep_fraction, epoch_generator(run, epoch, 4)[1], group_size)
+    mask = torch.zeros_like(mask).scatter_(1, steps, True)
+    return AdvantageSteps(mine, mask, mask[mine], steps[mine])
 
 
 def trajectory_values(run: common.Run, critic, rollout: SDERollout, rewards: Tensor, cfg, edges,
