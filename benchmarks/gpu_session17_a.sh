@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Next GPU call for issue #6 (written in session 16, not yet run): GRPO on a whole-trajectory SDE, where the critic's
-# dense credit cuts the policy-gradient variance, at the Fast window's cost.
+# Session 17's GPU calls for issue #6 (PAIR=all, early and reg ran; results in docs/bench/trainers_session17.md, records
+# docs/bench/s17{a,b,c}_*.jsonl.gz). PAIR=all: GRPO on a whole-trajectory SDE, where the critic's dense credit cuts
+# the policy-gradient variance, at the Fast window's cost.
 # Session 16 (docs/bench/trainers_session16.md): at the Fast window (a 2-step SDE window at sigma 0.71-0.96) the
 # calibrated critic's slope is .015 and the dense runs train as sparse ones (four seeds each: GRPO +0.134, DDPO +0.130
 # on average, against +0.15). On a whole-trajectory SDE the CPU variance study (pg_variance_session16_cpu.json) finds
@@ -18,6 +19,13 @@
 #   PAIR=x (two GPUs): seeds 0 and 1 with --critic stitchvm_experts
 #   PAIR=d (two GPUs): DDPO-Fast's config on the whole-trajectory SDE, dense stitchvm against its sparse twin, seed 0
 #          (replay on docs/bench/s13b_ddpo_fast_kl0.01.jsonl.gz's clock)
+#   PAIR=xd (four GPUs): PAIR=x and PAIR=d in one call
+#   PAIR=s23 (four GPUs): seeds 2 and 3 of PAIR=all
+#   PAIR=reg (four GPUs): GRPO-Fast as shipped, seeds 0 and 1, with a slower EMA (0.995: the plateau's held-out
+#          swings of +-0.04 between evaluations averaged over ~70 epochs) or LoRA rank 8 (alpha 16, same scale)
+#   PAIR=early (four GPUs): after PAIR=all (the whole trajectory trained worse than the Fast window, with either credit),
+#          the shipped Fast configs with the window moved the other way, to start at U{0..2} (sigma 0.8-0.96 instead
+#          of 0.71-0.96): GRPO and DDPO, seeds 0 and 1 (shipped window: GRPO .537 / .510, DDPO .559 / .521)
 # Replay an H200 run at the H100's epochs:
 #   benchmarks/compare_runs.py RUN --clock RUN=docs/bench/s13b_grpo_fast_kl0.01.jsonl.gz
 # (an H100 run of the Fast config: same work per epoch here, 2 trained steps and 2 values per sample)
@@ -39,6 +47,27 @@ case ${PAIR:-all} in
   d) train 0 ddpo stitchvm ddpo_sde $K "${SDE[@]}"
      train 1 ddpo terminal ddpo_sde_terminal $K "${SDE[@]}" "${TWIN[@]}"
      NAMES="ddpo_sde ddpo_sde_terminal";;
-  *) echo "error: PAIR must be all, x or d, got '$PAIR'" >&2; exit 2;;
+  xd) train 0 grpo stitchvm_experts grpo_sde_experts $K "${SDE[@]}"
+      train 1 grpo stitchvm_experts grpo_sde_experts_s1 $K "${SDE[@]}" run.seed=1
+      train 2 ddpo stitchvm ddpo_sde $K "${SDE[@]}"
+      train 3 ddpo terminal ddpo_sde_terminal $K "${SDE[@]}" "${TWIN[@]}"
+      NAMES="grpo_sde_experts grpo_sde_experts_s1 ddpo_sde ddpo_sde_terminal";;
+  s23) train 0 grpo stitchvm grpo_sde_s2 $K "${SDE[@]}" run.seed=2
+       train 1 grpo terminal grpo_sde_terminal_s2 $K "${SDE[@]}" "${TWIN[@]}" run.seed=2
+       train 2 grpo stitchvm grpo_sde_s3 $K "${SDE[@]}" run.seed=3
+       train 3 grpo terminal grpo_sde_terminal_s3 $K "${SDE[@]}" "${TWIN[@]}" run.seed=3
+       NAMES="grpo_sde_s2 grpo_sde_terminal_s2 grpo_sde_s3 grpo_sde_terminal_s3";;
+  early) W="algo.sde_window_start=[0,2]"
+         train 0 grpo stitchvm grpo_early $K $W
+         train 1 grpo stitchvm grpo_early_s1 $K $W run.seed=1
+         train 2 ddpo stitchvm ddpo_early $K $W
+         train 3 ddpo stitchvm ddpo_early_s1 $K $W run.seed=1
+         NAMES="grpo_early grpo_early_s1 ddpo_early ddpo_early_s1";;
+  reg) train 0 grpo stitchvm grpo_ema995 $K algo.ema_decay=0.995
+       train 1 grpo stitchvm grpo_ema995_s1 $K algo.ema_decay=0.995 run.seed=1
+       train 2 grpo stitchvm grpo_r8 $K algo.lora_rank=8 algo.lora_alpha=16
+       train 3 grpo stitchvm grpo_r8_s1 $K algo.lora_rank=8 algo.lora_alpha=16 run.seed=1
+       NAMES="grpo_ema995 grpo_ema995_s1 grpo_r8 grpo_r8_s1";;
+  *) echo "error: PAIR must be all, x, d, xd, s23, early or reg, got '$PAIR'" >&2; exit 2;;
 esac
 end_call 17 $NAMES

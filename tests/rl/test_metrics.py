@@ -37,6 +37,20 @@ def test_metrics_jsonl_contents(tmp_path):
     assert [r["step"] for r in _records(tmp_path)] == [3, 4, 5]
 
 
+def test_jsonl_values_are_their_float32_in_the_shortest_text(tmp_path):
+    # A float32 metric read back as float64 has 17 digits; the record keeps the float32 exactly in 7-9 of them.
+    values = {"reward/mean": torch.tensor(0.7820728), "loss/kl": 1 / 3, "time/update": 3.3e-8, "train/rows": 123456789}
+    with MetricLogger(tmp_path, backends=()) as logger:
+        logger.log(values, step=1)
+    line = (tmp_path / "metrics.jsonl").read_text()
+    row = json.loads(line)
+    assert '"reward/mean": 0.7820728,' in line and '"loss/kl": 0.33333334,' in line
+    assert row["train/rows"] == 123456789  # an integer is exact whatever its size
+    for name in ("reward/mean", "loss/kl", "time/update"):
+        assert np.float32(row[name]) == np.float32(float(values[name])), name
+    assert row["loss/kl"] != 1 / 3  # rounded, not the float64
+
+
 def test_bad_metrics_are_refused(tmp_path):
     with MetricLogger(tmp_path, backends=()) as logger:
         with pytest.raises(ValueError, match="metric 'loss' needs a group prefix"):
