@@ -23,6 +23,10 @@
 #   PAIR=s23 (four GPUs): seeds 2 and 3 of PAIR=all
 #   PAIR=reg (four GPUs): GRPO-Fast as shipped, seeds 0 and 1, with a slower EMA (0.995: the plateau's held-out
 #          swings of +-0.04 between evaluations averaged over ~70 epochs) or LoRA rank 8 (alpha 16, same scale)
+#   PAIR=cfg (four GPUs; not yet run): GRPO and DDPO, seeds 0 and 1, with classifier-free guidance CFG=G (default
+#          4.5, Flow-GRPO's) in rollouts, training, evaluation and validation alike; the pretrained policy's score at
+#          that CFG is the baseline (docs/bench/trainers_session17.md). Eager forwards (run.cuda_graphs=false): the
+#          replay gains nothing at 1024 samples (session 12), and CFG doubles each forward's batch
 #   PAIR=early (four GPUs): after PAIR=all (the whole trajectory trained worse than the Fast window, with either credit),
 #          the shipped Fast configs with the window moved the other way, to start at U{0..2} (sigma 0.8-0.96 instead
 #          of 0.71-0.96): GRPO and DDPO, seeds 0 and 1 (shipped window: GRPO .537 / .510, DDPO .559 / .521)
@@ -68,6 +72,12 @@ case ${PAIR:-all} in
        train 2 grpo stitchvm grpo_r8 $K algo.lora_rank=8 algo.lora_alpha=16
        train 3 grpo stitchvm grpo_r8_s1 $K algo.lora_rank=8 algo.lora_alpha=16 run.seed=1
        NAMES="grpo_ema995 grpo_ema995_s1 grpo_r8 grpo_r8_s1";;
-  *) echo "error: PAIR must be all, x, d, xd, s23, early or reg, got '$PAIR'" >&2; exit 2;;
+  cfg) G="algo.guidance_scale=${CFG:-4.5} eval.guidance_scale=${CFG:-4.5} run.cuda_graphs=false"
+       train 0 grpo stitchvm grpo_cfg $K $G
+       train 1 grpo stitchvm grpo_cfg_s1 $K $G run.seed=1
+       train 2 ddpo stitchvm ddpo_cfg $K $G
+       train 3 ddpo stitchvm ddpo_cfg_s1 $K $G run.seed=1
+       NAMES="grpo_cfg grpo_cfg_s1 ddpo_cfg ddpo_cfg_s1";;
+  *) echo "error: PAIR must be all, x, d, xd, s23, early, reg or cfg, got '$PAIR'" >&2; exit 2;;
 esac
 end_call 17 $NAMES
