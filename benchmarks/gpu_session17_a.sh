@@ -39,45 +39,39 @@ OUT=${1:?out}; MINUTES=${MINUTES:-8.5}; source benchmarks/session3_lib.sh
 K="--config configs/experiments/keep_best.yaml run.ckpt_every=100000"
 SDE=(--config configs/experiments/whole_trajectory_grpo.yaml)  # dense credit, values_at: trained (its header)
 TWIN=(algo.advantages=sparse algo.values_at=stochastic)  # the sparse twin on the same whole-trajectory SDE
+NAMES=""
+# seeds01 GPU ALGO CRITIC NAME [overrides...]: NAME with seed 0 on GPU and NAME_s1 with seed 1 on GPU + 1
+seeds01() {
+  local g=$1 a=$2 c=$3 n=$4; shift 4
+  train $g $a $c $n $K "$@"; train $((g + 1)) $a $c ${n}_s1 $K "$@" run.seed=1
+  NAMES="$NAMES $n ${n}_s1"
+}
 case ${PAIR:-all} in
   all) train 0 grpo stitchvm grpo_sde $K "${SDE[@]}"
        train 1 grpo terminal grpo_sde_terminal $K "${SDE[@]}" "${TWIN[@]}"
        train 2 grpo stitchvm grpo_sde_s1 $K "${SDE[@]}" run.seed=1
        train 3 grpo terminal grpo_sde_terminal_s1 $K "${SDE[@]}" "${TWIN[@]}" run.seed=1
        NAMES="grpo_sde grpo_sde_terminal grpo_sde_s1 grpo_sde_terminal_s1";;
-  x) train 0 grpo stitchvm_experts grpo_sde_experts $K "${SDE[@]}"
-     train 1 grpo stitchvm_experts grpo_sde_experts_s1 $K "${SDE[@]}" run.seed=1
-     NAMES="grpo_sde_experts grpo_sde_experts_s1";;
+  x) seeds01 0 grpo stitchvm_experts grpo_sde_experts "${SDE[@]}";;
   d) train 0 ddpo stitchvm ddpo_sde $K "${SDE[@]}"
      train 1 ddpo terminal ddpo_sde_terminal $K "${SDE[@]}" "${TWIN[@]}"
      NAMES="ddpo_sde ddpo_sde_terminal";;
-  xd) train 0 grpo stitchvm_experts grpo_sde_experts $K "${SDE[@]}"
-      train 1 grpo stitchvm_experts grpo_sde_experts_s1 $K "${SDE[@]}" run.seed=1
+  xd) seeds01 0 grpo stitchvm_experts grpo_sde_experts "${SDE[@]}"
       train 2 ddpo stitchvm ddpo_sde $K "${SDE[@]}"
       train 3 ddpo terminal ddpo_sde_terminal $K "${SDE[@]}" "${TWIN[@]}"
-      NAMES="grpo_sde_experts grpo_sde_experts_s1 ddpo_sde ddpo_sde_terminal";;
+      NAMES="$NAMES ddpo_sde ddpo_sde_terminal";;
   s23) train 0 grpo stitchvm grpo_sde_s2 $K "${SDE[@]}" run.seed=2
        train 1 grpo terminal grpo_sde_terminal_s2 $K "${SDE[@]}" "${TWIN[@]}" run.seed=2
        train 2 grpo stitchvm grpo_sde_s3 $K "${SDE[@]}" run.seed=3
        train 3 grpo terminal grpo_sde_terminal_s3 $K "${SDE[@]}" "${TWIN[@]}" run.seed=3
        NAMES="grpo_sde_s2 grpo_sde_terminal_s2 grpo_sde_s3 grpo_sde_terminal_s3";;
-  early) W="algo.sde_window_start=[0,2]"
-         train 0 grpo stitchvm grpo_early $K $W
-         train 1 grpo stitchvm grpo_early_s1 $K $W run.seed=1
-         train 2 ddpo stitchvm ddpo_early $K $W
-         train 3 ddpo stitchvm ddpo_early_s1 $K $W run.seed=1
-         NAMES="grpo_early grpo_early_s1 ddpo_early ddpo_early_s1";;
-  reg) train 0 grpo stitchvm grpo_ema995 $K algo.ema_decay=0.995
-       train 1 grpo stitchvm grpo_ema995_s1 $K algo.ema_decay=0.995 run.seed=1
-       train 2 grpo stitchvm grpo_r8 $K algo.lora_rank=8 algo.lora_alpha=16
-       train 3 grpo stitchvm grpo_r8_s1 $K algo.lora_rank=8 algo.lora_alpha=16 run.seed=1
-       NAMES="grpo_ema995 grpo_ema995_s1 grpo_r8 grpo_r8_s1";;
-  cfg) G="algo.guidance_scale=${CFG:-4.5} eval.guidance_scale=${CFG:-4.5} run.cuda_graphs=false"
-       train 0 grpo stitchvm grpo_cfg $K $G
-       train 1 grpo stitchvm grpo_cfg_s1 $K $G run.seed=1
-       train 2 ddpo stitchvm ddpo_cfg $K $G
-       train 3 ddpo stitchvm ddpo_cfg_s1 $K $G run.seed=1
-       NAMES="grpo_cfg grpo_cfg_s1 ddpo_cfg ddpo_cfg_s1";;
+  early) seeds01 0 grpo stitchvm grpo_early "algo.sde_window_start=[0,2]"
+         seeds01 2 ddpo stitchvm ddpo_early "algo.sde_window_start=[0,2]";;
+  reg) seeds01 0 grpo stitchvm grpo_ema995 algo.ema_decay=0.995
+       seeds01 2 grpo stitchvm grpo_r8 algo.lora_rank=8 algo.lora_alpha=16;;
+  cfg) G=(algo.guidance_scale=${CFG:-4.5} eval.guidance_scale=${CFG:-4.5} run.cuda_graphs=false)
+       seeds01 0 grpo stitchvm grpo_cfg "${G[@]}"
+       seeds01 2 ddpo stitchvm ddpo_cfg "${G[@]}";;
   *) echo "error: PAIR must be all, x, d, xd, s23, early, reg or cfg, got '$PAIR'" >&2; exit 2;;
 esac
 end_call 17 $NAMES
