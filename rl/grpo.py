@@ -47,7 +47,9 @@ session 15: validation plateaus .58-.62 against .52-.57 for lambda 0 (docs/bench
 In the Fast window that is all V can do. With the SDE at every step (``sde_window: 0``) lambda 1, calibrated, with
 the global scale is 4-7x less variable than sparse credit (CPU, docs/bench/trainers_session16.md): R - V(z_k) is small
 at the late steps whose log-prob gradients are largest. ``group_step`` would scale those residuals back up, so there
-use ``dense_norm: global``, and ``values_at: trained`` to pay for V only at the trained steps.
+use ``dense_norm: global``, and ``values_at: trained`` to pay for V only at the trained steps. On Shapes that run
+validates above its sparse twin at 2/3 of the KL, but both train worse in 10 minutes than a Fast window
+(docs/bench/trainers_session17.md).
 
 Notation:
     symbol          here
