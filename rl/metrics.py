@@ -9,7 +9,8 @@ dashboards stay grouped.
 without TensorBoard. Non-finite values are written as Python's ``json`` writes them (``NaN``), because a NaN
 metric is information. A non-integral value is written at float32 precision, the shortest decimal that reads back to
 its float32 (``_short``): the metrics are float32 computations, and the 17-digit float64 text of a float32 made the
-run records in docs/bench 1.6x larger for digits that carry nothing (TensorBoard and wandb get the full value). Images are also saved as ``run_dir/images/{tag}/{step:08d}.png``.
+run records in docs/bench 1.6x larger for digits that carry nothing (TensorBoard and wandb get the full value).
+Images are also saved as ``run_dir/images/{tag}/{step:08d}.png``.
 
 Only the main process logs: with ``is_main_process=False`` every method is a no-op and nothing is created.
 """
@@ -49,7 +50,10 @@ def _short(value: float) -> float:
     the result with the shortest repr that reads back to it, e.g. 0.7820728 instead of 0.7820727825164795."""
     if not math.isfinite(value) or value.is_integer():
         return value
-    return float(str(np.float32(value)))
+    single = np.float32(value)
+    if not np.isfinite(single) or single == 0:  # outside float32's range: the float64 is the information
+        return value
+    return float(str(single))
 
 
 def _to_grid(images: torch.Tensor | Sequence[Image.Image], tag: str) -> torch.Tensor:

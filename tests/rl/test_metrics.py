@@ -49,6 +49,11 @@ def test_jsonl_values_are_their_float32_in_the_shortest_text(tmp_path):
     for name in ("reward/mean", "loss/kl", "time/update"):
         assert np.float32(row[name]) == np.float32(float(values[name])), name
     assert row["loss/kl"] != 1 / 3  # rounded, not the float64
+    # outside float32's range the float64 is kept: neither inf nor 0 is written for a finite non-zero value
+    with MetricLogger(tmp_path / "wide", backends=()) as logger:
+        logger.log({"loss/big": 1e300, "loss/tiny": 1e-300}, step=1)
+    row = _records(tmp_path / "wide")[0]
+    assert row["loss/big"] == 1e300 and row["loss/tiny"] == 1e-300
 
 
 def test_bad_metrics_are_refused(tmp_path):
