@@ -2,7 +2,7 @@
 
     python -m critics.bench_value                                   # the figures in docs/critic.md
     python -m critics.bench_value --n-prompts 64 --rollouts 8 --out docs/img/value_bench.png
-    python -m critics.bench_value --quick                            # seconds; for tests
+    python -m critics.bench_value --quick                            # seconds; prints the table, writes nothing
 
 Protocol (every number is a pure function of the weights, the critics and these seeds):
   trajectories  `--n-prompts` held-out test prompts shapes.data.prompts('test', n, TEST_PROMPT_SEED) (choose between
@@ -400,9 +400,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="docs/img/value_bench.png", help="plot PNG ('' to skip)")
     parser.add_argument("--json", default="", help="results JSON (default: --out with .json)")
     parser.add_argument("--quick", action="store_true",
-                        help="defaults for a smoke run: 4 prompts, 2 rollouts, 32 retrieval images, batch 16")
+                        help="defaults for a smoke run: 4 prompts, 2 rollouts, 32 retrieval images, batch 16, and no "
+                             "files unless --out / --json are given (the default --out is the reported figure)")
     if parser.parse_known_args(argv)[0].quick:
-        parser.set_defaults(n_prompts=4, rollouts=2, retrieval_images=32, batch_size=16)
+        parser.set_defaults(n_prompts=4, rollouts=2, retrieval_images=32, batch_size=16, out="")
     return parser.parse_args(argv)
 
 

@@ -55,7 +55,9 @@ def main() -> None:
     dps = DPSConfig(eta=0.7, guidance_scale=1.0, grad_norm="score", sigma_max=0.95)
     z_T = policy.noise(len(PROMPTS), torch.Generator(policy.device).manual_seed(0))
     result = dps_sample(guide, z_T, sigmas, cond, PROMPTS, dps, torch.Generator(policy.device).manual_seed(1))
-    print("DPS: V along the trajectory (first prompt):", [f"{v:.3f}" for v in result.values[0].tolist()])
+    # NaN marks the unguided steps (sigma_i > sigma_max): DPS asks the critic only where it guides
+    print(f"DPS: V along the trajectory (first prompt; nan = unguided step, sigma > {dps.sigma_max}):",
+          [f"{v:.3f}" for v in result.values[0].tolist()])
     with torch.no_grad():
         save_image(policy.decode(result.z_0), out / "dps.png", nrow=len(PROMPTS))
 

@@ -80,6 +80,15 @@ def test_quick_run_prints_table_and_writes_json_and_plot(built, world, tmp_path,
     assert result["value"] == saved["value"]
 
 
+def test_quick_run_writes_no_file_by_default(built, world, tmp_path, monkeypatch):
+    # --quick's 4-prompt smoke figures must not replace the reported docs/img/value_bench.{png,json}
+    svm, _ = built
+    monkeypatch.chdir(tmp_path)
+    bv.main(["--quick", "--weights-dir", str(world), "--stitchvm", str(svm.output_dir), "--critics", "stitchvm",
+             "--sigmas", "0.5", "--retrieval-images", "0"])
+    assert list(tmp_path.rglob("*")) == []
+
+
 def test_odd_rollouts_are_refused(built, world):
     svm, vae = built
     with pytest.raises(ValueError, match="--rollouts must be even"):
