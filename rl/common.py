@@ -157,6 +157,9 @@ class Run:
     best: Any = None  # rl.selection.BestAdapter with run.keep_best (None: off)
     timer: Timer = field(default_factory=Timer)
     start_time: float = field(default_factory=time.time)
+    # (epoch, adapter, scores) of the loop's last held-out evaluation in this process's lifetime: the final evaluation
+    # of the same adapter at the same epoch reuses it (final_evaluation) instead of sampling the same images again
+    last_held_out: tuple[int, str | None, dict[str, float]] | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -495,6 +498,25 @@ def print_resumed(run: Run, epoch: int) -> None:
     run.accelerator.print(f"resumed from epoch {epoch}" + (
         f": nothing left to train (run.max_epochs={run.run_cfg.max_epochs}; raise it to train on), only the final "
         f"evaluation runs" if done else ""))
+
+
+def held_out(run: Run, epoch: int, adapter: str | None = "default") -> tuple[dict[str, float], Tensor]:
+    """The loop's held-out evaluation after ``epoch`` epochs (``evaluate`` on the eval prompts), remembered for
+    ``final_evaluation``."""
+    scores, images = evaluate(run, adapter)
+    run.last_held_out = (epoch, adapter, dict(scores))
+    return scores, images
+
+
+def final_evaluation(run: Run, epoch: int, adapter: str | None = "default", swapped: bool = False
+                     ) -> dict[str, float]:
+    """The final held-out scores after ``epoch`` epochs. The evaluation is deterministic (fixed noise), so when the
+    loop has just scored this adapter at this epoch (``held_out``) its scores are returned instead of sampling the
+    same images again, unless ``swapped``: keep_best loaded another adapter's weights into it."""
+    last = run.last_held_out
+    if not swapped and last is not None and last[0] == epoch and last[1] == adapter:
+        return dict(last[2])
+    return evaluate(run, adapter)[0]
 
 
 def finish(run: Run, adapter: str = "default") -> Path | None:

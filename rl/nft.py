@@ -395,7 +395,7 @@ def train(run: common.Run, cfg: NFTConfig, resume: str | None = None) -> dict[st
                                      f"The last finite state is checkpointed in {run.run_dir}")
             if run.run_cfg.eval_every and (epoch + 1) % run.run_cfg.eval_every == 0:
                 with run.timer("eval"):
-                    eval_metrics, images = common.evaluate(run)
+                    eval_metrics, images = common.held_out(run, epoch + 1)
                 metrics.update(eval_metrics)
                 history.append(eval_metrics)
                 if images.numel():
@@ -413,7 +413,7 @@ def train(run: common.Run, cfg: NFTConfig, resume: str | None = None) -> dict[st
     if common.stopped_by_signal(run, stop):
         return {}
     chosen = selection.on_finish(run, epoch + 1)  # keep_best: the adapter that validated best
-    final, images = common.evaluate(run)
+    final = common.final_evaluation(run, epoch + 1, swapped=run.best is not None)
     run.logger.log({**final, **chosen}, epoch + 1)
     common.finish(run)
     return final

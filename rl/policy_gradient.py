@@ -483,7 +483,7 @@ def end_epoch(run: common.Run, epoch: int, metrics: dict, optimizer, adapters: t
     cfg = run.run_cfg
     if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0:
         with run.timer("eval"):
-            eval_metrics, images = common.evaluate(run, eval_adapter)
+            eval_metrics, images = common.held_out(run, epoch + 1, eval_adapter)
         metrics.update(eval_metrics)
         history.append(eval_metrics)
         if images.numel():
@@ -502,7 +502,7 @@ def finish_run(run: common.Run, epoch: int, eval_adapter: str = "default") -> di
     """Final held-out evaluation, logged at ``epoch``, and the diffusers export of ``eval_adapter`` (with
     ``run.keep_best``: of the adapter that validated best, rl.selection)."""
     chosen = selection.on_finish(run, epoch, eval_adapter)
-    final, _ = common.evaluate(run, eval_adapter)
+    final = common.final_evaluation(run, epoch, eval_adapter, swapped=run.best is not None)
     run.logger.log({**final, **chosen}, epoch)
     common.finish(run, eval_adapter)
     return final

@@ -152,3 +152,21 @@ def test_start_up_validation_is_not_charged_to_the_first_epoch(tmp_path, algo):
     assert main(tmp_path, algo, "run.max_epochs=2", "run.eval_every=2") == 0
     epoch1 = [r for r in metrics(tmp_path / "run") if r["step"] == 1 and "time/rollout" in r]
     assert len(epoch1) == 1 and "time/eval" not in epoch1[0]
+
+
+@pytest.mark.parametrize("algo", ["nft", "grpo"])
+@pytest.mark.parametrize("every,epochs,sampled", [(1, 2, [0, 1, 2]), (2, 3, [0, 2, "final"]), (0, 1, [0, "final"])])
+def test_the_final_evaluation_reuses_the_loops_when_nothing_changed(tmp_path, monkeypatch, algo, every, epochs,
+                                                                    sampled):
+    # Without keep_best the final evaluation scores the adapter the loop has just scored at the same epoch (fixed
+    # noise): it is not sampled again. After any other epoch it is.
+    from rl import common
+
+    calls, evaluate = [], common.evaluate
+    monkeypatch.setattr(common, "evaluate", lambda run, *a, **k: calls.append(run) or evaluate(run, *a, **k))
+    assert main(tmp_path, algo, f"run.max_epochs={epochs}", f"run.eval_every={every}", "run.keep_best=false") == 0
+    assert len(calls) == len(sampled)
+    periodic, final = evals(metrics(tmp_path / "run"))
+    assert sorted(periodic) == [e for e in sampled if e != "final"]
+    if "final" not in sampled:
+        assert final["eval/overall"] == periodic[epochs]
