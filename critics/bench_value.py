@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import io
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -376,6 +377,13 @@ def parse_variants(texts: Sequence[str]) -> dict[str, str]:
     return variants
 
 
+def sigma_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.1,0.5, got {text!r}") from None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="critics.bench_value", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -385,7 +393,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              f"another (e.g. {VAL_PROMPT_SEED}) so the reported figures stay held out")
     parser.add_argument("--rollouts", type=int, default=8, help="K, Monte-Carlo rollouts per z_t (even, >= 8 "
                                                                 "for the reported figures)")
-    parser.add_argument("--sigmas", type=lambda s: tuple(float(x) for x in s.split(",")), default=SIGMAS)
+    parser.add_argument("--sigmas", type=sigma_list, default=SIGMAS, help="comma-separated noise levels in (0, 1)")
     parser.add_argument("--critics", default=",".join(CRITICS), help=f"comma-separated subset of {CRITICS}")
     parser.add_argument("--stitchvm", default="shapes/weights/stitchvm", help="StitchVM directory")
     parser.add_argument("--vae-stitch", default="shapes/weights/vae_stitch", help="vae_stitch directory")
@@ -404,7 +412,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "files unless --out / --json are given (the default --out is the reported figure)")
     if parser.parse_known_args(argv)[0].quick:
         parser.set_defaults(n_prompts=4, rollouts=2, retrieval_images=32, batch_size=16, out="")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.n_prompts < 1:
+        parser.error(f"--n-prompts must be >= 1 (one trajectory each), got {args.n_prompts}")
+    if not args.sigmas or not all(0 < s < 1 for s in args.sigmas):
+        parser.error(f"--sigmas are noise levels strictly between 0 (clean) and 1 (pure noise), got {args.sigmas}")
+    if args.batch_size < 1 or args.retrieval_images < 0:
+        parser.error(f"--batch-size must be >= 1 and --retrieval-images >= 0, got {args.batch_size} and "
+                     f"{args.retrieval_images}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -420,5 +436,15 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``main`` for the command line: a bad input (critic directory, option) is one ``error:`` line and exit 2."""
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

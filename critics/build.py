@@ -182,6 +182,12 @@ class BuildConfig:
         check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         check(self.bottleneck_ratio >= 1, "bottleneck_ratio", f"must be >= 1, got {self.bottleneck_ratio}")
         check(self.stitch_blocks >= 0, "stitch_blocks", f"must be >= 0, got {self.stitch_blocks}")
+        check(not Path(self.output_dir).is_file(), "output_dir",
+              f"{self.output_dir} is a file; the critic is a directory: give a directory path")
+        if self.heatmap is not None:
+            parent = Path(self.heatmap).resolve().parent
+            check(not Path(self.heatmap).is_dir(), "heatmap", f"{self.heatmap} is a directory: give a PNG file path")
+            check(not parent.exists() or parent.is_dir(), "heatmap", f"{parent} is not a directory")
         if self.init_from is not None:
             check(self.onpolicy.enabled, "init_from", "starts stage 3 from a saved critic: set onpolicy.enabled=true")
             check(Path(self.init_from).resolve() != Path(self.output_dir).resolve(), "init_from",
@@ -605,7 +611,11 @@ def build(cfg: BuildConfig) -> BuildResult:
         if cfg.heatmap is None:
             extras[INTERFACE_PNG] = heatmap_png(result)
         else:  # e.g. docs/img/: a weights directory that holds only .json + .safetensors
-            atomic_write_bytes(cfg.heatmap, heatmap_png(result))
+            try:
+                atomic_write_bytes(cfg.heatmap, heatmap_png(result))
+            except OSError as e:  # before stage 2: nothing of the build is lost yet
+                raise ConfigError(f"heatmap={cfg.heatmap}: cannot write the stage-1 heatmap there ({e}); give a "
+                                  f"writable path, or leave heatmap unset (output_dir/interface.png)") from e
             say("search", f"heatmap → {cfg.heatmap}")
         times["search_s"] = time.perf_counter() - t
 

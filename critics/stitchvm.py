@@ -648,9 +648,23 @@ def read_critic_file(path: str) -> dict:
                          f"or copy it again") from e
 
 
+# the metadata file that names each kind of saved critic (critics/vae_stitch.py writes the second)
+CRITIC_META_FILES = {"stitchvm": META_FILE, "vae_stitch": "vae_stitch.json"}
+
+
+def check_critic_kind(path_dir: str, kind: str) -> None:
+    """A FileNotFoundError that says so when ``path_dir`` holds a saved critic of another kind than ``kind``."""
+    for other, meta in CRITIC_META_FILES.items():
+        if other != kind and os.path.isfile(os.path.join(path_dir, meta)) and \
+                not os.path.isfile(os.path.join(path_dir, CRITIC_META_FILES[kind])):
+            raise FileNotFoundError(f"{path_dir} holds a {other} critic ({meta}), not a {kind} one: load it as a "
+                                    f"{other} critic, or give the directory of a {kind} critic")
+
+
 def read_stitchvm_meta(path_dir: str | os.PathLike) -> dict:
     """The stitchvm.json of a saved critic; FileNotFoundError naming the path when a file is missing."""
     path_dir = os.fspath(path_dir)
+    check_critic_kind(path_dir, "stitchvm")
     for name in (META_FILE, STITCH_FILE, TAIL_FILE):
         p = os.path.join(path_dir, name)
         if not os.path.isfile(p):

@@ -35,12 +35,12 @@ from torch import Tensor, nn
 
 from rl.checkpoint import verify_dir, write_dir_atomically
 from critics.interface import InterfaceResult, collect_features, fit_linear, MAX_TAIL_BLOCK
-from critics.stitchvm import (CLASS_TOKEN_KEY, STITCH_FILE, TAIL_FILE, Stitch, StitchVM, _versions, make_score,
-                              read_critic_file, stitch_kwargs, vision_fingerprint)
+from critics.stitchvm import (CLASS_TOKEN_KEY, CRITIC_META_FILES, STITCH_FILE, TAIL_FILE, Stitch, StitchVM, _versions,
+                              check_critic_kind, make_score, read_critic_file, stitch_kwargs, vision_fingerprint)
 from critics.tails import make_tail, tail_kind
 
 FORMAT_VERSION = 1
-META_FILE = "vae_stitch.json"
+META_FILE = CRITIC_META_FILES["vae_stitch"]  # "vae_stitch.json"
 KIND = "vae_stitch"
 LATENT_TAP = 0  # the "block" index of the identity head in stage-1 caches (no DiT block is run)
 
@@ -196,6 +196,7 @@ def save_vae_stitch(path_dir: str | os.PathLike, model: StitchVM, meta: dict | N
 def read_vae_stitch_meta(path_dir: str | os.PathLike) -> dict:
     """vae_stitch.json of a saved critic; FileNotFoundError naming the first missing file."""
     path_dir = os.fspath(path_dir)
+    check_critic_kind(path_dir, "vae_stitch")
     for name in (META_FILE, STITCH_FILE, TAIL_FILE):
         p = os.path.join(path_dir, name)
         if not os.path.isfile(p):

@@ -239,6 +239,8 @@ def write_dir_atomically(path_dir: str | os.PathLike, write, manifest: bool = Fa
     back. Only fixed scratch names are used, so killed saves never pile up copies.
     """
     path_dir = os.fspath(path_dir)
+    if os.path.exists(path_dir) and not os.path.isdir(path_dir):  # never moved aside: it is not ours
+        raise CheckpointError(f"{path_dir} is a file; a directory is written there: give another path")
     os.makedirs(os.path.dirname(os.path.abspath(path_dir)), exist_ok=True)
     recover_dir(path_dir)
     tmp, old = _sibling(path_dir, "tmp"), _sibling(path_dir, "old")

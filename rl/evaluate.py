@@ -55,15 +55,23 @@ def main(argv: list[str] | None = None) -> int:
         policy = instantiate(raw["model"], _path="model").to(accelerator.device)
         transformer = policy.transformer
         if args.lora is not None:
+            if args.lora.is_file():
+                raise FileNotFoundError(f"--lora takes the export directory (the folder that holds "
+                                        f"pytorch_lora_weights.safetensors, <run.output_dir>/lora), got the file "
+                                        f"'{args.lora}'")
             if not (args.lora / "pytorch_lora_weights.safetensors").is_file():
                 raise FileNotFoundError(f"no pytorch_lora_weights.safetensors in '{args.lora}' (export of a run: "
                                         f"<run.output_dir>/lora)")
+            check_lora_file(args.lora / "pytorch_lora_weights.safetensors")
             try:
                 transformer.load_lora_adapter(str(args.lora), weight_name="pytorch_lora_weights.safetensors",
                                               adapter_name="default")
             except RuntimeError as e:  # e.g. size mismatches: a LoRA of another model
                 raise ValueError(f"{args.lora}: not a LoRA of this model ({str(e).splitlines()[0]}); evaluate it with "
                                  f"the --config of the run that trained it") from e
+            if "default" not in getattr(transformer, "peft_config", {}):  # no key matched a module of this model
+                raise ValueError(f"{args.lora}: none of its LoRA weights names a module of this model; evaluate it "
+                                 f"with the --config of the run that trained it")
         elif args.checkpoint is not None:
             source = raw["run"]["output_dir"] if args.checkpoint == "latest" else args.checkpoint
             loaded = ckpt.load_checkpoint(source)
@@ -101,6 +109,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         ckpt.atomic_write_json(args.json, metrics)
     return 0
+
+
+def check_lora_file(path: Path) -> None:
+    """A readable safetensors file with LoRA weights (``lora_A`` / ``lora_B`` keys, as diffusers exports them), or a
+    ValueError that says which it is not."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}): it is damaged or truncated; export the "
+                         f"run again (its checkpoints keep the adapter: --checkpoint <run.output_dir>)") from e
+    if not any(".lora_A." in k or ".lora_B." in k for k in keys):
+        raise ValueError(f"{path} holds no LoRA weights (no lora_A / lora_B keys among its {len(keys)} tensors): is "
+                         f"it a LoRA export of rl/train.py or diffusers?")
 
 
 if __name__ == "__main__":

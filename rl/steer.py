@@ -108,6 +108,10 @@ def load_critic(name: str | None, world: str, policy, reward, stitchvm_path: str
     if world == "tiny" and name == "stitchvm":
         from rl.steering.testing import random_stitchvm
 
+        if stitchvm_path is not None:
+            raise ConfigError(f"stitchvm_path={stitchvm_path}: the tiny world's StitchVM is a random one on its tiny "
+                              f"policy, so a saved critic cannot load there; use --world shapes")
+
         return random_stitchvm(policy, reward, i=1).requires_grad_(False)
     overrides = {"path": stitchvm_path} if name == "stitchvm" and stitchvm_path is not None else {}
     critic = instantiate(load_yaml(CRITIC_ROOT / f"{name}.yaml"), _path="critic", policy=policy, reward=reward,
@@ -253,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--method dps follows the gradient of V, and critic '{args.critic}' has none: use a "
                               f"differentiable critic (stitchvm, tweedie), or --method fk, which needs values only")
         guide_for(world, cfg)  # here, so that a bad combination is an error before anything runs
+        if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ConfigError(f"--out {args.out} is a file; the results go into a directory: give a directory path")
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

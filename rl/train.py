@@ -65,7 +65,7 @@ def compose_config(args: argparse.Namespace) -> Composed:
     """Compose the config from the command line and validate it (``validate_config``); raises ConfigError with one
     message saying what to fix."""
     from rl import common
-    from rl.config import apply_overrides, compose, load_yaml, to_dict, unknown_choice
+    from rl.config import ConfigError, apply_overrides, compose, load_yaml, to_dict, unknown_choice
 
     if args.algo not in ALGOS:
         raise unknown_choice("--algo", args.algo, sorted(ALGOS), "choices")
@@ -74,7 +74,12 @@ def compose_config(args: argparse.Namespace) -> Composed:
     parts = [load_yaml(CONFIG_ROOT / "defaults.yaml"),
              {"algo": load_yaml(CONFIG_ROOT / "algo" / f"{args.algo}.yaml")},
              {"critic": load_yaml(CONFIG_ROOT / "critic" / f"{args.critic}.yaml")}]
-    parts += [load_yaml(path) for path in args.config]
+    for path in args.config:
+        part = load_yaml(path)
+        if not part:  # most likely the wrong file: a config that sets nothing is never what was meant
+            raise ConfigError(f"--config {path} sets nothing (the file is empty or only comments): pass the YAML "
+                              f"you meant, or drop the flag")
+        parts.append(part)
     # Typed sections start from their dataclass defaults, so every field is overridable from the CLI and
     # --print-config shows the whole resolved config.
     defaults = {"algo": to_dict(algo_config_class(args.algo)()), "run": to_dict(common.RunConfig()),
@@ -221,6 +226,12 @@ def build_run(composed: Composed):
         prompts = raw.get("prompts", {})
         train_prompts = instantiate(prompts["train"], _path="prompts.train")
         eval_prompts = instantiate(prompts["eval"], _path="prompts.eval") if prompts.get("eval") else []
+        if not len(train_prompts):
+            raise ConfigError("prompts.train gave no prompts: the trainer samples its epochs from them (e.g. "
+                              "prompts.train.n >= 1, or a prompts file with lines in it)")
+        if prompts.get("eval") and raw.get("eval_metric") and not len(eval_prompts):
+            raise ConfigError("prompts.eval gave no prompts, so the run would report no held-out score: give "
+                              "prompts.eval.n >= 1, or prompts.eval=null to run without held-out evaluation")
         val_prompts = instantiate(prompts["val"], _path="prompts.val") if prompts.get("val") else []
         # validation chooses, evaluation reports: no prompt may be in both
         reported = set(eval_prompts)
@@ -290,6 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    output_dir = Path(composed.run_cfg.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        print(f"error: run.output_dir={output_dir} is a file, not a directory: give a directory for the run "
+              f"(run.output_dir=...)", file=sys.stderr)
+        return 2
     if args.resume is not None:  # before any model is built: a missing checkpoint is a command-line mistake
         from rl.checkpoint import CheckpointError, resolve_checkpoint
 
@@ -320,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     if run.accelerator.is_main_process and args.resume is None:  # a resumed run writes it once restored
         to_yaml(composed.raw, Path(run.run_cfg.output_dir) / "config.yaml")
     algo = importlib.import_module(ALGOS[args.algo][0])
+    from rl.checkpoint import CheckpointError
+
     try:
         final = algo.train(run, composed.algo_cfg, resume=args.resume)
         # every process past its last collective before any tears the group down: a rank that finished first and
@@ -327,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         run.accelerator.wait_for_everyone()
     except ConfigError as e:  # a trainer's own checks (critic / reward pairing, run.best_metric): before any update
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:  # --resume of a damaged checkpoint: found while loading it, before metrics.jsonl is
+        print(f"error: --resume {args.resume}: {e}", file=sys.stderr)  # cut back to it or anything is trained
         return 2
     finally:
         run.logger.close()

@@ -89,6 +89,32 @@ def test_quick_run_writes_no_file_by_default(built, world, tmp_path, monkeypatch
     assert list(tmp_path.rglob("*")) == []
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--sigmas", "1.5"], "strictly between 0 (clean) and 1"),
+    (["--sigmas", "0.5,x"], "comma-separated numbers"),
+    (["--n-prompts", "0"], "--n-prompts must be >= 1"),
+    (["--rollouts", "3"], "--rollouts must be even"),
+    (["--critics", "foo"], "unknown critics ['foo']"),
+    (["--variant", "foo"], "--variant must look like NAME=DIR"),
+])
+def test_cli_input_errors_are_one_line_and_exit_2(built, world, capsys, args, message):
+    svm, _ = built
+    try:
+        rc = bv.cli(["--quick", "--weights-dir", str(world), "--stitchvm", str(svm.output_dir), "--critics",
+                     "stitchvm", *args])
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+
+
+def test_a_vae_stitch_directory_given_as_stitchvm_is_named(built, world, capsys):
+    svm, vae = built
+    assert bv.cli(["--quick", "--weights-dir", str(world), "--stitchvm", str(vae.output_dir), "--critics",
+                   "stitchvm"]) == 2
+    assert "holds a vae_stitch critic (vae_stitch.json), not a stitchvm one" in capsys.readouterr().err
+
+
 def test_odd_rollouts_are_refused(built, world):
     svm, vae = built
     with pytest.raises(ValueError, match="--rollouts must be even"):

@@ -176,6 +176,16 @@ def test_build_command_errors_are_one_clear_message(world, tmp_path, capsys, ext
     assert not (tmp_path / "x").exists()  # nothing written
 
 
+def test_an_output_dir_or_heatmap_that_cannot_be_written_is_a_config_error(world, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    assert main(["--config", SHAPES_YAML, *tiny_overrides(world, afile)]) == 2
+    assert "output_dir: " in capsys.readouterr().err and afile.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # not moved aside, nothing beside it
+    assert main(["--config", SHAPES_YAML, *tiny_overrides(world, tmp_path / "x", f"heatmap={afile}/h.png")]) == 2
+    assert "heatmap: " in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_critic_yamls_instantiate_as_rl_train_does(built, world):
     svm, vae = built
     policy, reward = load_shapes_policy(weights_dir=world), load_shapes_reward(weights_dir=world)

@@ -431,3 +431,13 @@ def test_a_killed_re_save_keeps_a_checkpoint_of_that_step(tmp_path, monkeypatch)
     save_checkpoint(tmp_path, 3, _tensors(), {"v": "three"}, keep=None)
     assert load_checkpoint(step2).state["v"] == "new"
     recover_resave(tmp_path / "nothing")  # names no checkpoint: nothing to do
+
+
+def test_writing_a_directory_over_a_file_is_refused(tmp_path):
+    from rl.checkpoint import write_dir_atomically
+
+    target = tmp_path / "critic"
+    target.write_text("keep me")
+    with pytest.raises(CheckpointError, match="is a file"):
+        write_dir_atomically(target, lambda tmp: None)
+    assert target.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["critic"]

@@ -182,6 +182,61 @@ def test_config_errors_exit_2(tmp_path, capsys):
     assert "a multiple of group_size (4)" in capsys.readouterr().err
 
 
+def test_input_errors_exit_2_and_write_nothing(tmp_path, capsys):
+    base = ["--critic", "terminal", "--config", TINY]
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    assert train.main([*base, f"run.output_dir={afile}"]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err and afile.read_text() == "keep me"
+    for key, what in [("prompts.train.n=0", "prompts.train gave no prompts"),
+                      ("prompts.eval.n=0", "prompts.eval gave no prompts")]:
+        out = tmp_path / key.split(".")[1]
+        assert train.main([*base, key, f"run.output_dir={out}"]) == 2
+        assert what in capsys.readouterr().err
+        assert not out.exists() or not any(out.iterdir())  # no run files: the same command fixed starts cleanly
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing\n")
+    assert train.main([*base, "--config", str(empty)]) == 2
+    assert "sets nothing" in capsys.readouterr().err
+
+
+def test_resume_of_a_damaged_checkpoint_exits_2_and_keeps_the_metrics(tmp_path, capsys):
+    out = _run(tmp_path, "damaged", "terminal", "run.export_lora=false")
+    metrics_before = (out / "metrics.jsonl").read_text()
+    lora = out / "checkpoints" / "step_00000002" / "lora_default.safetensors"
+    lora.write_bytes(lora.read_bytes()[:300])
+    capsys.readouterr()
+    args = ["--critic", "terminal", "--config", TINY, f"run.output_dir={out}", "run.max_epochs=3"]
+    assert train.main([*args, "--resume", "latest"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume latest: ") and "has 300 bytes, the manifest says" in err
+    assert "step_00000001" in err  # the previous good checkpoint is named
+    assert (out / "metrics.jsonl").read_text() == metrics_before
+
+
+def test_evaluate_cli_refuses_a_damaged_or_foreign_lora_file(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from rl import evaluate
+
+    good = _run(tmp_path, "good", "terminal") / "lora" / "pytorch_lora_weights.safetensors"
+    cases = {"garbage": b"\x00" * 64 + b"not safetensors", "truncated": good.read_bytes()[:200], "foreign": None}
+    capsys.readouterr()
+    for name, data in cases.items():
+        export = tmp_path / name
+        export.mkdir()
+        if data is None:
+            save_file({"w": torch.zeros(2)}, str(export / "pytorch_lora_weights.safetensors"))
+        else:
+            (export / "pytorch_lora_weights.safetensors").write_bytes(data)
+        assert evaluate.main(["--lora", str(export), "--config", TINY]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "Traceback" not in err, name
+        assert ("holds no LoRA weights" if data is None else "not a readable safetensors file") in err, name
+    assert evaluate.main(["--lora", str(good), "--config", TINY]) == 2  # the file instead of its directory
+    assert "takes the export directory" in capsys.readouterr().err
+
+
 @pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters:RuntimeWarning")  # the other model's LoRA
 def test_evaluate_cli_scores_export_checkpoint_and_base(tmp_path, capsys):
     from rl import evaluate

@@ -2,6 +2,7 @@
 fails with status 2 and a clear message for bad keys or a missing critic."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -83,6 +84,22 @@ def test_dps_with_a_critic_without_gradient_exits_2_before_writing(tmp_path, cap
                      "--device", "cpu", "num_steps=3"])
     assert rc == 2 and "critic 'mc' has none" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_cli_input_errors_exit_2_and_touch_nothing(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    base = ["--world", "tiny", "--n", "2", "--device", "cpu", "num_steps=2"]
+    assert steer.main([*base, "--method", "none", "--out", str(afile)]) == 2
+    assert "is a file" in capsys.readouterr().err and afile.read_text() == "keep me"
+    weights = Path(__file__).resolve().parents[3] / "shapes" / "weights"
+    rc = steer.main([*base, "--method", "dps", "--out", str(tmp_path / "o"), f"stitchvm_path={weights / 'stitchvm'}"])
+    assert rc == 2
+    assert "the tiny world's StitchVM is a random one" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    # a saved critic of the other kind is named as such, not as an incomplete StitchVM
+    rc = steer.main(["--method", "dps", "--critic", "stitchvm", "--n", "2", "--device", "cpu",
+                     f"stitchvm_path={weights / 'vae_stitch'}", "--out", str(tmp_path / "p")])
+    assert rc == 2 and "holds a vae_stitch critic (vae_stitch.json), not a stitchvm one" in capsys.readouterr().err
 
 
 def test_fk_batches_draw_their_own_resampling(tmp_path, monkeypatch):
