@@ -27,6 +27,7 @@ default; ``__post_init__`` validates ranges with ``check(cond, key, msg)``::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -249,6 +250,30 @@ def instantiate(node: Any, *args: Any, _path: str = "", **overrides: Any) -> Any
     if isinstance(node, list):
         return [instantiate(v, _path=_join(_path, i)) for i, v in enumerate(node)]
     return node
+
+
+@contextlib.contextmanager
+def loading(what: str):
+    """Errors raised while a component is built from its files (weights, model configs, tokenizers, prompt files) as
+    a ConfigError naming the config node ``what``: a damaged or mismatched file is a bad input to report in one line,
+    not a traceback. ConfigError and FileNotFoundError (whose messages already name the path) pass unchanged."""
+    try:
+        yield
+    except (ConfigError, FileNotFoundError):
+        raise
+    except Exception as e:  # noqa: BLE001 -- diffusers / transformers / open_clip / safetensors raise many kinds
+        text = str(e).strip()
+        first = text.splitlines()[0] if text else ""
+        if len(first) > 300:
+            first = first[:300] + "..."
+        kind = "" if isinstance(e, ValueError) and type(e).__module__ == "builtins" else f"{type(e).__name__}: "
+        raise ConfigError(f"{what}: {kind}{first} (check the files and settings of '{what}')") from e
+
+
+def build(node: Any, what: str, **overrides: Any) -> Any:
+    """``instantiate(node, _path=what, **overrides)`` with the errors of loading files reported as ConfigError."""
+    with loading(what):
+        return instantiate(node, _path=what, **overrides)
 
 
 # ----------------------------------------------------------------------------------------------------------

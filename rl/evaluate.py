@@ -5,8 +5,8 @@ default), applies an exported diffusers-format LoRA (``--lora DIR``), a training
 adapter a ``run.keep_best`` run chose when the checkpoint holds one, else the adapter the run evaluates and exports --
 its EMA "ema" when the trainer keeps one (``algo.ema_decay`` > 0), else the trained "default"; ``--last`` skips the
 kept one) or nothing (the pretrained policy), samples the eval prompts with fixed noise and prints the mean of every
-metric criterion. ``--algo`` names the trainer whose ``--config`` files are given (their ``algo`` keys differ), as
-for rl/train.py. Exit 2 on a bad config or path.
+metric criterion. ``--algo`` and ``--critic`` name the trainer and critic whose ``--config`` files are given (their
+``algo`` and ``critic`` keys differ), as for rl/train.py. Exit 2 on a bad config, path or weights file.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --checkpoint: the run's last adapter (its EMA when it keeps one) even if it kept a "
                              "best one (keep_best)")
     parser.add_argument("--algo", default="nft", help="the trainer the --config files are for (as for rl/train.py)")
+    parser.add_argument("--critic", default="terminal",
+                        help="the critic the --config files are for (as for rl/train.py; their critic keys must fit "
+                             "it). The evaluation itself uses no critic")
     parser.add_argument("--config", action="append", default=[], help="extra YAML (as for rl/train.py)")
     parser.add_argument("--json", type=Path, help="also write the metrics here")
     parser.add_argument("overrides", nargs="*", help="key=value (e.g. eval.guidance_scale=4.5 prompts.eval.n=512)")
@@ -43,16 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     from policies import lora
     from rl import checkpoint as ckpt
     from rl import common, train
-    from rl.config import ConfigError, instantiate
+    from rl.config import ConfigError, build
     from rl.metrics import MetricLogger
     from rl.selection import GROUP as BEST
 
     try:
-        composed = train.compose_config(train.parse_args(["--algo", args.algo, "--critic", "terminal", *sum(
+        composed = train.compose_config(train.parse_args(["--algo", args.algo, "--critic", args.critic, *sum(
             (["--config", c] for c in args.config), []), *args.overrides]))
         raw = composed.raw
         accelerator = Accelerator()
-        policy = instantiate(raw["model"], _path="model").to(accelerator.device)
+        policy = build(raw["model"], "model").to(accelerator.device)
         transformer = policy.transformer
         if args.lora is not None:
             if args.lora.is_file():
@@ -86,11 +89,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"checkpoint {loaded.path}: adapter {which}", file=sys.stderr)
             lora.load_adapter_state_dict(transformer, {k: v.to(accelerator.device)
                                                        for k, v in loaded.tensors[group].items()})
-        eval_prompts = instantiate(raw["prompts"]["eval"], _path="prompts.eval")
+        eval_prompts = build(raw["prompts"]["eval"], "prompts.eval")
         if not eval_prompts:
             raise ConfigError("prompts.eval: no evaluation prompts (it is null or empty); give a prompt node, e.g. "
                               "{_component_: shapes.data.prompts, split: test, n: 512, seed: 1}")
-        metric = instantiate(raw["eval_metric"], _path="eval_metric")
+        metric = build(raw["eval_metric"], "eval_metric")
         if metric is None:
             raise ConfigError("eval_metric: null; the evaluation needs a metric, e.g. "
                               "{_component_: shapes.eval.ShapesEval}")

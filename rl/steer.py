@@ -35,7 +35,8 @@ from critics.base import Critic
 from policies.flow import FlowPolicy
 from policies.graphs import CUDA_GRAPH_MODES
 from rl.checkpoint import atomic_write_json
-from rl.config import ConfigError, apply_overrides, check, compose, from_dict, load_yaml, option, to_dict
+from rl.config import (ConfigError, apply_overrides, build, check, compose, from_dict, load_yaml, loading, option,
+                       to_dict)
 from rl.steering.dps import DPSConfig
 from rl.steering.fk import FKConfig
 
@@ -99,8 +100,6 @@ def critic_choices() -> list[str]:
 def load_critic(name: str | None, world: str, policy, reward, stitchvm_path: str | None):
     """The critic by config name, ``configs/critic/<name>.yaml`` instantiated with the policy and reward (as in
     rl/train.py); None for no critic. The tiny world's StitchVM is a random one on the tiny policy."""
-    from rl.config import instantiate
-
     if name is None:
         return None
     if name not in critic_choices():
@@ -114,8 +113,7 @@ def load_critic(name: str | None, world: str, policy, reward, stitchvm_path: str
 
         return random_stitchvm(policy, reward, i=1).requires_grad_(False)
     overrides = {"path": stitchvm_path} if name == "stitchvm" and stitchvm_path is not None else {}
-    critic = instantiate(load_yaml(CRITIC_ROOT / f"{name}.yaml"), _path="critic", policy=policy, reward=reward,
-                         **overrides)
+    critic = build(load_yaml(CRITIC_ROOT / f"{name}.yaml"), "critic", policy=policy, reward=reward, **overrides)
     if not critic.dense:
         raise ConfigError(f"--critic {name} has no value at sigma > 0 (dense = False): steering needs a value critic")
     if isinstance(critic, torch.nn.Module):
@@ -133,7 +131,8 @@ def build_world(world: str, critic_name: str | None, cfg: SteerConfig, device: t
     elif world == "shapes":
         from shapes.models import load_shapes_policy, load_shapes_reward, policy_config
 
-        policy, reward = load_shapes_policy(device), load_shapes_reward(device)
+        with loading("--world shapes"):
+            policy, reward = load_shapes_policy(device), load_shapes_reward(device)
         shipped = policy_config()
         steps, w = shipped.num_steps, shipped.guidance_scale
     else:
@@ -243,6 +242,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)  # key=value may come before or after the flags, as for rl/train.py
 
 
+def parse_device(text: str) -> torch.device:
+    """``--device`` as a torch.device that exists here, or a ConfigError that says what does."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ConfigError(f"--device {text!r} is not a device name: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {text}: this machine has no CUDA device; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
 def main(argv: list[str] | None = None) -> int:
     from shapes.data import prompts as shapes_prompts
 
@@ -252,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.n < 1:
             raise ConfigError(f"--n must be >= 1, got {args.n}")
         prompts = shapes_prompts(args.prompts, args.n, args.prompt_seed)
-        world = build_world(args.world, None if args.method == "none" else args.critic, cfg, torch.device(args.device))
+        device = parse_device(args.device)
+        world = build_world(args.world, None if args.method == "none" else args.critic, cfg, device)
         if args.method == "dps" and getattr(world.critic, "differentiable", True) is False:
             raise ConfigError(f"--method dps follows the gradient of V, and critic '{args.critic}' has none: use a "
                               f"differentiable critic (stitchvm, tweedie), or --method fk, which needs values only")

@@ -189,7 +189,7 @@ def build_run(composed: Composed):
 
     from critics.base import check_pairing
     from rl import common, distributed
-    from rl.config import ConfigError, instantiate, to_dict
+    from rl.config import ConfigError, build, to_dict
     from rl.metrics import MetricLogger, Timer
     from rl.selection import BestAdapter
 
@@ -201,7 +201,17 @@ def build_run(composed: Composed):
         raise ConfigError(f"the accelerate launch config asks for mixed_precision={launched} but "
                           f"run.mixed_precision={run_cfg.mixed_precision}: pass run.mixed_precision={launched} (the "
                           f"run config decides)")
+    on_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if run_cfg.mixed_precision == "fp16" and on_cpu:
+        raise ConfigError("run.mixed_precision=fp16 needs a GPU: accelerate turns fp16 autocast off on a CPU and the "
+                          "run would train in float32 while recording fp16; use bf16 or no")
     accelerator = Accelerator(mixed_precision=run_cfg.mixed_precision)
+    launched_processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched_processes:  # e.g. a multi-GPU launch config on a machine without GPUs
+        raise ConfigError(f"{launched_processes} processes were launched, but they did not form one group (each sees "
+                          f"{accelerator.num_processes}), so each would train and write run.output_dir as the main "
+                          f"process; this launch config needs its GPUs (configs/accelerate/*_2gpu.yaml), and on a "
+                          f"CPU, multi-process runs use `ACCELERATE_USE_CPU=true torchrun --nproc_per_node N rl/train.py ...` (README)")
     # process-wide, as torch has it: every matmul of the run (rollouts, updates, critic, reward, evaluation)
     torch.set_float32_matmul_precision(run_cfg.matmul_precision)
     accelerator.print(f"{distributed.backend_name(accelerator)}: {accelerator.num_processes} process(es) on "
@@ -215,24 +225,24 @@ def build_run(composed: Composed):
                           "gathered by hooks at every forward): set run.cuda_graphs=false or use ZeRO-2 / DDP")
     common.seed_everything(run_cfg.seed + accelerator.process_index)
     with distributed.no_zero3_init(accelerator):  # only the trained transformer is partitioned, by accelerate.prepare
-        policy = instantiate(raw["model"], _path="model").to(accelerator.device)
+        policy = build(raw["model"], "model").to(accelerator.device)
         policy.enable_cuda_graphs(run_cfg.cuda_graphs)
-        reward = instantiate(raw["reward"], _path="reward").to(accelerator.device)
+        reward = build(raw["reward"], "reward").to(accelerator.device)
         critic_node = {k: v for k, v in raw["critic"].items() if k != "cotrain"}
-        critic = instantiate(critic_node, _path="critic", policy=policy, reward=reward)
+        critic = build(critic_node, "critic", policy=policy, reward=reward)
         if isinstance(critic, torch.nn.Module):
             critic.to(accelerator.device)
         check_pairing(critic, policy.latent_channels, policy.latent_size)
         prompts = raw.get("prompts", {})
-        train_prompts = instantiate(prompts["train"], _path="prompts.train")
-        eval_prompts = instantiate(prompts["eval"], _path="prompts.eval") if prompts.get("eval") else []
+        train_prompts = build(prompts["train"], "prompts.train")
+        eval_prompts = build(prompts["eval"], "prompts.eval") if prompts.get("eval") else []
         if not len(train_prompts):
             raise ConfigError("prompts.train gave no prompts: the trainer samples its epochs from them (e.g. "
                               "prompts.train.n >= 1, or a prompts file with lines in it)")
         if prompts.get("eval") and raw.get("eval_metric") and not len(eval_prompts):
             raise ConfigError("prompts.eval gave no prompts, so the run would report no held-out score: give "
                               "prompts.eval.n >= 1, or prompts.eval=null to run without held-out evaluation")
-        val_prompts = instantiate(prompts["val"], _path="prompts.val") if prompts.get("val") else []
+        val_prompts = build(prompts["val"], "prompts.val") if prompts.get("val") else []
         # validation chooses, evaluation reports: no prompt may be in both
         reported = set(eval_prompts)
         val_prompts = [p for p in val_prompts if p not in reported]
@@ -241,7 +251,7 @@ def build_run(composed: Composed):
                               "from validation); give prompts.val another split or seed")
         if val_prompts and not run_cfg.keep_best:
             accelerator.print("note: prompts.val is only used with run.keep_best=true; this run does not validate")
-        metric = instantiate(raw["eval_metric"], _path="eval_metric") if raw.get("eval_metric") else None
+        metric = build(raw["eval_metric"], "eval_metric") if raw.get("eval_metric") else None
         if isinstance(metric, torch.nn.Module):
             metric.to(accelerator.device)
     Path(run_cfg.output_dir).mkdir(parents=True, exist_ok=True)

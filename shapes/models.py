@@ -183,10 +183,11 @@ class WordTokenize:
         unk = self.tokenizer.unk_token_id
         for text, row in zip(texts, ids):
             if len(row) > self.context_length:
-                raise ValueError(f"prompt {text!r} has {len(row) - 2} words; the Shapes CLIP context holds "
+                raise ValueError(f"prompt {text!r:.120} has {len(row) - 2} words; the Shapes CLIP context holds "
                                  f"{self.context_length - 2}")
             if unk in row:
-                raise ValueError(f"prompt {text!r} has words outside the Shapes vocabulary (shapes.data.vocabulary())")
+                raise ValueError(f"prompt {text!r:.120} has words outside the Shapes vocabulary "
+                                 f"(shapes.data.vocabulary())")
         tokens = torch.full((len(ids), self.context_length), self.tokenizer.pad_token_id, dtype=torch.long)
         for b, row in enumerate(ids):
             tokens[b, : len(row)] = torch.tensor(row)

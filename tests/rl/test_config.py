@@ -306,3 +306,26 @@ def test_yaml_to_object_pipeline(tmp_path):
     cfg = from_dict(TrainConfig, d)
     assert (cfg.max_steps, cfg.algo.lr, cfg.algo.num_epochs) == (3, 1e-3, 2)
     assert instantiate(cfg.reward, _path="reward") == fractions.Fraction(3, 4)
+
+
+def test_loading_reports_a_file_error_as_a_config_error_naming_the_node():
+    from safetensors import SafetensorError
+
+    from rl.config import loading
+
+    cases = [(OSError("Unable to load weights from checkpoint file x\nmore"), "model: OSError: Unable to load weights"),
+             (SafetensorError("header too large"), "reward: SafetensorError: header too large"),
+             (KeyError("shift"), "model: KeyError: 'shift'"),
+             (ValueError("unrecognized seed string"), "prompts.train: unrecognized seed string (check")]
+    for error, message in cases:
+        what = message.split(":")[0]
+        with pytest.raises(ConfigError) as e:
+            with loading(what):
+                raise error
+        assert str(e.value).startswith(message) and "more" not in str(e.value)  # the first line only
+        assert e.value.__cause__ is error
+    for error in (ConfigError("as is"), FileNotFoundError("no critic at x")):  # already say what to fix
+        with pytest.raises(type(error)) as e:
+            with loading("model"):
+                raise error
+        assert e.value is error

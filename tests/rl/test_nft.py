@@ -200,6 +200,28 @@ def test_input_errors_exit_2_and_write_nothing(tmp_path, capsys):
     assert "sets nothing" in capsys.readouterr().err
 
 
+def test_damaged_weights_and_launch_mistakes_exit_2_before_writing(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    weights = tmp_path / "w"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "shapes" / "weights", weights,
+                    ignore=shutil.ignore_patterns("stitchvm*", "vae_stitch*"))
+    vae = next((weights / "vae").glob("*.safetensors"))
+    vae.write_bytes(b"\x00" * vae.stat().st_size)  # same size, garbage
+    out = tmp_path / "run"
+    base = ["--critic", "terminal", "--config", TINY, f"run.output_dir={out}"]
+    node = f"model={{_component_: shapes.models.load_shapes_policy, weights_dir: {weights}}}"
+    assert train.main([*base, node]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model: ") and "Traceback" not in err, err
+    assert train.main([*base, "run.mixed_precision=fp16"]) == 2
+    assert "run.mixed_precision=fp16 needs a GPU" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a 2-GPU launch config on this CPU: two processes, no group
+    assert train.main(base) == 2
+    assert "2 processes were launched, but they did not form one group" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_resume_of_a_damaged_checkpoint_exits_2_and_keeps_the_metrics(tmp_path, capsys):
     out = _run(tmp_path, "damaged", "terminal", "run.export_lora=false")
     metrics_before = (out / "metrics.jsonl").read_text()
@@ -235,6 +257,9 @@ def test_evaluate_cli_refuses_a_damaged_or_foreign_lora_file(tmp_path, capsys):
         assert ("holds no LoRA weights" if data is None else "not a readable safetensors file") in err, name
     assert evaluate.main(["--lora", str(good), "--config", TINY]) == 2  # the file instead of its directory
     assert "takes the export directory" in capsys.readouterr().err
+    # the run's --critic, so that its config's critic keys (critic.path) fit; the evaluation uses no critic
+    assert evaluate.main(["--config", TINY, "--critic", "stitchvm", "critic.path=nowhere", "prompts.eval.n=2"]) == 0
+    assert "eval/score" in capsys.readouterr().out
 
 
 @pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters:RuntimeWarning")  # the other model's LoRA

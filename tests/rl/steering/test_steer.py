@@ -102,6 +102,18 @@ def test_cli_input_errors_exit_2_and_touch_nothing(tmp_path, capsys):
     assert rc == 2 and "holds a vae_stitch critic (vae_stitch.json), not a stitchvm one" in capsys.readouterr().err
 
 
+def test_cli_device_errors_exit_2(tmp_path, capsys):
+    import torch
+
+    base = ["--world", "tiny", "--method", "none", "--n", "2", "--out", str(tmp_path / "o"), "num_steps=2"]
+    assert steer.main([*base, "--device", "gpu0"]) == 2
+    assert "'gpu0' is not a device name" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert steer.main([*base, "--device", "cuda"]) == 2
+        assert "this machine has no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_fk_batches_draw_their_own_resampling(tmp_path, monkeypatch):
     from rl.steering import fk
 
