@@ -189,7 +189,7 @@ def build_run(composed: Composed):
 
     from critics.base import check_pairing
     from rl import common, distributed
-    from rl.config import ConfigError, build, to_dict
+    from rl.config import ConfigError, build, loading, to_dict
     from rl.metrics import MetricLogger, Timer
     from rl.selection import BestAdapter
 
@@ -249,6 +249,14 @@ def build_run(composed: Composed):
         if run_cfg.keep_best and not val_prompts:
             raise ConfigError("prompts.val: every validation prompt is also an evaluation prompt (they are removed "
                               "from validation); give prompts.val another split or seed")
+        # a prompt the reward cannot read (a word outside a closed vocabulary, too long for its context) is found
+        # here, not at the first rollout after the run directory is written: tokenizing is cheap next to a rollout
+        tokenize = getattr(reward, "tokenizer", None)
+        if callable(tokenize):
+            for what, texts in (("prompts.train", train_prompts), ("prompts.eval", eval_prompts),
+                                ("prompts.val", val_prompts)):
+                with loading(what):
+                    tokenize(list(texts))
         if val_prompts and not run_cfg.keep_best:
             accelerator.print("note: prompts.val is only used with run.keep_best=true; this run does not validate")
         metric = build(raw["eval_metric"], "eval_metric") if raw.get("eval_metric") else None

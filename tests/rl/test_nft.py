@@ -200,6 +200,18 @@ def test_input_errors_exit_2_and_write_nothing(tmp_path, capsys):
     assert "sets nothing" in capsys.readouterr().err
 
 
+def test_a_prompt_the_reward_cannot_read_is_an_error_before_writing(tmp_path, capsys):
+    bad = tmp_path / "prompts.txt"
+    bad.write_text("a red circle\na purple hexagon\n")  # "purple" and "hexagon" are not Shapes words
+    out = tmp_path / "run"
+    rc = train.main(["--critic", "terminal", f"run.output_dir={out}", "run.max_epochs=1",
+                     f"prompts.train={{_component_: rl.prompts.from_file, path: {bad}}}"])
+    assert rc == 2
+    assert "error: prompts.train: prompt 'a purple hexagon' has words outside the Shapes vocabulary" in \
+        capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_damaged_weights_and_launch_mistakes_exit_2_before_writing(tmp_path, capsys, monkeypatch):
     import shutil
 
