@@ -255,8 +255,9 @@ def build_run(composed: Composed):
         if callable(tokenize):
             for what, texts in (("prompts.train", train_prompts), ("prompts.eval", eval_prompts),
                                 ("prompts.val", val_prompts)):
-                with loading(what):
-                    tokenize(list(texts))
+                if len(texts):
+                    with loading(what):
+                        tokenize(list(texts))
         if val_prompts and not run_cfg.keep_best:
             accelerator.print("note: prompts.val is only used with run.keep_best=true; this run does not validate")
         metric = build(raw["eval_metric"], "eval_metric") if raw.get("eval_metric") else None
