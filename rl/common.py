@@ -508,13 +508,12 @@ def held_out(run: Run, epoch: int, adapter: str | None = "default") -> tuple[dic
     return scores, images
 
 
-def final_evaluation(run: Run, epoch: int, adapter: str | None = "default", swapped: bool = False
-                     ) -> dict[str, float]:
+def final_evaluation(run: Run, epoch: int, adapter: str | None = "default") -> dict[str, float]:
     """The final held-out scores after ``epoch`` epochs. The evaluation is deterministic (fixed noise), so when the
     loop has just scored this adapter at this epoch (``held_out``) its scores are returned instead of sampling the
-    same images again, unless ``swapped``: keep_best loaded another adapter's weights into it."""
+    same images again, unless keep_best (``run.best``) has loaded the kept adapter's weights into it."""
     last = run.last_held_out
-    if not swapped and last is not None and last[0] == epoch and last[1] == adapter:
+    if run.best is None and last is not None and last[0] == epoch and last[1] == adapter:
         return dict(last[2])
     return evaluate(run, adapter)[0]
 

@@ -413,7 +413,7 @@ def train(run: common.Run, cfg: NFTConfig, resume: str | None = None) -> dict[st
     if common.stopped_by_signal(run, stop):
         return {}
     chosen = selection.on_finish(run, epoch + 1)  # keep_best: the adapter that validated best
-    final = common.final_evaluation(run, epoch + 1, swapped=run.best is not None)
+    final = common.final_evaluation(run, epoch + 1)
     run.logger.log({**final, **chosen}, epoch + 1)
     common.finish(run)
     return final

@@ -502,7 +502,7 @@ def finish_run(run: common.Run, epoch: int, eval_adapter: str = "default") -> di
     """Final held-out evaluation, logged at ``epoch``, and the diffusers export of ``eval_adapter`` (with
     ``run.keep_best``: of the adapter that validated best, rl.selection)."""
     chosen = selection.on_finish(run, epoch, eval_adapter)
-    final = common.final_evaluation(run, epoch, eval_adapter, swapped=run.best is not None)
+    final = common.final_evaluation(run, epoch, eval_adapter)
     run.logger.log({**final, **chosen}, epoch)
     common.finish(run, eval_adapter)
     return final

@@ -210,8 +210,9 @@ def build_run(composed: Composed):
     if accelerator.num_processes != launched_processes:  # e.g. a multi-GPU launch config on a machine without GPUs
         raise ConfigError(f"{launched_processes} processes were launched, but they did not form one group (each sees "
                           f"{accelerator.num_processes}), so each would train and write run.output_dir as the main "
-                          f"process; this launch config needs its GPUs (configs/accelerate/*_2gpu.yaml), and on a "
-                          f"CPU, multi-process runs use `ACCELERATE_USE_CPU=true torchrun --nproc_per_node N rl/train.py ...` (README)")
+                          f"process; this launch config needs its GPUs (configs/accelerate/*_2gpu.yaml). On a CPU, "
+                          f"multi-process runs use `ACCELERATE_USE_CPU=true torchrun --nproc_per_node N rl/train.py` "
+                          f"(README)")
     # process-wide, as torch has it: every matmul of the run (rollouts, updates, critic, reward, evaluation)
     torch.set_float32_matmul_precision(run_cfg.matmul_precision)
     accelerator.print(f"{distributed.backend_name(accelerator)}: {accelerator.num_processes} process(es) on "
@@ -304,6 +305,7 @@ def clear_previous_run(output_dir: Path, overwrite: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rl.checkpoint import CheckpointError
     from rl.config import ConfigError, to_yaml
 
     args = parse_args(argv)
@@ -326,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(run.output_dir=...)", file=sys.stderr)
         return 2
     if args.resume is not None:  # before any model is built: a missing checkpoint is a command-line mistake
-        from rl.checkpoint import CheckpointError, resolve_checkpoint
+        from rl.checkpoint import resolve_checkpoint
 
         try:
             step_dir = resolve_checkpoint(composed.run_cfg.output_dir if args.resume == "latest" else args.resume)
@@ -355,8 +357,6 @@ def main(argv: list[str] | None = None) -> int:
     if run.accelerator.is_main_process and args.resume is None:  # a resumed run writes it once restored
         to_yaml(composed.raw, Path(run.run_cfg.output_dir) / "config.yaml")
     algo = importlib.import_module(ALGOS[args.algo][0])
-    from rl.checkpoint import CheckpointError
-
     try:
         final = algo.train(run, composed.algo_cfg, resume=args.resume)
         # every process past its last collective before any tears the group down: a rank that finished first and
