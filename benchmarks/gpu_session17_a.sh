@@ -23,14 +23,7 @@
 #   PAIR=s23 (four GPUs): seeds 2 and 3 of PAIR=all
 #   PAIR=reg (four GPUs): GRPO-Fast as shipped, seeds 0 and 1, with a slower EMA (0.995: the plateau's held-out
 #          swings of +-0.04 between evaluations averaged over ~70 epochs) or LoRA rank 8 (alpha 16, same scale)
-#   PAIR=cfg_grpo / PAIR=cfg_ddpo (one GPU each; not yet run): GRPO / DDPO seed 0 with classifier-free guidance
-#          CFG=G (default 4.5, Flow-GRPO's) in rollouts, training, evaluation and validation alike; the pretrained
-#          policy's score at that CFG is the baseline (docs/bench/trainers_session17.md). Eager forwards
-#          (run.cuda_graphs=false): the replay gains nothing at 1024 samples (session 12), and CFG doubles each
-#          forward's batch. CFG roughly doubles an epoch, so no CFG-free run serves as its H100 clock: run these two
-#          alone on an H100 (kind nvidia-h100-x1), then use them as the clock of the four-GPU call
-#   PAIR=cfg (four GPUs; not yet run): seeds 1 and 2 of both, replayed with
-#          compare_runs.py RUN --clock RUN=s17_{grpo,ddpo}_cfg.jsonl (the H100 runs above)
+#   (the CFG runs prepared here moved to benchmarks/gpu_session18_a.sh)
 #   PAIR=early (four GPUs): after PAIR=all (the whole trajectory trained worse than the Fast window, with either credit),
 #          the shipped Fast configs with the window moved the other way, to start at U{0..2} (sigma 0.8-0.96 instead
 #          of 0.71-0.96): GRPO and DDPO, seeds 0 and 1 (shipped window: GRPO .537 / .510, DDPO .559 / .521)
@@ -73,18 +66,6 @@ case ${PAIR:-all} in
          seeds01 2 ddpo stitchvm ddpo_early "algo.sde_window_start=[0,2]";;
   reg) seeds01 0 grpo stitchvm grpo_ema995 algo.ema_decay=0.995
        seeds01 2 grpo stitchvm grpo_r8 algo.lora_rank=8 algo.lora_alpha=16;;
-  cfg_grpo|cfg_ddpo|cfg)
-       G=(algo.guidance_scale=${CFG:-4.5} eval.guidance_scale=${CFG:-4.5} run.cuda_graphs=false)
-       case $PAIR in
-         cfg_grpo) train 0 grpo stitchvm grpo_cfg $K "${G[@]}"; NAMES=grpo_cfg;;
-         cfg_ddpo) train 0 ddpo stitchvm ddpo_cfg $K "${G[@]}"; NAMES=ddpo_cfg;;
-         cfg) for a in grpo ddpo; do
-                g=$([ $a = grpo ] && echo 0 || echo 2)
-                train $g $a stitchvm ${a}_cfg_s1 $K "${G[@]}" run.seed=1
-                train $((g + 1)) $a stitchvm ${a}_cfg_s2 $K "${G[@]}" run.seed=2
-                NAMES="$NAMES ${a}_cfg_s1 ${a}_cfg_s2"
-              done;;
-       esac;;
-  *) echo "error: PAIR must be all, x, d, xd, s23, early, reg, cfg_grpo, cfg_ddpo or cfg, got '$PAIR'" >&2; exit 2;;
+  *) echo "error: PAIR must be all, x, d, xd, s23, early or reg, got '$PAIR'" >&2; exit 2;;
 esac
 end_call 17 $NAMES
