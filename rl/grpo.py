@@ -212,8 +212,7 @@ def train(run: common.Run, cfg: GRPOConfig, resume: str | None = None) -> dict[s
                                  cfg.group_size if cfg.group_noise else 1)
             rewards = pg.gather(run, rollout.rewards, len(rows), cfg.rollout_batch_size)  # (B,)
             finite = torch.isfinite(rewards)
-            metrics = {**common.log_mean_std("reward", rewards), "train/epoch": epoch + 1,
-                       "reward/nonfinite": float((~finite).sum())}
+            metrics = {**pg.reward_metrics(rewards, cfg.group_size), "train/epoch": epoch + 1}
             # the steps the advantages are computed on and trained (values_at: trained: drawn per group now)
             sel = pg.advantage_steps(run, rollout, len(rows), cfg, epoch, cfg.group_size)
             # 2. V(z_k) along every trajectory (calibration logged before any update on these trajectories)

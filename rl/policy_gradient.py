@@ -91,6 +91,22 @@ DENSE_CALIBRATION_HELP = ("dense: 'batch' rescales each step's values around the
                           "adv/value_slope")
 
 
+def reward_metrics(rewards: Tensor, group_size: int) -> dict[str, float]:
+    """The epoch's reward metrics: ``reward/mean`` and ``reward/std`` over the batch (finite values),
+    ``reward/nonfinite`` and, for groups of >= 2 consecutive rows, ``reward/group_std``: the mean over groups of the
+    within-group standard deviation, the spread a group-relative advantage is made of. The batch std mixes prompts, so
+    only the within-group one shows what the sampler's noise (eta, group noise, the SDE window) gives each group.
+    Groups with a non-finite reward are left out of it.
+    """
+    finite = torch.isfinite(rewards)
+    metrics = {**common.log_mean_std("reward", rewards), "reward/nonfinite": float((~finite).sum())}
+    if group_size >= 2 and rewards.numel() % group_size == 0:
+        groups = rewards.float().view(-1, group_size)
+        ok = torch.isfinite(groups).all(dim=1)
+        metrics["reward/group_std"] = groups[ok].std(dim=1).mean().item() if ok.any() else math.nan
+    return metrics
+
+
 def check_window(num_steps: int, window: int, window_start: tuple[int, int]) -> None:
     """Config check of a Flow-GRPO-Fast window (``window`` steps starting at U{lo..hi}) for a ``num_steps`` sampler."""
     check(0 <= window <= num_steps, "sde_window", f"must be in 0..num_steps ({num_steps}), got {window}")

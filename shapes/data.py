@@ -310,6 +310,10 @@ def prompts(split: str, n: int, seed: int, kinds: list[str] | None = None) -> li
     the others skipped, so ``prompts(split, n, seed, kinds)`` is the kinds' subsequence of the unfiltered stream.
     """
     _check_split(split)
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"n (how many prompts) must be a whole number >= 0, got {n!r}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise ValueError(f"seed must be a whole number, got {seed!r}")
     if kinds is not None:
         bad = [k for k in kinds if k not in KIND_PROBS]
         if bad or not kinds:

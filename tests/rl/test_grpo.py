@@ -160,6 +160,20 @@ def test_calibration_of_a_latent_asked_in_some_groups_uses_those_groups():
     torch.testing.assert_close(beta[[0, 2]], calibrate_values(v, rewards, G)[1][[0, 2]])  # whole columns unchanged
 
 
+def test_reward_metrics_separate_the_within_group_spread_from_the_batch():
+    # two groups of 3: rewards 0, 1, 2 and 10, 11, 12. Within-group std 1 in each; the batch's std mixes prompts.
+    r = torch.tensor([0.0, 1.0, 2.0, 10.0, 11.0, 12.0])
+    m = pg.reward_metrics(r, 3)
+    assert m["reward/group_std"] == pytest.approx(1.0)
+    assert m["reward/std"] == pytest.approx(float(np.std(r.numpy(), ddof=1)))
+    assert m["reward/mean"] == pytest.approx(6.0) and m["reward/nonfinite"] == 0
+    # a group with a non-finite reward is left out of the group std (and of nothing else but the batch's finite stats)
+    r[4] = math.nan
+    m = pg.reward_metrics(r, 3)
+    assert m["reward/group_std"] == pytest.approx(1.0) and m["reward/nonfinite"] == 1
+    assert "reward/group_std" not in pg.reward_metrics(r, 1)  # DDPO without groups
+
+
 def test_train_steps_shared_within_groups():
     from rl import policy_gradient as pg
 
@@ -528,6 +542,7 @@ def test_smoke_run(tmp_path, critic, overrides):
     assert len(train_rows) == 2 and any("eval/score" in r for r in rows)
     assert all(r["policy/ratio"] == pytest.approx(1.0, abs=1e-3) for r in train_rows)
     assert ("critic/value_mse@sigma<=1.00" in train_rows[0]) == (critic != "terminal")
+    assert all(r["reward/group_std"] >= 0 for r in train_rows)
     calibrated = critic != "terminal" and "algo.dense_calibration=none" not in overrides  # the dense default: batch
     assert ("adv/value_slope" in train_rows[0]) == calibrated
 

@@ -296,6 +296,12 @@ def test_prompts_of_some_kinds_are_the_unfiltered_streams_subsequence():
     for bad in ([], ["singles"]):
         with pytest.raises(ValueError, match="kinds must be"):
             prompts("train", 5, seed=0, kinds=bad)
+    for n in (2.5, -1, "8", True):  # 2.5 used to round up silently to 3 prompts
+        with pytest.raises(ValueError, match="whole number >= 0"):
+            prompts("train", n, seed=0)
+    with pytest.raises(ValueError, match="seed must be a whole number"):
+        prompts("train", 4, seed=1.5)
+    assert prompts("train", np.int64(3), seed=np.int64(2)) == full[:3] and prompts("train", 0, seed=2) == []
 
 
 def test_dataset_items_are_deterministic_and_batch():
