@@ -16,6 +16,11 @@
 #          are what the held-out pairs' prompts do not share)
 #   PAIR=eta (four GPUs): after PAIR=screen (eta 1.0 the only setting above the shipped run at the H100 clock: final
 #          .523 against .510, plateau .512 against .471), GRPO-Fast seeds 0, 1, 3 and DDPO-Fast seed 2 with eta 1.0
+#   Not yet run (the shipped configs set eta 1.0 since call C, so these need no eta override):
+#   PAIR=ddpo_eta (four GPUs): DDPO-Fast seeds 0, 1, 3 (seed 2 ran in call C) and GRPO's decode-and-score twin
+#          (--critic terminal algo.advantages=sparse) seed 0, for the +0.15 mean and the wall-clock at equal reward
+#   PAIR=twins_eta (four GPUs): the twins of GRPO seed 1 and DDPO seeds 0, 1, for the same
+#   PAIR=eta13 (four GPUs): GRPO-Fast seeds 0-3 at eta 1.3, if eta 1.0 is not the top
 #   PAIR=cfg0 bash benchmarks/gpu_session18_a.sh OUT
 set -u
 OUT=${1:?out}; MINUTES=${MINUTES:-8.5}; source benchmarks/session3_lib.sh
@@ -42,6 +47,17 @@ case ${PAIR:-cfg0} in
        train 2 grpo stitchvm grpo_eta1_s3 $K algo.eta=1.0 run.seed=3
        train 3 ddpo stitchvm ddpo_eta1_s2 $K algo.eta=1.0 run.seed=2
        NAMES="grpo_eta1 grpo_eta1_s1 grpo_eta1_s3 ddpo_eta1_s2";;
-  *) echo "error: PAIR must be cfg0, cfg, screen or eta, got '$PAIR'" >&2; exit 2;;
+  ddpo_eta) train 0 ddpo stitchvm ddpo_eta1 $K
+            train 1 ddpo stitchvm ddpo_eta1_s1 $K run.seed=1
+            train 2 ddpo stitchvm ddpo_eta1_s3 $K run.seed=3
+            train 3 grpo terminal grpo_eta1_terminal $K algo.advantages=sparse
+            NAMES="ddpo_eta1 ddpo_eta1_s1 ddpo_eta1_s3 grpo_eta1_terminal";;
+  twins_eta) train 0 grpo terminal grpo_eta1_terminal_s1 $K algo.advantages=sparse run.seed=1
+             train 1 ddpo terminal ddpo_eta1_terminal $K algo.advantages=sparse
+             train 2 ddpo terminal ddpo_eta1_terminal_s1 $K algo.advantages=sparse run.seed=1
+             NAMES="grpo_eta1_terminal_s1 ddpo_eta1_terminal ddpo_eta1_terminal_s1";;
+  eta13) for s in 0 1 2 3; do train $s grpo stitchvm grpo_eta13_s$s $K algo.eta=1.3 run.seed=$s; done
+         NAMES="grpo_eta13_s0 grpo_eta13_s1 grpo_eta13_s2 grpo_eta13_s3";;
+  *) echo "error: PAIR must be cfg0, cfg, screen, eta, ddpo_eta, twins_eta or eta13, got '$PAIR'" >&2; exit 2;;
 esac
-end_call 18a $NAMES
+end_call ${TAG:-18a} $NAMES  # TAG=19a etc.: a later session's call names its records s19a_*
