@@ -19,7 +19,8 @@ from critics.vae_stitch import LatentHead
 from rl.config import ConfigError, _import, instantiate, load_yaml
 from shapes.models import load_shapes_policy, load_shapes_reward
 from tests.critics.tiny_world import BUILD_YAML as SHAPES_YAML
-from tests.critics.tiny_world import IMAGE_SIZE, tiny_overrides, write_tiny_shapes_weights
+from tests.critics.tiny_world import (IMAGE_SIZE, TINY_VIT, tiny_overrides, write_tiny_open_clip,
+                                      write_tiny_shapes_weights)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "critic"
 SD35_YAML = str(CONFIGS / "build_sd35m_clip.yaml")
@@ -228,20 +229,7 @@ def test_ctrl_c_stops_a_build_with_a_message(monkeypatch, tmp_path, capsys):
 def test_sd35m_config_runs_on_tiny_models_of_the_same_classes(tmp_path, monkeypatch):
     """build_sd35m_clip.yaml with its reward and data loaders (CLIPScore.from_pretrained on a file, ImageFolder)
     and every stage setting scaled down; the policy is a tiny SD3Transformer2DModel + AutoencoderKL FlowPolicy."""
-    import open_clip
-
-    vision = dict(image_size=16, layers=4, width=32, patch_size=4, head_width=16)  # 4×4 patches on 16² images
-    cfg_path = tmp_path / "stitchvm-test-tiny-vit.json"
-    cfg_path.write_text(json.dumps({"embed_dim": 16, "vision_cfg": vision, "quick_gelu": True,
-                                    "text_cfg": dict(context_length=77, vocab_size=49408, width=16, heads=2,
-                                                     layers=1)}))
-    open_clip.add_model_config(cfg_path)
-    torch.manual_seed(0)
-    weights = tmp_path / "clip.safetensors"
-    from safetensors.torch import save_file
-
-    model = open_clip.create_model("stitchvm-test-tiny-vit")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    weights = write_tiny_open_clip(tmp_path)
     images = tmp_path / "images"
     images.mkdir()
     g = torch.Generator().manual_seed(0)
@@ -249,7 +237,7 @@ def test_sd35m_config_runs_on_tiny_models_of_the_same_classes(tmp_path, monkeypa
         arr = (torch.rand(20 + k % 3, 24, 3, generator=g) * 255).byte().numpy()  # odd sizes: resize + crop
         Image.fromarray(arr).save(images / f"{k:02d}.png")
     cfg = load_config(SD35_YAML, [
-        "policy={_component_: policies.testing.tiny_policy}", "reward.model_name=stitchvm-test-tiny-vit",
+        "policy={_component_: policies.testing.tiny_policy}", f"reward.model_name={TINY_VIT}",
         f"reward.pretrained={weights}", f"data.root={images}", "data.resolution=16", f"output_dir={tmp_path / 'out'}",
         "probe.n=4", "search.i_values=[1,2]", "search.pinned=[2,1]", "distill.batch_size=4",
         "distill.micro_batch_size=2", "distill.max_steps=2", "distill.warmup_steps=1", "distill.progress=false",

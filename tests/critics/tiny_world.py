@@ -52,3 +52,28 @@ def tiny_overrides(world: Path, out: Path, *extra: str) -> list[str]:
             "store_dtype=float32", "heatmap=null", "onpolicy.enabled=false", "onpolicy.steps=2",
             "onpolicy.trajectories=4", "onpolicy.latents_per_trajectory=2", "onpolicy.num_steps=[3]",
             "onpolicy.prompts.n=64", "onpolicy.progress=false", *extra]
+
+
+TINY_VIT = "stitchvm-test-tiny-vit"
+
+
+def write_tiny_open_clip(tmp_path: Path) -> Path:
+    """Register a tiny open_clip ViT config as ``TINY_VIT`` (16² images, 4×4 patches, a 4-block vision tower; the
+    real BPE tokenizer's vocabulary) and write random weights of it; returns the safetensors file, for configs that
+    load CLIPScore.from_pretrained(model_name, pretrained=<file>) such as the SD3.5-M ones."""
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    vision = dict(image_size=16, layers=4, width=32, patch_size=4, head_width=16)
+    cfg_path = Path(tmp_path) / f"{TINY_VIT}.json"
+    cfg_path.write_text(json.dumps({"embed_dim": 16, "vision_cfg": vision, "quick_gelu": True,
+                                    "text_cfg": dict(context_length=77, vocab_size=49408, width=16, heads=2,
+                                                     layers=1)}))
+    open_clip.add_model_config(cfg_path)
+    torch.manual_seed(0)
+    weights = Path(tmp_path) / "clip.safetensors"
+    model = open_clip.create_model(TINY_VIT)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    return weights
