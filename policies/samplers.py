@@ -16,6 +16,20 @@ The SDE dz = [v + s^2/(2 sigma) (z + (1 - sigma) v)] dsigma + s dw has the same 
 dz = v dsigma; its Euler-Maruyama step is a Gaussian, so a step's log-probability is exact and the same
 function can both sample z_{i+1} and re-score a given z_{i+1} (rollout and training cannot drift apart).
 
+Coefficients-preserving sampling (CPS; Wang & Yu, arXiv 2509.05952, the ``sde_type="cps"`` of Flow-GRPO's newer
+configs): ``cps_step`` writes z_{i+1} on the forward path's own coefficients, from the step's predictions of the
+data and of the noise, with a share of the noise redrawn:
+
+    x0_hat = z_i - sigma_i v        eps_hat = z_i + (1 - sigma_i) v        c_i = sigma_{i+1} sin(eta pi / 2)
+    z_{i+1} = (1 - sigma_{i+1}) x0_hat + sqrt(sigma_{i+1}^2 - c_i^2) eps_hat + c_i eps
+
+so z_{i+1}'s noise has exactly the variance sigma_{i+1}^2 of the marginal it is meant to sit on, at any eta in
+[0, 1] when the predictions are exact (the flow SDE's Euler-Maruyama step adds more at large eta and few steps).
+eta = 0 is the Euler step, eta = 1 redraws all of the noise. The step into sigma = 0 is deterministic. Unlike the
+flow SDE it is not marginal-preserving: x0_hat is a posterior mean, and each redrawn share of the noise replaces
+spread that x0_hat does not carry, so samples are pulled toward the posterior mean as eta grows
+(tests/policies/test_samplers.py measures it on an analytic flow).
+
 Log-prob reduction. ``sde_step`` returns the log-density *averaged* over latent elements by default, as
 Flow-GRPO does. The mean keeps the magnitude of log-ratios independent of resolution, so the clip range
 (1e-4) and KL weights transfer between 512^2 and 1024^2; the sum is the true log-density of the step
@@ -33,6 +47,8 @@ import torch
 from torch import Tensor
 
 Reduction = Literal["mean", "sum", "none"]
+SDEType = Literal["flow", "cps"]
+SDE_TYPES: tuple[str, ...] = ("flow", "cps")
 
 
 class StepOutput(NamedTuple):
@@ -138,6 +154,54 @@ def sde_step(
     return StepOutput(prev_sample, mean, std, log_prob)
 
 
+def cps_step(
+    v: Tensor,
+    z: Tensor,
+    sigma: Tensor | float,
+    sigma_next: Tensor | float,
+    eta: float,
+    prev_sample: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    reduction: Reduction = "mean",
+) -> StepOutput:
+    """Coefficients-preserving step (module docstring), with the step's log-probability.
+
+    Args as :func:`sde_step`; eta in [0, 1]. eta = 0, or sigma_next = 0 (c_i = 0), is exactly :func:`euler_step`
+    and returns ``log_prob=None``.
+    """
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta (CPS noise level) must be in [0, 1] (c = sigma_next sin(eta pi / 2)), got {eta}")
+    if v.shape != z.shape:
+        raise ValueError(f"velocity shape {tuple(v.shape)} != latent shape {tuple(z.shape)}")
+    sig, sig_next = _per_sample(sigma, z), _per_sample(sigma_next, z)
+    c = sig_next * math.sin(eta * math.pi / 2)  # (B, 1, 1, 1)
+    if eta == 0 or not bool((c > 0).all()):
+        if eta > 0 and bool((c > 0).any()):
+            raise ValueError("a CPS step is stochastic for every row or for none: sigma_next = 0 only in some rows")
+        mean = z.float() + (sig_next - sig) * v.float()
+        return StepOutput(mean.to(z.dtype), mean, torch.zeros_like(sig), None)
+    v32, z32 = v.float(), z.float()
+    x0_hat, eps_hat = z32 - sig * v32, z32 + (1 - sig) * v32
+    mean = (1 - sig_next) * x0_hat + torch.sqrt((sig_next**2 - c**2).clamp_min(0)) * eps_hat
+    if prev_sample is None:
+        noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=torch.float32)
+        prev_sample = (mean + c * noise).to(z.dtype)
+    elif prev_sample.shape != z.shape:
+        raise ValueError(f"prev_sample shape {tuple(prev_sample.shape)} != latent shape {tuple(z.shape)}")
+    return StepOutput(prev_sample, mean, c, gaussian_log_prob(prev_sample.detach(), mean, c, reduction))
+
+
+def stochastic_step(sde_type: SDEType, v: Tensor, z: Tensor, sigma: Tensor | float, sigma_next: Tensor | float,
+                    eta: float, prev_sample: Tensor | None = None, generator: torch.Generator | None = None,
+                    sigma_at_one: Tensor | float | None = None, reduction: Reduction = "mean") -> StepOutput:
+    """:func:`sde_step` (``"flow"``, Flow-GRPO's SDE) or :func:`cps_step` (``"cps"``); the same arguments."""
+    if sde_type == "flow":
+        return sde_step(v, z, sigma, sigma_next, eta, prev_sample, generator, sigma_at_one, reduction)
+    if sde_type == "cps":
+        return cps_step(v, z, sigma, sigma_next, eta, prev_sample, generator, reduction)
+    raise ValueError(f"sde_type must be one of {SDE_TYPES}, got {sde_type!r}")
+
+
 @dataclass
 class Trajectory:
     """A sampled trajectory z_T -> ... -> z_tau.
@@ -180,6 +244,7 @@ def sample(
     generator: torch.Generator | None = None,
     reduction: Reduction = "mean",
     keep_latents: bool = True,
+    sde_type: SDEType = "flow",
 ) -> Trajectory:
     """Integrate from z_T along ``sigmas`` with Euler (ODE) or Euler-Maruyama (SDE) steps.
 
@@ -193,6 +258,8 @@ def sample(
         generator: RNG for the SDE noise.
         reduction: log-prob reduction, see :func:`sde_step`.
         keep_latents: keep every intermediate latent (else only z_T and z_tau).
+        sde_type: the stochastic steps' kind, "flow" (:func:`sde_step`) or "cps" (:func:`cps_step`; its step into
+            sigma = 0 is deterministic and so is not marked stochastic).
     """
     num_steps = sigmas.numel() - 1
     tau = num_steps if stop_at is None else int(stop_at)
@@ -208,9 +275,9 @@ def sample(
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         sig_b = sigma.expand(z.shape[0]).to(z.device)
         v = velocity_fn(z, sig_b)
-        stochastic = eta > 0 and i in sde_set
-        out = sde_step(v, z, sigma, sigma_next, eta if stochastic else 0.0, generator=generator,
-                       sigma_at_one=sigma_at_one, reduction=reduction)
+        stochastic = eta > 0 and i in sde_set and not (sde_type == "cps" and float(sigma_next) == 0)
+        out = stochastic_step(sde_type, v, z, sigma, sigma_next, eta if stochastic else 0.0, generator=generator,
+                              sigma_at_one=sigma_at_one, reduction=reduction)
         z = out.prev_sample
         log_probs.append(out.log_prob if out.log_prob is not None else torch.zeros(z.shape[0], device=z.device))
         mask.append(stochastic)

@@ -168,7 +168,7 @@ def initial_rollout(args, seed: int, name: str):
     # (pg_variance_session15_cpu.json, the "per-sample z_T" part of pg_variance_session16_cpu.json) drew z_T per sample
     rollout = pg.collect(run, rows, cfg.num_steps, cfg.eta, cfg.guidance_scale, cfg.rollout_batch_size,
                          cfg.sde_window, cfg.sde_window_start, rng, generator, None,
-                         cfg.group_size if cfg.group_noise else 1)
+                         cfg.group_size if cfg.group_noise else 1, cfg.sde_type)
     values = cotrain.trajectory_values(run.critic, rollout.latents, rollout.sigmas, rows, cfg.value_batch_size)
     return run, cfg, params, rollout, values
 

@@ -396,7 +396,8 @@ DENSE_ONLY_KEYS = ("gae_lambda", "dense_norm", "dense_calibration", "exact_ode",
 DEFAULTS_BEFORE = {"gae_lambda": 0.0, "dense_norm": "global", "dense_calibration": "none"}
 # keys added after runs were saved, with the value that runs as those runs did: absent from a checkpoint and at this
 # value now is the same run (unlike exact_ode, which runs saved before it ran as false, its default's opposite)
-ADDED_AS_BEFORE = {"values_at": "stochastic"}  # session 16: the critic at every stochastic step, as before
+ADDED_AS_BEFORE = {"values_at": "stochastic",  # session 16: the critic at every stochastic step, as before
+                   "sde_type": "flow"}  # session 18: Flow-GRPO's SDE, as before
 
 
 def check_same_settings(saved: dict | None, now: dict | None, source: str, node: str = "algo") -> None:

@@ -59,6 +59,7 @@ class DDPOConfig(common.EMAAdapters):
 
     num_steps: int = option(10, help="sampler steps N")
     eta: float = option(0.7, help="SDE noise level; must be > 0 (an ODE step has no log-prob)")
+    sde_type: Literal["flow", "cps"] = option("flow", help=pg.SDE_TYPE_HELP)
     guidance_scale: float = option(1.0, help="CFG weight in rollout and training (1.0 = CFG-free)")
     sde_window: int = option(0, help="stochastic steps only in a window of this many steps, ODE elsewhere "
                                      "(Flow-GRPO-Fast's window; 0 = SDE at every step, DDPO)")
@@ -110,6 +111,7 @@ class DDPOConfig(common.EMAAdapters):
         check(self.rollout_batch_size % self.group_size == 0, "rollout_batch_size",
               f"must be a multiple of group_size ({self.group_size}), got {self.rollout_batch_size}")
         pg.check_window(self.num_steps, self.sde_window, self.sde_window_start)
+        pg.check_sde(self)
         rounds = -(-self.prompts_per_epoch * self.group_size // self.rollout_batch_size)  # each draws its window
         if self.advantages == "dense" and self.group_size < 2 and self.sde_window:
             lo, hi = self.sde_window_start
@@ -228,7 +230,7 @@ def train(run: common.Run, cfg: DDPOConfig, resume: str | None = None) -> dict[s
             rollout = pg.collect(run, rows, cfg.num_steps, cfg.eta, cfg.guidance_scale, cfg.rollout_batch_size,
                                  cfg.sde_window, cfg.sde_window_start, rng, generator,
                                  distributed.process_generator(run.run_cfg.seed, epoch, 1, run.accelerator),
-                                 cfg.group_size if cfg.group_noise else 1)
+                                 cfg.group_size if cfg.group_noise else 1, cfg.sde_type)
             rewards = pg.gather(run, rollout.rewards, len(rows), cfg.rollout_batch_size)  # (B,)
             finite = torch.isfinite(rewards)
             metrics = {**pg.reward_metrics(rewards, cfg.group_size), "train/epoch": epoch + 1}

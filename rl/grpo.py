@@ -84,6 +84,7 @@ class GRPOConfig(common.EMAAdapters):
 
     num_steps: int = option(10, help="sampler steps N (Flow-GRPO: 10 for training)")
     eta: float = option(0.7, help="SDE noise level (Flow-GRPO: 0.7); must be > 0, an ODE step has no log-prob")
+    sde_type: Literal["flow", "cps"] = option("flow", help=pg.SDE_TYPE_HELP)
     guidance_scale: float = option(1.0, help="CFG weight in rollout and training (Flow-GRPO: 4.5; 1.0 = CFG-free)")
     sde_window: int = option(0, help="Flow-GRPO-Fast: stochastic steps only in a window of this many steps "
                                      "(0 = SDE at every step)")
@@ -131,6 +132,7 @@ class GRPOConfig(common.EMAAdapters):
               f"must be a multiple of group_size ({self.group_size}) so a group shares one SDE window, got "
               f"{self.rollout_batch_size}")
         pg.check_window(self.num_steps, self.sde_window, self.sde_window_start)
+        pg.check_sde(self)
         check(0 < self.timestep_fraction <= 1, "timestep_fraction", f"must be in (0, 1], got {self.timestep_fraction}")
         check(self.clip_range > 0, "clip_range", f"must be > 0, got {self.clip_range}")
         check(self.adv_clip > 0, "adv_clip", f"must be > 0, got {self.adv_clip}")
@@ -209,7 +211,7 @@ def train(run: common.Run, cfg: GRPOConfig, resume: str | None = None) -> dict[s
             rollout = pg.collect(run, rows, cfg.num_steps, cfg.eta, cfg.guidance_scale, cfg.rollout_batch_size,
                                  cfg.sde_window, cfg.sde_window_start, rng, generator,
                                  distributed.process_generator(run.run_cfg.seed, epoch, 1, run.accelerator),
-                                 cfg.group_size if cfg.group_noise else 1)
+                                 cfg.group_size if cfg.group_noise else 1, cfg.sde_type)
             rewards = pg.gather(run, rollout.rewards, len(rows), cfg.rollout_batch_size)  # (B,)
             finite = torch.isfinite(rewards)
             metrics = {**pg.reward_metrics(rewards, cfg.group_size), "train/epoch": epoch + 1}

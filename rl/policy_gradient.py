@@ -75,6 +75,7 @@ class SDERollout(NamedTuple):
     log_probs: Tensor    # (B, N) log pi_old(z_{k+1} | z_k), mean over elements; 0 on ODE steps
     sde_mask: Tensor     # (B, N) bool, the stochastic (trainable) steps
     rewards: Tensor      # (B,) realised reward r(D(z_N)), float32
+    sde_type: str = "flow"  # the stochastic steps' kind (samplers.SDE_TYPES); re-scoring uses the same
 
 
 EXACT_ODE_HELP = ("dense: V carried exactly across ODE steps, V(z_k) = V(z_k+1) (after a Fast window's last "
@@ -116,6 +117,28 @@ def check_window(num_steps: int, window: int, window_start: tuple[int, int]) -> 
     if window:
         last = num_steps - window
         check(hi <= last, "sde_window_start", f"need 0 <= lo <= hi <= num_steps - sde_window ({last}), got ({lo}, {hi})")
+
+
+SDE_TYPE_HELP = ("the stochastic steps' kind: 'flow', Flow-GRPO's SDE (Euler-Maruyama, noise s = eta "
+                 "sqrt(sigma / (1 - sigma))), or 'cps', coefficients-preserving steps (Flow-CPS, arXiv 2509.05952: "
+                 "z_k+1 on the forward path's coefficients, a share sin(eta pi / 2) of its noise redrawn; eta in "
+                 "[0, 1]; the step into sigma 0 is deterministic)")
+
+
+def check_sde(cfg) -> None:
+    """Config check of ``sde_type`` with ``eta`` and the window: a CPS step needs eta <= 1, and the step into
+    sigma = 0 is deterministic, so a window must hold another step."""
+    check(cfg.sde_type in samplers.SDE_TYPES, "sde_type", f"must be one of {samplers.SDE_TYPES}, got {cfg.sde_type!r}")
+    if cfg.sde_type == "cps":
+        check(cfg.eta <= 1, "eta", f"CPS redraws a share sin(eta pi / 2) of the noise: eta must be in (0, 1], got "
+                                   f"{cfg.eta}")
+        if cfg.sde_window:
+            check(cfg.sde_window_start[1] + cfg.sde_window <= cfg.num_steps - 1 or cfg.sde_window >= 2,
+                  "sde_window", f"with sde_type cps the last step (into sigma 0) is deterministic: a 1-step window "
+                                f"must start before step {cfg.num_steps - 1}")
+        else:
+            check(cfg.num_steps >= 2, "num_steps", "with sde_type cps the step into sigma 0 is deterministic: needs "
+                                                   f">= 2 steps, got {cfg.num_steps}")
 
 
 def check_values_at(cfg) -> None:
@@ -185,7 +208,7 @@ def window_steps(num_steps: int, window: int, start: int) -> list[int]:
 def collect(run: common.Run, rows: list[str], num_steps: int, eta: float, guidance_scale: float, batch_size: int,
             window: int, window_start: tuple[int, int], rng: np.random.Generator,
             generator: torch.Generator, sde_generator: torch.Generator | None = None,
-            shared_noise_group: int = 1) -> SDERollout:
+            shared_noise_group: int = 1, sde_type: samplers.SDEType = "flow") -> SDERollout:
     """Sample ``rows`` (one prompt per row) with the policy's SDE sampler and score the finished samples.
 
     Rows go in rounds of ``batch_size``, one SDE window per round (callers keep groups inside one round). With
@@ -205,6 +228,7 @@ def collect(run: common.Run, rows: list[str], num_steps: int, eta: float, guidan
         shared_noise_group: G > 1: each run of G consecutive rows (a group) starts from one z_T (DanceGRPO's
             shared initial noise), so the rewards within a group differ only through the SDE steps' noise, the
             actions the policy gradient credits; 1: every row draws its own z_T.
+        sde_type: "flow" (Flow-GRPO's SDE) or "cps" (coefficients-preserving steps), samplers.stochastic_step.
     """
     policy, accel = run.policy, run.accelerator
     sde_generator = generator if sde_generator is None else sde_generator
@@ -224,14 +248,14 @@ def collect(run: common.Run, rows: list[str], num_steps: int, eta: float, guidan
         with run.timer("rollout"), accel.autocast():
             cond = policy.encode_prompts(batch)
             traj = samplers.sample(policy.velocity_fn(cond, guidance_scale), z_T[mine], sigmas, eta=eta,
-                                   sde_steps=steps, generator=sde_generator)
+                                   sde_steps=steps, generator=sde_generator, sde_type=sde_type)
         with run.timer("reward"):
             rewards.append(realised_reward(run, traj.z_tau, batch, batch_size))
         latents.append(traj.latents)
         log_probs.append(traj.log_probs)
         masks.append(traj.sde_mask.to(run.device).expand(len(batch), -1))
     return SDERollout(mine_rows, torch.cat(latents), sigmas, torch.cat(log_probs), torch.cat(masks),
-                      torch.cat(rewards))
+                      torch.cat(rewards), sde_type)
 
 
 def rescore(policy: FlowPolicy, rollout: SDERollout, idx: Tensor, steps: Tensor, cond: PromptEmbeds, eta: float,
@@ -241,13 +265,15 @@ def rescore(policy: FlowPolicy, rollout: SDERollout, idx: Tensor, steps: Tensor,
     Args:
         idx: (b,) rows of the rollout.  steps: (b,) the step k of each row.  cond: the rows' prompt embeddings.
     Returns:
-        sde_step's StepOutput: mean (b, C, h, w) and log_prob (b,) carry the graph of v_theta.
+        the StepOutput of the rollout's step kind (``rollout.sde_type``): mean (b, C, h, w) and log_prob (b,) carry
+        the graph of v_theta.
     """
     z = rollout.latents[idx, steps]  # (b, C, h, w)
     z_next = rollout.latents[idx, steps + 1]
     sigma, sigma_next = rollout.sigmas[steps], rollout.sigmas[steps + 1]  # (b,)
     v = policy.velocity(z, sigma, cond, guidance_scale)
-    return samplers.sde_step(v, z, sigma, sigma_next, eta, prev_sample=z_next, sigma_at_one=rollout.sigmas[1])
+    return samplers.stochastic_step(rollout.sde_type, v, z, sigma, sigma_next, eta, prev_sample=z_next,
+                                    sigma_at_one=rollout.sigmas[1])
 
 
 # ------------------------------------------------------------------------------------------------ loss

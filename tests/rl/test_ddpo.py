@@ -39,6 +39,7 @@ def test_dense_advantages_centre_per_step_over_the_batch():
 @pytest.mark.parametrize("critic,overrides", [
     ("terminal", ["algo.inner_epochs=2", "algo.stat_min_count=2"]),
     ("tweedie", ["algo.advantages=dense", "algo.inner_epochs=1", "algo.timestep_fraction=0.5"]),  # dense defaults
+    ("tweedie", ["algo.advantages=dense", "algo.sde_type=cps", "algo.eta=1.0"]),  # Flow-CPS steps
 ])
 def test_smoke_run(tmp_path, critic, overrides):
     out = run_tiny(tmp_path, "ddpo", critic, *overrides)

@@ -329,8 +329,9 @@ def test_normalize_step_advantages():
 
 
 # ------------------------------------------------------------------------------------------------ re-scoring
-@pytest.mark.parametrize("guidance_scale,window", [(1.0, None), (2.5, [1, 2])])
-def test_rescore_unchanged_policy_gives_ratio_one(guidance_scale, window):
+@pytest.mark.parametrize("guidance_scale,window,sde_type", [(1.0, None, "flow"), (2.5, [1, 2], "flow"),
+                                                            (1.0, None, "cps"), (2.5, [1, 2], "cps")])
+def test_rescore_unchanged_policy_gives_ratio_one(guidance_scale, window, sde_type):
     policy = tiny_policy()
     prompts = ["a red circle", "two blue squares", "a green triangle"]
     g = torch.Generator().manual_seed(0)
@@ -338,9 +339,10 @@ def test_rescore_unchanged_policy_gives_ratio_one(guidance_scale, window):
     with torch.no_grad():
         cond = policy.encode_prompts(prompts)
         traj = samplers.sample(policy.velocity_fn(cond, guidance_scale), policy.noise(3, g), sigmas, eta=0.7,
-                               sde_steps=window, generator=g)
+                               sde_steps=window, generator=g, sde_type=sde_type)
     mask = traj.sde_mask.expand(3, -1)
-    rollout = pg.SDERollout(prompts, traj.latents, sigmas, traj.log_probs, mask, torch.zeros(3))
+    assert int(mask[0].sum()) == (2 if window else 4 - (sde_type == "cps"))  # CPS: the step into sigma 0 is an ODE step
+    rollout = pg.SDERollout(prompts, traj.latents, sigmas, traj.log_probs, mask, torch.zeros(3), sde_type)
     for k in mask[0].nonzero().flatten().tolist():
         for rows in ([2, 0, 1], [1]):  # another batch composition than the rollout's
             idx = torch.tensor(rows)
@@ -525,10 +527,18 @@ def test_config_errors(tmp_path, capsys):
     assert train.main(["--algo", "grpo", "--critic", "terminal", "--config", TINY, *DROP["grpo"],
                        f"run.output_dir={tmp_path}", "algo.advantages=dense"]) == 2
     assert "advantages=dense needs a value critic" in capsys.readouterr().err
+    for bad, said in ((["algo.sde_type=cps", "algo.eta=1.3"], "eta must be in (0, 1]"),
+                      (["algo.sde_type=ddim"], "sde_type"),
+                      (["algo.sde_type=cps", "algo.sde_window=1", "algo.sde_window_start=[0,3]"], "1-step window")):
+        assert train.main(["--algo", "grpo", "--critic", "terminal", "--config", TINY, *DROP["grpo"], *bad]) == 2
+        assert said in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("critic,overrides", [
     ("terminal", ["algo.guidance_scale=2.0", "algo.sde_window=2", "algo.sde_window_start=[0,2]", "algo.group_noise=true"]),
+    # Flow-CPS steps (the last one deterministic); one optimizer step per epoch: CPS's smaller stds at low sigma turn
+    # tiny.yaml's lr-0.01 step into a ratio far from 1 on a second minibatch, so the logged ratio is the pre-update one
+    ("terminal", ["algo.sde_type=cps", "algo.eta=0.8", "algo.train_batch_size=4"]),
     ("tweedie", ["algo.advantages=dense", "algo.gae_lambda=0.5", "algo.timestep_fraction=0.5",
                  "algo.dense_calibration=batch"]),
     ("mc", ["algo.advantages=dense", "algo.timestep_fraction=0.25", "critic.num_rollouts=2", "critic.num_steps=2",
