@@ -28,7 +28,9 @@ so z_{i+1}'s noise has exactly the variance sigma_{i+1}^2 of the marginal it is 
 eta = 0 is the Euler step, eta = 1 redraws all of the noise. The step into sigma = 0 is deterministic. Unlike the
 flow SDE it is not marginal-preserving: x0_hat is a posterior mean, and each redrawn share of the noise replaces
 spread that x0_hat does not carry, so samples are pulled toward the posterior mean as eta grows
-(tests/policies/test_samplers.py measures it on an analytic flow).
+(tests/policies/test_samplers.py measures it on an analytic flow). Its log-prob here is the Gaussian's, as for the
+flow SDE; Flow-GRPO's CPS branch keeps only -(z_{i+1} - mu_i)^2, so its log-ratios are 2 c_i^2 times ours and its
+CPS clip ranges (1e-5) do not carry over.
 
 Log-prob reduction. ``sde_step`` returns the log-density *averaged* over latent elements by default, as
 Flow-GRPO does. The mean keeps the magnitude of log-ratios independent of resolution, so the clip range
