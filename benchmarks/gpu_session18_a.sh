@@ -21,6 +21,8 @@
 #          (--critic terminal algo.advantages=sparse) seed 0, for the +0.15 mean and the wall-clock at equal reward
 #   PAIR=twins_eta (four GPUs): the twins of GRPO seed 1 and DDPO seeds 0, 1, for the same
 #   PAIR=eta13 (four GPUs): GRPO-Fast seeds 0-3 at eta 1.3, if eta 1.0 is not the top
+#   PAIR=cps (four GPUs): GRPO-Fast seeds 0-3 with coefficients-preserving steps (algo.sde_type=cps) at eta 0.8: on
+#          CPU it widens each group as the flow SDE at 1.3 does, at less cost in reward (trainers_session18.md)
 #   PAIR=cfg0 bash benchmarks/gpu_session18_a.sh OUT
 set -u
 OUT=${1:?out}; MINUTES=${MINUTES:-8.5}; source benchmarks/session3_lib.sh
@@ -58,6 +60,8 @@ case ${PAIR:-cfg0} in
              NAMES="grpo_eta1_terminal_s1 ddpo_eta1_terminal ddpo_eta1_terminal_s1";;
   eta13) for s in 0 1 2 3; do train $s grpo stitchvm grpo_eta13_s$s $K algo.eta=1.3 run.seed=$s; done
          NAMES="grpo_eta13_s0 grpo_eta13_s1 grpo_eta13_s2 grpo_eta13_s3";;
-  *) echo "error: PAIR must be cfg0, cfg, screen, eta, ddpo_eta, twins_eta or eta13, got '$PAIR'" >&2; exit 2;;
+  cps) for s in 0 1 2 3; do train $s grpo stitchvm grpo_cps08_s$s $K algo.sde_type=cps algo.eta=0.8 run.seed=$s; done
+       NAMES="grpo_cps08_s0 grpo_cps08_s1 grpo_cps08_s2 grpo_cps08_s3";;
+  *) echo "error: PAIR must be cfg0, cfg, screen, eta, ddpo_eta, twins_eta, eta13 or cps, got '$PAIR'" >&2; exit 2;;
 esac
 end_call ${TAG:-18a} $NAMES  # TAG=19a etc.: a later session's call names its records s19a_*
