@@ -168,8 +168,10 @@ def cps_step(
 ) -> StepOutput:
     """Coefficients-preserving step (module docstring), with the step's log-probability.
 
-    Args as :func:`sde_step`; eta in [0, 1]. eta = 0, or sigma_next = 0 (c_i = 0), is exactly :func:`euler_step`
-    and returns ``log_prob=None``.
+    Args as :func:`sde_step`; eta in [0, 1]. eta = 0, or a float sigma_next = 0 (c_i = 0), is exactly
+    :func:`euler_step` and returns ``log_prob=None``. A tensor sigma_next must be > 0 in every row when eta > 0 (the
+    step into sigma 0 has no log-prob; :func:`sample` makes it an ODE step): it is not checked, since reading it on
+    the host would make every re-scoring wait for the GPU.
     """
     if not 0 <= eta <= 1:
         raise ValueError(f"eta (CPS noise level) must be in [0, 1] (c = sigma_next sin(eta pi / 2)), got {eta}")
@@ -177,9 +179,7 @@ def cps_step(
         raise ValueError(f"velocity shape {tuple(v.shape)} != latent shape {tuple(z.shape)}")
     sig, sig_next = _per_sample(sigma, z), _per_sample(sigma_next, z)
     c = sig_next * math.sin(eta * math.pi / 2)  # (B, 1, 1, 1)
-    if eta == 0 or not bool((c > 0).all()):
-        if eta > 0 and bool((c > 0).any()):
-            raise ValueError("a CPS step is stochastic for every row or for none: sigma_next = 0 only in some rows")
+    if eta == 0 or (isinstance(sigma_next, (int, float)) and sigma_next == 0):
         mean = z.float() + (sig_next - sig) * v.float()
         return StepOutput(mean.to(z.dtype), mean, torch.zeros_like(sig), None)
     v32, z32 = v.float(), z.float()
@@ -271,13 +271,15 @@ def sample(
     if eta > 0 and sde_set and max(sde_set) >= num_steps:
         raise ValueError(f"sde_steps must index steps 0..{num_steps - 1}, got {sorted(sde_set)}")
     sigma_at_one = sigmas[1] if num_steps > 0 else None
+    # CPS: the step into sigma 0 (the schedule's last, if it ends at 0) is deterministic; read once, not per step
+    cps_last = num_steps - 1 if sde_type == "cps" and num_steps > 0 and float(sigmas[-1]) == 0 else None
     z = z_T
     latents, log_probs, mask = [z], [], []
     for i in range(tau):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         sig_b = sigma.expand(z.shape[0]).to(z.device)
         v = velocity_fn(z, sig_b)
-        stochastic = eta > 0 and i in sde_set and not (sde_type == "cps" and float(sigma_next) == 0)
+        stochastic = eta > 0 and i in sde_set and i != cps_last
         out = stochastic_step(sde_type, v, z, sigma, sigma_next, eta if stochastic else 0.0, generator=generator,
                               sigma_at_one=sigma_at_one, reduction=reduction)
         z = out.prev_sample
