@@ -145,15 +145,19 @@ def sde_step(
     v32, z32 = v.float(), z.float()
     std_dev_t = sde_std_dev(sig, eta, sig_next if sigma_at_one is None else sigma_at_one)
     mean = z32 * (1 + std_dev_t**2 / (2 * sig) * dt) + v32 * (1 + std_dev_t**2 * (1 - sig) / (2 * sig)) * dt
-    std = std_dev_t * torch.sqrt(-dt)
+    return _gaussian_transition(z, mean, std_dev_t * torch.sqrt(-dt), prev_sample, generator, reduction)
+
+
+def _gaussian_transition(z: Tensor, mean: Tensor, std: Tensor, prev_sample: Tensor | None,
+                         generator: torch.Generator | None, reduction: Reduction) -> StepOutput:
+    """Draw z_{i+1} ~ N(mean, std^2) (or take the given one, re-scoring) and its log-prob."""
     if prev_sample is None:
         noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=torch.float32)
         prev_sample = (mean + std * noise).to(z.dtype)
     elif prev_sample.shape != z.shape:
         raise ValueError(f"prev_sample shape {tuple(prev_sample.shape)} != latent shape {tuple(z.shape)}")
     # z_{i+1} is data for the log-prob: gradients flow through mu_i (the policy), never through the sample.
-    log_prob = gaussian_log_prob(prev_sample.detach(), mean, std, reduction)
-    return StepOutput(prev_sample, mean, std, log_prob)
+    return StepOutput(prev_sample, mean, std, gaussian_log_prob(prev_sample.detach(), mean, std, reduction))
 
 
 def cps_step(
@@ -185,12 +189,7 @@ def cps_step(
     v32, z32 = v.float(), z.float()
     x0_hat, eps_hat = z32 - sig * v32, z32 + (1 - sig) * v32
     mean = (1 - sig_next) * x0_hat + torch.sqrt((sig_next**2 - c**2).clamp_min(0)) * eps_hat
-    if prev_sample is None:
-        noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=torch.float32)
-        prev_sample = (mean + c * noise).to(z.dtype)
-    elif prev_sample.shape != z.shape:
-        raise ValueError(f"prev_sample shape {tuple(prev_sample.shape)} != latent shape {tuple(z.shape)}")
-    return StepOutput(prev_sample, mean, c, gaussian_log_prob(prev_sample.detach(), mean, c, reduction))
+    return _gaussian_transition(z, mean, c, prev_sample, generator, reduction)
 
 
 def stochastic_step(sde_type: SDEType, v: Tensor, z: Tensor, sigma: Tensor | float, sigma_next: Tensor | float,

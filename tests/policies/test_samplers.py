@@ -13,6 +13,18 @@ from policies.testing import tiny_policy
 def _rand(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
+ANALYTIC_MU, ANALYTIC_STD = 0.7, 0.5  # data x0 ~ N(mu, s^2)
+
+
+def _analytic_velocity(z, sigma):
+    """The exact velocity E[eps - x0 | x_t] of x_t = (1 - t) x0 + t eps with x0 ~ N(ANALYTIC_MU, ANALYTIC_STD^2)."""
+    mu, s = ANALYTIC_MU, ANALYTIC_STD
+    t = torch.as_tensor(sigma, dtype=z.dtype).reshape(-1, 1, 1, 1)
+    var = (1 - t) ** 2 * s**2 + t**2
+    d = z - (1 - t) * mu
+    return t / var * d - (mu + (1 - t) * s**2 / var * d)
+
+
 
 def test_log_prob_equals_torch_normal():
     v, z = _rand(3, 4, 8, 8, seed=1), _rand(3, 4, 8, 8, seed=2)
@@ -124,13 +136,8 @@ def test_sde_preserves_the_marginals_of_an_analytic_flow(eta):
     """Data x0 ~ N(mu, s^2), x_t = (1 - t) x0 + t eps: the exact velocity E[eps - x0 | x_t] is known in closed form.
     Sampling with it from N(0, 1) must end at N(mu, s^2) for the ODE and for the Flow-GRPO SDE alike (the SDE is
     marginal-preserving; Flow-GRPO's sigma = 1 substitute included) — up to discretisation at 200 steps."""
-    mu, s = 0.7, 0.5
-
-    def velocity(z, sigma):
-        t = torch.as_tensor(sigma, dtype=z.dtype).reshape(-1, 1, 1, 1)
-        var = (1 - t) ** 2 * s**2 + t**2
-        d = z - (1 - t) * mu
-        return t / var * d - (mu + (1 - t) * s**2 / var * d)
+    mu, s = ANALYTIC_MU, ANALYTIC_STD
+    velocity = _analytic_velocity
 
     sigmas = torch.linspace(1, 0, 201, dtype=torch.float64)
     z_T = torch.randn(40000, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -188,13 +195,8 @@ def test_cps_keeps_the_mean_and_pulls_the_spread_toward_the_posterior_mean():
     marginal-preserving: it rebuilds z' from x0_hat = E[x0 | z], a posterior mean, so every redrawn share of the noise
     replaces spread that x0_hat does not carry. The mean stays; the final std falls with eta (measured: ODE .433,
     CPS eta 0.3 / 0.7 / 1.0: .419 / .371 / .309; the flow SDE at 0.7: .480)."""
-    mu, s = 0.7, 0.5
-
-    def velocity(z, sigma):
-        t = torch.as_tensor(sigma, dtype=z.dtype).reshape(-1, 1, 1, 1)
-        var = (1 - t) ** 2 * s**2 + t**2
-        d = z - (1 - t) * mu
-        return t / var * d - (mu + (1 - t) * s**2 / var * d)
+    mu, s = ANALYTIC_MU, ANALYTIC_STD
+    velocity = _analytic_velocity
 
     sigmas = torch.linspace(1, 0, 11, dtype=torch.float64)
     z_T = torch.randn(40000, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
