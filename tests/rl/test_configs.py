@@ -46,3 +46,6 @@ def test_prompt_file(tmp_path):
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(ValueError, match="no prompts"):
         prompts.from_file(tmp_path / "empty.txt")
+    for bad in (0, 2.5, -1, "3"):  # a slice would quietly keep none, all but one, or fail later
+        with pytest.raises(ValueError, match="whole number >= 1"):
+            prompts.from_file(f, limit=bad)
