@@ -93,6 +93,27 @@ def algo_config_class(algo: str) -> type:
     return getattr(importlib.import_module(module), cls)
 
 
+def _check_algo_keys(node, algo: str) -> None:
+    """An experiment config of another trainer (e.g. sd35m_grpo.yaml under --algo nft) names that trainer, rather
+    than the first of its keys this one lacks with a look-alike suggestion."""
+    from dataclasses import fields
+
+    from rl.config import ConfigError
+
+    if not isinstance(node, dict):
+        return
+    own = {f.name for f in fields(algo_config_class(algo))}
+    unknown = sorted(str(k) for k in node if k not in own)
+    if not unknown:
+        return
+    fits = [a for a in sorted(ALGOS) if a != algo and set(unknown) <= {f.name for f in fields(algo_config_class(a))}]
+    if fits:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        which = f"--algo {fits[0]}" if len(fits) == 1 else f"the one of --algo {' / '.join(fits)} it was written for"
+        raise ConfigError(f"algo.{unknown[0]}{more} is not a setting of --algo {algo} but of --algo "
+                          f"{' / '.join(fits)}: the config is for another trainer, so pass {which}")
+
+
 def validate_config(raw: dict, algo: str) -> Composed:
     """Check a composed config completely without building anything: top-level keys, the typed sections (keys,
     types, ranges: ``rl.config.from_dict`` and the dataclasses' ``__post_init__``), the shape of the object nodes,
@@ -110,6 +131,7 @@ def validate_config(raw: dict, algo: str) -> Composed:
     for key in raw:
         if key not in TOP_LEVEL_KEYS:
             raise unknown_choice("config", str(key), TOP_LEVEL_KEYS, "top-level keys")
+    _check_algo_keys(raw.get("algo", {}), algo)
     algo_cfg = from_dict(algo_config_class(algo), raw.get("algo", {}), "algo")
     run_cfg = from_dict(common.RunConfig, raw.get("run", {}), "run")
     eval_cfg = from_dict(common.EvalConfig, raw.get("eval", {}), "eval")

@@ -46,6 +46,31 @@ def test_prompt_file(tmp_path):
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(ValueError, match="no prompts"):
         prompts.from_file(tmp_path / "empty.txt")
+    (tmp_path / "bin.txt").write_bytes(b"ab\xb4\xff")
+    with pytest.raises(ValueError, match="is not UTF-8 text"):
+        prompts.from_file(tmp_path / "bin.txt")
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        prompts.from_file(tmp_path)
     for bad in (0, 2.5, -1, "3"):  # a slice would quietly keep none, all but one, or fail later
         with pytest.raises(ValueError, match="whole number >= 1"):
             prompts.from_file(f, limit=bad)
+
+
+def test_another_trainers_experiment_config_names_that_trainer(capsys, tmp_path):
+    grpo_yaml = str(train.CONFIG_ROOT / "experiments" / "sd35m_grpo.yaml")
+    assert train.main(["--algo", "nft", "--critic", "stitchvm", "--config", grpo_yaml]) == 2
+    err = capsys.readouterr().err
+    assert "is not a setting of --algo nft but of --algo ddpo / grpo" in err and "it was written for" in err
+    (tmp_path / "nft_only.yaml").write_text("algo: {nft_beta: 0.5}\n")
+    assert train.main(["--algo", "grpo", "--critic", "terminal", "--config", str(tmp_path / "nft_only.yaml")]) == 2
+    assert "algo.nft_beta is not a setting of --algo grpo but of --algo nft" in capsys.readouterr().err
+    # keys that fit no trainer keep the look-alike suggestion
+    (tmp_path / "typo.yaml").write_text("algo: {lrr: 0.1}\n")
+    assert train.main(["--algo", "grpo", "--critic", "terminal", "--config", str(tmp_path / "typo.yaml")]) == 2
+    assert "unknown key 'algo.lrr' — did you mean 'lr'?" in capsys.readouterr().err
+
+
+def test_a_critic_argument_of_another_critic_says_how_to_drop_it(capsys):
+    grpo_yaml = str(train.CONFIG_ROOT / "experiments" / "sd35m_grpo.yaml")
+    assert train.main(["--algo", "grpo", "--critic", "terminal", "--config", grpo_yaml, "algo.advantages=sparse"]) == 2
+    assert "drop it with '~critic.path'" in capsys.readouterr().err

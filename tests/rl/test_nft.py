@@ -305,7 +305,7 @@ def test_evaluate_cli_scores_export_checkpoint_and_base(tmp_path, capsys):
     # the other trainers' experiment configs compose with --algo (their algo keys are not NFT's)
     grpo_yaml = str(Path(__file__).resolve().parents[2] / "configs" / "experiments" / "shapes_gpu_grpo.yaml")
     assert evaluate.main(["--config", grpo_yaml, "--checkpoint", str(tmp_path / "no")]) == 2
-    assert "unknown key 'algo." in capsys.readouterr().err  # NFT has no eta, sde_window, ...
+    assert "is not a setting of --algo nft" in capsys.readouterr().err  # NFT has no eta, sde_window, ...
     assert evaluate.main(["--algo", "grpo", "--config", grpo_yaml, "--checkpoint", str(tmp_path / "no")]) == 2
     assert "no checkpoint at" in capsys.readouterr().err  # composed; only the path is wrong
 
