@@ -299,9 +299,9 @@ class FlowPolicy(nn.Module):
 
         if local_files_only and not Path(path).is_dir():
             raise FileNotFoundError(
-                f"no SD3 checkpoint directory at '{path}'. Download one (e.g. `huggingface-cli download "
-                f"stabilityai/stable-diffusion-3.5-medium --local-dir {path}`) or set local_files_only=False to "
-                f"let diffusers fetch it from the Hub.")
+                f"no SD3 checkpoint directory at '{path}'. Point model.path at one, download one (e.g. "
+                f"`huggingface-cli download stabilityai/stable-diffusion-3.5-medium --local-dir {path}`), or pass a "
+                f"Hub id with model.local_files_only=false to let diffusers fetch it.")
         kw = dict(torch_dtype=torch_dtype, local_files_only=local_files_only)
         transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", **kw)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
