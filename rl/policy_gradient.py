@@ -132,11 +132,11 @@ def check_sde(cfg) -> None:
     if cfg.sde_type == "cps":
         check(cfg.eta <= 1, "eta", f"CPS redraws a share sin(eta pi / 2) of the noise: eta must be in (0, 1], got "
                                    f"{cfg.eta}")
-        if cfg.sde_window:
-            check(cfg.sde_window_start[1] + cfg.sde_window <= cfg.num_steps - 1 or cfg.sde_window >= 2,
-                  "sde_window", f"with sde_type cps the last step (into sigma 0) is deterministic: a 1-step window "
-                                f"must start before step {cfg.num_steps - 1}")
-        else:
+        if cfg.sde_window == 1:  # a longer window always holds a step before the last
+            check(cfg.sde_window_start[1] <= cfg.num_steps - 2, "sde_window",
+                  f"with sde_type cps the last step (into sigma 0) is deterministic: a 1-step window must start "
+                  f"before step {cfg.num_steps - 1}")
+        elif cfg.sde_window == 0:
             check(cfg.num_steps >= 2, "num_steps", "with sde_type cps the step into sigma 0 is deterministic: needs "
                                                    f">= 2 steps, got {cfg.num_steps}")
 
