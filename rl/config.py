@@ -162,7 +162,7 @@ def _check_kwargs(target: Any, args: tuple, kwargs: dict, path: str) -> None:
         if not isinstance(key, str) or not (any_keyword or key in valid):
             raise ConfigError(
                 f"{path}: unknown argument '{key}' for {target.__module__}.{target.__qualname__}"
-                f"{_suggest(str(key), valid, 'arguments')} (a key set by a --config for another component: drop it "
+                f"{_suggest(str(key), valid, 'arguments')} (if a --config set it for another component, drop it "
                 f"with '~{path}.{key}')"
             )
     if any_keyword:
