@@ -6,8 +6,10 @@
 Each argument is a run directory or its metrics.jsonl (the GPU scripts keep only that file), gzipped or not (the
 records in docs/bench are gzipped: the device tool uploads the working tree, at most 64 MiB with what it carries).
 
-Prints, per run: the score at start and end, the gain, wall-clock, and the time each run needed to reach the
-other's final score (within --tol), so "the same final score in <= 1/2 of the wall-clock" is read off directly.
+Prints, per run: the score at start and end, the gain, wall-clock, and the time each run needed to reach its own
+final score and the other's (within --tol), and, for keep_best runs, when the adapter it would have kept had it
+stopped there first scores at least its own final and the other's (``kept_curve``: the time to an equal final
+reward), so "the same final score in <= 1/2 of the wall-clock" is read off directly.
 "Plateau" is the mean of the --plateau evaluations before the last one (with keep_best the last one re-scores the
 kept adapter): one 512-prompt score has a standard error of ~0.022, so a run's level reads steadier from several.
 
@@ -38,12 +40,27 @@ def read_rows(run: Path) -> list[dict]:
 
 
 def curve(run: Path, metric: str, clock: Path | None = None) -> list[tuple[float, float]]:
-    rows = read_rows(run)
-    if clock is not None:
-        rows = on_clock(rows, read_rows(clock), metric, clock)
-    points = [(r["wall_time"], r[metric]) for r in rows if metric in r]
+    points = [(r["wall_time"], r[metric]) for r in run_rows(run, metric, clock) if metric in r]
     if not points:
         raise SystemExit(f"{run}: no '{metric}' in it")
+    return points
+
+
+def run_rows(run: Path, metric: str, clock: Path | None = None) -> list[dict]:
+    rows = read_rows(run)
+    return rows if clock is None else on_clock(rows, read_rows(clock), metric, clock)
+
+
+def kept_curve(rows: list[dict], metric: str) -> list[tuple[float, float]]:
+    """What a keep_best run stopped at each validation would have kept: (wall time, ``metric`` of the adapter that
+    validated best so far; ties: the earliest). Empty for a run without validation. Its last point is the run's
+    final, and "the time to an equal final reward" is read off it, not off single evaluations."""
+    best, points = None, []
+    for r in rows:
+        if metric in r and "val/overall" in r:
+            if best is None or r["val/overall"] > best["val/overall"]:
+                best = r
+            points.append((r["wall_time"], best[metric]))
     return points
 
 
@@ -103,17 +120,22 @@ def main() -> None:
         if not sep or Path(run) not in args.runs:
             raise SystemExit(f"--clock {item!r}: expected RUN=REF with RUN one of the runs given")
         clocks[Path(run)] = Path(ref)
+    rows = {r: run_rows(r, args.metric, clocks.get(r)) for r in args.runs}
     curves = {r: curve(r, args.metric, clocks.get(r)) for r in args.runs}
     print(f"| run | {args.metric} start | end | gain | wall s | best | plateau ({args.plateau}) "
-          "| s to reach others' final - tol |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| s to reach own final - tol | s to reach others' final - tol | s until the kept adapter scores own, others' final |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    def times(points, targets):
+        return ", ".join("never" if x is None else f"{x:.0f}" for x in (time_to_reach(points, t) for t in targets)) or "-"
+
     for run, pts in curves.items():
-        others = [c[-1][1] - args.tol for r, c in curves.items() if r != run]
-        reach = [time_to_reach(pts, t) for t in others]
-        reach_s = ", ".join("never" if x is None else f"{x:.0f}" for x in reach) or "-"
+        others = [c[-1][1] for r, c in curves.items() if r != run]
+        kept = kept_curve(rows[run], args.metric)
+        reach_s, kept_s = times(pts, [o - args.tol for o in others]), times(kept, [kept[-1][1]] + others) if kept else "-"
+        own = time_to_reach(pts, pts[-1][1] - args.tol)
         name = f"{run.name} (on {clocks[run].name}'s clock)" if run in clocks else run.name
         print(f"| {name} | {pts[0][1]:.3f} | {pts[-1][1]:.3f} | {pts[-1][1] - pts[0][1]:+.3f} | "
-              f"{pts[-1][0]:.0f} | {max(v for _, v in pts):.3f} | {plateau(pts, args.plateau):.3f} | {reach_s} |")
+              f"{pts[-1][0]:.0f} | {max(v for _, v in pts):.3f} | {plateau(pts, args.plateau):.3f} | {own:.0f} | {reach_s} | {kept_s} |")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@
 #   Not yet run (the shipped configs set eta 1.0 since call C, so these need no eta override):
 #   PAIR=ddpo_eta (four GPUs): DDPO-Fast seeds 0, 1, 3 (seed 2 ran in call C) and GRPO's decode-and-score twin
 #          (--critic terminal algo.advantages=sparse) seed 0, for the +0.15 mean and the wall-clock at equal reward
-#   PAIR=twins_eta (four GPUs): the twins of GRPO seed 1 and DDPO seeds 0, 1, for the same
+#   PAIR=twins_eta (four GPUs): the twins of GRPO seeds 1, 2 and DDPO seeds 0, 1, for the same
+#   PAIR=ddpo_screen (four GPUs, session 19): DDPO-Fast seeds 0, 1 at lr 1e-4 and with one PPO pass at lr 3e-4
+#   PAIR=ddpo_lr (four GPUs): DDPO-Fast seeds 2, 3 at the shipped lr 1e-4 (session 19) and the twins of seeds 0, 1
 #   PAIR=eta13 (four GPUs): GRPO-Fast seeds 0-3 at eta 1.3, if eta 1.0 is not the top
 #   PAIR=cps (four GPUs): GRPO-Fast seeds 0-3 with coefficients-preserving steps (algo.sde_type=cps) at eta 0.8: on
 #          CPU it widens each group as the flow SDE at 1.3 does, at less cost in reward (trainers_session18.md)
@@ -57,11 +59,22 @@ case ${PAIR:-cfg0} in
   twins_eta) train 0 grpo terminal grpo_eta1_terminal_s1 $K algo.advantages=sparse run.seed=1
              train 1 ddpo terminal ddpo_eta1_terminal $K algo.advantages=sparse
              train 2 ddpo terminal ddpo_eta1_terminal_s1 $K algo.advantages=sparse run.seed=1
-             NAMES="grpo_eta1_terminal_s1 ddpo_eta1_terminal ddpo_eta1_terminal_s1";;
+             train 3 grpo terminal grpo_eta1_terminal_s2 $K algo.advantages=sparse run.seed=2
+             NAMES="grpo_eta1_terminal_s1 ddpo_eta1_terminal ddpo_eta1_terminal_s1 grpo_eta1_terminal_s2";;
+  ddpo_screen) train 0 ddpo stitchvm ddpo_lr1e4 $K algo.lr=0.0001
+               train 1 ddpo stitchvm ddpo_lr1e4_s1 $K algo.lr=0.0001 run.seed=1
+               train 2 ddpo stitchvm ddpo_pass1 $K algo.inner_epochs=1 algo.lr=0.0003
+               train 3 ddpo stitchvm ddpo_pass1_s1 $K algo.inner_epochs=1 algo.lr=0.0003 run.seed=1
+               NAMES="ddpo_lr1e4 ddpo_lr1e4_s1 ddpo_pass1 ddpo_pass1_s1";;
+  ddpo_lr) train 0 ddpo stitchvm ddpo_lr1e4_s2 $K run.seed=2
+           train 1 ddpo stitchvm ddpo_lr1e4_s3 $K run.seed=3
+           train 2 ddpo terminal ddpo_lr1e4_terminal $K algo.advantages=sparse
+           train 3 ddpo terminal ddpo_lr1e4_terminal_s1 $K algo.advantages=sparse run.seed=1
+           NAMES="ddpo_lr1e4_s2 ddpo_lr1e4_s3 ddpo_lr1e4_terminal ddpo_lr1e4_terminal_s1";;
   eta13) for s in 0 1 2 3; do train $s grpo stitchvm grpo_eta13_s$s $K algo.eta=1.3 run.seed=$s; done
          NAMES="grpo_eta13_s0 grpo_eta13_s1 grpo_eta13_s2 grpo_eta13_s3";;
   cps) for s in 0 1 2 3; do train $s grpo stitchvm grpo_cps08_s$s $K algo.sde_type=cps algo.eta=0.8 run.seed=$s; done
        NAMES="grpo_cps08_s0 grpo_cps08_s1 grpo_cps08_s2 grpo_cps08_s3";;
-  *) echo "error: PAIR must be cfg0, cfg, screen, eta, ddpo_eta, twins_eta, eta13 or cps, got '$PAIR'" >&2; exit 2;;
+  *) echo "error: PAIR must be cfg0, cfg, screen, eta, ddpo_eta, twins_eta, ddpo_screen, ddpo_lr, eta13 or cps, got '$PAIR'" >&2; exit 2;;
 esac
 end_call ${TAG:-18a} $NAMES  # TAG=19a etc.: a later session's call names its records s19a_*

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks.compare_runs import curve, plateau, time_to_reach
+from benchmarks.compare_runs import curve, kept_curve, plateau, time_to_reach
 
 
 def test_plain_and_gzipped_metrics_give_the_same_curve(tmp_path):
@@ -57,3 +57,19 @@ def test_a_run_on_another_cards_clock_is_cut_and_its_kept_adapter_replayed(tmp_p
                                                         (80.0, 0.40)]
     with pytest.raises(SystemExit, match="too few epochs"):
         curve(run, "eval/overall", clock=write("one.jsonl", [{"step": 0, "wall_time": 1.0}]))
+
+
+def test_the_kept_curve_is_what_keep_best_would_have_kept_at_each_validation():
+    # evaluations with validation at 10, 20, 30, 40 s; a training row between them; the best validation so far is the
+    # 0.52 at 10 s until 0.60 at 30 s (a tie at 40 s keeps the earlier adapter)
+    rows = [{"wall_time": 0.0, "eval/overall": 0.30, "val/overall": 0.40},
+            {"wall_time": 5.0, "reward/mean": 0.7},
+            {"wall_time": 10.0, "eval/overall": 0.45, "val/overall": 0.52},
+            {"wall_time": 20.0, "eval/overall": 0.50, "val/overall": 0.51},
+            {"wall_time": 30.0, "eval/overall": 0.41, "val/overall": 0.60},
+            {"wall_time": 40.0, "eval/overall": 0.55, "val/overall": 0.60}]
+    kept = kept_curve(rows, "eval/overall")
+    assert kept == [(0.0, 0.30), (10.0, 0.45), (20.0, 0.45), (30.0, 0.41), (40.0, 0.41)]
+    assert time_to_reach(kept, 0.45) == 10.0  # the best single evaluation (0.55, 0.50) is never what it kept
+    assert time_to_reach(kept, 0.46) is None
+    assert kept_curve([{"wall_time": 0.0, "eval/overall": 0.3}], "eval/overall") == []  # no validation: no kept adapter
