@@ -198,6 +198,9 @@ class BuildConfig:
             check(self.score_captions is not None, "score_captions",
                   "distill.lambda_score > 0 weights the embedding error by caption directions: give the captions, "
                   "e.g. score_captions={_component_: shapes.data.prompts, split: train, n: 4096, seed: 11}")
+        if self.distill.lambda_own_score > 0:
+            check(self.score == "prompt", "distill.lambda_own_score",
+                  "the own-caption score term is for prompt-dependent rewards (score: prompt); set it to 0")
         if self.kind == "vae_stitch":
             check(self.head_conditioning == "null_text", "head_conditioning",
                   "kind=vae_stitch has no DiT head to condition: leave it null_text")
@@ -641,7 +644,9 @@ def build(cfg: BuildConfig) -> BuildResult:
         # 5. distill --------------------------------------------------------------------------------------------
         t = time.perf_counter()
         dcfg = cfg.distill if cfg.distill.ckpt_dir is not None else replace(cfg.distill, ckpt_dir=str(output_dir))
-        stream = ImageStream(dataset, cfg.loader_batch_size, cfg.seed, cfg.num_workers, captions=prompted)
+        # captions reach stage 2 for a head that reads them and for the own-caption score term
+        captioned = prompted or dcfg.lambda_own_score > 0
+        stream = ImageStream(dataset, cfg.loader_batch_size, cfg.seed, cfg.num_workers, captions=captioned)
         ps = cfg.policy_samples
         if ps.n > 0:
             ps_prompts = prompt_list(ps.prompts, "policy_samples.prompts")
@@ -651,7 +656,7 @@ def build(cfg: BuildConfig) -> BuildResult:
             times["policy_samples_s"] = time.perf_counter() - t_gen
             # its own seed: the data loader's shuffle already draws from cfg.seed
             stream = MixedStream(stream, bank, ps.fraction, ps.seed,
-                                 sample_prompts(ps_prompts, ps.n) if prompted else None,
+                                 sample_prompts(ps_prompts, ps.n) if captioned else None,
                                  bank_latents if ps.student_latents == "own" else None)
             say("distill", f"{ps.n} policy samples ({ps.num_steps} steps, CFG {ps.guidance_scales}, eta {ps.etas}) "
                            f"in {times['policy_samples_s']:.0f} s; {ps.fraction:.0%} of every batch; the student "
@@ -662,7 +667,7 @@ def build(cfg: BuildConfig) -> BuildResult:
 
             tqdm.write(f"[build:distill] step {step}: loss {stats['distill/loss']:.4g} (embed "
                        f"{stats['distill/embed_loss']:.4g}, token {stats['distill/token_loss']:.4g}, score "
-                       f"{stats['distill/score_loss']:.4g}), "
+                       f"{stats['distill/score_loss']:.4g}, own score {stats.get('distill/own_score_loss', 0.0):.4g}), "
                        f"lr {stats['distill/lr']:.3g}, grad norm {stats['distill/grad_norm']:.3g}")
             record["last_step"] = step
 
@@ -676,8 +681,10 @@ def build(cfg: BuildConfig) -> BuildResult:
                 texts = torch.cat([reward.text_embed(captions[k:k + 512]) for k in range(0, len(captions), 512)])
             metric = caption_metric(texts)
             say("distill", f"caption-score term: lambda_score {dcfg.lambda_score:g}, M from {len(captions)} captions")
+        if dcfg.lambda_own_score > 0:
+            say("distill", f"own-caption score term: lambda_own_score {dcfg.lambda_own_score:g}")
         stats = distill(model, reward, policy.encode, stream, dcfg, callback=log, ckpt_meta=meta, save_fn=save_fn,
-                        caption_metric=metric)
+                        caption_metric=metric, text_embed_fn=reward.text_embed)
         times["distill_s"] = time.perf_counter() - t
         _summarise(record, stats, "distill", dcfg.log_every)
 

@@ -3,7 +3,7 @@
 Concept (Eq. 8): L = E ‖V(z_t) − r(x0)‖², minimised by E[r(x0) | z_t]; z_t comes from forward-noising real
 images (off-policy). The loss actually used matches the image side only (the text tower is never run):
 
-    CLIP / HPSv2 ("embed_token"):  L = ‖ẽ_SVM − ẽ_RM‖² + λ_tok ‖h_SVM − h_RM‖² [+ λ_score E Δᵀ M Δ]
+    CLIP / HPSv2 ("embed_token"):  L = ‖ẽ_SVM − ẽ_RM‖² + λ_tok ‖h_SVM − h_RM‖² [+ λ_score E Δᵀ M Δ] [+ λ_own E (Δ·t)²]
     Aesthetic    ("smooth_l1"):    L = SmoothL1(h_SVM, h_RM) + SmoothL1(ẽ_SVM, ẽ_RM) + SmoothL1(a_SVM, a_RM)
 
 Notation          code
@@ -19,6 +19,14 @@ embedding with the prompt's text embedding t, so what the critic must get right 
 caption of the bank at once; the factor E (the embedding width; tr M = 1) makes it equal ‖Δ‖² for isotropic captions.
 On the Shapes StitchVM the embedding error is ~5x more concentrated on caption directions than an isotropic error
 of the same size (docs/critic.md, session 6), which is why ranking lags retrieval.
+
+Own-caption score term (ours, off by default; ``lambda_own_score``): E (Δ·t)² with t the normalised text embedding of
+the image's *own* caption (the prompt a policy sample was drawn for, a render's caption). Δ·t = ẽ_SVM·t − ẽ_RM·t is
+the student's error on the very score the critic serves for that image, up to the reward's affine scale: the term
+is the value's squared error against the teacher, where λ_score's term spreads the same budget over every caption
+of a bank (it lowered the error on caption directions in session 6 but not the ranking). With E it equals ‖Δ‖² for
+an error isotropic in direction. Needs captions and the reward's text side (``text_embed_fn``); a caption dropped
+for the head's CFG training still scores against the real one.
 
 Reductions: the embedding term sums over E and averages over the batch (‖·‖² of unit vectors, ∈ [0, 4]); the token
 term is a mean over batch, tokens and channels. A summed token norm over 257 × 1024 entries (ViT-L/14) would dwarf
@@ -83,6 +91,9 @@ class DistillConfig:
     lambda_score: float = 0.0
     """Weight λ_score of the caption-score term E Δᵀ M Δ of the "embed_token" loss (module docstring; 0: off, the
     paper's loss). Needs the caption metric M (critics.build computes it from ``score_captions``)."""
+    lambda_own_score: float = 0.0
+    """Weight λ_own of the own-caption score term E (Δ·t)² of the "embed_token" loss, t the image's own caption
+    (module docstring; 0: off). Needs captioned data and the reward's text embedding (``text_embed_fn``)."""
     sigma_sampling: str = "logit_normal"
     """Noise-level law of sigma: "logit_normal" (sigmoid of N(sigma_mean, sigma_std)) or "uniform" on [0, 1]."""
     sigma_mean: float = 0.0
@@ -128,6 +139,11 @@ class DistillConfig:
         if self.lambda_score > 0 and self.loss != "embed_token":
             raise ValueError("lambda_score is a term of the 'embed_token' loss (prompt-dependent rewards); "
                              f"loss is {self.loss!r}")
+        if not self.lambda_own_score >= 0:
+            raise ValueError(f"lambda_own_score must be >= 0, got {self.lambda_own_score}")
+        if self.lambda_own_score > 0 and self.loss != "embed_token":
+            raise ValueError("lambda_own_score is a term of the 'embed_token' loss (prompt-dependent rewards); "
+                             f"loss is {self.loss!r}")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if self.lr_decay == "cosine" and self.max_steps is None:
@@ -135,10 +151,11 @@ class DistillConfig:
 
 
 class DistillLoss(NamedTuple):
-    loss: Tensor  # scalar, embed_loss + λ_tok · token_loss + λ_score · score_loss
+    loss: Tensor  # scalar, embed_loss + λ_tok · token_loss + λ_score · score_loss + λ_own · own_score_loss
     embed_loss: Tensor  # mean_B ‖ẽ_SVM − ẽ_RM‖²
     token_loss: Tensor  # mean over B, tokens, channels of (h_SVM − h_RM)²
     score_loss: Tensor  # mean_B E Δᵀ M Δ (0 without a caption metric)
+    own_score_loss: Tensor  # mean_B E (Δ·t_b)², t_b the image's own caption (0 without own captions)
 
 
 class SmoothL1DistillLoss(NamedTuple):
@@ -150,15 +167,18 @@ class SmoothL1DistillLoss(NamedTuple):
 
 def stitchvm_distill_loss(student_emb: Tensor, student_tok: Tensor, teacher_emb: Tensor, teacher_tok: Tensor,
                           lambda_tok: float = 1.0, caption_metric: Tensor | None = None,
-                          lambda_score: float = 0.0) -> DistillLoss:
-    """L = ‖ẽ_SVM − ẽ_RM‖² + λ_tok ‖h_SVM − h_RM‖² (App. D.1) + λ_score E Δᵀ M Δ, reduced as in the module
-    docstring.
+                          lambda_score: float = 0.0, own_text: Tensor | None = None,
+                          lambda_own_score: float = 0.0) -> DistillLoss:
+    """L = ‖ẽ_SVM − ẽ_RM‖² + λ_tok ‖h_SVM − h_RM‖² (App. D.1) + λ_score E Δᵀ M Δ + λ_own E (Δ·t)², reduced as in
+    the module docstring.
 
     Args:
         student_emb, teacher_emb: (B, E) un-normalised image embeddings.
         student_tok, teacher_tok: (B, T, D) per-token outputs.
         caption_metric: M (E, E) = mean of t tᵀ over normalised caption embeddings (:func:`caption_metric`); None
             gives a score term of 0.
+        own_text: (B, E) text embeddings of each image's own caption (normalised here); None gives an own-caption
+            score term of 0.
     """
     delta = F.normalize(student_emb, dim=-1) - F.normalize(teacher_emb, dim=-1)  # (B, E)
     embed = delta.pow(2).sum(-1).mean()
@@ -167,7 +187,15 @@ def stitchvm_distill_loss(student_emb: Tensor, student_tok: Tensor, teacher_emb:
         score = embed.new_zeros(())
     else:
         score = delta.shape[-1] * torch.einsum("be,ef,bf->b", delta, caption_metric.to(delta), delta).mean()
-    return DistillLoss(embed + lambda_tok * token + lambda_score * score, embed, token, score)
+    if own_text is None:
+        own = embed.new_zeros(())
+    else:
+        if own_text.shape != delta.shape:
+            raise ValueError(f"own_text {tuple(own_text.shape)} must give one caption embedding per image "
+                             f"{tuple(delta.shape)}")
+        own = delta.shape[-1] * (delta * F.normalize(own_text.to(delta), dim=-1)).sum(-1).pow(2).mean()
+    return DistillLoss(embed + lambda_tok * token + lambda_score * score + lambda_own_score * own, embed, token, score,
+                       own)
 
 
 def caption_metric(text_embeds: Tensor) -> Tensor:
@@ -295,7 +323,8 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
             cfg: DistillConfig, callback: Callable[[int, dict], None] | None = None,
             ckpt_meta: dict | None = None,
             save_fn: Callable[[str, StitchVM, dict | None], None] = save_stitchvm,
-            caption_metric: Tensor | None = None) -> dict[str, list[float]]:
+            caption_metric: Tensor | None = None,
+            text_embed_fn: Callable[[list[str]], Tensor] | None = None) -> dict[str, list[float]]:
     """Train the stitch and the tail of `model` to match `teacher_reward` on forward-noised latents.
 
     Args:
@@ -311,14 +340,20 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
             critics.vae_stitch) passes its own saver.
         caption_metric: M (E, E) of the caption-score term (:func:`caption_metric`); required when
             cfg.lambda_score > 0.
+        text_embed_fn: captions → (B, E) text embeddings (the reward's ``text_embed``) for the own-caption score
+            term; required when cfg.lambda_own_score > 0, with captioned data.
     Returns:
         {"distill/loss": [...], "distill/embed_loss": [...], "distill/token_loss": [...], "distill/score_loss",
+         "distill/own_score_loss",
          "distill/lr": [...], "distill/grad_norm": [...], "distill/sigma_mean": [...]}, one entry per step.
     """
     # ---- setup ----------------------------------------------------------------------------------------------
     if cfg.lambda_score > 0 and caption_metric is None:
         raise ValueError("lambda_score > 0 needs the caption metric M: pass caption_metric (critics.build makes it "
                          "from score_captions)")
+    if cfg.lambda_own_score > 0 and text_embed_fn is None:
+        raise ValueError("lambda_own_score > 0 scores each image against its own caption: pass text_embed_fn (the "
+                         "reward's text_embed; critics.build does)")
     device = model.head.device
     metric = caption_metric.to(device) if caption_metric is not None and cfg.lambda_score > 0 else None
     teacher_reward.requires_grad_(False)
@@ -338,6 +373,7 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
         "distill/loss", "distill/embed_loss", "distill/token_loss", "distill/lr", "distill/grad_norm",
         "distill/sigma_mean")}
     stats["distill/score_loss"] = []
+    stats["distill/own_score_loss"] = []
     model.train()
     step = 0
     prompted = getattr(model, "head_text", None) is not None
@@ -347,6 +383,15 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
         for images, captions, given, own in rebatch(data_iter, cfg.batch_size):
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 break
+            own_text = None
+            if cfg.lambda_own_score > 0:  # the own captions' embeddings, before the head's caption dropout
+                if captions is None:
+                    raise ValueError("lambda_own_score > 0 needs each training image's caption: the data must yield "
+                                     "(images, captions) (policy samples carry their prompts)")
+                with torch.no_grad():
+                    own_text = text_embed_fn(list(captions)).to(device)
+                if own_text.shape[0] != len(captions):
+                    raise ValueError(f"text_embed_fn gave {own_text.shape[0]} embeddings for {len(captions)} captions")
             if prompted:  # the head sees each image's caption, a share of them dropped to ""
                 if captions is None:
                     raise ValueError("a prompt-conditioned head needs each training image's caption: the data must "
@@ -386,7 +431,9 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
                 # 3. loss (App. D.1)
                 if cfg.loss == "embed_token":
                     out = stitchvm_distill_loss(s_out.embed, s_out.tokens, t_out.embed, t_out.tokens, cfg.lambda_tok,
-                                                metric, cfg.lambda_score)
+                                                metric, cfg.lambda_score,
+                                                own_text[s:s + micro] if own_text is not None else None,
+                                                cfg.lambda_own_score)
                 else:
                     with torch.no_grad():
                         t_score = teacher_reward.score_from_image_embed(t_out.embed)

@@ -375,6 +375,34 @@ def test_build_with_policy_samples_and_the_caption_score_term(world, tmp_path, m
     assert stream.bank_latents is None  # student_latents: encoded (the default)
 
 
+def test_build_with_the_own_caption_score_term(world, tmp_path, monkeypatch):
+    """A null-text head with distill.lambda_own_score: the renders and the policy samples reach stage 2 with their
+    captions / prompts, and the term is trained and recorded."""
+    from critics import build as build_module
+
+    batches, real = [], build_module.distill
+
+    def spy(model, reward, encode_fn, data_iter, cfg, **kw):
+        batches.append(next(iter(data_iter)))
+        assert kw["text_embed_fn"] == reward.text_embed
+        return real(model, reward, encode_fn, data_iter, cfg, **kw)
+
+    monkeypatch.setattr(build_module, "distill", spy)
+    out = tmp_path / "c"
+    prompts = "{_component_: shapes.data.prompts, split: train, n: 4, seed: 5}"
+    result = build(load_config(SHAPES_YAML, tiny_overrides(
+        world, out, "policy_samples.n=4", "policy_samples.batch_size=2", "policy_samples.num_steps=2",
+        f"policy_samples.prompts={prompts}", "distill.lambda_own_score=1.5", "distill.max_steps=2")))
+    images, texts = batches[0]
+    from shapes.data import prompts as make_prompts
+    assert len(texts) == images.shape[0] == 16 and all(texts)
+    assert set(make_prompts("train", 4, 5)) & set(texts)  # the policy samples carry their prompts
+    own = result.stats["distill/own_score_loss"]
+    assert len(own) == 2 and all(v > 0 for v in own)
+    record = json.loads((out / "build.json").read_text())
+    assert record["config"]["distill"]["lambda_own_score"] == 1.5 and record["final"]["distill/own_score_loss"] > 0
+
+
 def test_build_with_the_policy_samples_own_latents(world, tmp_path, monkeypatch):
     from critics import build as build_module
 
@@ -398,6 +426,8 @@ def test_build_with_the_policy_samples_own_latents(world, tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("extra,message", [
     (["distill.lambda_score=1"], r"config error: score_captions: distill.lambda_score > 0 weights"),
+    (["distill.lambda_own_score=1", "score=image"],
+     r"config error: distill.lambda_own_score: the own-caption score term is for prompt-dependent rewards"),
     (["policy_samples.n=4"], r"config error: policy_samples.prompts: policy_samples.n > 0 needs the prompts"),
     (["policy_samples.fraction=1.0"], r"config error: policy_samples.fraction: must be in \(0, 1\)"),
     (["policy_samples.etas=[-0.1]"], r"config error: policy_samples.etas: must be a non-empty list of noise levels"),

@@ -221,6 +221,67 @@ def test_caption_score_term_is_the_mean_squared_score_error_over_the_captions():
     assert stitchvm_distill_loss(s_emb, tok, t_emb, tok).score_loss.item() == 0.0  # off without a metric
 
 
+def test_own_caption_score_term_is_the_squared_error_of_each_images_own_score():
+    """E (Δ·t_b)² with t_b image b's own caption: E · mean_b (ẽ_S·t_b − ẽ_T·t_b)²; an error orthogonal to the caption
+    costs nothing; per-image captions all equal to one t give the caption-score term of M = t tᵀ."""
+    g = torch.Generator().manual_seed(1)
+    s_emb, t_emb, texts = torch.randn(5, 6, generator=g), torch.randn(5, 6, generator=g), torch.randn(5, 6, generator=g)
+    tok = torch.zeros(5, 2, 3)
+    out = stitchvm_distill_loss(s_emb, tok, t_emb, tok, own_text=3 * texts, lambda_own_score=0.5)
+    t = F.normalize(texts, dim=-1)
+    err = ((F.normalize(s_emb, dim=-1) - F.normalize(t_emb, dim=-1)) * t).sum(-1)
+    assert out.own_score_loss.item() == pytest.approx(6 * err.pow(2).mean().item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx(out.embed_loss.item() + 0.5 * out.own_score_loss.item(), rel=1e-6)
+    one = texts[:1].expand(5, 6)
+    M = caption_metric(texts[:1])
+    assert stitchvm_distill_loss(s_emb, tok, t_emb, tok, own_text=one).own_score_loss.item() == pytest.approx(
+        stitchvm_distill_loss(s_emb, tok, t_emb, tok, caption_metric=M).score_loss.item(), rel=1e-5)
+    # the student's unit embedding turned about the caption axis: same score, no own-score error
+    e1, e2, e3 = torch.eye(3)
+    student, teacher = (0.6 * e1 + 0.8 * e2)[None], (0.6 * e1 + 0.8 * e3)[None]
+    zero = stitchvm_distill_loss(student, tok[:1], teacher, tok[:1], own_text=e1[None], lambda_own_score=1.0)
+    assert zero.own_score_loss.item() == pytest.approx(0.0, abs=1e-7) and zero.embed_loss.item() > 1
+    assert stitchvm_distill_loss(s_emb, tok, t_emb, tok).own_score_loss.item() == 0.0  # off without captions
+    with pytest.raises(ValueError, match="one caption embedding per image"):
+        stitchvm_distill_loss(s_emb, tok, t_emb, tok, own_text=texts[:3])
+
+
+def own_text_fn(width: int, calls: list | None = None):
+    """A stand-in for the reward's text_embed: a fixed random embedding per caption (by its text)."""
+    def embed(captions: list[str]) -> torch.Tensor:
+        if calls is not None:
+            calls.append(list(captions))
+        return torch.stack([torch.randn(width, generator=torch.Generator().manual_seed(sum(map(ord, c))))
+                            for c in captions])
+    return embed
+
+
+def test_own_caption_score_term_trains_on_the_real_captions():
+    model, _, reward, _, _ = tiny_stitchvm(j=1)
+    width = reward.image_embed(torch.rand(1, 3, 32, 32)).shape[-1]
+    data = [(x, [f"caption {k} {i}" for i in range(x.shape[0])]) for k, x in enumerate(image_batches(16, 4))]
+    calls = []
+    cfg = DistillConfig(lambda_own_score=2.0, max_steps=3, batch_size=4, warmup_steps=0, progress=False)
+    stats = distill(model, reward, TinyEncoder(), data, cfg, text_embed_fn=own_text_fn(width, calls))
+    assert calls == [data[k][1] for k in range(3)]  # every step scores its images against their own captions
+    assert len(stats["distill/own_score_loss"]) == 3 and all(v > 0 for v in stats["distill/own_score_loss"])
+    parts = [stats[f"distill/{k}"][0] for k in ("embed_loss", "token_loss", "own_score_loss")]
+    assert stats["distill/loss"][0] == pytest.approx(parts[0] + parts[1] + 2.0 * parts[2], rel=1e-5)
+
+
+def test_own_caption_score_term_needs_captions_and_the_text_side():
+    with pytest.raises(ValueError, match="lambda_own_score must be >= 0"):
+        DistillConfig(lambda_own_score=-1)
+    with pytest.raises(ValueError, match="lambda_own_score is a term of the 'embed_token' loss"):
+        DistillConfig(lambda_own_score=1, loss="smooth_l1")
+    model, _, reward, _, _ = tiny_stitchvm(j=1)
+    cfg = DistillConfig(lambda_own_score=1.0, max_steps=1, batch_size=4, progress=False)
+    with pytest.raises(ValueError, match="pass text_embed_fn"):
+        distill(model, reward, TinyEncoder(), image_batches(), cfg)
+    with pytest.raises(ValueError, match="needs each training image's caption"):
+        distill(model, reward, TinyEncoder(), image_batches(), cfg, text_embed_fn=own_text_fn(8))
+
+
 def test_caption_score_term_needs_its_metric_and_the_embed_token_loss():
     with pytest.raises(ValueError, match="lambda_score must be >= 0"):
         DistillConfig(lambda_score=-1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -152,6 +153,16 @@ def test_stage2_feeds_the_captions_with_dropout():
     assert set(seen) - {""} <= set(captions)
     with pytest.raises(ValueError, match="needs each training image's caption"):
         distill(model, reward, encode, [images], cfg)
+    # the own-caption score term scores against the real captions, the ones the head's dropout blanked included
+    scored: list[str] = []
+
+    def text_embed(prompts):
+        scored.extend(prompts)
+        return reward.text_embed(prompts)
+
+    distill(model, reward, encode, [(images, captions)], replace(cfg, epochs=1, lambda_own_score=1.0),
+            text_embed_fn=text_embed)
+    assert scored == captions
 
 
 def test_mixed_stream_gives_policy_samples_their_prompts():
