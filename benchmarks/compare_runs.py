@@ -40,15 +40,19 @@ def read_rows(run: Path) -> list[dict]:
 
 
 def curve(run: Path, metric: str, clock: Path | None = None) -> list[tuple[float, float]]:
-    points = [(r["wall_time"], r[metric]) for r in run_rows(run, metric, clock) if metric in r]
-    if not points:
-        raise SystemExit(f"{run}: no '{metric}' in it")
-    return points
+    return points_of(run_rows(run, metric, clock), metric, run)
 
 
 def run_rows(run: Path, metric: str, clock: Path | None = None) -> list[dict]:
     rows = read_rows(run)
     return rows if clock is None else on_clock(rows, read_rows(clock), metric, clock)
+
+
+def points_of(rows: list[dict], metric: str, run: Path) -> list[tuple[float, float]]:
+    points = [(r["wall_time"], r[metric]) for r in rows if metric in r]
+    if not points:
+        raise SystemExit(f"{run}: no '{metric}' in it")
+    return points
 
 
 def kept_curve(rows: list[dict], metric: str) -> list[tuple[float, float]]:
@@ -121,22 +125,26 @@ def main() -> None:
             raise SystemExit(f"--clock {item!r}: expected RUN=REF with RUN one of the runs given")
         clocks[Path(run)] = Path(ref)
     rows = {r: run_rows(r, args.metric, clocks.get(r)) for r in args.runs}
-    curves = {r: curve(r, args.metric, clocks.get(r)) for r in args.runs}
+    curves = {r: points_of(rows[r], args.metric, r) for r in args.runs}
     print(f"| run | {args.metric} start | end | gain | wall s | best | plateau ({args.plateau}) "
-          "| s to reach own final - tol | s to reach others' final - tol | s until the kept adapter scores own, others' final |")
+          "| s to reach own final - tol | s to reach others' final - tol "
+          "| s until the kept adapter scores own, others' final |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    def times(points, targets):
-        return ", ".join("never" if x is None else f"{x:.0f}" for x in (time_to_reach(points, t) for t in targets)) or "-"
+
+    def times(points: list[tuple[float, float]], targets: list[float]) -> str:
+        reached = (time_to_reach(points, t) for t in targets)
+        return ", ".join("never" if x is None else f"{x:.0f}" for x in reached) or "-"
 
     for run, pts in curves.items():
         others = [c[-1][1] for r, c in curves.items() if r != run]
         kept = kept_curve(rows[run], args.metric)
-        reach_s, kept_s = times(pts, [o - args.tol for o in others]), times(kept, [kept[-1][1]] + others) if kept else "-"
+        reach_s = times(pts, [o - args.tol for o in others])
+        kept_s = times(kept, [kept[-1][1]] + others) if kept else "-"
         own = time_to_reach(pts, pts[-1][1] - args.tol)
         name = f"{run.name} (on {clocks[run].name}'s clock)" if run in clocks else run.name
         print(f"| {name} | {pts[0][1]:.3f} | {pts[-1][1]:.3f} | {pts[-1][1] - pts[0][1]:+.3f} | "
-              f"{pts[-1][0]:.0f} | {max(v for _, v in pts):.3f} | {plateau(pts, args.plateau):.3f} | {own:.0f} | {reach_s} | {kept_s} |")
-
+              f"{pts[-1][0]:.0f} | {max(v for _, v in pts):.3f} | {plateau(pts, args.plateau):.3f} | {own:.0f} | "
+              f"{reach_s} | {kept_s} |")
 
 if __name__ == "__main__":
     main()
