@@ -30,6 +30,14 @@ def _sigma_batch(sigma: Tensor | float, z: Tensor) -> Tensor:
     return sigma
 
 
+def denoise(policy: FlowPolicy, z_t: Tensor, sigma: Tensor | float, prompts: list[str],
+            guidance_scale: float = 1.0) -> Tensor:
+    """Tweedie's one-step estimate z_hat_0 = z_t - sigma * v_theta(z_t, sigma | prompts) (CFG at guidance_scale)."""
+    sigma = _sigma_batch(sigma, z_t)
+    v = policy.velocity(z_t, sigma, policy.encode_prompts(prompts), guidance_scale)
+    return z_t - sigma.view(-1, 1, 1, 1).to(v.dtype) * v
+
+
 class _DecodeScoreCritic(nn.Module):
     """Shared parts: the policy (for its VAE / velocity) and a pixel reward."""
 
@@ -80,9 +88,7 @@ class TweedieCritic(_DecodeScoreCritic):
         self.guidance_scale = guidance_scale
 
     def denoise(self, z_t: Tensor, sigma: Tensor | float, prompts: list[str]) -> Tensor:
-        sigma = _sigma_batch(sigma, z_t)
-        v = self.policy.velocity(z_t, sigma, self.policy.encode_prompts(prompts), self.guidance_scale)
-        return z_t - sigma.view(-1, 1, 1, 1).to(v.dtype) * v
+        return denoise(self.policy, z_t, sigma, prompts, self.guidance_scale)
 
     def value(self, z_t: Tensor, sigma: Tensor | float, prompts: list[str]) -> Tensor:
         return self.score_latents(self.denoise(z_t, sigma, prompts), prompts)

@@ -120,6 +120,22 @@ def stitchvm_experts(policy: nn.Module, reward: nn.Module, paths: list[str], upp
     return SigmaRoutedCritic([stitchvm(policy, reward, p, tower, head_text=text) for p in paths], upper)
 
 
+def stitchvm_experts_denoised(policy: nn.Module, reward: nn.Module, paths: list[str], upper: list[float],
+                              denoised: list[bool], sigma_in: float = 0.1, guidance_scale: float = 1.0,
+                              tower: nn.Module | None = None) -> nn.Module:
+    """:func:`stitchvm_experts` where the experts flagged in ``denoised`` value the policy's denoised estimate x̂0
+    re-noised to ``sigma_in`` instead of z_t (critics/denoised.py; docs/critic.md, session 19)."""
+    from critics.denoised import DenoisedCritic
+    from critics.routed import SigmaRoutedCritic
+
+    if len(denoised) != len(paths):
+        raise ValueError(f"denoised needs one flag per expert path: got {len(denoised)} flags for {len(paths)} paths")
+    text = HeadText(policy.encode_prompts)
+    experts = [stitchvm(policy, reward, p, tower, head_text=text) for p in paths]
+    return SigmaRoutedCritic([DenoisedCritic(policy, e, sigma_in, guidance_scale) if d else e
+                              for e, d in zip(experts, denoised)], upper)
+
+
 def check_value_target(path: Path, reward: nn.Module, tower: nn.Module | None) -> None:
     """A critic predicts one reward: its tower's (stages 2-3), or the ``value_target`` stage 3 regressed it onto.
     Refuse a run whose reward is another one — a critic of the CLIP score silently steering a run that optimises a

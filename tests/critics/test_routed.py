@@ -99,9 +99,10 @@ def test_shipped_experts_config_equals_its_stitchvms_on_their_rows():
         torch.testing.assert_close(v[[1, 3]], high.value(z[[1, 3]], sigma[[1, 3]], [prompts[1], prompts[3]]))
 
 
-def test_grpo_with_dense_values_from_the_experts(tmp_path):
+@pytest.mark.parametrize("critic", ["stitchvm_experts", "stitchvm_experts_denoised"])
+def test_grpo_with_dense_values_from_the_experts(tmp_path, critic):
     out = tmp_path / "run"
-    rc = train.main(["--algo", "grpo", "--critic", "stitchvm_experts", "algo.advantages=dense", "algo.num_steps=4",
+    rc = train.main(["--algo", "grpo", "--critic", critic, "algo.advantages=dense", "algo.num_steps=4",
                      "algo.prompts_per_epoch=2", "algo.group_size=2", "algo.rollout_batch_size=4",
                      "algo.train_batch_size=4", "algo.value_batch_size=8", "run.max_epochs=1", "prompts.eval.n=4",
                      "eval.batch_size=4", "eval.num_steps=2", "run.log_backends=[]", f"run.output_dir={out}"])
