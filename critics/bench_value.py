@@ -303,6 +303,16 @@ def plot(result: dict, path: str | Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------------------------
+def denoised_node() -> dict:
+    """The arguments of configs/critic/stitchvm_experts_denoised.yaml (without its _component_)."""
+    from rl.config import load_yaml
+    from rl.train import CONFIG_ROOT
+
+    node = dict(load_yaml(CONFIG_ROOT / "critic" / "stitchvm_experts_denoised.yaml"))
+    node.pop("_component_")
+    return node
+
+
 def load_critics(names: Sequence[str], policy, reward, guidance: float, stitchvm_path: str,
                  vae_stitch_path: str, variants: dict[str, str] | None = None) -> dict:
     """The named critics, plus ``variants`` {name: StitchVM directory}, in eval mode on the policy's device."""
@@ -314,7 +324,11 @@ def load_critics(names: Sequence[str], policy, reward, guidance: float, stitchvm
                 "tweedie": lambda: TweedieCritic(policy, reward, guidance_scale=guidance),
                 # diagnostic: Tweedie with the unconditional (null-text) denoiser, the conditioning the StitchVM
                 # head sees; the gap to "tweedie" is what the prompt adds to a denoised estimate
-                "tweedie_null": lambda: TweedieCritic(policy, reward, guidance_scale=0.0)}
+                "tweedie_null": lambda: TweedieCritic(policy, reward, guidance_scale=0.0),
+                # the experts with the low one on the policy's denoised estimate (critics/denoised.py), whose
+                # denoiser runs at the benchmark's guidance, as Tweedie's does
+                "stitchvm_experts_denoised": lambda: load.stitchvm_experts_denoised(
+                    policy, reward, **{**denoised_node(), "guidance_scale": guidance})}
     unknown = sorted(set(names) - set(builders))
     if unknown:
         raise ValueError(f"unknown critics {unknown}; choose from {sorted(builders)}")

@@ -104,3 +104,22 @@ def test_shipped_config_denoises_for_the_low_expert_only(policy):
     with pytest.raises(ValueError, match="one flag per expert path"):
         load.stitchvm_experts_denoised(policy, reward, node["paths"], node["upper"], [True])
 
+
+
+def test_the_value_benchmark_runs_it_at_its_own_guidance(monkeypatch):
+    from critics import bench_value as bv
+    from critics import load
+
+    seen = {}
+    real = load.stitchvm_experts_denoised
+
+    def spy(policy, reward, **kw):
+        seen.update(kw)
+        return real(policy, reward, **kw)
+
+    monkeypatch.setattr(load, "stitchvm_experts_denoised", spy)
+    result = bv.main(["--quick", "--critics", "stitchvm_experts_denoised", "--retrieval-images", "0", "--out", ""])
+    rows = result["value"]["rows"]
+    assert all(-1 <= row["stitchvm_experts_denoised/rho"] <= 1 for row in rows.values())
+    assert seen["guidance_scale"] == result["guidance_scale"] and seen["sigma_in"] == 0.15 and seen["denoised"] == [
+        True, False]
