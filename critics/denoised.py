@@ -8,9 +8,9 @@ Why (docs/critic.md, session 19). The low-σ expert ranks near-clean latents wel
 but loses at σ 0.5 (.78-.80, Tweedie .84-.88): inside its frozen head it must do the denoising the whole DiT does
 for Tweedie. Given x̂0 re-noised to σ_in 0.15 it ranks the σ-0.5 latents at .847 / .889 and the σ-0.25 ones at
 .931 / .936 (validation / test prompts, CPU), with no VAE decode and no pixel reward: one policy velocity (two DiT
-passes with CFG) and one critic pass, ~0.4x Tweedie's cost on CPU. In a trainer that samples, v_θ(z_t) is the step's own velocity. Above σ ~0.5, x̂0 is a blur
-the expert was never trained on (.50 at σ 0.75 against the uniform expert's .61): route those σ to a critic on z_t
-(``critics.load.stitchvm_experts_denoised``).
+passes with CFG) and one critic pass, ~0.4x Tweedie's cost on CPU. In a trainer that samples, v_θ(z_t) is the
+step's own velocity. Above σ ~0.5, x̂0 is a blur the expert was never trained on (.50 at σ 0.75 against the uniform
+expert's .61): route those σ to a critic on z_t (``critics.load.stitchvm_experts_denoised``).
 
 ε is drawn once per latent shape from ``seed``, so V is a deterministic function of z_t (steering differentiates
 it; the trainers' advantages compare values of one call). Latents already at σ ≤ σ_in are valued as they are.
