@@ -25,6 +25,7 @@ import argparse
 import torch
 from torch.nn import functional as F
 
+from critics.baselines import MonteCarloCritic
 from critics.bench_value import MC_ETA, spearman, trajectory_latents
 from policies import samplers
 from shapes import models
@@ -35,8 +36,7 @@ from shapes.data import prompts as shapes_prompts
 def rollout_embeds(policy, reward, z_t: torch.Tensor, sigma: float, prompts: list[str], k: int, num_steps: int,
                    guidance: float, seed: int, batch: int = 32) -> torch.Tensor:
     """(N, k, E) normalised teacher image embeddings of k SDE rollouts from each z_t to σ 0."""
-    full = policy.sigmas(num_steps, policy.device)
-    schedule = torch.cat([torch.tensor([sigma], device=full.device, dtype=full.dtype), full[full < sigma]])
+    schedule = MonteCarloCritic(policy, reward, num_steps=num_steps).schedule_from(sigma, policy.device)
     gen = torch.Generator(policy.device).manual_seed(seed)
     out = []
     for s in range(0, z_t.shape[0], batch):

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-prompts", type=int, default=128)
     ap.add_argument("--rollouts", type=int, default=8)
     ap.add_argument("--sigmas", type=float, nargs="+", default=[0.25, 0.5, 0.75])
-    ap.add_argument("--sigma-in", type=float, nargs="+", default=[0.05, 0.1])
+    ap.add_argument("--sigma-in", type=float, nargs="+", default=[0.1, 0.15, 0.2])
     ap.add_argument("--prompt-seed", type=int, default=1, help="1: critics.bench_value's validation prompts")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\ncost ms per value (CPU): " + ", ".join(f"{k} {v:.2f}" for k, v in result["cost_ms_per_value"].items()))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), **result}, f, indent=1)
+            json.dump({"args": {k: v for k, v in vars(args).items() if k != "json"}, **result}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {name} | " + " | ".join(f"{row[k][0]:.4f} ({row[k][1]:.3f})" for k in keys) + " |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=1)
+            json.dump({"args": {k: v for k, v in vars(args).items() if k != "json"}, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":
