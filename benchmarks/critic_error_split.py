@@ -53,6 +53,22 @@ def split(critic, teacher, images, latents, prompts, sigma, gen):
     return {k: torch.cat(v) for k, v in out.items()}
 
 
+@torch.no_grad()
+def image_sets(policy, n: int, renders: bool = True) -> dict[str, tuple[torch.Tensor, list[str]]]:
+    """name → (images, captions): n renders of the build's data (train split), and n of the policy's samples (CFG 4.5,
+    20 steps) on train- and test-split prompts. Seeded, so every script that calls it scores the same images."""
+    sets = {}
+    if renders:
+        items = first_items(instantiate(load_config(BUILD_YAML, []).data, _path="data"), n)
+        sets["renders (train split)"] = (collate_images(items), [caption_of(it) for it in items])
+    gen = torch.Generator().manual_seed(0)
+    for split_name, seed in (("train", 5), ("test", 1)):
+        prompts = shapes_prompts(split_name, n, seed)
+        traj = policy.sample(prompts, num_steps=20, guidance_scale=4.5, generator=gen, keep_latents=False)
+        sets[f"policy samples, {split_name} prompts"] = (policy.decode(traj.z_tau).clamp(0, 1), prompts)
+    return sets
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=256, help="images per set")
@@ -66,14 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     if critic.j != 1:
         raise SystemExit(f"error: {args.critic} stitches at j = {critic.j}; this split needs a j = 1 critic")
     teacher = make_tail(reward.vision, reward_preprocess(reward))
-    cfg = load_config(BUILD_YAML, [])
-    items = first_items(instantiate(cfg.data, _path="data"), args.n)
-    sets = {"renders (train split)": (collate_images(items), [caption_of(it) for it in items])}
-    gen = torch.Generator().manual_seed(0)
-    for split_name, seed in (("train", 5), ("test", 1)):
-        prompts = shapes_prompts(split_name, args.n, seed)
-        traj = policy.sample(prompts, num_steps=20, guidance_scale=4.5, generator=gen, keep_latents=False)
-        sets[f"policy samples, {split_name} prompts"] = (policy.decode(traj.z_tau).clamp(0, 1), prompts)
+    sets = image_sets(policy, args.n)
     print(f"σ {args.sigma:g}, {args.critic}, {args.n} images per set; std of the score difference (ρ vs the teacher)\n")
     print("| set | teacher score std | student | student tail on the true stem tokens | "
           "teacher tail on the stitch's tokens |")
