@@ -77,8 +77,12 @@ def main(argv: list[str] | None = None) -> None:
     bank_prompts = shapes_prompts("train", 4 * args.bank, 5)
     t0 = time.perf_counter()
     bank, _ = generate_samples(policy, bank_prompts, ps_cfg)
-    stream = MixedStream(ImageStream(dataset, 64, 0, 0, captions=True), bank, ps_cfg.fraction, ps_cfg.seed,
-                         sample_prompts(bank_prompts, args.bank))
+    bank_captions = sample_prompts(bank_prompts, args.bank)
+
+    def stream():  # a fresh stream per arm: the streams reseed each pass (seed + passes), so a shared one would
+        # give every arm after the first other batches
+        return MixedStream(ImageStream(dataset, 64, 0, 0, captions=True), bank, ps_cfg.fraction, ps_cfg.seed,
+                           bank_captions)
     print(f"bank: {args.bank} policy samples in {time.perf_counter() - t0:.0f} s", flush=True)
 
     # held-out evaluation sets: the policy's samples (CFG 4.5, 20 steps) on test and train prompts, not in the bank
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
                                  caption_dropout=d["caption_dropout"], seed=3, progress=False,
                                  log_every=max(1, args.steps // 3))
             t0 = time.perf_counter()
-            stats = distill(critic, reward, policy.encode, stream, dcfg, text_embed_fn=reward.text_embed)
+            stats = distill(critic, reward, policy.encode, stream(), dcfg, text_embed_fn=reward.text_embed)
             critic.eval()
             last = {k: sum(v[-10:]) / len(v[-10:]) for k, v in stats.items() if v}
             print(f"λ_own {lam:g}: {args.steps} steps in {time.perf_counter() - t0:.0f} s; last 10: embed "
