@@ -10,9 +10,12 @@ at the critic's own noise law, and reports on held-out images, per σ:
     std of (student − teacher) score and Spearman ρ(student, teacher), on policy samples of test / train prompts
 
 where the teacher scores the clean image against its caption. Every arm starts from the same weights, sees the same
-batches, σ and ε, and is evaluated on the same images and noise.
+batches, σ and ε, and is evaluated on the same images and noise. --jitter adds arms at λ 0 whose batches have half
+their images hue-rotated (ColorJitterStream; session 20: does seeing the teacher's verdict on off-palette shades help
+on the held-out colour-shape pairs?).
 
     python benchmarks/critic_own_score_cpu.py --steps 150 --lambda-own 0 1 4     # CPU: ~30 minutes
+    python benchmarks/critic_own_score_cpu.py --steps 150 --lambda-own 0 --jitter 30 90 --sigmas 0.1 0.25
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import time
 
 import torch
 from scipy.stats import spearmanr
+from torch import Tensor
 
 from critics import load
 from critics.build import ImageStream, MixedStream, PolicySampleConfig, generate_samples, load_config, sample_prompts
@@ -35,6 +40,32 @@ from shapes import models
 from shapes.data import prompts as shapes_prompts
 
 BUILD_YAML = "configs/critic/build_shapes.yaml"
+
+
+def hue_rotation(theta: Tensor) -> Tensor:
+    """(B, 3, 3) RGB rotations by the angles theta (B,) about the grey axis (1, 1, 1): a hue shift that keeps grey."""
+    c, s, k = theta.cos(), theta.sin(), 3 ** -0.5
+    a, b, d = c + (1 - c) / 3, (1 - c) / 3 - k * s, (1 - c) / 3 + k * s
+    return torch.stack([torch.stack([a, b, d], -1), torch.stack([d, a, b], -1), torch.stack([b, d, a], -1)], -2)
+
+
+class ColorJitterStream:
+    """A (images, captions) stream with a ``fraction`` of each batch's images hue-rotated by U(−deg, deg) degrees and
+    scaled in brightness by U(0.85, 1.15), keeping their captions: the teacher then scores off-palette shades of
+    every caption, as the policy draws the held-out colour-shape pairs (docs/critic.md, session 7's diagnosis)."""
+
+    def __init__(self, stream, deg: float, fraction: float = 0.5, seed: int = 0):
+        self.stream, self.deg, self.fraction, self.seed = stream, deg, fraction, seed
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed)
+        for images, captions in self.stream:
+            n = images.shape[0]
+            pick = torch.rand(n, generator=gen) < self.fraction
+            theta = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(self.deg)
+            gain = 0.85 + 0.3 * torch.rand(n, generator=gen)
+            moved = torch.einsum("bij,bjhw->bihw", hue_rotation(theta), images) * gain[:, None, None, None]
+            yield torch.where(pick[:, None, None, None], moved.clamp(0, 1), images), captions
 
 
 @torch.no_grad()
@@ -58,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=6e-5, help="constant after 10 warm-up steps (the build's peak: 3e-4)")
     p.add_argument("--lambda-own", type=float, nargs="+", default=[0.0, 1.0, 4.0])
+    p.add_argument("--jitter", type=float, nargs="*", default=[],
+                   help="more arms at λ 0: half of every batch hue-rotated by up to this many degrees (session 20)")
     p.add_argument("--bank", type=int, default=2048, help="policy samples in the continuation's data mix")
     p.add_argument("--n-eval", type=int, default=512, help="held-out images per evaluation set")
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.1, 0.25, 0.5])
@@ -96,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
 
     d = record["distill"]
     results = {}
-    for lam in [None, *args.lambda_own]:
+    arms = [(None, 0.0)] + [(lam, 0.0) for lam in args.lambda_own] + [(0.0, deg) for deg in args.jitter]
+    for lam, deg in arms:
         critic = copy.deepcopy(base)
         if lam is not None:
             dcfg = DistillConfig(lr=args.lr, stitch_lr_mult=d["stitch_lr_mult"], warmup_steps=10,
@@ -106,13 +140,13 @@ def main(argv: list[str] | None = None) -> None:
                                  caption_dropout=d["caption_dropout"], seed=3, progress=False,
                                  log_every=max(1, args.steps // 3))
             t0 = time.perf_counter()
-            stats = distill(critic, reward, policy.encode, stream(), dcfg, text_embed_fn=reward.text_embed)
+            stats = distill(critic, reward, policy.encode, ColorJitterStream(stream(), deg) if deg else stream(), dcfg, text_embed_fn=reward.text_embed)
             critic.eval()
             last = {k: sum(v[-10:]) / len(v[-10:]) for k, v in stats.items() if v}
-            print(f"λ_own {lam:g}: {args.steps} steps in {time.perf_counter() - t0:.0f} s; last 10: embed "
+            print(f"λ_own {lam:g}{f', jitter {deg:g}°' if deg else ''}: {args.steps} steps in {time.perf_counter() - t0:.0f} s; last 10: embed "
                   f"{last['distill/embed_loss']:.4f}, token {last['distill/token_loss']:.4f}, own score "
                   f"{last['distill/own_score_loss']:.4f}", flush=True)
-        name = "shipped" if lam is None else f"+{args.steps} steps, λ_own {lam:g}"
+        name = "shipped" if lam is None else f"+{args.steps} steps, λ_own {lam:g}" + (f", jitter {deg:g}°" if deg else "")
         results[name] = {f"{s} σ{sigma:g}": fidelity(critic, teacher, *sets[s], sigma)
                          for s in sets for sigma in args.sigmas}
     keys = list(next(iter(results.values())))
