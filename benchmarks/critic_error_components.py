@@ -20,12 +20,8 @@ import torch
 from scipy.stats import spearmanr
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]  # run from anywhere
-from critic_error_split import split  # noqa: E402
+from critic_error_split import load_models, split  # noqa: E402
 
-from critics import load  # noqa: E402
-from critics.load import reward_preprocess  # noqa: E402
-from critics.tails import make_tail  # noqa: E402
-from shapes import models  # noqa: E402
 from shapes.data import prompts as shapes_prompts  # noqa: E402
 
 
@@ -44,13 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.k < 2:
         raise SystemExit(f"error: --k must be at least 2 to split within from between prompts; got {args.k}")
-    torch.manual_seed(0)
-    policy = models.load_shapes_policy().eval().requires_grad_(False)
-    reward = models.load_shapes_reward()
-    critic = load.stitchvm(policy, reward, args.critic).eval()
-    if critic.j != 1:
-        raise SystemExit(f"error: {args.critic} stitches at j = {critic.j}; critic_error_split.split needs j = 1")
-    teacher = make_tail(reward.vision, reward_preprocess(reward))
+    policy, critic, teacher = load_models(args.critic)
     P, K = args.prompts, args.k
     print(f"{args.critic}, {P} prompts x {K} policy samples\n")
     print("| prompts | σ | error var: between / within (between share) | teacher var: between / within | pooled ρ | "

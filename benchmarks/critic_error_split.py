@@ -53,6 +53,17 @@ def split(critic, teacher, images, latents, prompts, sigma, gen):
     return {k: torch.cat(v) for k, v in out.items()}
 
 
+def load_models(critic_path: str):
+    """(policy, critic, teacher tail) for split(): the shipped Shapes policy and reward, a j = 1 critic (else exit)."""
+    torch.manual_seed(0)
+    policy = models.load_shapes_policy().eval().requires_grad_(False)
+    reward = models.load_shapes_reward()
+    critic = load.stitchvm(policy, reward, critic_path).eval()
+    if critic.j != 1:
+        raise SystemExit(f"error: {critic_path} stitches at j = {critic.j}; split() needs a j = 1 critic")
+    return policy, critic, make_tail(reward.vision, reward_preprocess(reward))
+
+
 @torch.no_grad()
 def image_sets(policy, n: int, renders: bool = True) -> dict[str, tuple[torch.Tensor, list[str]]]:
     """name → (images, captions): n renders of the build's data (train split), and n of the policy's samples (CFG 4.5,
@@ -75,13 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sigma", type=float, default=0.1)
     p.add_argument("--critic", default="shapes/weights/stitchvm_prompt_low", help="a j = 1 critic")
     args = p.parse_args(argv)
-    torch.manual_seed(0)
-    policy = models.load_shapes_policy().eval().requires_grad_(False)
-    reward = models.load_shapes_reward()
-    critic = load.stitchvm(policy, reward, args.critic).eval()
-    if critic.j != 1:
-        raise SystemExit(f"error: {args.critic} stitches at j = {critic.j}; this split needs a j = 1 critic")
-    teacher = make_tail(reward.vision, reward_preprocess(reward))
+    policy, critic, teacher = load_models(args.critic)
     sets = image_sets(policy, args.n)
     print(f"σ {args.sigma:g}, {args.critic}, {args.n} images per set; std of the score difference (ρ vs the teacher)\n")
     print("| set | teacher score std | student | student tail on the true stem tokens | "
