@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -45,8 +46,17 @@ def _env(**extra) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
 
 
+EXIT_ABORT = "terminate called without an active exception"
+
+
 def _run(cmd: list[str], env: dict) -> None:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0 and EXIT_ABORT in proc.stderr and "\nfinal: " in "\n" + proc.stdout:
+        # A rank aborted in C++ teardown after the run had finished and rank 0 had printed its final line (rare on
+        # CPU gloo: session 5, session 20; rl/train.py and train_gloo.py already end the group and skip the
+        # interpreter's teardown). Everything was written, so the caller's checks on the outputs decide the test.
+        warnings.warn(f"a rank aborted at exit after the run finished ({EXIT_ABORT!r}); checking its outputs")
+        return
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
@@ -353,3 +363,16 @@ def test_deepspeed_fp16_loss_scaler_state_round_trips():
     assert distributed.loss_scaler_state(ds, wrapped(LossScaler(1.0))) is None  # static (bf16): nothing
     plain = SimpleNamespace(distributed_type=DistributedType.NO)
     assert distributed.loss_scaler_state(plain, wrapped(trained)) is None
+
+
+def test_an_abort_at_exit_passes_only_after_the_final_line(monkeypatch):
+    def fake(rc, out, err):
+        monkeypatch.setattr(subprocess, "run", lambda *a, **k: SimpleNamespace(returncode=rc, stdout=out, stderr=err))
+
+    fake(1, "epoch 2/2: loss=1\nfinal: eval/score=0.1\n", f"...\n{EXIT_ABORT}\nrl/train.py FAILED")
+    with pytest.warns(UserWarning, match="aborted at exit"):
+        _run(["x"], {})
+    for out, err in (("epoch 2/2: loss=1\n", EXIT_ABORT), ("final: eval/score=0.1\n", "Traceback: ValueError")):
+        fake(1, out, err)  # aborted before the end, or failed otherwise: still a failure
+        with pytest.raises(AssertionError):
+            _run(["x"], {})
