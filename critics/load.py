@@ -116,12 +116,16 @@ def stitchvm_experts(policy: nn.Module, reward: nn.Module, paths: list[str], upp
     (upper[k-1], upper[k]]. Each loads as :func:`stitchvm` does; they share the policy's transformer blocks."""
     from critics.routed import SigmaRoutedCritic
 
+    return SigmaRoutedCritic(_expert_stitchvms(policy, reward, paths, tower), upper)
+
+
+def _expert_stitchvms(policy: nn.Module, reward: nn.Module, paths: list[str], tower: nn.Module | None) -> list:
     text = HeadText(policy.encode_prompts)  # one text cache for the experts: a prompt is encoded once, not per band
-    return SigmaRoutedCritic([stitchvm(policy, reward, p, tower, head_text=text) for p in paths], upper)
+    return [stitchvm(policy, reward, p, tower, head_text=text) for p in paths]
 
 
 def stitchvm_experts_denoised(policy: nn.Module, reward: nn.Module, paths: list[str], upper: list[float],
-                              denoised: list[bool], sigma_in: float = 0.1, guidance_scale: float = 1.0,
+                              denoised: list[bool], sigma_in: float = 0.15, guidance_scale: float = 1.0,
                               tower: nn.Module | None = None) -> nn.Module:
     """:func:`stitchvm_experts` where the experts flagged in ``denoised`` value the policy's denoised estimate x̂0
     re-noised to ``sigma_in`` instead of z_t (critics/denoised.py; docs/critic.md, session 19)."""
@@ -130,8 +134,7 @@ def stitchvm_experts_denoised(policy: nn.Module, reward: nn.Module, paths: list[
 
     if len(denoised) != len(paths):
         raise ValueError(f"denoised needs one flag per expert path: got {len(denoised)} flags for {len(paths)} paths")
-    text = HeadText(policy.encode_prompts)
-    experts = [stitchvm(policy, reward, p, tower, head_text=text) for p in paths]
+    experts = _expert_stitchvms(policy, reward, paths, tower)
     return SigmaRoutedCritic([DenoisedCritic(policy, e, sigma_in, guidance_scale) if d else e
                               for e, d in zip(experts, denoised)], upper)
 
