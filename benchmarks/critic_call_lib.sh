@@ -5,7 +5,7 @@
 #                                 a non-zero exit status is printed
 #   bench NAMES                   critics.bench_value of the builds that saved, the shipped experts and Tweedie, 512
 #                                 prompts, K = 8, sigma 0.1-0.9: validation (seed 1) on card 1, test (seed 0) on card
-#                                 0, in the background (`wait`, then `bench_report`)
+#                                 0, in the background (`wait`, then `bench_report`); $BENCH_EXTRA: more arguments
 #   pack NAMES                    after the benchmark: one tar per build (NAME.tar) and one for the logs, tables and
 #                                 JSON (results.tar). The device tool returns at most 8 files from $OUT, 16 MiB each:
 #                                 session 11's builds came back file by file and were lost.
@@ -28,6 +28,7 @@ bench() {
            --variant prompt_unif=shapes/weights/stitchvm_prompt --retrieval-images 0 --out "")
   local n seed
   for n in "$@"; do [ -f $OUT/$n/stitchvm.json ] && V+=(--variant $n=$OUT/$n); done
+  V+=(${BENCH_EXTRA:-})  # more arguments (a later --critics replaces the one above)
   for seed in 1 0; do  # one card each, at once
     CUDA_VISIBLE_DEVICES=$seed timeout ${BENCH_S:-150} "${V[@]}" --prompt-seed $seed --json $OUT/bench_seed$seed.json \
       > $OUT/bench_seed$seed.md 2>$OUT/log/bench_seed$seed.err &

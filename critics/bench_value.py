@@ -336,7 +336,12 @@ def load_critics(names: Sequence[str], policy, reward, guidance: float, stitchvm
     for name, path in (variants or {}).items():  # more StitchVM builds, benchmarked on the same trajectories
         if name in builders or name == "mc":
             raise ValueError(f"--variant name {name!r} is taken by a critic of the benchmark; pick another")
-        critics[name] = load.stitchvm(policy, reward, path)
+        if path.startswith(DENOISED_PREFIX):  # the denoised experts with this build as their low expert
+            node = denoised_node()
+            critics[name] = load.stitchvm_experts_denoised(policy, reward, **{
+                **node, "paths": [path[len(DENOISED_PREFIX):], *node["paths"][1:]], "guidance_scale": guidance})
+        else:
+            critics[name] = load.stitchvm(policy, reward, path)
     for critic in critics.values():
         critic.eval()
         critic.to(policy.device)
@@ -369,7 +374,8 @@ def run(args: argparse.Namespace) -> dict:
               "num_steps": num_steps, "guidance_scale": guidance, "shift": policy.shift,
               "value": value_quality(policy, reward, critics, prompts, latents, args.rollouts, num_steps, guidance,
                                      args.batch_size)}
-    stitched = {n: c for n, c in critics.items() if n in ("stitchvm", "vae_stitch") or n in variants}
+    stitched = {n: c for n, c in critics.items()
+                if n in ("stitchvm", "vae_stitch") or (n in variants and not variants[n].startswith(DENOISED_PREFIX))}
     if args.retrieval_images and stitched:
         result["retrieval"] = retrieval(policy, reward, stitched, args.sigmas, args.retrieval_images, args.batch_size)
     result["targets"] = [{"check": text, "met": ok} for text, ok in check_targets(result)]
@@ -377,8 +383,12 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+DENOISED_PREFIX = "denoised:"
+
+
 def parse_variants(texts: Sequence[str]) -> dict[str, str]:
-    """The 'NAME=DIR' values of --variant -> {NAME: DIR}; NAME is [A-Za-z0-9_.-]+ and used once."""
+    """The 'NAME=DIR' values of --variant -> {NAME: DIR}; NAME is [A-Za-z0-9_.-]+ and used once. A DIR written
+    'denoised:DIR' stands for stitchvm_experts_denoised with DIR as its low expert."""
     variants: dict[str, str] = {}
     for text in texts:
         name, sep, path = text.partition("=")
@@ -412,7 +422,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stitchvm", default="shapes/weights/stitchvm", help="StitchVM directory")
     parser.add_argument("--vae-stitch", default="shapes/weights/vae_stitch", help="vae_stitch directory")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
-                        help="another StitchVM to benchmark alongside, reported as NAME (repeatable)")
+                        help="another StitchVM to benchmark alongside, reported as NAME (repeatable); "
+                             "NAME=denoised:DIR: stitchvm_experts_denoised with DIR as its low expert")
     parser.add_argument("--weights-dir", default="", help="Shapes weights directory (default: shapes/weights)")
     parser.add_argument("--num-steps", type=int, default=0, help="schedule length (default: policy.json)")
     parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: policy.json)")

@@ -673,7 +673,8 @@ def build(cfg: BuildConfig) -> BuildResult:
 
         steps = dcfg.max_steps if dcfg.max_steps is not None else dcfg.epochs * (len(dataset) // dcfg.batch_size)
         say("distill", f"{steps} steps of {dcfg.batch_size} images, lr {dcfg.lr:g} (stitch "
-                       f"x{dcfg.stitch_lr_mult:g}), sigma ~ {dcfg.sigma_sampling}, checkpoints → {dcfg.ckpt_dir}")
+                       f"x{dcfg.stitch_lr_mult:g}), sigma ~ {dcfg.sigma_sampling}, the teacher on "
+                       f"{'D(z0)' if dcfg.teacher_input == 'decoded' else 'x0'}, checkpoints → {dcfg.ckpt_dir}")
         metric = None
         if dcfg.lambda_score > 0:
             captions = prompt_list(cfg.score_captions, "score_captions")
@@ -684,7 +685,7 @@ def build(cfg: BuildConfig) -> BuildResult:
         if dcfg.lambda_own_score > 0:
             say("distill", f"own-caption score term: lambda_own_score {dcfg.lambda_own_score:g}")
         stats = distill(model, reward, policy.encode, stream, dcfg, callback=log, ckpt_meta=meta, save_fn=save_fn,
-                        caption_metric=metric, text_embed_fn=reward.text_embed)
+                        caption_metric=metric, text_embed_fn=reward.text_embed, decode_fn=policy.decode)
         times["distill_s"] = time.perf_counter() - t
         _summarise(record, stats, "distill", dcfg.log_every)
 

@@ -33,10 +33,15 @@ term is a mean over batch, tokens and channels. A summed token norm over 257 × 
 the embedding term and make the paper's λ_tok = 1 meaningless; the per-element mean keeps both O(1).
 
 Choices the paper leaves open:
-- The teacher sees the clean image x0, not D(E(x0)): the value should predict the reward of the data, and the VAE
-  round trip would teach the critic the VAE's artefacts. (The student sees z_t built from z0 = E(x0), or, for a
-  policy sample that carries its own latent, from that latent: what the critic is used on. On Shapes E(D(z0))
-  differs from the policy's z0 by 14-16 % of its norm, more than the noise at σ = 0.1.)
+- What the teacher sees (``teacher_input``). "image" (the default, and every critic shipped before session 21): the
+  clean image x0, the reward of the data. "decoded": D(z0), the image of the very latent z0 the student's z_t is
+  noised from. The value of a latent policy is E[r(D(z0)) | z_t], the reward of the image the policy outputs, and
+  with "decoded" every target is a function of the student's clean latent, so at σ → 0 there is nothing left that
+  the student cannot see. With "image" a render's target r(x0) carries what the VAE round trip loses: on the
+  policy's Shapes samples r(D(E(D(z0)))) ranks as r(D(z0)) does only at ρ .967-.986 (std .02-.03 of the score;
+  docs/critic.md, session 21). (The student sees z_t built from z0 = E(x0), or, for a policy sample that carries its
+  own latent, from that latent: what the critic is used on. On Shapes E(D(z0)) differs from the policy's z0 by
+  14-16 % of its norm, more than the noise at σ = 0.1.)
 - Noise levels: logit-normal(0, 1) by default (a centre-biased law on (0, 1)), or uniform.
 - Learning rate: linear warm-up for `warmup_steps`, then constant (short 5-epoch finetune from a good init), or
   cosine to 0 at `max_steps` (`lr_decay`).
@@ -58,6 +63,7 @@ from critics.stitchvm import StitchVM, save_stitchvm
 from critics.tails import make_tail
 
 LOSSES = ("embed_token", "smooth_l1")
+TEACHER_INPUTS = ("image", "decoded")
 SIGMA_LAWS = ("logit_normal", "uniform")
 LR_DECAYS = ("constant", "cosine")
 # Teacher sanity check: the VisionTail re-implementation of the reward tower must agree with reward.image_embed.
@@ -118,6 +124,9 @@ class DistillConfig:
     """Seed of the sigma / ε generator."""
     check_teacher: bool = True
     """On the first batch, check that the teacher tower reproduces reward.image_embed (cosine ≥ 0.999)."""
+    teacher_input: str = "image"
+    """What the teacher scores: "image", the clean image x0 of the batch, or "decoded", D(z0) of the latent z0 the
+    student's z_t is noised from (module docstring; needs ``decode_fn``)."""
     progress: bool = True
     """Show a tqdm progress bar."""
 
@@ -146,6 +155,8 @@ class DistillConfig:
                              f"loss is {self.loss!r}")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.teacher_input not in TEACHER_INPUTS:
+            raise ValueError(f"teacher_input must be one of {TEACHER_INPUTS}; got {self.teacher_input!r}")
         if self.lr_decay == "cosine" and self.max_steps is None:
             raise ValueError("lr_decay = 'cosine' decays to 0 at max_steps: set max_steps")
 
@@ -324,7 +335,8 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
             ckpt_meta: dict | None = None,
             save_fn: Callable[[str, StitchVM, dict | None], None] = save_stitchvm,
             caption_metric: Tensor | None = None,
-            text_embed_fn: Callable[[list[str]], Tensor] | None = None) -> dict[str, list[float]]:
+            text_embed_fn: Callable[[list[str]], Tensor] | None = None,
+            decode_fn: Callable[[Tensor], Tensor] | None = None) -> dict[str, list[float]]:
     """Train the stitch and the tail of `model` to match `teacher_reward` on forward-noised latents.
 
     Args:
@@ -342,6 +354,8 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
             cfg.lambda_score > 0.
         text_embed_fn: captions → (B, E) text embeddings (the reward's ``text_embed``) for the own-caption score
             term; required when cfg.lambda_own_score > 0, with captioned data.
+        decode_fn: normalised latents → images (B, 3, H, W) in [0, 1] (e.g. FlowPolicy.decode); the teacher scores
+            decode_fn(z0) when cfg.teacher_input is "decoded" (required then).
     Returns:
         {"distill/loss": [...], "distill/embed_loss": [...], "distill/token_loss": [...], "distill/score_loss",
          "distill/own_score_loss",
@@ -354,6 +368,9 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
     if cfg.lambda_own_score > 0 and text_embed_fn is None:
         raise ValueError("lambda_own_score > 0 scores each image against its own caption: pass text_embed_fn (the "
                          "reward's text_embed; critics.build does)")
+    if cfg.teacher_input == "decoded" and decode_fn is None:
+        raise ValueError("teacher_input 'decoded' scores D(z0): pass decode_fn (the policy's decode; critics.build "
+                         "does)")
     device = model.head.device
     metric = caption_metric.to(device) if caption_metric is not None and cfg.lambda_score > 0 else None
     teacher_reward.requires_grad_(False)
@@ -408,11 +425,8 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
             for s in range(0, cfg.batch_size, micro):
                 x0 = images[s:s + micro].to(device)
                 w = x0.shape[0] / cfg.batch_size  # micro-batch share of the step's mean loss
-                # 1. teacher targets on the clean image x0
+                # 1. the student's clean latent z0 and the teacher's targets, on x0 or on D(z0)
                 with torch.no_grad():
-                    t_out = teacher.encode(x0)
-                    if cfg.check_teacher and step == 0 and s == 0:
-                        _check_teacher(t_out.embed, teacher_reward.image_embed(x0))
                     z0 = encode_fn(x0)  # (b, C, h, w)
                 if z0.shape[1:] != eps_all.shape[1:]:
                     raise ValueError(f"encode_fn gives latents {tuple(z0.shape[1:])}; the critic was built for "
@@ -423,6 +437,13 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
                                          f"for {tuple(z0.shape[1:])}")
                     rows = own[s:s + micro].to(device).view(-1, 1, 1, 1)
                     z0 = torch.where(rows, given[s:s + micro].to(device, z0.dtype), z0)
+                with torch.no_grad():
+                    if cfg.check_teacher and step == 0 and s == 0:
+                        _check_teacher(teacher.encode(x0).embed, teacher_reward.image_embed(x0))
+                    seen = x0 if cfg.teacher_input == "image" else decode_fn(z0).to(x0.dtype)
+                    if seen.shape != x0.shape:
+                        raise ValueError(f"decode_fn gives images {tuple(seen.shape)} for a batch of {tuple(x0.shape)}")
+                    t_out = teacher.encode(seen)
                 # 2. student input: forward-noised latent z_t = (1 − σ) z0 + σ ε
                 sigma = sigma_all[s:s + micro].to(device, z0.dtype)
                 eps = eps_all[s:s + micro].to(device, z0.dtype)

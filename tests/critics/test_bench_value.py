@@ -173,3 +173,15 @@ def test_value_quality_of_planted_critics_against_a_planted_truth(monkeypatch):
     assert (row["same/mse"], row["shifted/mse"]) == pytest.approx((0.0, 0.25))
     assert row["flipped/mse"] == pytest.approx(float((2 * m).pow(2).mean()))
     assert row["mc/mean"] == pytest.approx(float(m.mean())) and set(result["cost_ms_per_value"]) >= {"mc", "same"}
+
+
+def test_a_denoised_variant_is_the_denoised_experts_with_its_low_expert():
+    """--variant NAME=denoised:DIR: stitchvm_experts_denoised with DIR as its low expert, so the shipped low expert's
+    directory gives back the shipped critic's numbers on the same trajectories (and no retrieval row: it has no tail
+    of its own)."""
+    result = bv.main(["--quick", "--critics", "stitchvm_experts_denoised", "--variant",
+                      "again=denoised:shapes/weights/stitchvm_prompt_low", "--sigmas", "0.25", "--out", ""])
+    row = result["value"]["rows"]["0.25"]
+    assert row["again/rho"] == row["stitchvm_experts_denoised/rho"]
+    assert row["again/mse"] == row["stitchvm_experts_denoised/mse"]
+    assert not any(k.startswith("again@") for k in result.get("retrieval", {}))

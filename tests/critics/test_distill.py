@@ -171,6 +171,50 @@ def test_rows_with_their_own_latent_start_from_it():
         distill(model, reward, zeros, [(images, None, latents[:, :2], own)], cfg)
 
 
+def test_a_decoded_teacher_scores_the_image_of_the_students_own_latent():
+    """teacher_input 'decoded': the teacher scores decode_fn(z0) of the very z0 the student's z_t is noised from (own
+    rows' latents included), so a run on images B whose latents decode to images A is, step for step, the run on A
+    with the teacher on the images themselves: same losses, same weights."""
+    import copy
+
+    model, _, reward, _, _ = tiny_stitchvm(j=1)
+    g = torch.Generator().manual_seed(5)
+    images_a, images_b = torch.rand(8, 3, 32, 32, generator=g), torch.rand(8, 3, 32, 32, generator=g)
+    encoded = TinyEncoder()(images_a)  # what E gives for the rows without their own latent
+    own = torch.tensor([True, False, True, False, False, False, True, False])
+    given = torch.randn(8, 4, LATENT, LATENT, generator=g)
+    z0 = torch.where(own.view(-1, 1, 1, 1), given, encoded)  # the student's clean latents
+    decoded_from = []
+
+    def encode(x):  # E: row k of images_a or images_b → row k of `encoded`
+        k = [int(torch.argmin(torch.minimum((images_a - r).flatten(1).abs().sum(1),
+                                            (images_b - r).flatten(1).abs().sum(1)))) for r in x]
+        return encoded[k]
+
+    def decode(z):  # a planted decoder: z0 row k → images_a row k
+        decoded_from.append(z.clone())
+        k = [int(torch.argmin((z0 - r).flatten(1).abs().sum(1))) for r in z]
+        return images_a[k]
+
+    cfg = DistillConfig(lr=1e-3, warmup_steps=0, batch_size=8, micro_batch_size=4, max_steps=2, progress=False,
+                        sigma_sampling="uniform", check_teacher=False)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    stats_a = distill(a, reward, encode, [(images_a, None, given, own)], cfg)
+    stats_b = distill(b, reward, encode, [(images_b, None, given, own)],
+                      DistillConfig(**{**cfg.__dict__, "teacher_input": "decoded"}), decode_fn=decode)
+    assert torch.equal(torch.cat(decoded_from[:2]), z0)  # the first step's two micro-batches
+    assert stats_b["distill/loss"] == pytest.approx(stats_a["distill/loss"], rel=1e-6)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb)
+    stats_image = distill(copy.deepcopy(model), reward, encode, [(images_b, None, given, own)], cfg)
+    assert stats_image["distill/loss"][0] != pytest.approx(stats_a["distill/loss"][0], rel=1e-3)  # B's own teacher
+    with pytest.raises(ValueError, match="pass decode_fn"):
+        distill(model, reward, TinyEncoder(), image_batches(8, 4), DistillConfig(**{**cfg.__dict__,
+                                                                                    "teacher_input": "decoded"}))
+    with pytest.raises(ValueError, match="teacher_input must be one of"):
+        DistillConfig(teacher_input="x0")
+
+
 def test_smooth_l1_loss_runs_and_reports_score_loss():
     model, _, reward, _, _ = tiny_stitchvm(j=1, score_kind="image")
     cfg = DistillConfig(loss="smooth_l1", lr=1e-3, warmup_steps=0, batch_size=4, max_steps=2, progress=False)
