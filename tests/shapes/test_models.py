@@ -13,10 +13,12 @@ from shapes import bench_world, models
 from shapes.data import vocabulary
 
 # 23 MB of world models + the shipped critics in float16: stitchvm, stitchvm_checker, vae_stitch (2.7-2.8 MB each)
-# and the two prompt-conditioned experts of stitchvm_experts, stitchvm_prompt_low and stitchvm_prompt (7.3 and 5.3 MB:
+# and the two prompt-conditioned experts of stitchvm_experts, stitchvm_prompt_low and stitchvm_prompt (9.1 and 5.5 MB:
 # their tail is the whole CLIP tower, j = 1; session 7 replaced session 6's single null-text low-sigma expert, session
-# 15 the low one by a build with two transformer blocks after the stitch, stitch_blocks 2)
-WEIGHT_BUDGET_BYTES = 45 * 10**6
+# 15 the low one by a build with two transformer blocks after the stitch, session 21 by one with four). The cap is the
+# device tool's: the working tree and the device wheels (8.4 MB) travel to a GPU call within 64 MiB (67.1 MB), and the
+# tracked tree holds ~11 MB besides the weights.
+WEIGHT_BUDGET_BYTES = 47 * 10**6
 
 
 @pytest.fixture(scope="module")
