@@ -45,11 +45,16 @@ pack() {
   ls -la $OUT
 }
 # end_builds NAME...: the end of a build call (since session 16's scripts): the card's name, wait for the builds, their
-# save lines and errors, the value benchmark of those that saved, and the packed results
+# save lines and errors, the value benchmark of those that saved, and the packed results. DENOISED=1 (session 21):
+# the benchmark also values each build as the low expert of stitchvm_experts_denoised (NAME_dn) and runs the shipped one
 end_builds() {
   nvidia-smi --query-gpu=name --format=csv,noheader | head -1
   wait
   grep -h "policy samples\|build:save\|step 4000\|step 600\|rror" "$OUT"/log/*.txt
+  if [ -n "${DENOISED:-}" ]; then
+    local n; BENCH_EXTRA="--critics tweedie,stitchvm_experts_denoised"
+    for n in "$@"; do [ -f $OUT/$n/stitchvm.json ] && BENCH_EXTRA+=" --variant ${n}_dn=denoised:$OUT/$n"; done
+  fi
   bench "$@"
   wait
   bench_report

@@ -149,8 +149,13 @@ def main(argv: list[str] | None = None) -> None:
         name = "shipped" if lam is None else f"+{args.steps} steps, λ_own {lam:g}" + (f", jitter {deg:g}°" if deg else "")
         results[name] = {f"{s} σ{sigma:g}": fidelity(critic, teacher, *sets[s], sigma)
                          for s in sets for sigma in args.sigmas}
+    report(results, "the teacher", args)
+
+
+def report(results: dict[str, dict[str, tuple[float, float]]], teacher: str, args: argparse.Namespace) -> None:
+    """Print {arm: {set σ: (std, ρ)}} as a table and write it with the arguments to args.json (if set)."""
     keys = list(next(iter(results.values())))
-    print("\nstd of (student − teacher) score (Spearman ρ against the teacher), held-out policy samples\n")
+    print(f"\nstd of (student − teacher) score (Spearman ρ against {teacher}), held-out policy samples\n")
     print("| critic | " + " | ".join(keys) + " |")
     print("|---|" + "---|" * len(keys))
     for name, row in results.items():

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]  # run from anywhere
-from critic_own_score_cpu import fidelity  # noqa: E402
+from critic_own_score_cpu import fidelity, report  # noqa: E402
 from critics import load  # noqa: E402
 from critics.build import ImageStream, MixedStream, PolicySampleConfig, generate_samples, load_config, sample_prompts  # noqa: E402
 from critics.distill import DistillConfig, distill  # noqa: E402
@@ -105,16 +105,7 @@ def main(argv: list[str] | None = None) -> None:
               f"embed {last['distill/embed_loss']:.4f}, token {last['distill/token_loss']:.4f}", flush=True)
         results[f"+{args.steps} steps, teacher {t_in}, bank z0 {s_in}"] = {
             f"{s} σ{sigma:g}": fidelity(critic, teacher, *sets[s], sigma) for s in sets for sigma in args.sigmas}
-    keys = list(results["shipped"])
-    print("\nstd of (student − teacher) score (Spearman ρ against the teacher on D(z0)), held-out policy samples\n")
-    print("| critic | " + " | ".join(keys) + " |")
-    print("|---|" + "---|" * len(keys))
-    for name, row in results.items():
-        print(f"| {name} | " + " | ".join(f"{row[k][0]:.4f} ({row[k][1]:.3f})" for k in keys) + " |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items() if k != "json"}, "results": results}, f, indent=1)
-
+    report(results, "the teacher on D(z0)", args)
 
 if __name__ == "__main__":
     main()

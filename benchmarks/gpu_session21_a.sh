@@ -15,12 +15,4 @@ crit 1 dec_own $LOW stitch_blocks=2 distill.teacher_input=decoded policy_samples
 crit 2 dec_own_b4 $LOW stitch_blocks=4 distill.teacher_input=decoded policy_samples.student_latents=own &
 crit 3 control $LOW stitch_blocks=2 &
 NAMES="dec_enc dec_own dec_own_b4 control"
-nvidia-smi --query-gpu=name --format=csv,noheader | head -1
-wait
-grep -h "policy samples\|build:save\|step 4000\|rror" "$OUT"/log/*.txt
-EXTRA=(--critics tweedie,stitchvm_experts_denoised)
-for n in $NAMES; do [ -f $OUT/$n/stitchvm.json ] && EXTRA+=(--variant ${n}_dn=denoised:$OUT/$n); done
-BENCH_S=${BENCH_S:-240} BENCH_EXTRA="${EXTRA[*]}" bench $NAMES
-wait
-bench_report
-pack $NAMES
+DENOISED=1 BENCH_S=${BENCH_S:-240} end_builds $NAMES

@@ -13,12 +13,4 @@ crit 1 bank3 $DEC stitch_blocks=4 policy_samples.n=98304 &
 crit 2 f75_bank3 $DEC stitch_blocks=4 policy_samples.fraction=0.75 policy_samples.n=98304 &
 crit 3 f75_bank3_b6 $DEC stitch_blocks=6 policy_samples.fraction=0.75 policy_samples.n=98304 &
 NAMES="f75 bank3 f75_bank3 f75_bank3_b6"
-nvidia-smi --query-gpu=name --format=csv,noheader | head -1
-wait
-grep -h "policy samples\|build:save\|step 4000\|rror" "$OUT"/log/*.txt
-EXTRA=(--critics tweedie,stitchvm_experts_denoised)
-for n in $NAMES; do [ -f $OUT/$n/stitchvm.json ] && EXTRA+=(--variant ${n}_dn=denoised:$OUT/$n); done
-BENCH_S=${BENCH_S:-240} BENCH_EXTRA="${EXTRA[*]}" bench $NAMES
-wait
-bench_report
-pack $NAMES
+DENOISED=1 BENCH_S=${BENCH_S:-240} end_builds $NAMES
