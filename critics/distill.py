@@ -10,7 +10,7 @@ Notation          code
   ẽ               L2-normalised image embedding (B, E)
   h               per-token outputs of r^{≥j}: final tokens after the final LayerNorm (B, N+1, D)
   a               aesthetic score reward.score_from_image_embed(e) (B,)
-  SVM / RM        student StitchVM on z_t / teacher reward tower on the clean image x0
+  SVM / RM        student StitchVM on z_t / teacher reward tower on the clean image x0 (or on D(z0): teacher_input)
 
 Caption-score term (ours, off by default; ``lambda_score``): a prompt-dependent value is the cosine ẽ·t of the image
 embedding with the prompt's text embedding t, so what the critic must get right is ẽ along caption directions. With
