@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from critics.distill import DistillConfig, caption_metric, distill
+from critics.distill import STATE_JSON, STATE_TENSORS, DistillConfig, DistillState, caption_metric, distill
 from critics.onpolicy import OnPolicyConfig, onpolicy_finetune
 from critics.interface import InterfaceResult, save_heatmap, search, validate_interface
 from critics.load import reward_preprocess
@@ -156,6 +156,11 @@ class BuildConfig:
         help="stage 3 (critics.onpolicy.OnPolicyConfig fields): on-policy value regression; off by default.")
     init_from: str | None = option(
         None, help="a saved critic directory of the same kind: skip stages 2-5 and start stage 3 from it.")
+    resume: bool = option(
+        False, help="go on with stage 2 from the checkpoint in distill.ckpt_dir (default output_dir) that an "
+                    "interrupted build wrote: its weights, optimizer, schedule and step. The config must be the one "
+                    "that wrote it (num_workers, device and logging may differ); the batches after the step are a "
+                    "fresh draw.")
     loader_batch_size: int = option(64, help="images per DataLoader batch (distill re-chunks to its batch_size).")
     num_workers: int = option(0, help="DataLoader worker processes producing training images.")
     bottleneck_ratio: int = option(8, help="G_psi hidden width = D_tail // ratio (paper 1:8).")
@@ -188,6 +193,8 @@ class BuildConfig:
             parent = Path(self.heatmap).resolve().parent
             check(not Path(self.heatmap).is_dir(), "heatmap", f"{self.heatmap} is a directory: give a PNG file path")
             check(not parent.exists() or parent.is_dir(), "heatmap", f"{parent} is not a directory")
+        check(not (self.resume and self.init_from is not None), "resume",
+              "goes on with stage 2, which init_from skips: set one of them")
         if self.init_from is not None:
             check(self.onpolicy.enabled, "init_from", "starts stage 3 from a saved critic: set onpolicy.enabled=true")
             check(Path(self.init_from).resolve() != Path(self.output_dir).resolve(), "init_from",
@@ -555,6 +562,7 @@ def build(cfg: BuildConfig) -> BuildResult:
     times["load_s"] = time.perf_counter() - t
 
     record: dict[str, Any] = {"config": to_dict(cfg), "times": times}
+    state = _resume_state(cfg) if cfg.resume else None  # before any work: a wrong resume fails at once
     extras: dict[str, bytes] = {}
     stats: dict[str, list[float]] = {}
     result: InterfaceResult | None = None
@@ -646,7 +654,9 @@ def build(cfg: BuildConfig) -> BuildResult:
         dcfg = cfg.distill if cfg.distill.ckpt_dir is not None else replace(cfg.distill, ckpt_dir=str(output_dir))
         # captions reach stage 2 for a head that reads them and for the own-caption score term
         captioned = prompted or dcfg.lambda_own_score > 0
-        stream = ImageStream(dataset, cfg.loader_batch_size, cfg.seed, cfg.num_workers, captions=captioned)
+        # a resumed build draws other batches than the ones before its checkpoint: the streams' seeds move by the step
+        skip = state.step if state is not None else 0
+        stream = ImageStream(dataset, cfg.loader_batch_size, cfg.seed + skip, cfg.num_workers, captions=captioned)
         ps = cfg.policy_samples
         if ps.n > 0:
             ps_prompts = prompt_list(ps.prompts, "policy_samples.prompts")
@@ -655,7 +665,7 @@ def build(cfg: BuildConfig) -> BuildResult:
             bank, bank_latents = generate_samples(policy, ps_prompts, ps)
             times["policy_samples_s"] = time.perf_counter() - t_gen
             # its own seed: the data loader's shuffle already draws from cfg.seed
-            stream = MixedStream(stream, bank, ps.fraction, ps.seed,
+            stream = MixedStream(stream, bank, ps.fraction, ps.seed + skip,
                                  sample_prompts(ps_prompts, ps.n) if captioned else None,
                                  bank_latents if ps.student_latents == "own" else None)
             say("distill", f"{ps.n} policy samples ({ps.num_steps} steps, CFG {ps.guidance_scales}, eta {ps.etas}) "
@@ -672,6 +682,11 @@ def build(cfg: BuildConfig) -> BuildResult:
             record["last_step"] = step
 
         steps = dcfg.max_steps if dcfg.max_steps is not None else dcfg.epochs * (len(dataset) // dcfg.batch_size)
+        if state is not None and dcfg.max_steps is None:  # a resumed run goes on to a step, not to an epoch's end
+            if ps.n > 0:
+                raise ConfigError("resume: a build whose batches mix in policy samples ends its epochs at a step it "
+                                  "cannot know in advance: give it distill.max_steps from the start")
+            dcfg = replace(dcfg, max_steps=steps)  # what its epochs come to: every pass drops its last partial batch
         say("distill", f"{steps} steps of {dcfg.batch_size} images, lr {dcfg.lr:g} (stitch "
                        f"x{dcfg.stitch_lr_mult:g}), sigma ~ {dcfg.sigma_sampling}, the teacher on "
                        f"{'D(z0)' if dcfg.teacher_input == 'decoded' else 'x0'}, checkpoints → {dcfg.ckpt_dir}")
@@ -684,10 +699,18 @@ def build(cfg: BuildConfig) -> BuildResult:
             say("distill", f"caption-score term: lambda_score {dcfg.lambda_score:g}, M from {len(captions)} captions")
         if dcfg.lambda_own_score > 0:
             say("distill", f"own-caption score term: lambda_own_score {dcfg.lambda_own_score:g}")
+        if state is not None:
+            say("distill", f"resuming at step {state.step} from {dcfg.ckpt_dir}")
+            record["resumed_from_step"] = state.step
         stats = distill(model, reward, policy.encode, stream, dcfg, callback=log, ckpt_meta=meta, save_fn=save_fn,
-                        caption_metric=metric, text_embed_fn=reward.text_embed, decode_fn=policy.decode)
+                        caption_metric=metric, text_embed_fn=reward.text_embed, decode_fn=policy.decode,
+                        resume=state, state_fn=extras.update)
+        for name in (STATE_TENSORS, STATE_JSON):  # the finished critic (and stage 3's checkpoints) carry no state
+            extras.pop(name, None)
         times["distill_s"] = time.perf_counter() - t
         _summarise(record, stats, "distill", dcfg.log_every)
+        if state is not None:  # the curve and final values are the resumed part's; the step counts the whole run
+            record["distill_steps"] = record["steps"] = state.step + record["distill_steps"]
 
     # 5b. on-policy value regression (stage 3, optional) --------------------------------------------------------
     if cfg.onpolicy.enabled:
@@ -741,6 +764,39 @@ def _summarise(record: dict, stats: dict[str, list[float]], stage: str, log_ever
     record[f"{stage}_steps"] = n
     if stage == "distill":
         record["steps"] = n
+
+
+# what may differ between a build and its resumption: none of it changes what is computed
+RESUME_FREE_KEYS = {"resume", "num_workers", "device", "heatmap", "distill.progress", "distill.log_every",
+                    "onpolicy.progress", "onpolicy.log_every"}
+
+
+def _resume_state(cfg: BuildConfig) -> DistillState:
+    """The stage-2 state in the checkpoint a build with ``resume`` goes on from, after checking that the checkpoint
+    was written by this config (ConfigError naming what differs otherwise)."""
+    where = Path(cfg.distill.ckpt_dir or cfg.output_dir)
+    try:
+        state = DistillState.read(where)
+        saved = json.loads((where / BUILD_JSON).read_text())["config"]
+    except (ValueError, OSError, KeyError) as e:
+        raise ConfigError(f"resume: {e}") from e
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and "_component_" not in v else
+                       {f"{prefix}{k}": v})
+        return out
+
+    saved, asked = flat(saved), flat(json.loads(json.dumps(to_dict(cfg))))
+    differ = sorted(k for k in saved.keys() | asked.keys()
+                    if k not in RESUME_FREE_KEYS and saved.get(k, "<unset>") != asked.get(k, "<unset>"))
+    if differ:
+        shown = "; ".join(f"{k}: {saved.get(k, '<unset>')!r} there, {asked.get(k, '<unset>')!r} here" for k in differ[:5])
+        raise ConfigError(f"resume: the checkpoint in {where} was written by another config ({shown}"
+                          f"{'; ...' if len(differ) > 5 else ''}): resume with the config that wrote it, or build "
+                          f"from the start")
+    return state
 
 
 def _load_init(cfg: BuildConfig, policy, reward, extras: dict[str, bytes], record: dict) -> tuple[StitchVM, dict]:
@@ -801,7 +857,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         # every save swaps the whole directory in atomically, so what is there is a critic that loads, or nothing
         print(f"interrupted: {cfg.output_dir} holds the build's last complete checkpoint, if it wrote one "
-              f"(it loads as a critic); run the command again to build from the start", file=sys.stderr)
+              f"(it loads as a critic); add resume=true to the same command to go on with stage 2 from it, or run the "
+              f"command again to build from the start", file=sys.stderr)
         return 130
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

@@ -50,10 +50,14 @@ Choices the paper leaves open:
 
 from __future__ import annotations
 
+import base64
+import json
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, NamedTuple
 
+import safetensors.torch
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -61,7 +65,11 @@ from tqdm.auto import tqdm
 
 from critics.stitchvm import StitchVM, save_stitchvm
 from critics.tails import make_tail
+from rl.checkpoint import (optimizer_state_from_tensors, optimizer_state_to_tensors, scheduler_state_from_json,
+                           scheduler_state_to_json)
 
+STATE_TENSORS = "distill_state.safetensors"  # a checkpoint's training state (critics.build resume): float32 weights
+STATE_JSON = "distill_state.json"            # and optimizer moments; the step, scheduler and noise generator
 LOSSES = ("embed_token", "smooth_l1")
 TEACHER_INPUTS = ("image", "decoded")
 SIGMA_LAWS = ("logit_normal", "uniform")
@@ -330,13 +338,80 @@ def _check_teacher(teacher_emb: Tensor, reward_emb: Tensor) -> None:
                          f"(or set check_teacher=False if intended)")
 
 
+@dataclass
+class DistillState:
+    """What stage 2 needs to go on from a checkpoint as if it had not stopped: the trained weights in float32 (a
+    critic's own files may be float16), AdamW's moments, the scheduler, the step and the (σ, ε) generator. Written
+    next to the critic's files (``files``) and read back from them (``read``); safetensors and JSON only."""
+
+    step: int
+    weights: dict[str, Tensor]  # "stitch.NAME" and "tail.NAME"
+    optimizer: dict
+    scheduler: dict
+    generator: Tensor  # torch.Generator.get_state()
+
+    @classmethod
+    def capture(cls, step: int, model: StitchVM, optimizer, scheduler, generator: torch.Generator) -> "DistillState":
+        weights = {f"stitch.{k}": v for k, v in model.stitch.state_dict().items()}
+        weights.update({f"tail.{k}": v for k, v in model.tail_named_parameters()})
+        return cls(step, {k: v.detach().float().cpu().clone() for k, v in weights.items()}, optimizer.state_dict(),
+                   scheduler.state_dict(), generator.get_state())
+
+    def files(self) -> dict[str, bytes]:
+        """{file name: bytes} of the state: STATE_TENSORS (weights, optimizer tensors) and STATE_JSON (the rest)."""
+        opt_tensors, opt_meta = optimizer_state_to_tensors(self.optimizer)
+        tensors = {**{f"weights/{k}": v for k, v in self.weights.items()},
+                   **{f"optimizer/{k}": v for k, v in opt_tensors.items()}}
+        meta = {"step": self.step, "optimizer": opt_meta, "scheduler": scheduler_state_to_json(self.scheduler),
+                "generator": base64.b64encode(self.generator.numpy().tobytes()).decode("ascii")}
+        return {STATE_TENSORS: safetensors.torch.save(tensors), STATE_JSON: json.dumps(meta).encode()}
+
+    @classmethod
+    def read(cls, directory: str | os.PathLike) -> "DistillState":
+        """The state a checkpoint in ``directory`` holds; a missing or damaged one is a ValueError that says so."""
+        paths = [os.path.join(directory, name) for name in (STATE_TENSORS, STATE_JSON)]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise ValueError(f"{directory} holds no stage-2 training state ({', '.join(map(os.path.basename, missing))} "
+                             f"missing): only a build's checkpoints written during stage 2 have it, a finished "
+                             f"critic does not")
+        try:
+            tensors = safetensors.torch.load_file(paths[0])
+            with open(paths[1]) as f:
+                meta = json.load(f)
+            optimizer = optimizer_state_from_tensors(
+                {k[len("optimizer/"):]: v for k, v in tensors.items() if k.startswith("optimizer/")}, meta["optimizer"])
+            generator = torch.frombuffer(bytearray(base64.b64decode(meta["generator"])), dtype=torch.uint8)
+            return cls(int(meta["step"]), {k[len("weights/"):]: v for k, v in tensors.items()
+                                           if k.startswith("weights/")},
+                       optimizer, scheduler_state_from_json(meta["scheduler"]), generator)
+        except Exception as e:  # a truncated or hand-edited file: name it, do not resume from half a state
+            raise ValueError(f"the stage-2 training state in {directory} is damaged ({type(e).__name__}: {e}); "
+                             f"resume from an intact checkpoint or start the build again") from e
+
+    def load_weights(self, model: StitchVM) -> None:
+        """Copy the float32 weights into the model's stitch and tail (every name must match)."""
+        stitch = {k[len("stitch."):]: v for k, v in self.weights.items() if k.startswith("stitch.")}
+        tail = {k[len("tail."):]: v for k, v in self.weights.items() if k.startswith("tail.")}
+        params = dict(model.tail_named_parameters())
+        if set(tail) != set(params):
+            raise ValueError(f"the training state's tail weights {sorted(set(tail) ^ set(params))[:4]} do not match "
+                             f"the critic being built: resume with the config that wrote the checkpoint")
+        model.stitch.load_state_dict(stitch)
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(tail[name])
+
+
 def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Tensor], Tensor], data_iter: Iterable,
             cfg: DistillConfig, callback: Callable[[int, dict], None] | None = None,
             ckpt_meta: dict | None = None,
             save_fn: Callable[[str, StitchVM, dict | None], None] = save_stitchvm,
             caption_metric: Tensor | None = None,
             text_embed_fn: Callable[[list[str]], Tensor] | None = None,
-            decode_fn: Callable[[Tensor], Tensor] | None = None) -> dict[str, list[float]]:
+            decode_fn: Callable[[Tensor], Tensor] | None = None,
+            resume: DistillState | None = None,
+            state_fn: Callable[[dict[str, bytes]], None] | None = None) -> dict[str, list[float]]:
     """Train the stitch and the tail of `model` to match `teacher_reward` on forward-noised latents.
 
     Args:
@@ -356,6 +431,10 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
             term; required when cfg.lambda_own_score > 0, with captioned data.
         decode_fn: normalised latents → images (B, 3, H, W) in [0, 1] (e.g. FlowPolicy.decode); the teacher scores
             decode_fn(z0) when cfg.teacher_input is "decoded" (required then).
+        resume: a checkpoint's DistillState: the weights, optimizer, scheduler, generator and step go on from it
+            (the data stream restarts: pass a differently seeded one for fresh batches).
+        state_fn: called with the DistillState's files right before each checkpoint's save_fn (critics.build writes
+            them into the checkpoint, so that it can be resumed).
     Returns:
         {"distill/loss": [...], "distill/embed_loss": [...], "distill/token_loss": [...], "distill/score_loss",
          "distill/own_score_loss",
@@ -393,8 +472,17 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
     stats["distill/own_score_loss"] = []
     model.train()
     step = 0
+    if resume is not None:
+        if cfg.max_steps is None:
+            raise ValueError("resume goes on to max_steps: set max_steps (a resumed run cannot tell which epoch it "
+                             "stopped in)")
+        resume.load_weights(model)
+        optimizer.load_state_dict(resume.optimizer)
+        scheduler.load_state_dict(resume.scheduler)
+        generator.set_state(resume.generator)
+        step = resume.step
     prompted = getattr(model, "head_text", None) is not None
-    bar = tqdm(total=cfg.max_steps, disable=not cfg.progress, desc="stitchvm distill")
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not cfg.progress, desc="stitchvm distill")
     for _epoch in range(cfg.epochs):
         epoch_start = step
         for images, captions, given, own in rebatch(data_iter, cfg.batch_size):
@@ -484,6 +572,8 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
             if callback is not None and step % cfg.log_every == 0:
                 callback(step, {k: v[-1] for k, v in stats.items()})
             if cfg.ckpt_dir is not None and cfg.ckpt_every and step % cfg.ckpt_every == 0:
+                if state_fn is not None:
+                    state_fn(DistillState.capture(step, model, optimizer, scheduler, generator).files())
                 save_fn(cfg.ckpt_dir, model, ckpt_meta)
         if cfg.max_steps is not None and step >= cfg.max_steps:
             break

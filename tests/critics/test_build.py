@@ -439,3 +439,67 @@ def test_stage_two_option_errors(world, tmp_path, capsys, extra, message):
     err = capsys.readouterr().err
     assert rc == 2 and re.search(message, err), err
     assert not (tmp_path / "x").exists()
+
+
+def test_an_interrupted_build_resumes_stage_two_from_its_checkpoint(world, tmp_path, monkeypatch, capsys):
+    """Ctrl-C after stage 2's step-2 checkpoint, then the same command with resume=true: the build goes on at step 3
+    from the checkpoint's float32 weights, optimizer and schedule (its lr at each step is the uninterrupted build's)
+    and ends as a critic without training state; another config, or a finished critic, is refused."""
+    from critics import build as build_module
+    from critics.distill import STATE_JSON, STATE_TENSORS
+
+    real, seen = build_module.distill, []
+
+    def interrupt_at_step_3(model, reward, encode_fn, data_iter, cfg, **kw):
+        def callback(step, stats):
+            seen.append((step, stats["distill/lr"]))
+            if step == 3 and kw.get("resume") is None:
+                raise KeyboardInterrupt
+        kw.pop("callback")
+        return real(model, reward, encode_fn, data_iter, cfg, callback=callback, **kw)
+
+    monkeypatch.setattr(build_module, "distill", interrupt_at_step_3)
+    out = tmp_path / "c"
+    args = ["--config", SHAPES_YAML, *tiny_overrides(world, out, "distill.log_every=1", "distill.lr_decay=cosine")]
+    assert main(args) == 130 and "resume=true" in capsys.readouterr().err
+    assert (out / STATE_TENSORS).is_file() and (out / STATE_JSON).is_file()  # the step-2 checkpoint
+    interrupted = list(seen)
+    assert main([*args, "resume=true", "num_workers=0"]) == 0  # num_workers may differ
+    record = json.loads((out / "build.json").read_text())
+    assert record["resumed_from_step"] == 2 and record["steps"] == 4 and record["distill_steps"] == 4
+    assert [s for s, _ in seen] == [1, 2, 3, 3, 4]
+    assert seen[3][1] == pytest.approx(interrupted[2][1])  # step 3's lr: the schedule went on, not restarted
+    assert not (out / STATE_TENSORS).exists() and not (out / STATE_JSON).exists()
+    load.stitchvm(load_shapes_policy(weights_dir=world), load_shapes_reward(weights_dir=world), out)
+    assert main([*args, "resume=true"]) == 2  # finished: no state to go on from
+    assert "holds no stage-2 training state" in capsys.readouterr().err
+    seen.clear()
+    assert main(args) == 130
+    assert main([*args, "resume=true", "distill.lr=1e-3"]) == 2
+    assert re.search(r"config error: resume: the checkpoint in .* was written by another config \(distill.lr: "
+                     r"0.0003 there, 0.001 here\)", capsys.readouterr().err)
+
+
+def test_a_build_counted_in_epochs_resumes_to_the_same_last_step(world, tmp_path, monkeypatch, capsys):
+    """distill.max_steps null (the SD3.5 config's 5 epochs): the resumed run stops where the epochs would have ended,
+    2 passes x floor(32 / 8) = 8 steps."""
+    from critics import build as build_module
+
+    real = build_module.distill
+
+    def interrupt_at_step_3(model, reward, encode_fn, data_iter, cfg, **kw):
+        def callback(step, stats):
+            if step == 3 and kw.get("resume") is None:
+                raise KeyboardInterrupt
+        kw.pop("callback")
+        return real(model, reward, encode_fn, data_iter, cfg, callback=callback, **kw)
+
+    monkeypatch.setattr(build_module, "distill", interrupt_at_step_3)
+    out = tmp_path / "c"
+    args = ["--config", SHAPES_YAML, *tiny_overrides(world, out, "distill.log_every=1", "distill.lr_decay=constant",
+                                                      "distill.max_steps=null", "distill.epochs=2",
+                                                      "data.num_samples=32")]
+    assert main(args) == 130
+    assert main([*args, "resume=true"]) == 0
+    record = json.loads((out / "build.json").read_text())
+    assert record["resumed_from_step"] == 2 and record["steps"] == 8

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -335,3 +336,42 @@ def test_caption_score_term_needs_its_metric_and_the_embed_token_loss():
     with pytest.raises(ValueError, match="needs the caption metric M"):
         distill(model, reward, TinyEncoder(), image_batches(), DistillConfig(lambda_score=1.0, max_steps=1,
                                                                              batch_size=4, progress=False))
+
+
+def test_a_resumed_run_goes_on_as_if_it_had_not_stopped(tmp_path):
+    """Four steps straight, against two steps, a checkpoint's DistillState written to files and read back, and two
+    more steps from it: the same weights, optimizer moments and learning rate (every batch the same images, so the
+    restarted data stream does not matter; the (σ, ε) generator is part of the state)."""
+    import copy
+
+    from critics.distill import STATE_JSON, STATE_TENSORS, DistillState
+
+    model, _, reward, _, _ = tiny_stitchvm(j=1)
+    g = torch.Generator().manual_seed(2)
+    batch = torch.rand(4, 3, 32, 32, generator=g)
+    data = [batch] * 8
+    cfg = DistillConfig(lr=1e-3, warmup_steps=1, batch_size=4, max_steps=4, lr_decay="cosine", progress=False,
+                        sigma_sampling="uniform", ckpt_every=2, ckpt_dir=str(tmp_path / "ckpt"))
+    states = {}
+    straight = copy.deepcopy(model)
+    stats = distill(straight, reward, TinyEncoder(), data, cfg, state_fn=lambda f: states.setdefault(len(states), f))
+    assert set(states[0]) == {STATE_TENSORS, STATE_JSON}
+    for name, data_bytes in states[0].items():  # the step-2 checkpoint's state
+        (tmp_path / name).write_bytes(data_bytes)
+    state = DistillState.read(tmp_path)
+    assert state.step == 2
+    resumed = copy.deepcopy(model)  # the untrained start: the state's weights replace it
+    more = distill(resumed, reward, TinyEncoder(), data, cfg, resume=state)
+    assert len(more["distill/loss"]) == 2
+    assert more["distill/lr"] == pytest.approx(stats["distill/lr"][2:])
+    assert more["distill/loss"] == pytest.approx(stats["distill/loss"][2:], rel=1e-5)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b)
+    (tmp_path / STATE_JSON).write_text("{not json")
+    with pytest.raises(ValueError, match="training state in .* is damaged"):
+        DistillState.read(tmp_path)
+    with pytest.raises(ValueError, match="holds no stage-2 training state"):
+        DistillState.read(tmp_path / "ckpt")  # a critic's files only
+    with pytest.raises(ValueError, match="resume goes on to max_steps"):
+        distill(copy.deepcopy(model), reward, TinyEncoder(), data, replace(cfg, max_steps=None, lr_decay="constant"),
+                resume=state)
