@@ -82,28 +82,38 @@ def fidelity(critic, teacher, images, latents, prompts, sigma: float, seed: int 
     return float((student - target).std()), float(spearmanr(student, target).statistic)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def continuation_parser(description: str, sigmas: list[float]) -> argparse.ArgumentParser:
+    """The options every stage-2 continuation screen shares (this one, critic_teacher_input_cpu.py)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--critic", default="shapes/weights/stitchvm_prompt_low")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=6e-5, help="constant after 10 warm-up steps (the build's peak: 3e-4)")
-    p.add_argument("--lambda-own", type=float, nargs="+", default=[0.0, 1.0, 4.0])
-    p.add_argument("--jitter", type=float, nargs="*", default=[],
-                   help="more arms at λ 0: half of every batch hue-rotated by up to this many degrees (session 20)")
     p.add_argument("--bank", type=int, default=2048, help="policy samples in the continuation's data mix")
     p.add_argument("--n-eval", type=int, default=512, help="held-out images per evaluation set")
-    p.add_argument("--sigmas", type=float, nargs="+", default=[0.1, 0.25, 0.5])
+    p.add_argument("--sigmas", type=float, nargs="+", default=sigmas)
     p.add_argument("--json", default=None, help="write the table's numbers here")
-    args = p.parse_args(argv)
+    return p
+
+
+def continuation_setup(critic_path: str):
+    """(policy, reward, the critic to continue, the teacher tower, its build config, the build's render dataset)."""
     torch.manual_seed(0)
     policy = models.load_shapes_policy().eval().requires_grad_(False)
     reward = models.load_shapes_reward()
-    base = load.stitchvm(policy, reward, args.critic).eval()
+    base = load.stitchvm(policy, reward, critic_path).eval()
     teacher = make_tail(reward.vision, reward_preprocess(reward))
-    record = json.loads(open(f"{args.critic}/build.json").read())["config"]
-    cfg = load_config(BUILD_YAML, [])
-    dataset = instantiate(cfg.data, _path="data")
+    record = json.loads(open(f"{critic_path}/build.json").read())["config"]
+    return policy, reward, base, teacher, record, instantiate(load_config(BUILD_YAML, []).data, _path="data")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = continuation_parser(__doc__.split("\n\n")[0], [0.1, 0.25, 0.5])
+    p.add_argument("--lambda-own", type=float, nargs="+", default=[0.0, 1.0, 4.0])
+    p.add_argument("--jitter", type=float, nargs="*", default=[],
+                   help="more arms at λ 0: half of every batch hue-rotated by up to this many degrees (session 20)")
+    args = p.parse_args(argv)
+    policy, reward, base, teacher, record, dataset = continuation_setup(args.critic)
 
     # the continuation's data: the build's mix, with a smaller bank of the policy's samples (train prompts)
     ps_cfg = PolicySampleConfig(**{**record["policy_samples"], "n": args.bank, "batch_size": 512})

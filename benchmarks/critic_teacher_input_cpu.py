@@ -19,9 +19,7 @@ steps), per σ: std of (student − teacher) and Spearman ρ(student, teacher), 
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,44 +27,24 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]  # run from anywhere
-from critic_own_score_cpu import fidelity, report  # noqa: E402
-from critics import load  # noqa: E402
-from critics.build import ImageStream, MixedStream, PolicySampleConfig, generate_samples, load_config, sample_prompts  # noqa: E402
+from critic_own_score_cpu import continuation_parser, continuation_setup, fidelity, report  # noqa: E402
+from critics.build import ImageStream, MixedStream, PolicySampleConfig, generate_samples, sample_prompts  # noqa: E402
 from critics.distill import DistillConfig, distill  # noqa: E402
-from critics.load import reward_preprocess  # noqa: E402
-from critics.tails import make_tail  # noqa: E402
-from rl.config import instantiate  # noqa: E402
-from shapes import models  # noqa: E402
 from shapes.data import prompts as shapes_prompts  # noqa: E402
 
-BUILD_YAML = "configs/critic/build_shapes.yaml"
 ARMS = (("image", "encoded"), ("decoded", "encoded"), ("decoded", "own"), ("image", "own"))
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--critic", default="shapes/weights/stitchvm_prompt_low")
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=6e-5, help="constant after 10 warm-up steps (the build's peak: 3e-4)")
-    p.add_argument("--bank", type=int, default=2048, help="policy samples in the continuation's data mix")
-    p.add_argument("--n-eval", type=int, default=512, help="held-out images per evaluation set")
-    p.add_argument("--sigmas", type=float, nargs="+", default=[0.1, 0.25])
+    p = continuation_parser(__doc__.split("\n\n")[0], [0.1, 0.25])
     p.add_argument("--arms", nargs="+", default=[f"{t}/{s}" for t, s in ARMS],
                    help="TEACHER/STUDENT pairs: teacher_input image|decoded, bank rows' z0 encoded|own")
-    p.add_argument("--json", default=None, help="write the table's numbers here")
     args = p.parse_args(argv)
     arms = [tuple(a.split("/")) for a in args.arms]
     for t, s in arms:
         if t not in ("image", "decoded") or s not in ("encoded", "own"):
             raise SystemExit(f"error: arm {t}/{s}: TEACHER is image or decoded, STUDENT encoded or own")
-    torch.manual_seed(0)
-    policy = models.load_shapes_policy().eval().requires_grad_(False)
-    reward = models.load_shapes_reward()
-    base = load.stitchvm(policy, reward, args.critic).eval()
-    teacher = make_tail(reward.vision, reward_preprocess(reward))
-    record = json.loads(open(f"{args.critic}/build.json").read())["config"]
-    dataset = instantiate(load_config(BUILD_YAML, []).data, _path="data")
+    policy, reward, base, teacher, record, dataset = continuation_setup(args.critic)
 
     ps_cfg = PolicySampleConfig(**{**record["policy_samples"], "n": args.bank, "batch_size": 512})
     bank_prompts = shapes_prompts("train", 4 * args.bank, 5)

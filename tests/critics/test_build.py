@@ -441,16 +441,14 @@ def test_stage_two_option_errors(world, tmp_path, capsys, extra, message):
     assert not (tmp_path / "x").exists()
 
 
-def test_an_interrupted_build_resumes_stage_two_from_its_checkpoint(world, tmp_path, monkeypatch, capsys):
-    """Ctrl-C after stage 2's step-2 checkpoint, then the same command with resume=true: the build goes on at step 3
-    from the checkpoint's float32 weights, optimizer and schedule (its lr at each step is the uninterrupted build's)
-    and ends as a critic without training state; another config, or a finished critic, is refused."""
+def interrupt_stage_two_at_step_3(monkeypatch) -> list[tuple[int, float]]:
+    """Make the build's stage 2 raise KeyboardInterrupt (Ctrl-C) at step 3 unless it resumes; returns the (step, lr)
+    list it logs every step."""
     from critics import build as build_module
-    from critics.distill import STATE_JSON, STATE_TENSORS
 
     real, seen = build_module.distill, []
 
-    def interrupt_at_step_3(model, reward, encode_fn, data_iter, cfg, **kw):
+    def interrupted(model, reward, encode_fn, data_iter, cfg, **kw):
         def callback(step, stats):
             seen.append((step, stats["distill/lr"]))
             if step == 3 and kw.get("resume") is None:
@@ -458,7 +456,17 @@ def test_an_interrupted_build_resumes_stage_two_from_its_checkpoint(world, tmp_p
         kw.pop("callback")
         return real(model, reward, encode_fn, data_iter, cfg, callback=callback, **kw)
 
-    monkeypatch.setattr(build_module, "distill", interrupt_at_step_3)
+    monkeypatch.setattr(build_module, "distill", interrupted)
+    return seen
+
+
+def test_an_interrupted_build_resumes_stage_two_from_its_checkpoint(world, tmp_path, monkeypatch, capsys):
+    """Ctrl-C after stage 2's step-2 checkpoint, then the same command with resume=true: the build goes on at step 3
+    from the checkpoint's float32 weights, optimizer and schedule (its lr at each step is the uninterrupted build's)
+    and ends as a critic without training state; another config, or a finished critic, is refused."""
+    from critics.distill import STATE_JSON, STATE_TENSORS
+
+    seen = interrupt_stage_two_at_step_3(monkeypatch)
     out = tmp_path / "c"
     args = ["--config", SHAPES_YAML, *tiny_overrides(world, out, "distill.log_every=1", "distill.lr_decay=cosine")]
     assert main(args) == 130 and "resume=true" in capsys.readouterr().err
@@ -483,18 +491,7 @@ def test_an_interrupted_build_resumes_stage_two_from_its_checkpoint(world, tmp_p
 def test_a_build_counted_in_epochs_resumes_to_the_same_last_step(world, tmp_path, monkeypatch, capsys):
     """distill.max_steps null (the SD3.5 config's 5 epochs): the resumed run stops where the epochs would have ended,
     2 passes x floor(32 / 8) = 8 steps."""
-    from critics import build as build_module
-
-    real = build_module.distill
-
-    def interrupt_at_step_3(model, reward, encode_fn, data_iter, cfg, **kw):
-        def callback(step, stats):
-            if step == 3 and kw.get("resume") is None:
-                raise KeyboardInterrupt
-        kw.pop("callback")
-        return real(model, reward, encode_fn, data_iter, cfg, callback=callback, **kw)
-
-    monkeypatch.setattr(build_module, "distill", interrupt_at_step_3)
+    interrupt_stage_two_at_step_3(monkeypatch)
     out = tmp_path / "c"
     args = ["--config", SHAPES_YAML, *tiny_overrides(world, out, "distill.log_every=1", "distill.lr_decay=constant",
                                                       "distill.max_steps=null", "distill.epochs=2",
