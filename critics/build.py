@@ -681,12 +681,12 @@ def build(cfg: BuildConfig) -> BuildResult:
                        f"lr {stats['distill/lr']:.3g}, grad norm {stats['distill/grad_norm']:.3g}")
             record["last_step"] = step
 
-        steps = dcfg.max_steps if dcfg.max_steps is not None else dcfg.epochs * (len(dataset) // dcfg.batch_size)
-        if state is not None and dcfg.max_steps is None:  # a resumed run goes on to a step, not to an epoch's end
-            if ps.n > 0:
-                raise ConfigError("resume: a build whose batches mix in policy samples ends its epochs at a step it "
-                                  "cannot know in advance: give it distill.max_steps from the start")
-            dcfg = replace(dcfg, max_steps=steps)  # what its epochs come to: every pass drops its last partial batch
+        steps = dcfg.epochs * steps_per_pass(len(dataset), cfg.loader_batch_size, dcfg.batch_size,
+                                             ps.fraction if ps.n > 0 else 0.0)
+        steps = min(steps, dcfg.max_steps) if dcfg.max_steps is not None else steps
+        # a resumed run stops where the uninterrupted one would have: at max_steps, or where its epochs end, counted
+        # as the streams batch them (its own restarted stream cannot tell)
+        stop = steps if state is not None else None
         say("distill", f"{steps} steps of {dcfg.batch_size} images, lr {dcfg.lr:g} (stitch "
                        f"x{dcfg.stitch_lr_mult:g}), sigma ~ {dcfg.sigma_sampling}, the teacher on "
                        f"{'D(z0)' if dcfg.teacher_input == 'decoded' else 'x0'}, checkpoints → {dcfg.ckpt_dir}")
@@ -704,7 +704,7 @@ def build(cfg: BuildConfig) -> BuildResult:
             record["resumed_from_step"] = state.step
         stats = distill(model, reward, policy.encode, stream, dcfg, callback=log, ckpt_meta=meta, save_fn=save_fn,
                         caption_metric=metric, text_embed_fn=reward.text_embed, decode_fn=policy.decode,
-                        resume=state, state_fn=extras.update)
+                        resume=state, state_fn=extras.update, stop_step=stop)
         for name in (STATE_TENSORS, STATE_JSON):  # the finished critic (and stage 3's checkpoints) carry no state
             extras.pop(name, None)
         times["distill_s"] = time.perf_counter() - t
@@ -764,6 +764,14 @@ def _summarise(record: dict, stats: dict[str, list[float]], stage: str, log_ever
     record[f"{stage}_steps"] = n
     if stage == "distill":
         record["steps"] = n
+
+
+def steps_per_pass(n: int, loader_batch_size: int, batch_size: int, fraction: float = 0.0) -> int:
+    """Optimiser steps in one pass over n images: the loader's batches (the last one partial), each grown by
+    MixedStream's round(b f / (1 − f)) policy samples, re-chunked by critics.distill.rebatch, which drops the pass's
+    last partial batch."""
+    sizes = [loader_batch_size] * (n // loader_batch_size) + ([n % loader_batch_size] if n % loader_batch_size else [])
+    return sum(b + (round(b * fraction / (1 - fraction)) if fraction else 0) for b in sizes) // batch_size
 
 
 # what may differ between a build and its resumption: none of it changes what is computed

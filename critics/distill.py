@@ -345,6 +345,7 @@ class DistillState:
     next to the critic's files (``files``) and read back from them (``read``); safetensors and JSON only."""
 
     step: int
+    interface: tuple[int, int]  # (i, j) of the critic it trained: the weights fit no other head depth or tail
     weights: dict[str, Tensor]  # "stitch.NAME" and "tail.NAME"
     optimizer: dict
     scheduler: dict
@@ -354,15 +355,16 @@ class DistillState:
     def capture(cls, step: int, model: StitchVM, optimizer, scheduler, generator: torch.Generator) -> "DistillState":
         weights = {f"stitch.{k}": v for k, v in model.stitch.state_dict().items()}
         weights.update({f"tail.{k}": v for k, v in model.tail_named_parameters()})
-        return cls(step, {k: v.detach().float().cpu().clone() for k, v in weights.items()}, optimizer.state_dict(),
-                   scheduler.state_dict(), generator.get_state())
+        return cls(step, (model.i, model.j),
+                   {k: (v.float() if v.is_floating_point() else v).detach().cpu().clone() for k, v in weights.items()},
+                   optimizer.state_dict(), scheduler.state_dict(), generator.get_state())
 
     def files(self) -> dict[str, bytes]:
         """{file name: bytes} of the state: STATE_TENSORS (weights, optimizer tensors) and STATE_JSON (the rest)."""
         opt_tensors, opt_meta = optimizer_state_to_tensors(self.optimizer)
         tensors = {**{f"weights/{k}": v for k, v in self.weights.items()},
                    **{f"optimizer/{k}": v for k, v in opt_tensors.items()}}
-        meta = {"step": self.step, "optimizer": opt_meta, "scheduler": scheduler_state_to_json(self.scheduler),
+        meta = {"step": self.step, "interface": list(self.interface), "optimizer": opt_meta, "scheduler": scheduler_state_to_json(self.scheduler),
                 "generator": base64.b64encode(self.generator.numpy().tobytes()).decode("ascii")}
         return {STATE_TENSORS: safetensors.torch.save(tensors), STATE_JSON: json.dumps(meta).encode()}
 
@@ -382,7 +384,7 @@ class DistillState:
             optimizer = optimizer_state_from_tensors(
                 {k[len("optimizer/"):]: v for k, v in tensors.items() if k.startswith("optimizer/")}, meta["optimizer"])
             generator = torch.frombuffer(bytearray(base64.b64decode(meta["generator"])), dtype=torch.uint8)
-            return cls(int(meta["step"]), {k[len("weights/"):]: v for k, v in tensors.items()
+            return cls(int(meta["step"]), tuple(meta["interface"]), {k[len("weights/"):]: v for k, v in tensors.items()
                                            if k.startswith("weights/")},
                        optimizer, scheduler_state_from_json(meta["scheduler"]), generator)
         except Exception as e:  # a truncated or hand-edited file: name it, do not resume from half a state
@@ -390,7 +392,10 @@ class DistillState:
                              f"resume from an intact checkpoint or start the build again") from e
 
     def load_weights(self, model: StitchVM) -> None:
-        """Copy the float32 weights into the model's stitch and tail (every name must match)."""
+        """Copy the float32 weights into the model's stitch and tail (the interface and every name must match)."""
+        if tuple(self.interface) != (model.i, model.j):
+            raise ValueError(f"the training state is of a critic stitched at (i, j) = {tuple(self.interface)}, this "
+                             f"build's is ({model.i}, {model.j}): pin search.pinned={list(self.interface)} to resume it")
         stitch = {k[len("stitch."):]: v for k, v in self.weights.items() if k.startswith("stitch.")}
         tail = {k[len("tail."):]: v for k, v in self.weights.items() if k.startswith("tail.")}
         params = dict(model.tail_named_parameters())
@@ -411,7 +416,8 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
             text_embed_fn: Callable[[list[str]], Tensor] | None = None,
             decode_fn: Callable[[Tensor], Tensor] | None = None,
             resume: DistillState | None = None,
-            state_fn: Callable[[dict[str, bytes]], None] | None = None) -> dict[str, list[float]]:
+            state_fn: Callable[[dict[str, bytes]], None] | None = None,
+            stop_step: int | None = None) -> dict[str, list[float]]:
     """Train the stitch and the tail of `model` to match `teacher_reward` on forward-noised latents.
 
     Args:
@@ -435,6 +441,8 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
             (the data stream restarts: pass a differently seeded one for fresh batches).
         state_fn: called with the DistillState's files right before each checkpoint's save_fn (critics.build writes
             them into the checkpoint, so that it can be resumed).
+        stop_step: stop after this step too: where a resumed run's epochs would have ended (its restarted data
+            stream cannot tell; critics.build computes it), without touching max_steps, which shapes the schedule.
     Returns:
         {"distill/loss": [...], "distill/embed_loss": [...], "distill/token_loss": [...], "distill/score_loss",
          "distill/own_score_loss",
@@ -473,20 +481,20 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
     model.train()
     step = 0
     if resume is not None:
-        if cfg.max_steps is None:
-            raise ValueError("resume goes on to max_steps: set max_steps (a resumed run cannot tell which epoch it "
-                             "stopped in)")
+        if cfg.max_steps is None and stop_step is None:
+            raise ValueError("a resumed run cannot tell which epoch it stopped in: give it max_steps or stop_step")
         resume.load_weights(model)
         optimizer.load_state_dict(resume.optimizer)
         scheduler.load_state_dict(resume.scheduler)
         generator.set_state(resume.generator)
         step = resume.step
     prompted = getattr(model, "head_text", None) is not None
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not cfg.progress, desc="stitchvm distill")
+    last = min(n for n in (cfg.max_steps, stop_step, math.inf) if n is not None)
+    bar = tqdm(total=None if last == math.inf else last, initial=step, disable=not cfg.progress, desc="stitchvm distill")
     for _epoch in range(cfg.epochs):
         epoch_start = step
         for images, captions, given, own in rebatch(data_iter, cfg.batch_size):
-            if cfg.max_steps is not None and step >= cfg.max_steps:
+            if step >= last:
                 break
             own_text = None
             if cfg.lambda_own_score > 0:  # the own captions' embeddings, before the head's caption dropout
@@ -575,7 +583,7 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
                 if state_fn is not None:
                     state_fn(DistillState.capture(step, model, optimizer, scheduler, generator).files())
                 save_fn(cfg.ckpt_dir, model, ckpt_meta)
-        if cfg.max_steps is not None and step >= cfg.max_steps:
+        if step >= last:
             break
         if _epoch > 0 and step == epoch_start > 0:  # a generator is spent after one pass: the run would end early
             raise ValueError(f"data_iter yielded no batch in epoch {_epoch + 1} of {cfg.epochs}: pass a re-iterable "
@@ -585,5 +593,7 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
     if step == 0:
         raise ValueError(f"no optimiser step taken: data_iter yielded fewer than batch_size = {cfg.batch_size} images")
     if cfg.ckpt_dir is not None:
+        if state_fn is not None:  # the state written with the last weights, never an older checkpoint's
+            state_fn(DistillState.capture(step, model, optimizer, scheduler, generator).files())
         save_fn(cfg.ckpt_dir, model, ckpt_meta)
     return stats

@@ -292,6 +292,17 @@ def test_mixed_stream_adds_the_policy_samples_at_the_asked_share():
         MixedStream(data, bank.float(), 0.5, seed=0)
 
 
+@pytest.mark.parametrize("n,loader,batch,fraction", [(37, 8, 16, 0.75), (32, 8, 8, 0.0), (50, 7, 5, 0.25)])
+def test_steps_per_pass_counts_what_stage_two_batches(n, loader, batch, fraction):
+    """steps_per_pass: the optimiser steps of one pass of the data loader's batches (MixedStream-grown), re-chunked."""
+    from critics.build import MixedStream, steps_per_pass
+    from critics.distill import rebatch
+
+    data = list(torch.zeros(n, 3, 4, 4).split(loader))  # the loader's batches, the last one partial
+    stream = MixedStream(data, torch.zeros(3, 3, 4, 4, dtype=torch.uint8), fraction, seed=0) if fraction else data
+    assert steps_per_pass(n, loader, batch, fraction) == len(list(rebatch(stream, batch)))
+
+
 def test_mixed_stream_carries_the_samples_own_latents():
     from critics.build import MixedStream
     from critics.distill import rebatch
@@ -441,23 +452,23 @@ def test_stage_two_option_errors(world, tmp_path, capsys, extra, message):
     assert not (tmp_path / "x").exists()
 
 
-def interrupt_stage_two_at_step_3(monkeypatch) -> list[tuple[int, float]]:
-    """Make the build's stage 2 raise KeyboardInterrupt (Ctrl-C) at step 3 unless it resumes; returns the (step, lr)
-    list it logs every step."""
+def interrupt_stage_two_at_step_3(monkeypatch) -> tuple[list[tuple[int, float]], dict]:
+    """Make the build's stage 2 raise KeyboardInterrupt (Ctrl-C) at step 3 unless it resumes or control["on"] is
+    False; returns the (step, lr) list it logs every step, and control."""
     from critics import build as build_module
 
-    real, seen = build_module.distill, []
+    real, seen, control = build_module.distill, [], {"on": True}
 
     def interrupted(model, reward, encode_fn, data_iter, cfg, **kw):
         def callback(step, stats):
             seen.append((step, stats["distill/lr"]))
-            if step == 3 and kw.get("resume") is None:
+            if step == 3 and kw.get("resume") is None and control["on"]:
                 raise KeyboardInterrupt
         kw.pop("callback")
         return real(model, reward, encode_fn, data_iter, cfg, callback=callback, **kw)
 
     monkeypatch.setattr(build_module, "distill", interrupted)
-    return seen
+    return seen, control
 
 
 def test_an_interrupted_build_resumes_stage_two_from_its_checkpoint(world, tmp_path, monkeypatch, capsys):
@@ -466,7 +477,7 @@ def test_an_interrupted_build_resumes_stage_two_from_its_checkpoint(world, tmp_p
     and ends as a critic without training state; another config, or a finished critic, is refused."""
     from critics.distill import STATE_JSON, STATE_TENSORS
 
-    seen = interrupt_stage_two_at_step_3(monkeypatch)
+    seen, _ = interrupt_stage_two_at_step_3(monkeypatch)
     out = tmp_path / "c"
     args = ["--config", SHAPES_YAML, *tiny_overrides(world, out, "distill.log_every=1", "distill.lr_decay=cosine")]
     assert main(args) == 130 and "resume=true" in capsys.readouterr().err
@@ -488,15 +499,20 @@ def test_an_interrupted_build_resumes_stage_two_from_its_checkpoint(world, tmp_p
                      r"0.0003 there, 0.001 here\)", capsys.readouterr().err)
 
 
-def test_a_build_counted_in_epochs_resumes_to_the_same_last_step(world, tmp_path, monkeypatch, capsys):
-    """distill.max_steps null (the SD3.5 config's 5 epochs): the resumed run stops where the epochs would have ended,
-    2 passes x floor(32 / 8) = 8 steps."""
-    interrupt_stage_two_at_step_3(monkeypatch)
+@pytest.mark.parametrize("max_steps,epochs,last", [("null", 2, 8), (100, 1, 4)])
+def test_a_resumed_build_stops_where_its_epochs_end(world, tmp_path, monkeypatch, max_steps, epochs, last):
+    """The epochs end first (distill.max_steps null as in the SD3.5 config's 5 epochs, or more steps than a pass
+    has): the resumed run stops where the uninterrupted one did, epochs x floor(32 / 8) steps."""
+    _, control = interrupt_stage_two_at_step_3(monkeypatch)
+    args = lambda out: ["--config", SHAPES_YAML, *tiny_overrides(  # noqa: E731
+        world, out, "distill.log_every=1", "distill.lr_decay=constant", f"distill.max_steps={max_steps}",
+        f"distill.epochs={epochs}", "data.num_samples=32", "distill.ckpt_every=0")]
+    control["on"] = False  # the uninterrupted reference
+    assert main(args(tmp_path / "ref")) == 0
+    assert json.loads((tmp_path / "ref" / "build.json").read_text())["steps"] == last
+    control["on"] = True
     out = tmp_path / "c"
-    args = ["--config", SHAPES_YAML, *tiny_overrides(world, out, "distill.log_every=1", "distill.lr_decay=constant",
-                                                      "distill.max_steps=null", "distill.epochs=2",
-                                                      "data.num_samples=32")]
-    assert main(args) == 130
-    assert main([*args, "resume=true"]) == 0
+    assert main([*args(out), "distill.ckpt_every=2"]) == 130
+    assert main([*args(out), "distill.ckpt_every=2", "resume=true"]) == 0
     record = json.loads((out / "build.json").read_text())
-    assert record["resumed_from_step"] == 2 and record["steps"] == 8
+    assert record["resumed_from_step"] == 2 and record["steps"] == last

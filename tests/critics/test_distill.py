@@ -367,11 +367,20 @@ def test_a_resumed_run_goes_on_as_if_it_had_not_stopped(tmp_path):
     assert more["distill/loss"] == pytest.approx(stats["distill/loss"][2:], rel=1e-5)
     for a, b in zip(straight.parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b)
+    state.interface = (state.interface[0] + 1, state.interface[1])
+    with pytest.raises(ValueError, match=r"stitched at \(i, j\) = .*pin search.pinned"):
+        distill(copy.deepcopy(model), reward, TinyEncoder(), data, cfg, resume=state)
+    states.clear()  # a run that ends between checkpoints: its final save carries the final step's state
+    distill(copy.deepcopy(model), reward, TinyEncoder(), data, replace(cfg, max_steps=3),
+            state_fn=lambda f: states.setdefault(len(states), f))
+    for name, data_bytes in states[len(states) - 1].items():
+        (tmp_path / name).write_bytes(data_bytes)
+    assert DistillState.read(tmp_path).step == 3
     (tmp_path / STATE_JSON).write_text("{not json")
     with pytest.raises(ValueError, match="training state in .* is damaged"):
         DistillState.read(tmp_path)
     with pytest.raises(ValueError, match="holds no stage-2 training state"):
         DistillState.read(tmp_path / "ckpt")  # a critic's files only
-    with pytest.raises(ValueError, match="resume goes on to max_steps"):
+    with pytest.raises(ValueError, match="cannot tell which epoch it stopped in"):
         distill(copy.deepcopy(model), reward, TinyEncoder(), data, replace(cfg, max_steps=None, lr_decay="constant"),
                 resume=state)
