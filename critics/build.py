@@ -776,7 +776,9 @@ def steps_per_pass(n: int, loader_batch_size: int, batch_size: int, fraction: fl
 
 # what may differ between a build and its resumption: none of it changes what is computed
 RESUME_FREE_KEYS = {"resume", "num_workers", "device", "heatmap", "distill.progress", "distill.log_every",
-                    "onpolicy.progress", "onpolicy.log_every"}
+                    "distill.ckpt_every", "distill.check_teacher", "onpolicy.progress", "onpolicy.log_every",
+                    "onpolicy.ckpt_every"}
+RESUME_PATH_KEYS = {"output_dir", "distill.ckpt_dir", "onpolicy.ckpt_dir"}  # compared as the directories they name
 
 
 def _resume_state(cfg: BuildConfig) -> DistillState:
@@ -797,6 +799,11 @@ def _resume_state(cfg: BuildConfig) -> DistillState:
         return out
 
     saved, asked = flat(saved), flat(json.loads(json.dumps(to_dict(cfg))))
+    for flat_cfg in (saved, asked):  # a checkpoint directory is the output_dir when ckpt_dir is null
+        for key in RESUME_PATH_KEYS - {"output_dir"}:
+            flat_cfg[key] = flat_cfg.get(key) or flat_cfg.get("output_dir")
+        for key in RESUME_PATH_KEYS:
+            flat_cfg[key] = str(Path(flat_cfg[key]).resolve()) if flat_cfg.get(key) else flat_cfg.get(key)
     differ = sorted(k for k in saved.keys() | asked.keys()
                     if k not in RESUME_FREE_KEYS and saved.get(k, "<unset>") != asked.get(k, "<unset>"))
     if differ:
