@@ -159,7 +159,7 @@ class BuildConfig:
     resume: bool = option(
         False, help="go on with stage 2 from the checkpoint in distill.ckpt_dir (default output_dir) that an "
                     "interrupted build wrote: its weights, optimizer, schedule and step. The config must be the one "
-                    "that wrote it (num_workers, device and logging may differ); the batches after the step are a "
+                    "that wrote it (workers, device, logging and checkpoint cadence may differ); the batches after the step are a "
                     "fresh draw.")
     loader_batch_size: int = option(64, help="images per DataLoader batch (distill re-chunks to its batch_size).")
     num_workers: int = option(0, help="DataLoader worker processes producing training images.")
