@@ -1,10 +1,11 @@
-"""Does a teacher that scores D(z0), the image of the student's own clean latent, raise the critic's fidelity? (session 21)
+"""Does a teacher that scores D(z0), the image of the student's own clean latent, raise the critic's fidelity?
+(session 21)
 
 Stage 2 has the teacher score the clean image x0 while the student sees z_t noised from E(x0) (or from a policy
 sample's own latent). The value a trainer asks for is E[r(D(z0)) | z_t], the reward of the image the policy's latent
 decodes to, and the VAE round trip moves that reward: on the policy's samples r(D(E(D(z0)))) ranks as r(D(z0)) only at
-ρ .967-.986. With ``distill.teacher_input: decoded`` every target is r(D(z0)) of the very z0 the student's z_t is noised
-from, a function of the student's clean input.
+ρ .967-.986. With ``distill.teacher_input: decoded`` every target is r(D(z0)) of the very z0 the student's z_t is
+noised from, a function of the student's clean input.
 
 This continues stage 2 from a shipped critic for --steps more steps per arm (teacher input × where the bank rows'
 z0 starts), on the build's data mix (renders and policy samples, half each) at the critic's own noise law. Every arm

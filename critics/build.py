@@ -159,8 +159,8 @@ class BuildConfig:
     resume: bool = option(
         False, help="go on with stage 2 from the checkpoint in distill.ckpt_dir (default output_dir) that an "
                     "interrupted build wrote: its weights, optimizer, schedule and step. The config must be the one "
-                    "that wrote it (workers, device, logging and checkpoint cadence may differ); the batches after the step are a "
-                    "fresh draw.")
+                    "that wrote it (workers, device, logging and checkpoint cadence may differ); the batches after "
+                    "the step are a fresh draw.")
     loader_batch_size: int = option(64, help="images per DataLoader batch (distill re-chunks to its batch_size).")
     num_workers: int = option(0, help="DataLoader worker processes producing training images.")
     bottleneck_ratio: int = option(8, help="G_psi hidden width = D_tail // ratio (paper 1:8).")
@@ -807,7 +807,8 @@ def _resume_state(cfg: BuildConfig) -> DistillState:
     differ = sorted(k for k in saved.keys() | asked.keys()
                     if k not in RESUME_FREE_KEYS and saved.get(k, "<unset>") != asked.get(k, "<unset>"))
     if differ:
-        shown = "; ".join(f"{k}: {saved.get(k, '<unset>')!r} there, {asked.get(k, '<unset>')!r} here" for k in differ[:5])
+        shown = "; ".join(f"{k}: {saved.get(k, '<unset>')!r} there, {asked.get(k, '<unset>')!r} here"
+                          for k in differ[:5])
         raise ConfigError(f"resume: the checkpoint in {where} was written by another config ({shown}"
                           f"{'; ...' if len(differ) > 5 else ''}): resume with the config that wrote it, or build "
                           f"from the start")

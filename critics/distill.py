@@ -364,7 +364,8 @@ class DistillState:
         opt_tensors, opt_meta = optimizer_state_to_tensors(self.optimizer)
         tensors = {**{f"weights/{k}": v for k, v in self.weights.items()},
                    **{f"optimizer/{k}": v for k, v in opt_tensors.items()}}
-        meta = {"step": self.step, "interface": list(self.interface), "optimizer": opt_meta, "scheduler": scheduler_state_to_json(self.scheduler),
+        meta = {"step": self.step, "interface": list(self.interface), "optimizer": opt_meta,
+                "scheduler": scheduler_state_to_json(self.scheduler),
                 "generator": base64.b64encode(self.generator.numpy().tobytes()).decode("ascii")}
         return {STATE_TENSORS: safetensors.torch.save(tensors), STATE_JSON: json.dumps(meta).encode()}
 
@@ -374,7 +375,8 @@ class DistillState:
         paths = [os.path.join(directory, name) for name in (STATE_TENSORS, STATE_JSON)]
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
-            raise ValueError(f"{directory} holds no stage-2 training state ({', '.join(map(os.path.basename, missing))} "
+            names = ", ".join(map(os.path.basename, missing))
+            raise ValueError(f"{directory} holds no stage-2 training state ({names} "
                              f"missing): only a build's checkpoints written during stage 2 have it, a finished "
                              f"critic does not")
         try:
@@ -395,7 +397,8 @@ class DistillState:
         """Copy the float32 weights into the model's stitch and tail (the interface and every name must match)."""
         if tuple(self.interface) != (model.i, model.j):
             raise ValueError(f"the training state is of a critic stitched at (i, j) = {tuple(self.interface)}, this "
-                             f"build's is ({model.i}, {model.j}): pin search.pinned={list(self.interface)} to resume it")
+                             f"build's is ({model.i}, {model.j}): pin search.pinned={list(self.interface)} to resume "
+                             f"it")
         stitch = {k[len("stitch."):]: v for k, v in self.weights.items() if k.startswith("stitch.")}
         tail = {k[len("tail."):]: v for k, v in self.weights.items() if k.startswith("tail.")}
         params = dict(model.tail_named_parameters())
@@ -490,7 +493,8 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
         step = resume.step
     prompted = getattr(model, "head_text", None) is not None
     last = min(n for n in (cfg.max_steps, stop_step, math.inf) if n is not None)
-    bar = tqdm(total=None if last == math.inf else last, initial=step, disable=not cfg.progress, desc="stitchvm distill")
+    bar = tqdm(total=None if last == math.inf else last, initial=step, disable=not cfg.progress,
+               desc="stitchvm distill")
     for _epoch in range(cfg.epochs):
         epoch_start = step
         for images, captions, given, own in rebatch(data_iter, cfg.batch_size):
