@@ -107,6 +107,17 @@ def continuation_setup(critic_path: str):
     return policy, reward, base, teacher, record, instantiate(load_config(BUILD_YAML, []).data, _path="data")
 
 
+def continuation_bank(policy, record: dict, n: int):
+    """The continuation's data beside the renders: the build's policy-sample settings with a bank of n samples on
+    train prompts. Returns (their PolicySampleConfig, images uint8, own latents, captions)."""
+    ps_cfg = PolicySampleConfig(**{**record["policy_samples"], "n": n, "batch_size": 512})
+    prompts = shapes_prompts("train", 4 * n, 5)
+    t0 = time.perf_counter()
+    bank, latents = generate_samples(policy, prompts, ps_cfg)
+    print(f"bank: {n} policy samples in {time.perf_counter() - t0:.0f} s", flush=True)
+    return ps_cfg, bank, latents, sample_prompts(prompts, n)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = continuation_parser(__doc__.split("\n\n")[0], [0.1, 0.25, 0.5])
     p.add_argument("--lambda-own", type=float, nargs="+", default=[0.0, 1.0, 4.0])
@@ -115,18 +126,12 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     policy, reward, base, teacher, record, dataset = continuation_setup(args.critic)
 
-    # the continuation's data: the build's mix, with a smaller bank of the policy's samples (train prompts)
-    ps_cfg = PolicySampleConfig(**{**record["policy_samples"], "n": args.bank, "batch_size": 512})
-    bank_prompts = shapes_prompts("train", 4 * args.bank, 5)
-    t0 = time.perf_counter()
-    bank, _ = generate_samples(policy, bank_prompts, ps_cfg)
-    bank_captions = sample_prompts(bank_prompts, args.bank)
+    ps_cfg, bank, _, bank_captions = continuation_bank(policy, record, args.bank)
 
     def stream():  # a fresh stream per arm: the streams reseed each pass (seed + passes), so a shared one would
         # give every arm after the first other batches
         return MixedStream(ImageStream(dataset, 64, 0, 0, captions=True), bank, ps_cfg.fraction, ps_cfg.seed,
                            bank_captions)
-    print(f"bank: {args.bank} policy samples in {time.perf_counter() - t0:.0f} s", flush=True)
 
     # held-out evaluation sets: the policy's samples (CFG 4.5, 20 steps) on test and train prompts, not in the bank
     sets = {}

@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]  # run from anywhere
-from critic_own_score_cpu import continuation_parser, continuation_setup, fidelity, report  # noqa: E402
-from critics.build import ImageStream, MixedStream, PolicySampleConfig, generate_samples, sample_prompts  # noqa: E402
+from critic_own_score_cpu import (continuation_bank, continuation_parser, continuation_setup,  # noqa: E402
+                                  fidelity, report)
+from critics.build import ImageStream, MixedStream  # noqa: E402
 from critics.distill import DistillConfig, distill  # noqa: E402
 from shapes.data import prompts as shapes_prompts  # noqa: E402
 
@@ -47,12 +48,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"error: arm {t}/{s}: TEACHER is image or decoded, STUDENT encoded or own")
     policy, reward, base, teacher, record, dataset = continuation_setup(args.critic)
 
-    ps_cfg = PolicySampleConfig(**{**record["policy_samples"], "n": args.bank, "batch_size": 512})
-    bank_prompts = shapes_prompts("train", 4 * args.bank, 5)
-    t0 = time.perf_counter()
-    bank, bank_latents = generate_samples(policy, bank_prompts, ps_cfg)
-    bank_captions = sample_prompts(bank_prompts, args.bank)
-    print(f"bank: {args.bank} policy samples in {time.perf_counter() - t0:.0f} s", flush=True)
+    ps_cfg, bank, bank_latents, bank_captions = continuation_bank(policy, record, args.bank)
 
     sets = {}
     gen = torch.Generator().manual_seed(0)
