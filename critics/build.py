@@ -655,8 +655,8 @@ def build(cfg: BuildConfig) -> BuildResult:
         # captions reach stage 2 for a head that reads them and for the own-caption score term
         captioned = prompted or dcfg.lambda_own_score > 0
         # a resumed build draws other batches than the ones before its checkpoint: the streams' seeds move by the step
-        skip = state.step if state is not None else 0
-        stream = ImageStream(dataset, cfg.loader_batch_size, cfg.seed + skip, cfg.num_workers, captions=captioned)
+        reseed = state.step if state is not None else 0
+        stream = ImageStream(dataset, cfg.loader_batch_size, cfg.seed + reseed, cfg.num_workers, captions=captioned)
         ps = cfg.policy_samples
         if ps.n > 0:
             ps_prompts = prompt_list(ps.prompts, "policy_samples.prompts")
@@ -665,7 +665,7 @@ def build(cfg: BuildConfig) -> BuildResult:
             bank, bank_latents = generate_samples(policy, ps_prompts, ps)
             times["policy_samples_s"] = time.perf_counter() - t_gen
             # its own seed: the data loader's shuffle already draws from cfg.seed
-            stream = MixedStream(stream, bank, ps.fraction, ps.seed + skip,
+            stream = MixedStream(stream, bank, ps.fraction, ps.seed + reseed,
                                  sample_prompts(ps_prompts, ps.n) if captioned else None,
                                  bank_latents if ps.student_latents == "own" else None)
             say("distill", f"{ps.n} policy samples ({ps.num_steps} steps, CFG {ps.guidance_scales}, eta {ps.etas}) "

@@ -383,12 +383,10 @@ class DistillState:
             tensors = safetensors.torch.load_file(paths[0])
             with open(paths[1]) as f:
                 meta = json.load(f)
-            optimizer = optimizer_state_from_tensors(
-                {k[len("optimizer/"):]: v for k, v in tensors.items() if k.startswith("optimizer/")}, meta["optimizer"])
-            generator = torch.frombuffer(bytearray(base64.b64decode(meta["generator"])), dtype=torch.uint8)
-            return cls(int(meta["step"]), tuple(meta["interface"]), {k[len("weights/"):]: v for k, v in tensors.items()
-                                           if k.startswith("weights/")},
-                       optimizer, scheduler_state_from_json(meta["scheduler"]), generator)
+            return cls(int(meta["step"]), tuple(meta["interface"]), _under("weights/", tensors),
+                       optimizer_state_from_tensors(_under("optimizer/", tensors), meta["optimizer"]),
+                       scheduler_state_from_json(meta["scheduler"]),
+                       torch.frombuffer(bytearray(base64.b64decode(meta["generator"])), dtype=torch.uint8))
         except Exception as e:  # a truncated or hand-edited file: name it, do not resume from half a state
             raise ValueError(f"the stage-2 training state in {directory} is damaged ({type(e).__name__}: {e}); "
                              f"resume from an intact checkpoint or start the build again") from e
@@ -399,8 +397,7 @@ class DistillState:
             raise ValueError(f"the training state is of a critic stitched at (i, j) = {tuple(self.interface)}, this "
                              f"build's is ({model.i}, {model.j}): pin search.pinned={list(self.interface)} to resume "
                              f"it")
-        stitch = {k[len("stitch."):]: v for k, v in self.weights.items() if k.startswith("stitch.")}
-        tail = {k[len("tail."):]: v for k, v in self.weights.items() if k.startswith("tail.")}
+        stitch, tail = _under("stitch.", self.weights), _under("tail.", self.weights)
         params = dict(model.tail_named_parameters())
         if set(tail) != set(params):
             raise ValueError(f"the training state's tail weights {sorted(set(tail) ^ set(params))[:4]} do not match "
@@ -409,6 +406,11 @@ class DistillState:
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(tail[name])
+
+
+def _under(prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The entries whose name starts with ``prefix``, named without it."""
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Tensor], Tensor], data_iter: Iterable,
@@ -492,6 +494,11 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
         generator.set_state(resume.generator)
         step = resume.step
     prompted = getattr(model, "head_text", None) is not None
+    def checkpoint() -> None:  # the critic's files, and the state that resumes from them
+        if state_fn is not None:
+            state_fn(DistillState.capture(step, model, optimizer, scheduler, generator).files())
+        save_fn(cfg.ckpt_dir, model, ckpt_meta)
+
     last = min(n for n in (cfg.max_steps, stop_step, math.inf) if n is not None)
     bar = tqdm(total=None if last == math.inf else last, initial=step, disable=not cfg.progress,
                desc="stitchvm distill")
@@ -584,9 +591,7 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
             if callback is not None and step % cfg.log_every == 0:
                 callback(step, {k: v[-1] for k, v in stats.items()})
             if cfg.ckpt_dir is not None and cfg.ckpt_every and step % cfg.ckpt_every == 0:
-                if state_fn is not None:
-                    state_fn(DistillState.capture(step, model, optimizer, scheduler, generator).files())
-                save_fn(cfg.ckpt_dir, model, ckpt_meta)
+                checkpoint()
         if step >= last:
             break
         if _epoch > 0 and step == epoch_start > 0:  # a generator is spent after one pass: the run would end early
@@ -597,7 +602,5 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
     if step == 0:
         raise ValueError(f"no optimiser step taken: data_iter yielded fewer than batch_size = {cfg.batch_size} images")
     if cfg.ckpt_dir is not None:
-        if state_fn is not None:  # the state written with the last weights, never an older checkpoint's
-            state_fn(DistillState.capture(step, model, optimizer, scheduler, generator).files())
-        save_fn(cfg.ckpt_dir, model, ckpt_meta)
+        checkpoint()  # the final weights, with their own state (never an older checkpoint's)
     return stats
