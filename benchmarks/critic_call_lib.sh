@@ -5,7 +5,9 @@
 #                                 a non-zero exit status is printed
 #   bench NAMES                   critics.bench_value of the builds that saved, the shipped experts and Tweedie, 512
 #                                 prompts, K = 8, sigma 0.1-0.9: validation (seed 1) on card 1, test (seed 0) on card
-#                                 0, in the background (`wait`, then `bench_report`); $BENCH_EXTRA: more arguments
+#                                 0, in the background (`wait`, then `bench_report`); $BENCH_EXTRA: more arguments;
+#                                 $BENCH_CARDS (since session 22): the cards of seeds 1 and 0 ("1 0"); $BENCH_TAG: a
+#                                 suffix of the output names; $BUILDS: where the builds are ($OUT); $SIGMAS (0.1-0.9)
 #   pack NAMES                    after the benchmark: one tar per build (NAME.tar) and one for the logs, tables and
 #                                 JSON (results.tar). The device tool returns at most 8 files from $OUT, 16 MiB each:
 #                                 session 11's builds came back file by file and were lost.
@@ -23,20 +25,20 @@ crit() {
   [ $rc = 0 ] || echo "== build $n: exit status $rc$([ $rc = 124 ] && echo ' (stopped after BUILD_S)') (log/$n.txt)"
 }
 bench() {
-  local V=(python -m critics.bench_value --device cuda --n-prompts 512 --batch-size 512 --sigmas 0.1,0.25,0.5,0.75,0.9
+  local V=(python -m critics.bench_value --device cuda --n-prompts 512 --batch-size 512 --sigmas ${SIGMAS:-0.1,0.25,0.5,0.75,0.9}
            --critics tweedie --variant prompt_low=shapes/weights/stitchvm_prompt_low
            --variant prompt_unif=shapes/weights/stitchvm_prompt --retrieval-images 0 --out "")
-  local n seed
-  for n in "$@"; do [ -f $OUT/$n/stitchvm.json ] && V+=(--variant $n=$OUT/$n); done
+  local n seed cards=(${BENCH_CARDS:-1 0}) t=${BENCH_TAG:-} b=${BUILDS:-$OUT}
+  for n in "$@"; do [ -f $b/$n/stitchvm.json ] && V+=(--variant $n=$b/$n); done
   V+=(${BENCH_EXTRA:-})  # more arguments (a later --critics replaces the one above)
   for seed in 1 0; do  # one card each, at once
-    CUDA_VISIBLE_DEVICES=$seed timeout ${BENCH_S:-150} "${V[@]}" --prompt-seed $seed --json $OUT/bench_seed$seed.json \
-      > $OUT/bench_seed$seed.md 2>$OUT/log/bench_seed$seed.err &
+    CUDA_VISIBLE_DEVICES=${cards[1-seed]} timeout ${BENCH_S:-150} "${V[@]}" --prompt-seed $seed \
+      --json $OUT/bench${t}_seed$seed.json > $OUT/bench${t}_seed$seed.md 2>$OUT/log/bench${t}_seed$seed.err &
   done
 }
 bench_report() {
-  local seed
-  for seed in 1 0; do echo "== bench prompt seed $seed"; cat $OUT/bench_seed$seed.md; tail -2 $OUT/log/bench_seed$seed.err; done
+  local seed t=${BENCH_TAG:-}
+  for seed in 1 0; do echo "== bench${t} prompt seed $seed"; cat $OUT/bench${t}_seed$seed.md; tail -2 $OUT/log/bench${t}_seed$seed.err; done
 }
 pack() {
   for n in "$@"; do
@@ -51,12 +53,16 @@ end_builds() {
   nvidia-smi --query-gpu=name --format=csv,noheader | head -1
   wait
   grep -h "policy samples\|build:save\|step 4000\|step 600\|rror" "$OUT"/log/*.txt
-  if [ -n "${DENOISED:-}" ]; then
-    local n; BENCH_EXTRA="--critics tweedie,stitchvm_experts_denoised"
-    for n in "$@"; do [ -f $OUT/$n/stitchvm.json ] && BENCH_EXTRA+=" --variant ${n}_dn=denoised:$OUT/$n"; done
-  fi
-  bench "$@"
+  bench_denoised "$@"
   wait
   bench_report
   pack "$@"
+}
+# bench_denoised NAME...: bench, and with DENOISED=1 each build also as the denoised experts' low expert (NAME_dn)
+bench_denoised() {
+  if [ -n "${DENOISED:-}" ]; then
+    local n b=${BUILDS:-$OUT}; BENCH_EXTRA="--critics tweedie,stitchvm_experts_denoised"
+    for n in "$@"; do [ -f $b/$n/stitchvm.json ] && BENCH_EXTRA+=" --variant ${n}_dn=denoised:$b/$n"; done
+  fi
+  bench "$@"
 }

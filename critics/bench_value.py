@@ -336,10 +336,12 @@ def load_critics(names: Sequence[str], policy, reward, guidance: float, stitchvm
     for name, path in (variants or {}).items():  # more StitchVM builds, benchmarked on the same trajectories
         if name in builders or name == "mc":
             raise ValueError(f"--variant name {name!r} is taken by a critic of the benchmark; pick another")
-        if path.startswith(DENOISED_PREFIX):  # the denoised experts with this build as their low expert
+        spec = denoised_spec(path)
+        if spec is not None:  # the denoised experts with this build as their low expert
+            low, options = spec
             node = denoised_node()
             critics[name] = load.stitchvm_experts_denoised(policy, reward, **{
-                **node, "paths": [path[len(DENOISED_PREFIX):], *node["paths"][1:]], "guidance_scale": guidance})
+                **node, "paths": [low, *node["paths"][1:]], "guidance_scale": guidance, **options})
         else:
             critics[name] = load.stitchvm(policy, reward, path)
     for critic in critics.values():
@@ -375,7 +377,7 @@ def run(args: argparse.Namespace) -> dict:
               "value": value_quality(policy, reward, critics, prompts, latents, args.rollouts, num_steps, guidance,
                                      args.batch_size)}
     stitched = {n: c for n, c in critics.items()
-                if n in ("stitchvm", "vae_stitch") or (n in variants and not variants[n].startswith(DENOISED_PREFIX))}
+                if n in ("stitchvm", "vae_stitch") or (n in variants and denoised_spec(variants[n]) is None)}
     if args.retrieval_images and stitched:
         result["retrieval"] = retrieval(policy, reward, stitched, args.sigmas, args.retrieval_images, args.batch_size)
     result["targets"] = [{"check": text, "met": ok} for text, ok in check_targets(result)]
@@ -383,12 +385,33 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-DENOISED_PREFIX = "denoised:"
+DENOISED_SPEC = re.compile(r"denoised(?:\[(?P<options>[^\]]*)\])?:(?P<dir>.+)")
+DENOISED_OPTIONS = {"sigma_in": (float, "a number"), "noise_draws": (int, "an integer")}
+
+
+def denoised_spec(text: str) -> tuple[str, dict] | None:
+    """A --variant DIR written 'denoised:DIR' or 'denoised[sigma_in=0.1,noise_draws=4]:DIR' -> (DIR, {option:
+    value}) for stitchvm_experts_denoised with DIR as its low expert (the options replace the shipped config's); any
+    other DIR -> None."""
+    match = DENOISED_SPEC.fullmatch(text)
+    if match is None:
+        return None
+    options = {}
+    for item in filter(None, (match["options"] or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in DENOISED_OPTIONS:
+            raise ValueError(f"--variant {text!r}: options in denoised[...] are KEY=VALUE with KEY one of "
+                             f"{sorted(DENOISED_OPTIONS)}, got {item!r}")
+        try:
+            options[key] = DENOISED_OPTIONS[key][0](value)
+        except ValueError:
+            raise ValueError(f"--variant {text!r}: {key} must be {DENOISED_OPTIONS[key][1]}, got {value!r}") from None
+    return match["dir"], options
 
 
 def parse_variants(texts: Sequence[str]) -> dict[str, str]:
     """The 'NAME=DIR' values of --variant -> {NAME: DIR}; NAME is [A-Za-z0-9_.-]+ and used once. A DIR written
-    'denoised:DIR' stands for stitchvm_experts_denoised with DIR as its low expert."""
+    'denoised:DIR' stands for stitchvm_experts_denoised with DIR as its low expert (:func:`denoised_spec`)."""
     variants: dict[str, str] = {}
     for text in texts:
         name, sep, path = text.partition("=")
@@ -397,6 +420,7 @@ def parse_variants(texts: Sequence[str]) -> dict[str, str]:
                              f"directory), got {text!r}")
         if name in variants:
             raise ValueError(f"--variant name {name!r} given twice")
+        denoised_spec(path)  # a bad option fails here, before any work
         variants[name] = path
     return variants
 
@@ -423,7 +447,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vae-stitch", default="shapes/weights/vae_stitch", help="vae_stitch directory")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
                         help="another StitchVM to benchmark alongside, reported as NAME (repeatable); "
-                             "NAME=denoised:DIR: stitchvm_experts_denoised with DIR as its low expert")
+                             "NAME=denoised:DIR: stitchvm_experts_denoised with DIR as its low expert; "
+                             "NAME=denoised[sigma_in=0.1,noise_draws=4]:DIR: the same with those settings")
     parser.add_argument("--weights-dir", default="", help="Shapes weights directory (default: shapes/weights)")
     parser.add_argument("--num-steps", type=int, default=0, help="schedule length (default: policy.json)")
     parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: policy.json)")

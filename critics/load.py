@@ -125,18 +125,20 @@ def _expert_stitchvms(policy: nn.Module, reward: nn.Module, paths: list[str], to
 
 
 def stitchvm_experts_denoised(policy: nn.Module, reward: nn.Module, paths: list[str], upper: list[float],
-                              denoised: list[bool], sigma_in: float = 0.15, guidance_scale: float = 1.0,
-                              tower: nn.Module | None = None) -> nn.Module:
+                              denoised: list[bool], sigma_in: float | list[list[float]] = 0.15,
+                              guidance_scale: float = 1.0,
+                              tower: nn.Module | None = None, noise_draws: int = 1) -> nn.Module:
     """:func:`stitchvm_experts` where the experts flagged in ``denoised`` value the policy's denoised estimate x̂0
-    re-noised to ``sigma_in`` instead of z_t (critics/denoised.py; docs/critic.md, session 19)."""
+    re-noised to ``sigma_in`` instead of z_t, the mean of ``noise_draws`` re-noisings (critics/denoised.py;
+    docs/critic.md, sessions 19 and 22)."""
     from critics.denoised import DenoisedCritic
     from critics.routed import SigmaRoutedCritic
 
     if len(denoised) != len(paths):
         raise ValueError(f"denoised needs one flag per expert path: got {len(denoised)} flags for {len(paths)} paths")
     experts = _expert_stitchvms(policy, reward, paths, tower)
-    return SigmaRoutedCritic([DenoisedCritic(policy, e, sigma_in, guidance_scale) if d else e
-                              for e, d in zip(experts, denoised)], upper)
+    return SigmaRoutedCritic([DenoisedCritic(policy, e, sigma_in, guidance_scale, noise_draws=noise_draws) if d
+                              else e for e, d in zip(experts, denoised)], upper)
 
 
 def check_value_target(path: Path, reward: nn.Module, tower: nn.Module | None) -> None:

@@ -185,3 +185,22 @@ def test_a_denoised_variant_is_the_denoised_experts_with_its_low_expert():
     assert row["again/rho"] == row["stitchvm_experts_denoised/rho"]
     assert row["again/mse"] == row["stitchvm_experts_denoised/mse"]
     assert not any(k.startswith("again@") for k in result.get("retrieval", {}))
+
+
+def test_a_denoised_variant_takes_sigma_in_and_noise_draws():
+    assert bv.denoised_spec("runs/x") is None and bv.denoised_spec("denoised:runs/x") == ("runs/x", {})
+    assert bv.denoised_spec("denoised[sigma_in=0.1,noise_draws=4]:runs/x") == ("runs/x", {"sigma_in": 0.1,
+                                                                                        "noise_draws": 4})
+    for bad, match in (("denoised[sigma=0.1]:d", "options in denoised"), ("denoised[noise_draws=2.5]:d", "an integer"),
+                       ("denoised[sigma_in]:d", "options in denoised")):
+        with pytest.raises(ValueError, match=match):
+            bv.parse_variants([f"a={bad}"])
+    # the options reach the critic: at sigma 0.25 the shipped config values x̂0 at sigma_in 0.1 (its knot there), the
+    # mean of four re-noisings, which the same settings given as options reproduce; other settings differ
+    result = bv.main(["--quick", "--critics", "stitchvm_experts_denoised", "--sigmas", "0.25", "--out", "",
+                      "--variant", "same=denoised[sigma_in=0.1,noise_draws=4]:shapes/weights/stitchvm_prompt_low",
+                      "--variant", "one=denoised[sigma_in=0.1,noise_draws=1]:shapes/weights/stitchvm_prompt_low",
+                      "--variant", "high=denoised[sigma_in=0.15,noise_draws=4]:shapes/weights/stitchvm_prompt_low"])
+    row = result["value"]["rows"]["0.25"]
+    assert row["same/mse"] == row["stitchvm_experts_denoised/mse"]
+    assert row["one/mse"] != row["same/mse"] and row["high/mse"] != row["same/mse"]

@@ -53,6 +53,49 @@ def test_value_is_the_critics_on_the_renoised_tweedie_latent(policy):
     torch.testing.assert_close(critic.value(z, sigma, prompts), v)  # the same fixed noise every call
 
 
+def test_noise_draws_average_the_values_of_several_renoisings(policy):
+    z = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.5, 0.05, 0.8])
+    prompts = ["a red circle", "two blue squares", "a green triangle"]
+    inner = Planted()
+    v = DenoisedCritic(policy, inner, sigma_in=0.1, guidance_scale=2.0, seed=3, noise_draws=3).value(z, sigma, prompts)
+    x0 = TweedieCritic(policy, None, guidance_scale=2.0).denoise(z, sigma, prompts)
+    values = []
+    for k in range(3):  # draw k from seed + k
+        z_in = 0.9 * x0 + 0.1 * torch.randn(z.shape, generator=torch.Generator().manual_seed(3 + k))
+        z_in[1] = z[1]  # at or below sigma_in: valued as it is, in every draw
+        values.append(3 * z_in.flatten(1).mean(1) + 10 * torch.tensor([0.1, 0.05, 0.1]))
+    torch.testing.assert_close(v, torch.stack(values).mean(0))
+    (z_in, s_in), = inner.seen  # one critic pass over the K * B re-noisings
+    assert z_in.shape == (9, 4, 16, 16) and s_in.shape == (9,)
+    one = DenoisedCritic(policy, Planted(), sigma_in=0.1, guidance_scale=2.0, seed=3).value(z, sigma, prompts)
+    torch.testing.assert_close(one, values[0])  # draw 0 is the single-draw critic's
+    assert not torch.allclose(v[0], one[0])
+
+
+def test_a_sigma_in_schedule_is_piecewise_linear_through_its_knots(policy):
+    knots = [[0.1, 0.05], [0.25, 0.1], [0.5, 0.15]]
+    critic = DenoisedCritic(policy, Planted(), sigma_in=knots)
+    s = torch.tensor([0.02, 0.1, 0.175, 0.25, 0.4, 0.5, 0.9])
+    torch.testing.assert_close(critic.sigma_in_at(s), torch.tensor([0.01, 0.05, 0.075, 0.1, 0.13, 0.15, 0.15]))
+    # every latent is valued at its own sigma_in: the value of one batch is each latent's value on its own
+    inner = Planted()
+    critic = DenoisedCritic(policy, inner, sigma_in=knots, guidance_scale=2.0, seed=3)
+    z = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    sigma, prompts = torch.tensor([0.1, 0.25, 0.4]), ["a red circle", "two blue squares", "a green triangle"]
+    v = critic.value(z, sigma, prompts)
+    x0 = TweedieCritic(policy, None, guidance_scale=2.0).denoise(z, sigma, prompts)
+    level = torch.tensor([0.05, 0.1, 0.13]).view(-1, 1, 1, 1)
+    expected_in = (1 - level) * x0 + level * torch.randn(z.shape, generator=torch.Generator().manual_seed(3))
+    (z_in, s_in), = inner.seen
+    torch.testing.assert_close(z_in, expected_in)
+    torch.testing.assert_close(s_in, level.flatten())
+    torch.testing.assert_close(v, 3 * expected_in.flatten(1).mean(1) + 10 * level.flatten())
+    for bad in ([], [[0.1, 0.2]], [[0.25, 0.1], [0.1, 0.05]], [[0.1, 0.05, 1]], [[0.5, 0.0]], "0.1"):
+        with pytest.raises(ValueError, match="knots"):
+            DenoisedCritic(policy, Planted(), sigma_in=bad)
+
+
 def test_latents_at_or_below_sigma_in_skip_the_denoiser(policy, monkeypatch):
     critic = DenoisedCritic(policy, Planted(), sigma_in=0.2)
     monkeypatch.setattr(policy, "velocity", lambda *a, **k: pytest.fail("no denoising below sigma_in"))
@@ -72,6 +115,9 @@ def test_the_gradient_reaches_z_through_the_denoiser(policy):
 def test_bad_settings_are_clear_errors(policy):
     with pytest.raises(ValueError, match="sigma_in must be in"):
         DenoisedCritic(policy, Planted(), sigma_in=0.0)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="noise_draws must be an integer >= 1"):
+            DenoisedCritic(policy, Planted(), noise_draws=bad)
     sparse = Planted()
     sparse.dense = False
     with pytest.raises(ValueError, match="dense"):
@@ -93,13 +139,13 @@ def test_shipped_config_denoises_for_the_low_expert_only(policy):
     low, high = (load.stitchvm(policy, reward, p) for p in node["paths"])
     z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     prompts = ["a red circle", "two blue squares"]
+    assert node["sigma_in"] == [[0.1, 0.05], [0.25, 0.1], [0.5, 0.15]] and node["noise_draws"] == 4
     with torch.no_grad():
         x0 = TweedieCritic(policy, reward, guidance_scale=1.0).denoise(z, 0.4, prompts)
-        eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(0))
-        s_in = node["sigma_in"]
-        z_in = (1 - s_in) * x0 + s_in * eps
-        torch.testing.assert_close(critic.value(z, 0.4, prompts), low.value(z_in, s_in, prompts))
-        torch.testing.assert_close(critic.value(z, s_in, prompts), low.value(z, s_in, prompts))  # at sigma_in: z_t
+        s_in = 0.1 + (0.4 - 0.25) / (0.5 - 0.25) * (0.15 - 0.1)  # between the knots at sigma 0.25 and 0.5: 0.13
+        values = [low.value((1 - s_in) * x0 + s_in * torch.randn(z.shape, generator=torch.Generator().manual_seed(k)),
+                            torch.tensor(s_in), prompts) for k in range(4)]
+        torch.testing.assert_close(critic.value(z, 0.4, prompts), torch.stack(values).mean(0))
         torch.testing.assert_close(critic.value(z, 0.8, prompts), high.value(z, 0.8, prompts))
     with pytest.raises(ValueError, match="one flag per expert path"):
         load.stitchvm_experts_denoised(policy, reward, node["paths"], node["upper"], [True])
@@ -121,5 +167,5 @@ def test_the_value_benchmark_runs_it_at_its_own_guidance(monkeypatch):
     result = bv.main(["--quick", "--critics", "stitchvm_experts_denoised", "--retrieval-images", "0", "--out", ""])
     rows = result["value"]["rows"]
     assert all(-1 <= row["stitchvm_experts_denoised/rho"] <= 1 for row in rows.values())
-    assert seen["guidance_scale"] == result["guidance_scale"] and seen["sigma_in"] == 0.15 and seen["denoised"] == [
-        True, False]
+    assert seen["guidance_scale"] == result["guidance_scale"] and seen["denoised"] == [True, False]
+    assert seen["sigma_in"] == [[0.1, 0.05], [0.25, 0.1], [0.5, 0.15]] and seen["noise_draws"] == 4
