@@ -30,19 +30,29 @@ from shapes.data import prompts as shapes_prompts
 EXPERTS = (["shapes/weights/stitchvm_prompt_low", "shapes/weights/stitchvm_prompt"], [0.5, 1.0])
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n-prompts", type=int, default=128)
+def screen_parser(description: str, n_prompts: int) -> argparse.ArgumentParser:
+    """The options of a CPU screen on critics.bench_value's protocol (this one and critic_views_cpu.py)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--n-prompts", type=int, default=n_prompts)
     ap.add_argument("--rollouts", type=int, default=8)
-    ap.add_argument("--sigmas", type=float, nargs="+", default=[0.25, 0.5, 0.75])
-    ap.add_argument("--sigma-in", type=float, nargs="+", default=[0.1, 0.15, 0.2])
     ap.add_argument("--prompt-seed", type=int, default=1, help="1: critics.bench_value's validation prompts")
     ap.add_argument("--json", default=None)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def screen_world() -> tuple:
+    """(policy, reward, policy config) of the shipped Shapes world, in eval mode, the global seed set."""
     torch.manual_seed(0)
-    policy = models.load_shapes_policy().eval().requires_grad_(False)
-    reward = models.load_shapes_reward()
-    cfg = models.policy_config(None)
+    return (models.load_shapes_policy().eval().requires_grad_(False), models.load_shapes_reward(),
+            models.policy_config(None))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = screen_parser(__doc__.split("\n\n")[0], 128)
+    ap.add_argument("--sigmas", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    ap.add_argument("--sigma-in", type=float, nargs="+", default=[0.1, 0.15, 0.2])
+    args = ap.parse_args(argv)
+    policy, reward, cfg = screen_world()
     experts = load.stitchvm_experts(policy, reward, *EXPERTS).eval()
     low = load.stitchvm(policy, reward, EXPERTS[0][0]).eval()
     critics = {"experts(z_t)": experts, "tweedie": TweedieCritic(policy, reward, guidance_scale=cfg.guidance_scale)}

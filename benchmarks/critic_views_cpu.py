@@ -20,8 +20,9 @@ shipped one's.
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -30,8 +31,10 @@ from critics import load
 from critics.baselines import MonteCarloCritic, TweedieCritic
 from critics.bench_value import MC_ETA, MC_SEEDS, batched_values, spearman, trajectory_latents
 from critics.denoised import DenoisedCritic
-from shapes import models
 from shapes.data import prompts as shapes_prompts
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from critic_on_denoised import screen_parser, screen_world  # noqa: E402  (a sibling script)
 
 LOW = "shapes/weights/stitchvm_prompt_low"
 
@@ -62,19 +65,12 @@ class Mean(nn.Module):
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = screen_parser(__doc__.split("\n\n")[0], 512)
     ap.add_argument("--other", required=True, help="another StitchVM build of the low-σ recipe")
-    ap.add_argument("--n-prompts", type=int, default=512)
-    ap.add_argument("--rollouts", type=int, default=8)
     ap.add_argument("--sigma", type=float, default=0.1)
     ap.add_argument("--sigma-in", type=float, default=0.05)
-    ap.add_argument("--prompt-seed", type=int, default=1, help="1: critics.bench_value's validation prompts")
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    torch.manual_seed(0)
-    policy = models.load_shapes_policy().eval().requires_grad_(False)
-    reward = models.load_shapes_reward()
-    cfg = models.policy_config(None)
+    policy, reward, cfg = screen_world()
     low, other = (load.stitchvm(policy, reward, p).eval() for p in (LOW, args.other))
 
     def on_x0(critic: nn.Module) -> DenoisedCritic:
