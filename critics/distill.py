@@ -74,6 +74,7 @@ LOSSES = ("embed_token", "smooth_l1")
 TEACHER_INPUTS = ("image", "decoded")
 SIGMA_LAWS = ("logit_normal", "uniform")
 LR_DECAYS = ("constant", "cosine")
+COMPILE_MODES = ("none", "default", "reduce-overhead")  # DistillConfig.compile: torch.compile modes
 # Teacher sanity check: the VisionTail re-implementation of the reward tower must agree with reward.image_embed.
 TEACHER_MIN_COSINE = 0.999
 
@@ -137,6 +138,11 @@ class DistillConfig:
     student's z_t is noised from (module docstring; needs ``decode_fn``)."""
     progress: bool = True
     """Show a tqdm progress bar."""
+    compile: str = "none"
+    """torch.compile the student's forward (head → stitch → tail) and the teacher's: "none" (eager), "default", or
+    "reduce-overhead" (CUDA graphs: for small critics whose steps are bound by kernel launches, as the Shapes one).
+    The compiled kernels round differently from eager ones, so a compiled build is another draw, not the same
+    weights; the first steps pay the compilation."""
 
     def __post_init__(self) -> None:
         if self.log_every < 1:
@@ -165,6 +171,8 @@ class DistillConfig:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if self.teacher_input not in TEACHER_INPUTS:
             raise ValueError(f"teacher_input must be one of {TEACHER_INPUTS}; got {self.teacher_input!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}; got {self.compile!r}")
         if self.lr_decay == "cosine" and self.max_steps is None:
             raise ValueError("lr_decay = 'cosine' decays to 0 at max_steps: set max_steps")
 
@@ -494,6 +502,16 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
         generator.set_state(resume.generator)
         step = resume.step
     prompted = getattr(model, "head_text", None) is not None
+
+    def student(z_t: Tensor, sigma: Tensor, cond: tuple[Tensor, Tensor] | None):  # model.features, the head's text
+        # rows given (model.head_cond): a function of tensors alone, which torch.compile traces without a break
+        return model.features_from_head(model.head(z_t, sigma) if cond is None else model.head(z_t, sigma, cond))
+
+    encode_teacher = teacher.encode
+    if cfg.compile != "none":
+        student = torch.compile(student, mode=cfg.compile)
+        encode_teacher = torch.compile(teacher.encode, mode=cfg.compile)
+
     def checkpoint() -> None:  # the critic's files, and the state that resumes from them
         if state_fn is not None:
             state_fn(DistillState.capture(step, model, optimizer, scheduler, generator).files())
@@ -550,12 +568,12 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
                     seen = x0 if cfg.teacher_input == "image" else decode_fn(z0).to(x0.dtype)
                     if seen.shape != x0.shape:
                         raise ValueError(f"decode_fn gives images {tuple(seen.shape)} for a batch of {tuple(x0.shape)}")
-                    t_out = teacher.encode(seen)
+                    t_out = encode_teacher(seen)
                 # 2. student input: forward-noised latent z_t = (1 − σ) z0 + σ ε
                 sigma = sigma_all[s:s + micro].to(device, z0.dtype)
                 eps = eps_all[s:s + micro].to(device, z0.dtype)
                 z_t = (1 - sigma.view(-1, 1, 1, 1)) * z0 + sigma.view(-1, 1, 1, 1) * eps
-                s_out = model.features(z_t, sigma, captions[s:s + micro] if prompted else None)
+                s_out = student(z_t, sigma, model.head_cond(captions[s:s + micro], z_t.shape[0]) if prompted else None)
                 # 3. loss (App. D.1)
                 if cfg.loss == "embed_token":
                     out = stitchvm_distill_loss(s_out.embed, s_out.tokens, t_out.embed, t_out.tokens, cfg.lambda_tok,

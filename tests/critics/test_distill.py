@@ -149,13 +149,9 @@ def test_rows_with_their_own_latent_start_from_it():
     # the encoder maps every image to zeros; rows flagged `own` carry a latent of 1000s, so the student's
     # z_t = (1 - σ) z0 + σ ε is ~1000 exactly on those rows, and only noise on the others
     model, _, reward, _, _ = tiny_stitchvm(j=1)
-    seen, real = [], model.features
-
-    def spy(z_t, sigma, *args, **kwargs):
-        seen.append((z_t.detach().clone(), sigma.detach().clone()))
-        return real(z_t, sigma, *args, **kwargs)
-
-    model.features = spy
+    seen = []
+    model.head.register_forward_pre_hook(lambda _, args: seen.append((args[0].detach().clone(),
+                                                                      args[1].detach().clone())))
     images = torch.rand(8, 3, 32, 32)
     own = torch.tensor([True, False, False, True, False, True, False, False])
     latents = torch.where(own.view(-1, 1, 1, 1), 1000.0, 0.0).expand(8, 4, LATENT, LATENT).clone()
@@ -384,3 +380,20 @@ def test_a_resumed_run_goes_on_as_if_it_had_not_stopped(tmp_path):
     with pytest.raises(ValueError, match="cannot tell which epoch it stopped in"):
         distill(copy.deepcopy(model), reward, TinyEncoder(), data, replace(cfg, max_steps=None, lr_decay="constant"),
                 resume=state)
+
+
+@pytest.mark.slow
+def test_a_compiled_student_and_teacher_train_as_the_eager_ones():
+    # torch.compile rounds differently, so the two runs agree to float32 tolerance, not bit for bit
+    data = image_batches(8, 4)
+    weights, losses = [], []
+    for mode in ("none", "default"):
+        model, _, reward, _, _ = tiny_stitchvm(j=1)
+        cfg = DistillConfig(lr=1e-3, warmup_steps=0, batch_size=4, max_steps=2, progress=False, compile=mode)
+        losses.append(distill(model, reward, TinyEncoder(), data, cfg)["distill/loss"])
+        weights.append([p.detach().clone() for p in model.stitch_parameters()])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    for p, q in zip(*weights):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="compile must be one of"):
+        DistillConfig(compile="max")
