@@ -90,8 +90,9 @@ class DenoisedCritic(nn.Module):
         so that every device gets the same."""
         key = (tuple(like.shape), like.device, like.dtype)
         if key not in self._eps:
-            self._eps[key] = torch.stack([torch.randn(like.shape, generator=torch.Generator().manual_seed(self.seed + k))
-                                          for k in range(self.noise_draws)]).to(like.device, like.dtype)
+            draws = [torch.randn(like.shape, generator=torch.Generator().manual_seed(self.seed + k))
+                     for k in range(self.noise_draws)]
+            self._eps[key] = torch.stack(draws).to(like.device, like.dtype)
         return self._eps[key]
 
     def sigma_in_at(self, s: Tensor) -> Tensor:
