@@ -30,7 +30,8 @@ bench() {
            --variant prompt_unif=shapes/weights/stitchvm_prompt --retrieval-images 0 --out "")
   local n seed cards=(${BENCH_CARDS:-1 0}) t=${BENCH_TAG:-} b=${BUILDS:-$OUT}
   for n in "$@"; do [ -f $b/$n/stitchvm.json ] && V+=(--variant $n=$b/$n); done
-  V+=(${BENCH_EXTRA:-})  # more arguments (a later --critics replaces the one above)
+  set -f; V+=(${BENCH_EXTRA:-}); set +f  # more arguments (a later --critics replaces the one above); -f: a
+  # variant's denoised[...] is no glob pattern
   for seed in 1 0; do  # one card each, at once
     CUDA_VISIBLE_DEVICES=${cards[1-seed]} timeout ${BENCH_S:-150} "${V[@]}" --prompt-seed $seed \
       --json $OUT/bench${t}_seed$seed.json > $OUT/bench${t}_seed$seed.md 2>$OUT/log/bench${t}_seed$seed.err &
@@ -58,11 +59,12 @@ end_builds() {
   bench_report
   pack "$@"
 }
-# bench_denoised NAME...: bench, and with DENOISED=1 each build also as the denoised experts' low expert (NAME_dn)
+# bench_denoised NAME...: bench, and with DENOISED=1 each build also as the denoised experts' low expert (NAME_dn), at
+# the shipped config's settings or at $DENOISED_SPEC's (e.g. 'denoised[sigma_in=0.15,noise_draws=1]', sessions 21-22)
 bench_denoised() {
   if [ -n "${DENOISED:-}" ]; then
     local n b=${BUILDS:-$OUT}; BENCH_EXTRA="--critics tweedie,stitchvm_experts_denoised"
-    for n in "$@"; do [ -f $b/$n/stitchvm.json ] && BENCH_EXTRA+=" --variant ${n}_dn=denoised:$b/$n"; done
+    for n in "$@"; do [ -f $b/$n/stitchvm.json ] && BENCH_EXTRA+=" --variant ${n}_dn=${DENOISED_SPEC:-denoised}:$b/$n"; done
   fi
   bench "$@"
 }

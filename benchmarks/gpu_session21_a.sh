@@ -15,4 +15,4 @@ crit 1 dec_own $LOW stitch_blocks=2 distill.teacher_input=decoded policy_samples
 crit 2 dec_own_b4 $LOW stitch_blocks=4 distill.teacher_input=decoded policy_samples.student_latents=own &
 crit 3 control $LOW stitch_blocks=2 &
 NAMES="dec_enc dec_own dec_own_b4 control"
-DENOISED=1 BENCH_S=${BENCH_S:-240} end_builds $NAMES
+DENOISED=1 DENOISED_SPEC='denoised[sigma_in=0.15,noise_draws=1]' BENCH_S=${BENCH_S:-240} end_builds $NAMES  # the settings shipped then

@@ -13,4 +13,4 @@ crit 1 bank3 $DEC stitch_blocks=4 policy_samples.n=98304 &
 crit 2 f75_bank3 $DEC stitch_blocks=4 policy_samples.fraction=0.75 policy_samples.n=98304 &
 crit 3 f75_bank3_b6 $DEC stitch_blocks=6 policy_samples.fraction=0.75 policy_samples.n=98304 &
 NAMES="f75 bank3 f75_bank3 f75_bank3_b6"
-DENOISED=1 BENCH_S=${BENCH_S:-240} end_builds $NAMES
+DENOISED=1 DENOISED_SPEC='denoised[sigma_in=0.15,noise_draws=1]' BENCH_S=${BENCH_S:-240} end_builds $NAMES  # the settings shipped then

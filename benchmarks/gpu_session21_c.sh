@@ -20,4 +20,4 @@ case ${PAIR:-all} in  # PAIR=under (two cards): the longer schedule and the larg
   under) steps5k 0 & lr45 1 & NAMES="steps5k lr45";;
   *) echo "error: PAIR must be all or under, got '$PAIR'" >&2; exit 2;;
 esac
-DENOISED=1 BENCH_S=${BENCH_S:-240} end_builds $NAMES
+DENOISED=1 DENOISED_SPEC='denoised[sigma_in=0.15,noise_draws=1]' BENCH_S=${BENCH_S:-240} end_builds $NAMES  # the settings shipped then

@@ -15,7 +15,7 @@ done
 go_on() {  # NAME CARD: resume the build if its checkpoint holds a training state (a finished build holds none)
   if [ -f $KEEP/$1/distill_state.json ]; then $1 $2 resume=true; fi
 }
-export SIGMAS=0.1,0.25,0.5 BUILDS=$KEEP DENOISED=1 BENCH_S=${BENCH_S:-150}
+export SIGMAS=0.1,0.25,0.5 BUILDS=$KEEP DENOISED=1 BENCH_S=${BENCH_S:-150} DENOISED_SPEC='denoised[sigma_in=0.15,noise_draws=1]'  # shipped then
 ( go_on tail_lr 2 & go_on head4 3 & wait; BENCH_CARDS="3 2" BENCH_TAG=_arms bench_denoised tail_lr head4; wait ) &
 ( go_on L10k 0 & go_on L10k6 1 & wait; BENCH_CARDS="1 0" BENCH_TAG=_long bench_denoised L10k L10k6; wait ) &
 wait

@@ -7,7 +7,7 @@
 # validation (seed 1) and 512 test (seed 0) prompts, K = 8: each build as itself and in stitchvm_experts_denoised at
 # sigma_in 0.15 (NAME_dn), 0.1 with four re-noisings (NAME_dn10x4) and 0.05 (NAME_dn05).
 #   bash benchmarks/gpu_session22_d.sh OUT            (two cards)
-set -u -f
+set -u
 OUT=${1:?out}; BUILD_S=${BUILD_S:-450}; BANK=98304; WORKERS=12; LOG_EVERY=1000; source benchmarks/critic_call_lib.sh
 SHIP="distill.teacher_input=decoded policy_samples.student_latents=own stitch_blocks=4 policy_samples.fraction=0.75
       distill.max_steps=5000 distill.sigma_sampling=logit_normal distill.sigma_std=0.5"
@@ -17,7 +17,7 @@ wait
 grep -h "build:save\|step 5000\|rror" "$OUT"/log/*.txt
 BENCH_EXTRA="--critics tweedie,stitchvm_experts_denoised"
 for n in law29 law26; do
-  for v in dn=sigma_in=0.15 dn10x4=sigma_in=0.1,noise_draws=4 dn05=sigma_in=0.05; do
+  for v in dn=sigma_in=0.15,noise_draws=1 dn10x4=sigma_in=0.1,noise_draws=4 dn05=sigma_in=0.05,noise_draws=1; do
     [ -f $OUT/$n/stitchvm.json ] && BENCH_EXTRA+=" --variant ${n}_${v%%=*}=denoised[${v#*=}]:$OUT/$n"; done
 done
 SIGMAS=0.1,0.25,0.5 BENCH_S=${BENCH_S:-120} bench law29 law26

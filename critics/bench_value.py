@@ -395,6 +395,8 @@ def denoised_spec(text: str) -> tuple[str, dict] | None:
     other DIR -> None."""
     match = DENOISED_SPEC.fullmatch(text)
     if match is None:
+        if text.startswith(("denoised[", "denoised:")):  # meant as one, but malformed: not a directory name
+            raise ValueError(f"--variant {text!r}: write denoised:DIR or denoised[KEY=VALUE,...]:DIR")
         return None
     options = {}
     for item in filter(None, (match["options"] or "").split(",")):
@@ -402,10 +404,14 @@ def denoised_spec(text: str) -> tuple[str, dict] | None:
         if not sep or key not in DENOISED_OPTIONS:
             raise ValueError(f"--variant {text!r}: options in denoised[...] are KEY=VALUE with KEY one of "
                              f"{sorted(DENOISED_OPTIONS)}, got {item!r}")
+        if key in options:
+            raise ValueError(f"--variant {text!r}: {key} given twice")
         try:
             options[key] = DENOISED_OPTIONS[key][0](value)
         except ValueError:
             raise ValueError(f"--variant {text!r}: {key} must be {DENOISED_OPTIONS[key][1]}, got {value!r}") from None
+    if not 0 < options.get("sigma_in", 0.5) < 1 or options.get("noise_draws", 1) < 1:
+        raise ValueError(f"--variant {text!r}: sigma_in must be in (0, 1) and noise_draws >= 1")
     return match["dir"], options
 
 

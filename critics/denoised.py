@@ -23,6 +23,7 @@ Differentiable in z_t through the critic and the policy's velocity, as Tweedie i
 
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import torch
@@ -34,7 +35,9 @@ from critics.baselines import _sigma_batch, denoise
 def sigma_in_knots(sigma_in: float | Sequence[Sequence[float]]) -> Tensor | None:
     """None for one σ_in in (0, 1); the knots (n, 2) float64 of a σ_in(σ) schedule; a ValueError that says what a valid
     setting looks like otherwise."""
-    if isinstance(sigma_in, (int, float)) and not isinstance(sigma_in, bool):
+    if isinstance(sigma_in, Tensor) and sigma_in.dim() == 0:
+        sigma_in = float(sigma_in)
+    if isinstance(sigma_in, numbers.Real) and not isinstance(sigma_in, bool):  # numpy scalars too
         if not 0 < sigma_in < 1:
             raise ValueError(f"sigma_in must be in (0, 1) (the noise level x̂0 is valued at), got {sigma_in}")
         return None
@@ -84,6 +87,7 @@ class DenoisedCritic(nn.Module):
         self.noise_draws = noise_draws
         self.latent_channels, self.latent_size = critic.latent_channels, critic.latent_size
         self._eps: dict[tuple, Tensor] = {}
+        self._knots_on: dict[tuple, Tensor] = {}
 
     def noise(self, like: Tensor) -> Tensor:
         """The fixed ε (K, B, C, h, w) for latents like ``like`` (B, C, h, w): draw k from ``seed`` + k, on the CPU
@@ -99,7 +103,10 @@ class DenoisedCritic(nn.Module):
         """σ_in (B,) for latents at noise levels s (B,)."""
         if self.knots is None:
             return torch.full_like(s, self.sigma_in)
-        knots = self.knots.to(s.device, s.dtype)
+        key = (s.device, s.dtype)
+        if key not in self._knots_on:  # one copy per device, not one per call
+            self._knots_on[key] = self.knots.to(s.device, s.dtype)
+        knots = self._knots_on[key]
         x = torch.cat([knots.new_zeros(1), knots[:, 0]])
         y = torch.cat([knots.new_zeros(1), knots[:, 1]])
         right = torch.searchsorted(x, s.clamp(0, x[-1]).contiguous()).clamp(1, len(x) - 1)
@@ -117,7 +124,8 @@ class DenoisedCritic(nn.Module):
             raise ValueError(f"the denoiser needs one prompt per latent ({z_t.shape[0]}); got "
                              f"{None if prompts is None else len(prompts)}")
         x0 = denoise(self.policy, z_t, s, list(prompts), self.guidance_scale)
-        level = s_in.to(x0.dtype).view(1, -1, 1, 1, 1)
+        # one σ_in: the Python number, as before knots existed (a low-precision copy of it would round, e.g. in bf16)
+        level = self.sigma_in if self.knots is None else s_in.to(x0.dtype).view(1, -1, 1, 1, 1)
         z_in = (1 - level) * x0 + level * self.noise(x0)  # (K, B, C, h, w)
         z_in = torch.where(noisy.view(1, -1, 1, 1, 1), z_in, z_t.to(z_in.dtype))
         k = self.noise_draws

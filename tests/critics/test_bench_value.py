@@ -192,7 +192,9 @@ def test_a_denoised_variant_takes_sigma_in_and_noise_draws():
     assert bv.denoised_spec("denoised[sigma_in=0.1,noise_draws=4]:runs/x") == ("runs/x", {"sigma_in": 0.1,
                                                                                         "noise_draws": 4})
     for bad, match in (("denoised[sigma=0.1]:d", "options in denoised"), ("denoised[noise_draws=2.5]:d", "an integer"),
-                       ("denoised[sigma_in]:d", "options in denoised")):
+                       ("denoised[sigma_in]:d", "options in denoised"), ("denoised[sigma_in=0.1:d", "write denoised"),
+                       ("denoised[noise_draws=2,noise_draws=3]:d", "given twice"),
+                       ("denoised[noise_draws=0]:d", "noise_draws >= 1"), ("denoised[sigma_in=2]:d", "in \\(0, 1\\)")):
         with pytest.raises(ValueError, match=match):
             bv.parse_variants([f"a={bad}"])
     # the options reach the critic: at sigma 0.25 the shipped config values x̂0 at sigma_in 0.1 (its knot there), the

@@ -4,6 +4,7 @@ shipped config routes as stitchvm_experts does; bad settings are clear errors.""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -94,6 +95,8 @@ def test_a_sigma_in_schedule_is_piecewise_linear_through_its_knots(policy):
     for bad in ([], [[0.1, 0.2]], [[0.25, 0.1], [0.1, 0.05]], [[0.1, 0.05, 1]], [[0.5, 0.0]], "0.1"):
         with pytest.raises(ValueError, match="knots"):
             DenoisedCritic(policy, Planted(), sigma_in=bad)
+    for scalar in (np.float32(0.1), torch.tensor(0.1)):  # numbers of other types are one sigma_in too
+        assert DenoisedCritic(policy, Planted(), sigma_in=scalar).knots is None
 
 
 def test_latents_at_or_below_sigma_in_skip_the_denoiser(policy, monkeypatch):

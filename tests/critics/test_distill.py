@@ -395,5 +395,8 @@ def test_a_compiled_student_and_teacher_train_as_the_eager_ones():
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
     for p, q in zip(*weights):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_an_unknown_compile_mode_is_refused():
     with pytest.raises(ValueError, match="compile must be one of"):
         DistillConfig(compile="max")
