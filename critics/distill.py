@@ -503,11 +503,7 @@ def distill(model: StitchVM, teacher_reward: nn.Module, encode_fn: Callable[[Ten
         step = resume.step
     prompted = getattr(model, "head_text", None) is not None
 
-    def student(z_t: Tensor, sigma: Tensor, cond: tuple[Tensor, Tensor] | None):  # model.features, the head's text
-        # rows given (model.head_cond): a function of tensors alone, which torch.compile traces without a break
-        return model.features_from_head(model.head(z_t, sigma) if cond is None else model.head(z_t, sigma, cond))
-
-    encode_teacher = teacher.encode
+    student, encode_teacher = model.features_from_cond, teacher.encode
     if cfg.compile != "none":
         student = torch.compile(student, mode=cfg.compile)
         encode_teacher = torch.compile(teacher.encode, mode=cfg.compile)

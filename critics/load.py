@@ -126,8 +126,8 @@ def _expert_stitchvms(policy: nn.Module, reward: nn.Module, paths: list[str], to
 
 def stitchvm_experts_denoised(policy: nn.Module, reward: nn.Module, paths: list[str], upper: list[float],
                               denoised: list[bool], sigma_in: float | list[list[float]] = 0.15,
-                              guidance_scale: float = 1.0,
-                              tower: nn.Module | None = None, noise_draws: int = 1) -> nn.Module:
+                              guidance_scale: float = 1.0, tower: nn.Module | None = None,
+                              noise_draws: int = 1) -> nn.Module:
     """:func:`stitchvm_experts` where the experts flagged in ``denoised`` value the policy's denoised estimate x̂0
     re-noised to ``sigma_in`` instead of z_t, the mean of ``noise_draws`` re-noisings (critics/denoised.py;
     docs/critic.md, sessions 19 and 22)."""

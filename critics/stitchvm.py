@@ -507,7 +507,11 @@ class StitchVM(nn.Module):
     def features(self, z_t: Tensor, sigma: Tensor | float, prompts: Sequence[str] | None = None) -> TailOutput:
         """(B, C, h, w) → TailOutput(embed (B, E), tokens (B, N+1, D)). A prompt-conditioned head runs on
         ``prompts``; with prompts=None it runs on "" (the image-only embedding it was also distilled for)."""
-        cond = self.head_cond(prompts, z_t.shape[0])
+        return self.features_from_cond(z_t, sigma, self.head_cond(prompts, z_t.shape[0]))
+
+    def features_from_cond(self, z_t: Tensor, sigma: Tensor | float, cond: tuple[Tensor, Tensor] | None) -> TailOutput:
+        """:meth:`features` given the head's conditioning rows (:meth:`head_cond`; None: null text): a function of
+        tensors alone, which torch.compile traces without a break (critics.distill ``compile``)."""
         return self.features_from_head(self.head(z_t, sigma) if cond is None else self.head(z_t, sigma, cond))
 
     def features_from_head(self, h: Tensor) -> TailOutput:
